@@ -1,0 +1,233 @@
+//! Counters: per shard (written only by their owner) and for the acceptor, plus snapshots.
+//!
+//! Each shard's counters sit on their own cache lines, so a shard never shares a written line
+//! with another thread. Owners update with a relaxed load and store (no locked instruction);
+//! readers (the stats logger, `/metrics`, the bench) take relaxed snapshots, which are exact per
+//! counter and approximately consistent across counters: good enough for monitoring.
+//!
+//! Every counter is declared once, below, with its help text; the log line, the JSON snapshot
+//! and the Prometheus exposition are all generated from that one list.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+use serde::Serialize;
+
+/// A counter written by one thread only.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// For gauges (open connections): the owner decrements too.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Whether a field is a monotonically increasing counter or a gauge (Prometheus type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident, $snap:ident { $($field:ident: $kind:ident, $help:literal;)* }) => {
+        $(#[$m])*
+        #[derive(Default, Debug)]
+        pub struct $name { $(#[doc = $help] pub $field: Counter,)* }
+
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+        pub struct $snap { $(#[doc = $help] pub $field: u64,)* }
+
+        impl $name {
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($field: self.$field.get(),)* }
+            }
+        }
+
+        impl $snap {
+            /// (name, kind, help, value) for every field, in declaration order.
+            /// Adds every field of `other` (sums over shards).
+            pub fn accumulate(&mut self, other: &Self) {
+                $(self.$field = self.$field.wrapping_add(other.$field);)*
+            }
+
+            pub fn fields(&self) -> [(&'static str, Kind, &'static str, u64); counters!(@count $($field)*)] {
+                [$((stringify!($field), Kind::$kind, $help, self.$field),)*]
+            }
+        }
+    };
+    (@count) => { 0 };
+    (@count $head:ident $($tail:ident)*) => { 1 + counters!(@count $($tail)*) };
+}
+
+counters! {
+    /// Counters of one shard.
+    ShardCounters, ShardSnapshot {
+        accepted: Counter, "connections taken over from the acceptor";
+        open: Gauge, "connections currently open";
+        closed: Counter, "connections closed";
+        bytes_in: Counter, "bytes read from sockets";
+        bytes_out: Counter, "bytes written to sockets";
+        reads: Counter, "read system calls";
+        writes: Counter, "write system calls";
+        wakeups: Counter, "wake-ups through the shard's eventfd";
+        epoll_waits: Counter, "epoll_wait calls";
+        events: Counter, "readiness events handled";
+        stale_tokens: Counter, "events for connections already closed (ignored)";
+        idle_timeouts: Counter, "connections closed for being idle";
+        backpressure_pauses: Counter, "times reading stopped because output was over max_write_buffer";
+        write_timeouts: Counter, "connections closed for staying over max_write_buffer";
+        read_overflows: Counter, "connections closed for holding more than max_read_buffer of unconsumed input";
+        errors: Counter, "connections closed by a socket error";
+        commands: Counter, "commands received from other threads";
+        output_queued: Gauge, "bytes of output queued because sockets did not take them";
+        input_buffered: Gauge, "bytes of unconsumed input held for connections";
+    }
+}
+
+counters! {
+    /// Counters of the acceptor thread.
+    AcceptorCounters, AcceptorSnapshot {
+        accepted: Counter, "connections accepted";
+        rejected_max_connections: Counter, "connections closed at once because max_connections was reached";
+        rejected_busy: Counter, "connections closed because every shard's queue stayed full";
+        accept_pauses: Counter, "times accepting paused on resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM)";
+        paused_micros: Counter, "time spent with accepting paused, in microseconds";
+        accept_errors: Counter, "accept errors that only concerned one connection";
+    }
+}
+
+/// All of a server's counters.
+pub struct Stats {
+    shards: Box<[CachePadded<ShardCounters>]>,
+    acceptor: CachePadded<AcceptorCounters>,
+    started: Instant,
+}
+
+/// A point-in-time copy of every counter.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub uptime_seconds: f64,
+    pub acceptor: AcceptorSnapshot,
+    pub shards: Vec<ShardSnapshot>,
+}
+
+impl Snapshot {
+    /// Sum over shards.
+    pub fn total(&self) -> ShardSnapshot {
+        let mut t = ShardSnapshot::default();
+        for s in &self.shards {
+            t.accumulate(s);
+        }
+        t
+    }
+
+    /// The periodic one-line summary.
+    pub fn log_line(&self, previous: Option<&Snapshot>) -> String {
+        let t = self.total();
+        let (dt, p) = match previous {
+            Some(p) => (
+                (self.uptime_seconds - p.uptime_seconds).max(1e-9),
+                p.total(),
+            ),
+            None => (self.uptime_seconds.max(1e-9), ShardSnapshot::default()),
+        };
+        let per_shard: Vec<String> = self.shards.iter().map(|s| s.open.to_string()).collect();
+        format!(
+            "stats: open={} [{}] accepted={} closed={} in={:.1}MB/s out={:.1}MB/s reads={:.0}/s \
+             idle_timeouts={} write_timeouts={} pauses={} rejected={} accept_pauses={}",
+            t.open,
+            per_shard.join(" "),
+            self.acceptor.accepted,
+            t.closed,
+            (t.bytes_in - p.bytes_in) as f64 / dt / 1e6,
+            (t.bytes_out - p.bytes_out) as f64 / dt / 1e6,
+            (t.reads - p.reads) as f64 / dt,
+            t.idle_timeouts,
+            t.write_timeouts,
+            t.backpressure_pauses,
+            self.acceptor.rejected_max_connections + self.acceptor.rejected_busy,
+            self.acceptor.accept_pauses,
+        )
+    }
+}
+
+impl Stats {
+    pub fn new(shards: usize) -> Self {
+        Stats {
+            shards: (0..shards)
+                .map(|_| CachePadded::new(ShardCounters::default()))
+                .collect(),
+            acceptor: CachePadded::new(AcceptorCounters::default()),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn shard(&self, i: usize) -> &ShardCounters {
+        &self.shards[i]
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn acceptor(&self) -> &AcceptorCounters {
+        &self.acceptor
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            acceptor: self.acceptor.snapshot(),
+            shards: self.shards.iter().map(|s| s.snapshot()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reflects_counters_and_totals() {
+        let stats = Stats::new(2);
+        stats.shard(0).accepted.add(3);
+        stats.shard(1).accepted.inc();
+        stats.shard(1).open.inc();
+        stats.shard(1).open.sub(1);
+        stats.acceptor().accepted.add(4);
+        let snap = stats.snapshot();
+        assert_eq!(snap.total().accepted, 4);
+        assert_eq!(snap.total().open, 0);
+        assert_eq!(snap.acceptor.accepted, 4);
+        let fields = snap.shards[0].fields();
+        assert_eq!(fields[0].0, "accepted");
+        assert_eq!(fields[0].3, 3);
+        assert!(fields.iter().any(|f| f.0 == "open" && f.1 == Kind::Gauge));
+        assert!(snap.log_line(None).contains("open=0"));
+    }
+}

@@ -1,0 +1,17 @@
+//! The operating-system layer: the only module that touches nix and libc.
+//!
+//! Everything above it speaks in `OwnedFd`, `io::Result` and plain Rust types. Every `unsafe`
+//! block of the crate lives here, each with a `// SAFETY:` line.
+
+pub mod affinity;
+pub mod poller;
+pub mod rlimit;
+pub mod socket;
+pub mod waker;
+
+use std::io;
+
+/// Converts a nix error into the `io::Error` the rest of the crate uses.
+pub(crate) fn io_err(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}

@@ -1,0 +1,131 @@
+//! A thin wrapper over one epoll instance: registration by `u64` token and a reusable event array.
+//!
+//! Owned by exactly one thread (a shard or the acceptor). Spurious wake-ups are possible and
+//! harmless: every caller treats readiness as a hint and reads until `WouldBlock`.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use super::io_err;
+
+/// What a registration waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    pub read: bool,
+    pub write: bool,
+    /// Edge-triggered (`EPOLLET`) rather than level-triggered.
+    pub edge: bool,
+}
+
+impl Interest {
+    fn flags(self) -> EpollFlags {
+        let mut f = EpollFlags::empty();
+        if self.read {
+            f |= EpollFlags::EPOLLIN;
+        }
+        if self.write {
+            f |= EpollFlags::EPOLLOUT;
+        }
+        if self.edge {
+            f |= EpollFlags::EPOLLET;
+        }
+        f
+    }
+}
+
+/// One readiness report.
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    pub token: u64,
+    pub readable: bool,
+    pub writable: bool,
+    /// Error or hang-up: the next read or write will say what happened.
+    pub error: bool,
+}
+
+/// The reusable array `epoll_wait` fills.
+pub struct Events {
+    buf: Vec<EpollEvent>,
+    len: usize,
+}
+
+impl Events {
+    pub fn with_capacity(n: usize) -> Self {
+        Events {
+            buf: vec![EpollEvent::empty(); n.max(1)],
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: usize) -> Event {
+        let e = &self.buf[i];
+        let f = e.events();
+        Event {
+            token: e.data(),
+            readable: f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
+            writable: f.contains(EpollFlags::EPOLLOUT),
+            error: f.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP),
+        }
+    }
+}
+
+/// One epoll instance.
+pub struct Poller {
+    epoll: Epoll,
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err)?;
+        Ok(Poller { epoll })
+    }
+
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
+        self.epoll
+            .add(fd, EpollEvent::new(interest.flags(), token))
+            .map_err(io_err)
+    }
+
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
+        let mut ev = EpollEvent::new(interest.flags(), token);
+        self.epoll.modify(fd, &mut ev).map_err(io_err)
+    }
+
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.epoll.delete(fd).map_err(io_err)
+    }
+
+    /// Waits up to `timeout` (`None`: until an event). `EINTR` counts as zero events.
+    pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<usize> {
+        let timeout = match timeout {
+            None => EpollTimeout::NONE,
+            // `as_millis` truncates, so round up: a 0.4 ms wait must not become a busy poll.
+            Some(d) => {
+                let ms = d.as_micros().div_ceil(1000).min(i32::MAX as u128);
+                EpollTimeout::try_from(ms as u32).unwrap_or(EpollTimeout::MAX)
+            }
+        };
+        match self.epoll.wait(&mut events.buf, timeout) {
+            Ok(n) => {
+                events.len = n;
+                Ok(n)
+            }
+            Err(nix::Error::EINTR) => {
+                events.len = 0;
+                Ok(0)
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! RLIMIT_NOFILE: raise the soft limit to the hard limit at start.
+
+use std::io;
+
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+use super::io_err;
+
+/// The descriptor limits before and after raising.
+#[derive(Debug, Clone, Copy)]
+pub struct NofileLimits {
+    pub soft_before: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (never lowers it).
+pub fn raise_nofile() -> io::Result<NofileLimits> {
+    let (soft_before, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io_err)?;
+    let mut soft = soft_before;
+    if soft_before < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io_err)?;
+        soft = hard;
+    }
+    Ok(NofileLimits {
+        soft_before,
+        soft,
+        hard,
+    })
+}
+
+/// Sets the soft limit (tests of overload run the server in a child with a low limit).
+pub fn set_nofile_soft(soft: u64) -> io::Result<()> {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io_err)?;
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard).map_err(io_err)
+}
+
+/// The current soft RLIMIT_NOFILE.
+pub fn nofile_soft() -> io::Result<u64> {
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .map_err(io_err)
+}

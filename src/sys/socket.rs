@@ -1,0 +1,129 @@
+//! Sockets: listeners, `accept4`, non-blocking reads and writes, half-close.
+//!
+//! Reads and writes return `Io` so the engine can treat `WouldBlock` as control flow without
+//! allocating an `io::Error`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self as sock, setsockopt, sockopt, AddressFamily, Backlog, Shutdown, SockFlag, SockType,
+    SockaddrStorage,
+};
+
+use super::io_err;
+
+/// The result of one non-blocking read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// This many bytes moved; for a read, 0 means end of stream.
+    Done(usize),
+    /// Not ready: wait for readiness.
+    WouldBlock,
+    /// The connection failed (reset, broken pipe, ...): close it.
+    Failed(Errno),
+}
+
+/// Opens a non-blocking listening socket.
+pub fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io_err)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io_err)?;
+    if reuse_port {
+        setsockopt(&fd, sockopt::ReusePort, &true).map_err(io_err)?;
+    }
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(io_err)?;
+    }
+    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(io_err)?;
+    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).map_err(io_err)?;
+    sock::listen(&fd, backlog).map_err(io_err)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Accepts one connection, non-blocking and close-on-exec, with `TCP_NODELAY` set.
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let raw = sock::accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Small request/response exchanges must not wait for Nagle; a failure here is harmless.
+    let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    Ok(fd)
+}
+
+/// Prepares a connected client socket (the load generator's) for the engine.
+pub fn adopt_stream(stream: TcpStream) -> io::Result<OwnedFd> {
+    stream.set_nonblocking(true)?;
+    stream.set_nodelay(true)?;
+    Ok(OwnedFd::from(stream))
+}
+
+#[inline]
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Io {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Ok(n) => return Io::Done(n),
+            Err(Errno::EAGAIN) => return Io::WouldBlock,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Io::Failed(e),
+        }
+    }
+}
+
+#[inline]
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Io {
+    loop {
+        match nix::unistd::write(fd, buf) {
+            Ok(n) => return Io::Done(n),
+            Err(Errno::EAGAIN) => return Io::WouldBlock,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Io::Failed(e),
+        }
+    }
+}
+
+/// Sends FIN: the peer sees end of stream once it has read everything before it.
+pub fn shutdown_write(fd: BorrowedFd<'_>) {
+    // ENOTCONN when the peer is already gone: the close that follows is all that is left.
+    let _ = sock::shutdown(fd.as_raw_fd(), Shutdown::Write);
+}
+
+/// Local address of a listener.
+pub fn local_addr(fd: &impl AsFd) -> io::Result<SocketAddr> {
+    let addr: SockaddrStorage = sock::getsockname(fd.as_fd().as_raw_fd()).map_err(io_err)?;
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Ok(SocketAddr::V4((*v4).into()));
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        return Ok(SocketAddr::V6((*v6).into()));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "not an IP socket",
+    ))
+}
+
+/// Whether an accept error means the process (or system) ran out of a resource: the acceptor
+/// then pauses that listener instead of spinning on it.
+pub fn is_resource_exhaustion(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
+    )
+}
