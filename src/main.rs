@@ -1,1 +1,5 @@
-fn main() {}
+//! The `shardnet` binary: parse the command line and run. All the work is in the library.
+
+fn main() {
+    std::process::exit(shardnet::cli::main());
+}

@@ -207,7 +207,7 @@ mod tests {
         w.cancel(0);
         w.cancel(4);
         w.schedule(1, 6);
-        assert_eq!(w.len(), 3);
+        assert_eq!(w.len(), 2);
         let mut out = Vec::new();
         w.advance(3, &mut out);
         assert_eq!(out, vec![3]);

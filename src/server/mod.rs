@@ -27,7 +27,8 @@ use crate::service::{Service, ShardInfo};
 use crate::stats::{Snapshot, Stats};
 use crate::sys::{affinity, socket, waker::Waker};
 use acceptor::{Acceptor, ShardPort};
-use shard::{Command, Limits, Shard, Tuning};
+use shard::Shard;
+pub use shard::{Command, Limits, Tuning};
 
 /// Capacity of each shard's channel of new sockets: a full one makes the acceptor skip it.
 const CONN_QUEUE: usize = 1024;
@@ -131,61 +132,35 @@ impl<C: Send + 'static> ShardControl for PeerPort<C> {
     }
 }
 
-/// A running server. Dropping it shuts it down gracefully.
-pub struct Server {
-    addrs: Vec<(String, SocketAddr)>,
+/// A set of running shards with their channels: the server's workers, and the load generator's.
+pub struct ShardPool {
     stats: Arc<Stats>,
+    ports: Vec<ShardPort>,
     controls: Vec<Arc<dyn ShardControl>>,
-    acceptor_stop: Waker,
-    acceptor: Option<JoinHandle<()>>,
-    shards: Vec<JoinHandle<()>>,
+    handles: Vec<JoinHandle<()>>,
     cores: Vec<Option<usize>>,
     shutdown_timeout: Duration,
 }
 
-impl Server {
-    /// Binds every listener, starts the shards (each building its service with `factory` on its
-    /// own thread) and the acceptor.
-    pub fn start<S, F>(config: &Config, factory: F) -> Result<Server, ServerError>
+/// How to run a pool's shards.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub shards: usize,
+    /// Core for each shard (`None`: not pinned).
+    pub cores: Vec<Option<usize>>,
+    pub limits: Limits,
+    pub tuning: Tuning,
+}
+
+impl ShardPool {
+    /// Starts `spec.shards` threads named `shard-NN`, each pinned as asked and building its
+    /// service with `factory` on its own thread. Returns once every shard is ready.
+    pub fn start<S, F>(spec: &PoolSpec, factory: F) -> Result<ShardPool, ServerError>
     where
         S: Service,
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
-        let sc = &config.server;
-        let n = sc.shards.resolve(affinity::usable_cpus());
-        let cores: Vec<Option<usize>> = if !sc.pin {
-            vec![None; n]
-        } else if !sc.cores.is_empty() {
-            (0..n).map(|i| sc.cores.get(i).copied()).collect()
-        } else {
-            let allowed = affinity::allowed_cores();
-            if allowed.is_empty() {
-                vec![None; n]
-            } else {
-                if n > allowed.len() {
-                    log::warn!(
-                        "{n} shards on {} allowed cores: some cores run several shards",
-                        allowed.len()
-                    );
-                }
-                (0..n).map(|i| Some(allowed[i % allowed.len()])).collect()
-            }
-        };
-
-        let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let bind_err = |source| ServerError::Bind {
-                name: l.name.clone(),
-                addr: l.addr,
-                source,
-            };
-            let listener = socket::listen(l.addr, l.backlog, l.reuse_port).map_err(bind_err)?;
-            let addr = socket::local_addr(&listener).map_err(bind_err)?;
-            addrs.push((l.name.clone(), addr));
-            listeners.push((i, listener));
-        }
-
+        let n = spec.shards.max(1);
         let stats = Arc::new(Stats::new(n));
         let start_err = |what: &str| {
             let what = what.to_string();
@@ -213,24 +188,17 @@ impl Server {
             ports: peer_ports.clone(),
         };
 
-        let limits = Limits::from(&config.limits);
-        let tuning = Tuning {
-            edge: sc.trigger == Trigger::Edge,
-            read_buffer: sc.read_buffer,
-            read_budget: sc.read_budget.max(sc.read_buffer),
-            events_per_wait: sc.events_per_wait,
-            shutdown_timeout: sc.shutdown_timeout,
-        };
         let factory = Arc::new(factory);
         let started = Instant::now();
         let (ready_tx, ready_rx) = bounded::<Result<(), std::io::Error>>(n);
-        let mut shards = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
         for (i, (waker, conn_rx, cmd_rx)) in receivers.into_iter().enumerate() {
             let factory = factory.clone();
             let peers = peers.clone();
             let stats = stats.clone();
             let ready_tx = ready_tx.clone();
-            let core = cores[i];
+            let core = spec.cores.get(i).copied().flatten();
+            let (limits, tuning) = (spec.limits, spec.tuning);
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i:02}"))
                 .spawn(move || {
@@ -244,6 +212,7 @@ impl Server {
                         shards: n,
                         started,
                         tick: shard::TICK,
+                        stats: stats.clone(),
                     };
                     let service = factory(info, peers);
                     match Shard::new(
@@ -259,34 +228,190 @@ impl Server {
                     }
                 })
                 .map_err(start_err("a shard thread"))?;
-            shards.push(handle);
+            handles.push(handle);
         }
         drop(ready_tx);
         for _ in 0..n {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(ServerError::Start {
-                        what: "a shard".into(),
-                        source: e,
-                    })
-                }
-                Err(_) => {
-                    return Err(ServerError::Start {
-                        what: "a shard".into(),
-                        source: std::io::Error::other("shard thread exited during start"),
-                    })
-                }
+            let err = match ready_rx.recv() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => std::io::Error::other("shard thread exited during start"),
+            };
+            return Err(ServerError::Start {
+                what: "a shard".into(),
+                source: err,
+            });
+        }
+        let controls = peer_ports
+            .iter()
+            .map(|p| {
+                let port = PeerPort {
+                    commands: p.commands.clone(),
+                    waker: p.waker.clone(),
+                };
+                Arc::new(port) as Arc<dyn ShardControl>
+            })
+            .collect();
+        Ok(ShardPool {
+            stats,
+            ports,
+            controls,
+            handles,
+            cores: spec.cores.clone(),
+            shutdown_timeout: spec.tuning.shutdown_timeout,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    pub fn cores(&self) -> &[Option<usize>] {
+        &self.cores
+    }
+
+    /// Hands a connected socket to `shard` (the load generator's connections). Blocks briefly if
+    /// that shard's queue is full.
+    pub fn adopt(&self, shard: usize, fd: std::os::fd::OwnedFd, listener: usize) -> bool {
+        let port = &self.ports[shard % self.ports.len()];
+        let ok = port
+            .conns
+            .send_timeout(shard::NewConn { fd, listener }, Duration::from_secs(5))
+            .is_ok();
+        port.waker.wake();
+        ok
+    }
+
+    /// Applies new limits in every shard.
+    pub fn set_limits(&self, limits: Limits) {
+        for c in &self.controls {
+            c.command(Some(limits));
+        }
+    }
+
+    /// Drains every shard and waits for the threads (at most `shutdown_timeout` plus a margin).
+    /// False if a thread had to be abandoned.
+    pub fn shutdown(&mut self) -> bool {
+        for c in &self.controls {
+            c.command(None);
+        }
+        let deadline = Instant::now() + self.shutdown_timeout + Duration::from_secs(2);
+        let mut clean = true;
+        for handle in self.handles.drain(..) {
+            while !handle.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                clean = false;
             }
         }
+        clean
+    }
 
+    fn take_ports(&mut self) -> Vec<ShardPort> {
+        self.ports
+            .iter()
+            .map(|p| ShardPort {
+                conns: p.conns.clone(),
+                waker: p.waker.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Drop for ShardPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A running server. Dropping it shuts it down gracefully.
+pub struct Server {
+    addrs: Vec<(String, SocketAddr)>,
+    pool: ShardPool,
+    acceptor_stop: Waker,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// The pool layout a configuration asks for: shard count, pinning, limits, tuning.
+    pub fn pool_spec(config: &Config) -> PoolSpec {
+        let sc = &config.server;
+        let n = sc.shards.resolve(affinity::usable_cpus());
+        let cores: Vec<Option<usize>> = if !sc.pin {
+            vec![None; n]
+        } else if !sc.cores.is_empty() {
+            (0..n).map(|i| sc.cores.get(i).copied()).collect()
+        } else {
+            let allowed = affinity::allowed_cores();
+            if allowed.is_empty() {
+                vec![None; n]
+            } else {
+                if n > allowed.len() {
+                    log::warn!(
+                        "{n} shards on {} allowed cores: some cores run several shards",
+                        allowed.len()
+                    );
+                }
+                (0..n).map(|i| Some(allowed[i % allowed.len()])).collect()
+            }
+        };
+        PoolSpec {
+            shards: n,
+            cores,
+            limits: Limits::from(&config.limits),
+            tuning: Tuning {
+                edge: sc.trigger == Trigger::Edge,
+                read_buffer: sc.read_buffer,
+                read_budget: sc.read_budget.max(sc.read_buffer),
+                events_per_wait: sc.events_per_wait,
+                shutdown_timeout: sc.shutdown_timeout,
+            },
+        }
+    }
+
+    /// Binds every listener, starts the shards (each building its service with `factory` on its
+    /// own thread) and the acceptor.
+    pub fn start<S, F>(config: &Config, factory: F) -> Result<Server, ServerError>
+    where
+        S: Service,
+        F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
+    {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let bind_err = |source| ServerError::Bind {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            };
+            let listener = socket::listen(l.addr, l.backlog, l.reuse_port).map_err(bind_err)?;
+            let addr = socket::local_addr(&listener).map_err(bind_err)?;
+            addrs.push((l.name.clone(), addr));
+            listeners.push((i, listener));
+        }
+        let mut pool = ShardPool::start(&Self::pool_spec(config), factory)?;
+        let start_err = |what: &str| {
+            let what = what.to_string();
+            move |source| ServerError::Start { what, source }
+        };
         let acceptor_stop = Waker::new().map_err(start_err("the acceptor's eventfd"))?;
         let acceptor = Acceptor::new(
             listeners,
-            ports,
-            sc.balance,
-            sc.max_connections,
-            stats.clone(),
+            pool.take_ports(),
+            config.server.balance,
+            config.server.max_connections,
+            pool.stats(),
             acceptor_stop.clone(),
         )
         .map_err(start_err("the acceptor"))?;
@@ -294,25 +419,11 @@ impl Server {
             .name("acceptor".into())
             .spawn(move || acceptor.run())
             .map_err(start_err("the acceptor thread"))?;
-
-        let controls = (0..n)
-            .map(|i| {
-                let port = PeerPort {
-                    commands: peer_ports[i].commands.clone(),
-                    waker: peer_ports[i].waker.clone(),
-                };
-                Arc::new(port) as Arc<dyn ShardControl>
-            })
-            .collect();
         Ok(Server {
             addrs,
-            stats,
-            controls,
+            pool,
             acceptor_stop,
             acceptor: Some(acceptor),
-            shards,
-            cores,
-            shutdown_timeout: sc.shutdown_timeout,
         })
     }
 
@@ -327,56 +438,36 @@ impl Server {
     }
 
     pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
+        self.pool.stats()
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.stats.snapshot()
+        self.pool.stats.snapshot()
     }
 
     pub fn shard_count(&self) -> usize {
-        self.controls.len()
+        self.pool.len()
     }
 
     /// The core each shard is pinned to (`None`: not pinned).
     pub fn cores(&self) -> &[Option<usize>] {
-        &self.cores
+        self.pool.cores()
     }
 
     /// Applies new limits in every shard (a reload).
     pub fn set_limits(&self, limits: &LimitsConfig) {
-        let limits = Limits::from(limits);
-        for c in &self.controls {
-            c.command(Some(limits));
-        }
+        self.pool.set_limits(Limits::from(limits));
     }
 
     /// Graceful shutdown: stop accepting and close the listeners, then every shard answers what
     /// it has read, flushes, closes its connections and exits (forcibly after
     /// `shutdown_timeout`). Blocks until the threads are gone; false if one had to be abandoned.
     pub fn shutdown(&mut self) -> bool {
-        let Some(acceptor) = self.acceptor.take() else {
-            return true;
-        };
-        self.acceptor_stop.wake();
-        let _ = acceptor.join();
-        for c in &self.controls {
-            c.command(None);
+        if let Some(acceptor) = self.acceptor.take() {
+            self.acceptor_stop.wake();
+            let _ = acceptor.join();
         }
-        // Shards exit by themselves at shutdown_timeout; allow a margin before giving up.
-        let deadline = Instant::now() + self.shutdown_timeout + Duration::from_secs(2);
-        let mut clean = true;
-        for handle in self.shards.drain(..) {
-            while !handle.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if handle.is_finished() {
-                let _ = handle.join();
-            } else {
-                clean = false;
-            }
-        }
-        clean
+        self.pool.shutdown()
     }
 }
 

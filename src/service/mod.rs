@@ -53,8 +53,17 @@ pub trait Service: 'static {
 
 /// What a service's constructor gets, on the shard's own thread.
 pub struct ShardInfo {
+    /// The pool's counters (for `/metrics`).
+    pub stats: std::sync::Arc<crate::stats::Stats>,
     pub shard: usize,
     pub shards: usize,
     pub started: Instant,
     pub tick: Duration,
+}
+
+/// Starts the product server: every listener with the service its configuration names.
+pub fn start_default(
+    config: &crate::config::Config,
+) -> Result<crate::server::Server, crate::server::ServerError> {
+    crate::server::Server::start(config, |_, _| echo::Echo)
 }

@@ -1,0 +1,232 @@
+//! The command line: `serve`, `config check|default` (and the commands later modules add).
+//!
+//! This is the crate's outer edge: errors become `anyhow` messages here and exit codes below.
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use crossbeam_channel::{select, tick, unbounded};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::config::{Config, ConfigError, Shards, DEFAULT_TOML};
+use crate::server::Server;
+use crate::stats::Snapshot;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shardnet",
+    version,
+    about = "A sharded epoll server for a million connections: TCP echo, HTTP/1.1, WebSocket pub/sub"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (without --config: the embedded default configuration).
+    Serve(ServeArgs),
+    /// Inspect configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration file; see `shardnet config default` for every key.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Number of shards (worker threads), overriding `server.shards`.
+    #[arg(long)]
+    pub shards: Option<std::num::NonZeroUsize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a configuration file: print the effective configuration (exit 0), or the error with
+    /// its file:line:column and key (exit 2).
+    Check { file: PathBuf },
+    /// Print the embedded default configuration, with every key documented.
+    Default,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                let code = if e.downcast_ref::<ConfigError>().is_some() {
+                    2
+                } else {
+                    1
+                };
+                eprintln!("shardnet: {e:#}");
+                code
+            }
+        },
+        Command::Config(ConfigCommand::Default) => {
+            print!("{DEFAULT_TOML}");
+            0
+        }
+        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                0
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                2
+            }
+        },
+    }
+}
+
+/// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
+pub fn init_logging(level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level).format_timestamp_millis();
+    if let Ok(spec) = std::env::var("SHARDNET_LOG") {
+        builder.parse_filters(&spec);
+    }
+    // A second initialisation (tests) is harmless.
+    let _ = builder.try_init();
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_ref())?;
+    if let Some(n) = args.shards {
+        config.server.shards = Shards::Count(n);
+    }
+    init_logging(config.log.level.to_level_filter());
+    match crate::sys::rlimit::raise_nofile() {
+        Ok(l) if l.soft_before < l.soft => {
+            log::info!(
+                "RLIMIT_NOFILE: raised soft limit {} -> {} (hard {})",
+                l.soft_before,
+                l.soft,
+                l.hard
+            )
+        }
+        Ok(l) => log::info!("RLIMIT_NOFILE: soft {} = hard {}", l.soft, l.hard),
+        Err(e) => log::warn!("RLIMIT_NOFILE: cannot raise the soft limit: {e}"),
+    }
+    if (config.server.max_connections as u64)
+        > crate::sys::rlimit::nofile_soft().unwrap_or(u64::MAX)
+    {
+        log::warn!(
+            "max_connections = {} is above the descriptor limit: accepting will pause at the limit",
+            config.server.max_connections
+        );
+    }
+
+    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
+    log_summary(&config, &server);
+
+    let (sig_tx, sig_rx) = unbounded();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install signal handlers")?;
+    let sig_handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if sig_tx.send(s).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let interval = config.server.stats_interval;
+    let ticker = if interval.is_zero() {
+        crossbeam_channel::never()
+    } else {
+        tick(interval)
+    };
+    let mut last: Option<Snapshot> = None;
+    loop {
+        select! {
+            recv(sig_rx) -> sig => match sig {
+                Ok(SIGHUP) => log::warn!("SIGHUP: reload is not supported yet; configuration unchanged"),
+                Ok(s) => {
+                    log::info!("signal {s}: draining (a second signal exits at once)");
+                    break;
+                }
+                Err(_) => break,
+            },
+            recv(ticker) -> _ => {
+                let snap = server.snapshot();
+                log::info!("{}", snap.log_line(last.as_ref()));
+                last = Some(snap);
+            }
+        }
+    }
+
+    // Drain in the background so a second signal can still end the process at once.
+    let (done_tx, done_rx) = unbounded();
+    std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            let clean = server.shutdown();
+            let _ = done_tx.send(clean);
+        })
+        .context("cannot start the drain thread")?;
+    select! {
+        recv(done_rx) -> clean => {
+            sig_handle.close();
+            if clean.unwrap_or(false) {
+                log::info!("drained; exiting");
+            } else {
+                log::warn!("some shards did not finish within shutdown_timeout; exiting");
+            }
+            Ok(())
+        }
+        recv(sig_rx) -> sig => {
+            log::warn!("second signal ({}): exiting now", sig.unwrap_or(0));
+            std::process::exit(128 + sig.unwrap_or(SIGTERM));
+        }
+    }
+}
+
+fn log_summary(config: &Config, server: &Server) {
+    let cores: Vec<String> = server
+        .cores()
+        .iter()
+        .map(|c| c.map_or_else(|| "-".to_string(), |c| c.to_string()))
+        .collect();
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .zip(server.addrs())
+        .map(|(l, (_, addr))| format!("{}={}({:?})", l.name, addr, l.service))
+        .collect();
+    for (name, addr) in server.addrs() {
+        log::info!("listening: {name} on {addr}");
+    }
+    log::info!(
+        "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
+         max_connections={}, idle_timeout={:?}, max_write_buffer={}B, write_timeout={:?}",
+        env!("CARGO_PKG_VERSION"),
+        server.shard_count(),
+        cores.join(","),
+        config.server.balance,
+        config.server.trigger,
+        listeners.join(" "),
+        config.server.max_connections,
+        config.limits.idle_timeout,
+        config.limits.max_write_buffer,
+        config.limits.write_timeout,
+    );
+}
