@@ -131,9 +131,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
-    log_summary(&config, &server);
-
+    // Signal handling first: once the acceptor runs it may use every descriptor left.
     let (sig_tx, sig_rx) = unbounded();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("cannot install signal handlers")?;
@@ -148,6 +146,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
+
+    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
+    log_summary(&config, &server);
 
     let interval = config.server.stats_interval;
     let ticker = if interval.is_zero() {

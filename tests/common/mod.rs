@@ -93,3 +93,107 @@ pub fn echo_roundtrip(stream: &mut TcpStream, data: &[u8]) -> Vec<u8> {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_shardnet")
 }
+
+/// A `shardnet serve` child process; killed on drop if still running.
+pub struct Child {
+    pub child: std::process::Child,
+    pub addrs: Vec<(String, SocketAddr)>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Child {
+    /// Starts `shardnet serve --config FILE` through `sh -c PREFIX` (e.g. `ulimit -n 40 &&`), and
+    /// waits (bounded) until it logged `listening:` for every listener in the config.
+    pub fn spawn(config_toml: &str, shell_prefix: &str) -> Child {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("shardnet-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, config_toml).unwrap();
+        let listeners = config_toml.matches("[[listener]]").count();
+        let script = format!("{shell_prefix} exec \"$0\" serve --config \"$1\"");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(bin())
+            .arg(&path)
+            .env("SHARDNET_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn shardnet");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening: ").nth(1) {
+                    let mut parts = rest.split(" on ");
+                    let name = parts.next().unwrap_or("").to_string();
+                    if let Some(addr) = parts.next().and_then(|a| a.trim().parse().ok()) {
+                        let _ = tx.send((name, addr));
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut addrs = Vec::new();
+        for _ in 0..listeners {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("server did not start; log:\n{}", log.lock().unwrap());
+                }
+            }
+        }
+        Child { child, addrs, stderr: log }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a).expect("listener")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the exit status.
+    pub fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit within {within:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) ^ (Instant::now().elapsed().as_nanos() as u64)
+}
