@@ -57,9 +57,9 @@ macro_rules! counters {
     ($(#[$m:meta])* $name:ident, $snap:ident { $($field:ident: $kind:ident, $help:literal;)* }) => {
         $(#[$m])*
         #[derive(Default, Debug)]
-        pub struct $name { $(#[doc = $help] pub $field: Counter,)* }
+        pub struct $name { $(#[doc = $help] pub $field: $crate::stats::Counter,)* }
 
-        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, ::serde::Serialize)]
         pub struct $snap { $(#[doc = $help] pub $field: u64,)* }
 
         impl $name {
@@ -75,14 +75,15 @@ macro_rules! counters {
                 $(self.$field = self.$field.wrapping_add(other.$field);)*
             }
 
-            pub fn fields(&self) -> [(&'static str, Kind, &'static str, u64); counters!(@count $($field)*)] {
-                [$((stringify!($field), Kind::$kind, $help, self.$field),)*]
+            pub fn fields(&self) -> [(&'static str, $crate::stats::Kind, &'static str, u64); $crate::stats::counters!(@count $($field)*)] {
+                [$((stringify!($field), $crate::stats::Kind::$kind, $help, self.$field),)*]
             }
         }
     };
     (@count) => { 0 };
-    (@count $head:ident $($tail:ident)*) => { 1 + counters!(@count $($tail)*) };
+    (@count $head:ident $($tail:ident)*) => { 1 + $crate::stats::counters!(@count $($tail)*) };
 }
+pub(crate) use counters;
 
 counters! {
     /// Counters of one shard.

@@ -29,7 +29,12 @@ fn sigterm_during_load_echoes_everything_received_then_exits_0() {
     for (i, (c, p)) in conns.iter_mut().zip(&payloads).enumerate() {
         let (got, clean) = read_to_end(c);
         assert!(clean, "connection {i} ended with an error, not EOF");
-        assert!(got == *p, "connection {i}: got {} of {} bytes back (or different bytes)", got.len(), p.len());
+        assert!(
+            got == *p,
+            "connection {i}: got {} of {} bytes back (or different bytes)",
+            got.len(),
+            p.len()
+        );
     }
     let status = server.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
@@ -46,7 +51,8 @@ fn descriptor_exhaustion_pauses_accepting_and_recovers() {
         .map(|_| {
             let mut c = connect(addr);
             c.write_all(b"hi").unwrap();
-            c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
             c
         })
         .collect();
@@ -54,7 +60,12 @@ fn descriptor_exhaustion_pauses_accepting_and_recovers() {
     let mut rounds = 0;
     while !pending.is_empty() {
         rounds += 1;
-        assert!(rounds <= 30, "{} clients never served; log:\n{}", pending.len(), server.log());
+        assert!(
+            rounds <= 30,
+            "{} clients never served; log:\n{}",
+            pending.len(),
+            server.log()
+        );
         let mut waiting = Vec::new();
         let mut served = Vec::new();
         for mut c in pending.drain(..) {
@@ -68,7 +79,10 @@ fn descriptor_exhaustion_pauses_accepting_and_recovers() {
             }
         }
         if rounds == 1 {
-            assert!(!waiting.is_empty(), "the limit should have stopped some accepts");
+            assert!(
+                !waiting.is_empty(),
+                "the limit should have stopped some accepts"
+            );
             assert!(!served.is_empty(), "the server kept serving those it had");
         }
         served_total += served.len();
@@ -76,7 +90,11 @@ fn descriptor_exhaustion_pauses_accepting_and_recovers() {
         pending = waiting;
     }
     assert_eq!(served_total, 60);
-    assert!(server.log().contains("pausing accepts"), "log:\n{}", server.log());
+    assert!(
+        server.log().contains("pausing accepts"),
+        "log:\n{}",
+        server.log()
+    );
     // Still alive and serving.
     let mut c = connect(addr);
     assert_eq!(echo_roundtrip(&mut c, b"after"), b"after");
@@ -88,24 +106,46 @@ fn config_check_reports_file_line_and_key() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[server]\nshards = 0\n").unwrap();
-    let out = std::process::Command::new(bin()).args(["config", "check"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:2:10: key `server.shards`", bad.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:2:10: key `server.shards`", bad.display())),
+        "{err}"
+    );
 
     let good = dir.join("good.toml");
-    std::fs::write(&good, "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n").unwrap();
-    let out = std::process::Command::new(bin()).args(["config", "check"]).arg(&good).output().unwrap();
+    std::fs::write(
+        &good,
+        "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let effective = String::from_utf8_lossy(&out.stdout);
     assert!(effective.contains("idle_timeout = \"5m\""), "{effective}");
 
-    let out = std::process::Command::new(bin()).args(["config", "default"]).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "default"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("[[listener.websocket]]"));
 
     // `serve` with a broken file exits 2 with the same message.
-    let out = std::process::Command::new(bin()).args(["serve", "--config"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `server.shards`"));
 }

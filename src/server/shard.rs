@@ -87,6 +87,7 @@ const REG_READ: u16 = 1 << 7; // EPOLLIN is registered
 const REG_WRITE: u16 = 1 << 8; // EPOLLOUT is registered
 const DOOMED: u16 = 1 << 9; // queued for close: ignore further I/O
 const ABORT: u16 = 1 << 10; // close without flushing (write failed)
+const RESUME: u16 = 1 << 11; // the service stopped early: offer its leftover input again
 
 /// Why a connection closed (for counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +182,14 @@ impl<St> Conn<'_, St> {
         self.ctl.output.as_ref().map_or(0, |o| o.len()) + self.out.len()
     }
 
+    /// Bytes that may still be written before reaching `max_write_buffer`.
+    pub fn room(&self) -> usize {
+        self.env
+            .limits
+            .max_write_buffer
+            .saturating_sub(self.queued())
+    }
+
     /// Whether output is at or over `max_write_buffer` (a slow reader).
     pub fn over_limit(&self) -> bool {
         self.queued() >= self.env.limits.max_write_buffer
@@ -189,6 +198,12 @@ impl<St> Conn<'_, St> {
     /// Closes the connection once what is queued has been written.
     pub fn close(&mut self) {
         self.ctl.flags |= CLOSE_REQ;
+    }
+
+    /// The service stopped before consuming all its input (its output is over the bound): offer
+    /// the leftover input again once the output has drained, without waiting for new bytes.
+    pub fn resume_later(&mut self) {
+        self.ctl.flags |= RESUME;
     }
 
     pub fn is_closing(&self) -> bool {
@@ -384,6 +399,9 @@ impl<St> Core<St> {
             c.flags &= !CLOSE_REQ;
             self.begin_close(token);
             return;
+        }
+        if c.flags & RESUME != 0 && c.output.is_none() {
+            self.ready.push(token);
         }
         self.sync_interest(token);
         if rearm {
@@ -828,6 +846,7 @@ impl<S: Service> Shard<S> {
     fn on_readable(&mut self, token: Token) {
         let edge = self.core.tuning.edge;
         let mut budget = self.core.tuning.read_budget;
+        let mut resumed = false;
         loop {
             let core = &mut self.core;
             let Some(e) = core.conns.get_mut(token) else {
@@ -837,6 +856,18 @@ impl<S: Service> Shard<S> {
             if flags & (DOOMED | PAUSED) != 0 || (flags & CLOSING != 0 && flags & LINGER_WAIT == 0)
             {
                 return;
+            }
+            if flags & RESUME != 0 && flags & LINGER_WAIT == 0 {
+                if resumed {
+                    // Set again: the connection is on the ready list or waits for its drain.
+                    return;
+                }
+                resumed = true;
+                e.ctl.flags &= !RESUME;
+                if !self.deliver(token, 0) {
+                    return;
+                }
+                continue;
             }
             let want = core.read_buf.len();
             let n = match socket::read(e.ctl.fd.as_fd(), &mut core.read_buf) {
@@ -863,51 +894,11 @@ impl<S: Service> Shard<S> {
             counters.bytes_in.add(n as u64);
             if flags & LINGER_WAIT == 0 {
                 e.ctl.last_active = core.env.tick as u32;
-                let consumed;
-                let mut leftover = e.ctl.input.take();
-                let held_before = leftover.as_ref().map_or(0, |b| b.len());
-                {
-                    let input: &mut [u8] = match &mut leftover {
-                        Some(buf) => {
-                            buf.extend_from_slice(&core.read_buf[..n]);
-                            &mut buf[..]
-                        }
-                        None => &mut core.read_buf[..n],
-                    };
-                    let len = input.len();
-                    let mut conn = Conn {
-                        token,
-                        ctl: &mut e.ctl,
-                        state: &mut e.state,
-                        out: &mut core.scratch,
-                        env: &core.env,
-                    };
-                    consumed = self.service.on_data(&mut conn, input).min(len);
-                    // Keep what the service did not consume, in a buffer of its own.
-                    match &mut leftover {
-                        Some(buf) => {
-                            buf.drain(..consumed);
-                            if buf.is_empty() {
-                                core.pool.release_input(leftover.take().expect("some"));
-                            }
-                        }
-                        None if consumed < n => {
-                            leftover = Some(core.pool.input_from(&core.read_buf[consumed..n]));
-                        }
-                        None => {}
-                    }
-                }
-                let held = leftover.as_ref().map_or(0, |b| b.len());
-                counters.input_buffered.add(held as u64);
-                counters.input_buffered.sub(held_before as u64);
-                let overflow = held > core.env.limits.max_read_buffer;
-                e.ctl.input = leftover;
-                if overflow {
-                    core.doom(token, Reason::ReadOverflow);
+                if !self.deliver(token, n) {
                     return;
                 }
-                core.after_callback(token);
             }
+            let core = &mut self.core;
             if !edge || n < want {
                 return;
             }
@@ -917,6 +908,64 @@ impl<S: Service> Shard<S> {
                 return;
             }
         }
+    }
+
+    /// Offers the connection's input to the service: its leftover bytes followed by the `n` bytes
+    /// just read into the shard's buffer (`n` = 0 re-offers the leftover after a `resume_later`).
+    /// False if the connection is being closed.
+    fn deliver(&mut self, token: Token, n: usize) -> bool {
+        let core = &mut self.core;
+        let Some(e) = core.conns.get_mut(token) else {
+            return false;
+        };
+        let counters = core.stats.shard(core.env.shard);
+        let consumed;
+        let mut leftover = e.ctl.input.take();
+        let held_before = leftover.as_ref().map_or(0, |b| b.len());
+        {
+            let input: &mut [u8] = match &mut leftover {
+                Some(buf) => {
+                    buf.extend_from_slice(&core.read_buf[..n]);
+                    &mut buf[..]
+                }
+                None => &mut core.read_buf[..n],
+            };
+            let len = input.len();
+            let mut conn = Conn {
+                token,
+                ctl: &mut e.ctl,
+                state: &mut e.state,
+                out: &mut core.scratch,
+                env: &core.env,
+            };
+            consumed = self.service.on_data(&mut conn, input).min(len);
+            // Keep what the service did not consume, in a buffer of its own.
+            match &mut leftover {
+                Some(buf) => {
+                    buf.drain(..consumed);
+                    if buf.is_empty() {
+                        core.pool.release_input(leftover.take().expect("some"));
+                    }
+                }
+                None if consumed < n => {
+                    leftover = Some(core.pool.input_from(&core.read_buf[consumed..n]));
+                }
+                None => {}
+            }
+        }
+        let held = leftover.as_ref().map_or(0, |b| b.len());
+        counters.input_buffered.add(held as u64);
+        counters.input_buffered.sub(held_before as u64);
+        let overflow = held > core.env.limits.max_read_buffer;
+        e.ctl.input = leftover;
+        if overflow {
+            core.doom(token, Reason::ReadOverflow);
+            return false;
+        }
+        core.after_callback(token);
+        core.conns
+            .get(token)
+            .is_some_and(|e| e.ctl.flags & (DOOMED | CLOSING) == 0)
     }
 
     fn on_writable(&mut self, token: Token) {
@@ -969,6 +1018,13 @@ impl<S: Service> Shard<S> {
             if closing {
                 core.finish_close(token);
             } else {
+                if core
+                    .conns
+                    .get(token)
+                    .is_some_and(|e| e.ctl.flags & RESUME != 0)
+                {
+                    core.ready.push(token);
+                }
                 let e = core.conns.get_mut(token).expect("live");
                 let mut conn = Conn {
                     token,

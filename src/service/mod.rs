@@ -8,6 +8,12 @@
 //! is copied into a per-connection queue.
 
 pub mod echo;
+pub mod http;
+pub mod metrics;
+pub mod router;
+pub mod ws;
+
+pub use router::start as start_default;
 
 use std::time::{Duration, Instant};
 
@@ -59,11 +65,4 @@ pub struct ShardInfo {
     pub shards: usize,
     pub started: Instant,
     pub tick: Duration,
-}
-
-/// Starts the product server: every listener with the service its configuration names.
-pub fn start_default(
-    config: &crate::config::Config,
-) -> Result<crate::server::Server, crate::server::ServerError> {
-    crate::server::Server::start(config, |_, _| echo::Echo)
 }

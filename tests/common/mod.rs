@@ -106,7 +106,11 @@ impl Child {
     /// waits (bounded) until it logged `listening:` for every listener in the config.
     pub fn spawn(config_toml: &str, shell_prefix: &str) -> Child {
         use std::io::BufRead;
-        let dir = std::env::temp_dir().join(format!("shardnet-test-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "shardnet-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         std::fs::write(&path, config_toml).unwrap();
@@ -128,7 +132,10 @@ impl Child {
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if let Some(rest) = line.split("listening: ").nth(1) {
                     let mut parts = rest.split(" on ");
                     let name = parts.next().unwrap_or("").to_string();
@@ -151,11 +158,19 @@ impl Child {
                 }
             }
         }
-        Child { child, addrs, stderr: log }
+        Child {
+            child,
+            addrs,
+            stderr: log,
+        }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a).expect("listener")
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("listener")
     }
 
     pub fn signal(&self, sig: &str) {
@@ -175,7 +190,11 @@ impl Child {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit within {within:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {within:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -1,0 +1,571 @@
+//! RFC 6455 WebSocket protocol, server side, plus the client-side helpers the load generator and
+//! tests use. No I/O: frames are decoded from the engine's input slice (unmasked in place) and
+//! encoded into its output buffer.
+//!
+//! Per-connection state ([`WsConn`]) is 16 bytes and holds a heap buffer only while a fragmented
+//! message is being assembled; an unfragmented message is delivered straight from the input.
+//!
+//! Rules enforced (close code in brackets): client frames must be masked [1002]; RSV bits need an
+//! extension and none is negotiated (permessage-deflate offers are declined by not answering
+//! them) [1002]; unknown opcodes [1002]; control frames must be final and carry ≤ 125 bytes [1002];
+//! continuation without a message in progress, or a new data frame inside one [1002]; a message
+//! (all fragments) over `max_message` [1009]; text that is not UTF-8, checked as each fragment
+//! arrives so a bad fragment fails fast [1007]; close payloads of one byte or with an invalid code
+//! [1002] or a non-UTF-8 reason [1007]. Non-minimal length encodings are accepted, as most
+//! implementations do (the RFC's "MUST" binds the sender; rejecting them protects nothing).
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+pub const CLOSE_NORMAL: u16 = 1000;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Whether a `Sec-WebSocket-Key` is base64 of 16 bytes.
+pub fn valid_key(key: &[u8]) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
+}
+
+/// `Sec-WebSocket-Accept` for a key.
+pub fn accept_key(key: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// A complete data message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Validated UTF-8.
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// A fragmented message being assembled.
+struct Assembly {
+    opcode: u8,
+    data: Vec<u8>,
+    /// Bytes of `data` known to be valid UTF-8 (text only); the rest is an incomplete tail.
+    validated: usize,
+}
+
+/// Per-connection protocol state.
+#[derive(Default)]
+pub struct WsConn {
+    assembly: Option<Box<Assembly>>,
+    /// We sent a close frame: only a close reply is still expected.
+    pub close_sent: bool,
+}
+
+/// What one call did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub consumed: usize,
+    /// The connection must close after the output is written: the peer's close (echoed) or a
+    /// protocol error (a close frame with this code was appended).
+    pub close: Option<u16>,
+    /// A pong arrived.
+    pub pong: bool,
+    /// At least one frame arrived.
+    pub frames: usize,
+}
+
+/// Appends a server (unmasked) frame.
+pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let (h, n) = frame_header(opcode, payload.len());
+    out.extend_from_slice(&h[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// The header of a final, unmasked frame of `len` bytes.
+pub fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut h = [0u8; 10];
+    h[0] = 0x80 | opcode;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if len <= 0xffff {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
+/// Appends a close frame with a status code and reason.
+pub fn write_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+    let mut p = Vec::with_capacity(2 + reason.len());
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    write_frame(out, OP_CLOSE, &p);
+}
+
+/// Appends a masked (client) frame.
+pub fn write_masked(out: &mut Vec<u8>, opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) {
+    let (mut h, n) = frame_header(opcode, payload.len());
+    if !fin {
+        h[0] &= 0x7f;
+    }
+    h[1] |= 0x80;
+    out.extend_from_slice(&h[..n]);
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+}
+
+/// A decoded server frame (client side): opcode, fin, payload range within the buffer, total
+/// length. `Ok(None)`: incomplete.
+pub fn decode_server_frame(
+    buf: &[u8],
+) -> Result<Option<(u8, bool, std::ops::Range<usize>, usize)>, &'static str> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if buf[1] & 0x80 != 0 {
+        return Err("server frames must not be masked");
+    }
+    let (len, hdr) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")) as usize,
+            10,
+        ),
+        126 | 127 => return Ok(None),
+        n => (n as usize, 2),
+    };
+    if buf.len() < hdr + len {
+        return Ok(None);
+    }
+    Ok(Some((
+        buf[0] & 0x0f,
+        buf[0] & 0x80 != 0,
+        hdr..hdr + len,
+        hdr + len,
+    )))
+}
+
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+}
+
+impl WsConn {
+    /// Bytes held for a message being assembled.
+    pub fn buffered(&self) -> usize {
+        self.assembly.as_ref().map_or(0, |a| a.data.capacity())
+    }
+
+    /// Handles every complete frame at the start of `input`. Responses (pongs, close replies,
+    /// and what `on_message` appends) go to `out`.
+    pub fn process(
+        &mut self,
+        input: &mut [u8],
+        max_message: usize,
+        out: &mut Vec<u8>,
+        on_message: &mut dyn FnMut(Message<'_>, &mut Vec<u8>),
+    ) -> Progress {
+        let mut p = Progress::default();
+        loop {
+            let buf = &mut input[p.consumed..];
+            if buf.len() < 2 {
+                break;
+            }
+            let (b0, b1) = (buf[0], buf[1]);
+            let fin = b0 & 0x80 != 0;
+            let opcode = b0 & 0x0f;
+            let control = opcode & 0x08 != 0;
+            let len7 = (b1 & 0x7f) as usize;
+            let fail = |out: &mut Vec<u8>, p: &mut Progress, code: u16, why: &str| {
+                write_close(out, code, why);
+                p.close = Some(code);
+            };
+            if b0 & 0x70 != 0 {
+                fail(out, &mut p, CLOSE_PROTOCOL, "reserved bits set");
+                break;
+            }
+            if !matches!(
+                opcode,
+                OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+            ) {
+                fail(out, &mut p, CLOSE_PROTOCOL, "unknown opcode");
+                break;
+            }
+            if b1 & 0x80 == 0 {
+                fail(out, &mut p, CLOSE_PROTOCOL, "client frames must be masked");
+                break;
+            }
+            if control && (!fin || len7 > 125) {
+                fail(
+                    out,
+                    &mut p,
+                    CLOSE_PROTOCOL,
+                    "control frames must be final and at most 125 bytes",
+                );
+                break;
+            }
+            let (len, hdr) = match len7 {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 8),
+                127 if buf.len() >= 10 => {
+                    (u64::from_be_bytes(buf[2..10].try_into().expect("8")), 14)
+                }
+                126 | 127 => break,
+                n => (n as u64, 6),
+            };
+            if len >> 63 != 0 {
+                fail(out, &mut p, CLOSE_PROTOCOL, "length with the top bit set");
+                break;
+            }
+            let so_far = self.assembly.as_ref().map_or(0, |a| a.data.len()) as u64;
+            if !control && so_far + len > max_message as u64 {
+                fail(
+                    out,
+                    &mut p,
+                    CLOSE_TOO_BIG,
+                    "message larger than max_message",
+                );
+                break;
+            }
+            let len = len as usize;
+            if buf.len() < hdr + len {
+                break;
+            }
+            let mask = [buf[hdr - 4], buf[hdr - 3], buf[hdr - 2], buf[hdr - 1]];
+            let payload = &mut buf[hdr..hdr + len];
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i & 3];
+            }
+            p.consumed += hdr + len;
+            p.frames += 1;
+            if self.close_sent && opcode != OP_CLOSE {
+                continue; // after our close only the peer's close matters
+            }
+            match opcode {
+                OP_PING => write_frame(out, OP_PONG, payload),
+                OP_PONG => p.pong = true,
+                OP_CLOSE => {
+                    let code = match payload.len() {
+                        0 => None,
+                        1 => {
+                            fail(out, &mut p, CLOSE_PROTOCOL, "one-byte close payload");
+                            break;
+                        }
+                        _ => Some(u16::from_be_bytes([payload[0], payload[1]])),
+                    };
+                    if code.is_some_and(|c| !valid_close_code(c)) {
+                        fail(out, &mut p, CLOSE_PROTOCOL, "invalid close code");
+                        break;
+                    }
+                    if payload.len() > 2 && std::str::from_utf8(&payload[2..]).is_err() {
+                        fail(out, &mut p, CLOSE_INVALID_DATA, "close reason is not UTF-8");
+                        break;
+                    }
+                    if !self.close_sent {
+                        match code {
+                            Some(c) => write_close(out, c, ""),
+                            None => write_frame(out, OP_CLOSE, &[]),
+                        }
+                        self.close_sent = true;
+                    }
+                    p.close = Some(code.unwrap_or(CLOSE_NORMAL));
+                    break;
+                }
+                OP_TEXT | OP_BINARY => {
+                    if self.assembly.is_some() {
+                        fail(
+                            out,
+                            &mut p,
+                            CLOSE_PROTOCOL,
+                            "new message inside a fragmented one",
+                        );
+                        break;
+                    }
+                    if fin {
+                        if opcode == OP_TEXT {
+                            match std::str::from_utf8(payload) {
+                                Ok(s) => on_message(Message::Text(s), out),
+                                Err(_) => {
+                                    fail(out, &mut p, CLOSE_INVALID_DATA, "text is not UTF-8");
+                                    break;
+                                }
+                            }
+                        } else {
+                            on_message(Message::Binary(payload), out);
+                        }
+                    } else {
+                        let mut a = Box::new(Assembly {
+                            opcode,
+                            data: Vec::with_capacity(len.max(64)),
+                            validated: 0,
+                        });
+                        a.data.extend_from_slice(payload);
+                        if !a.check_utf8(false) {
+                            fail(out, &mut p, CLOSE_INVALID_DATA, "text is not UTF-8");
+                            break;
+                        }
+                        self.assembly = Some(a);
+                    }
+                }
+                _ => {
+                    // Continuation.
+                    let Some(a) = self.assembly.as_mut() else {
+                        fail(
+                            out,
+                            &mut p,
+                            CLOSE_PROTOCOL,
+                            "continuation without a message",
+                        );
+                        break;
+                    };
+                    a.data.extend_from_slice(payload);
+                    if !a.check_utf8(fin) {
+                        fail(out, &mut p, CLOSE_INVALID_DATA, "text is not UTF-8");
+                        break;
+                    }
+                    if fin {
+                        let a = self.assembly.take().expect("some");
+                        if a.opcode == OP_TEXT {
+                            // check_utf8(true) validated all of it.
+                            let s = std::str::from_utf8(&a.data).unwrap_or_default();
+                            on_message(Message::Text(s), out);
+                        } else {
+                            on_message(Message::Binary(&a.data), out);
+                        }
+                    }
+                }
+            }
+        }
+        if p.close.is_some() {
+            self.assembly = None;
+            self.close_sent = true;
+        }
+        p
+    }
+}
+
+impl Assembly {
+    /// Validates the new bytes of a text message; an incomplete sequence may end a non-final
+    /// fragment but not the message.
+    fn check_utf8(&mut self, last: bool) -> bool {
+        if self.opcode != OP_TEXT {
+            return true;
+        }
+        match std::str::from_utf8(&self.data[self.validated..]) {
+            Ok(_) => {
+                self.validated = self.data.len();
+                true
+            }
+            Err(e) if e.error_len().is_none() && !last => {
+                self.validated += e.valid_up_to();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_masked(&mut v, opcode, fin, payload, MASK);
+        v
+    }
+
+    fn run(conn: &mut WsConn, input: &[u8], max: usize) -> (Progress, Vec<u8>, Vec<String>) {
+        let mut input = input.to_vec();
+        let mut out = Vec::new();
+        let mut msgs = Vec::new();
+        let p = conn.process(&mut input, max, &mut out, &mut |m, _| match m {
+            Message::Text(s) => msgs.push(format!("t:{s}")),
+            Message::Binary(b) => msgs.push(format!("b:{}", b.len())),
+        });
+        (p, out, msgs)
+    }
+
+    fn close_code(out: &[u8]) -> u16 {
+        let (op, _, range, _) = decode_server_frame(out).unwrap().unwrap();
+        assert_eq!(op, OP_CLOSE);
+        u16::from_be_bytes([out[range.start], out[range.start + 1]])
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert!(valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_key(b"short"));
+    }
+
+    #[test]
+    fn masked_text_is_delivered() {
+        let mut c = WsConn::default();
+        let (p, out, msgs) = run(&mut c, &masked(OP_TEXT, true, b"hello"), 1 << 20);
+        assert_eq!(msgs, vec!["t:hello"]);
+        assert!(out.is_empty());
+        assert_eq!(p.close, None);
+        assert_eq!(p.consumed, 11);
+    }
+
+    #[test]
+    fn protocol_errors_close_with_1002() {
+        let mut unmasked = Vec::new();
+        write_frame(&mut unmasked, OP_TEXT, b"x");
+        let mut rsv = masked(OP_TEXT, true, b"x");
+        rsv[0] |= 0x40;
+        let mut opcode = masked(OP_TEXT, true, b"x");
+        opcode[0] = 0x80 | 0x3;
+        let big_ping = masked(OP_PING, true, &[0; 126]);
+        let frag_ping = masked(OP_PING, false, b"x");
+        let cont = masked(OP_CONT, true, b"x");
+        let close1 = masked(OP_CLOSE, true, &[3]);
+        let close1005 = masked(OP_CLOSE, true, &1005u16.to_be_bytes());
+        for (name, frame) in [
+            ("unmasked", unmasked),
+            ("rsv", rsv),
+            ("opcode", opcode),
+            ("big ping", big_ping),
+            ("fragmented ping", frag_ping),
+            ("lone continuation", cont),
+            ("one-byte close", close1),
+            ("close 1005", close1005),
+        ] {
+            let mut c = WsConn::default();
+            let (p, out, msgs) = run(&mut c, &frame, 1 << 20);
+            assert_eq!(p.close, Some(CLOSE_PROTOCOL), "{name}");
+            assert_eq!(close_code(&out), CLOSE_PROTOCOL, "{name}");
+            assert!(msgs.is_empty());
+        }
+    }
+
+    #[test]
+    fn fragments_with_interleaved_ping_deliver_once() {
+        let mut input = masked(OP_TEXT, false, b"hel");
+        input.extend(masked(OP_PING, true, b"p"));
+        input.extend(masked(OP_CONT, false, b"lo "));
+        input.extend(masked(OP_CONT, true, b"world"));
+        let mut c = WsConn::default();
+        let (p, out, msgs) = run(&mut c, &input, 1 << 20);
+        assert_eq!(msgs, vec!["t:hello world"]);
+        assert_eq!(decode_server_frame(&out).unwrap().unwrap().0, OP_PONG);
+        assert_eq!(p.close, None);
+        assert_eq!(c.buffered(), 0, "the assembly buffer is freed");
+    }
+
+    #[test]
+    fn utf8_split_across_fragments_is_accepted_and_bad_utf8_fails_fast() {
+        let s = "a😀b".as_bytes(); // the emoji is 4 bytes
+        let mut input = masked(OP_TEXT, false, &s[..3]);
+        input.extend(masked(OP_CONT, true, &s[3..]));
+        let mut c = WsConn::default();
+        assert_eq!(run(&mut c, &input, 1 << 20).2, vec!["t:a😀b"]);
+
+        let mut c = WsConn::default();
+        let (p, out, _) = run(&mut c, &masked(OP_TEXT, false, &[0xff, b'a']), 1 << 20);
+        assert_eq!(
+            p.close,
+            Some(CLOSE_INVALID_DATA),
+            "fails in the first fragment"
+        );
+        assert_eq!(close_code(&out), CLOSE_INVALID_DATA);
+
+        let mut input = masked(OP_TEXT, false, b"ok");
+        input.extend(masked(OP_CONT, true, &[0xf0, 0x9f]));
+        let mut c = WsConn::default();
+        assert_eq!(
+            run(&mut c, &input, 1 << 20).0.close,
+            Some(CLOSE_INVALID_DATA),
+            "truncated at the end"
+        );
+
+        let mut c = WsConn::default();
+        let (p, _, _) = run(
+            &mut c,
+            &masked(OP_CLOSE, true, &[0x03, 0xe8, 0xff]),
+            1 << 20,
+        );
+        assert_eq!(p.close, Some(CLOSE_INVALID_DATA), "close reason not UTF-8");
+    }
+
+    #[test]
+    fn too_big_closes_with_1009() {
+        let mut c = WsConn::default();
+        assert_eq!(
+            run(&mut c, &masked(OP_BINARY, true, &[0; 200]), 100)
+                .0
+                .close,
+            Some(CLOSE_TOO_BIG)
+        );
+        let mut input = masked(OP_BINARY, false, &[0; 60]);
+        input.extend(masked(OP_CONT, true, &[0; 60]));
+        let mut c = WsConn::default();
+        assert_eq!(run(&mut c, &input, 100).0.close, Some(CLOSE_TOO_BIG));
+    }
+
+    #[test]
+    fn close_is_echoed() {
+        let mut c = WsConn::default();
+        let (p, out, _) = run(
+            &mut c,
+            &masked(OP_CLOSE, true, &1000u16.to_be_bytes()),
+            1 << 20,
+        );
+        assert_eq!(p.close, Some(1000));
+        assert_eq!(close_code(&out), 1000);
+        assert!(c.close_sent);
+    }
+
+    #[test]
+    fn byte_by_byte_feeding_and_long_lengths() {
+        for len in [5usize, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let frame = masked(OP_BINARY, true, &payload);
+            let mut c = WsConn::default();
+            let mut held: Vec<u8> = Vec::new();
+            let mut got = Vec::new();
+            let step = if len > 1000 { 997 } else { 1 };
+            for chunk in frame.chunks(step) {
+                held.extend_from_slice(chunk);
+                let mut out = Vec::new();
+                let p = c.process(&mut held, 1 << 20, &mut out, &mut |m, _| {
+                    if let Message::Binary(b) = m {
+                        got.push(b.to_vec())
+                    }
+                });
+                held.drain(..p.consumed);
+            }
+            assert_eq!(got, vec![payload], "len {len}");
+            assert!(held.is_empty());
+        }
+    }
+
+    #[test]
+    fn state_is_small() {
+        assert!(
+            std::mem::size_of::<WsConn>() <= 16,
+            "{}",
+            std::mem::size_of::<WsConn>()
+        );
+    }
+}
