@@ -162,6 +162,8 @@ pub struct ListenerConfig {
     pub max_body: usize,
     #[serde(with = "duration")]
     pub header_timeout: Duration,
+    /// Serve /metrics and /stats on this listener (turn off on public listeners).
+    pub admin_routes: bool,
     pub websocket: Vec<WsRouteConfig>,
 }
 
@@ -176,6 +178,7 @@ impl Default for ListenerConfig {
             max_header: 16 * 1024,
             max_body: 1 << 20,
             header_timeout: Duration::from_secs(10),
+            admin_routes: true,
             websocket: Vec::new(),
         }
     }

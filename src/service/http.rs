@@ -34,6 +34,8 @@ pub struct HttpSettings {
     pub max_header: usize,
     pub max_body: usize,
     pub header_timeout: Duration,
+    /// Serve /metrics and /stats.
+    pub admin_routes: bool,
     /// WebSocket routes by index: path and allowed origins (empty: any).
     pub ws_routes: Vec<(String, Vec<String>)>,
 }
@@ -44,6 +46,7 @@ impl From<&ListenerConfig> for HttpSettings {
             max_header: l.max_header,
             max_body: l.max_body,
             header_timeout: l.header_timeout,
+            admin_routes: l.admin_routes,
             ws_routes: l
                 .websocket
                 .iter()
@@ -339,6 +342,9 @@ impl Http {
             return self.upgrade(r, route, resp);
         }
         match path {
+            "/metrics" | "/stats" if !self.settings.admin_routes => {
+                resp.send(404, "text/plain", b"not found\n", "");
+            }
             "/plaintext" | "/json" | "/healthz" | "/metrics" | "/stats" if !get => {
                 resp.send(
                     405,

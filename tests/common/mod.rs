@@ -216,3 +216,130 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed) ^ (Instant::now().elapsed().as_nanos() as u64)
 }
+
+/// A Python interpreter with `packages` importable: the system one if it has them, else a venv
+/// under target/ created (once) with pip. Panics with what went wrong.
+pub fn python_with(packages: &[(&str, &str)]) -> std::path::PathBuf {
+    use std::process::Command;
+    let imports = packages
+        .iter()
+        .map(|(m, _)| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let has = |py: &std::path::Path| {
+        Command::new(py)
+            .args(["-c", &imports])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let system = std::path::PathBuf::from("python3");
+    if has(&system) {
+        return system;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv");
+    let py = dir.join("bin/python");
+    // Serialise venv creation between test binaries running at once.
+    let lock = dir.with_extension("lock");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if has(&py) {
+            return py;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => break,
+            Err(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "waited too long for another test's pip install"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    let result = (|| {
+        if !py.exists() {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                return Err("python3 -m venv failed".to_string());
+            }
+        }
+        let pkgs: Vec<&str> = packages.iter().map(|(_, p)| *p).collect();
+        let out = Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&pkgs)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "pip install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&lock);
+    if let Err(e) = result {
+        panic!("cannot provide Python packages {packages:?}: {e}");
+    }
+    assert!(has(&py), "packages still missing after pip install");
+    py
+}
+
+/// Sends raw bytes and reads one HTTP response (head and Content-Length body).
+pub fn http_exchange(s: &mut TcpStream, request: &[u8]) -> (u16, String, Vec<u8>) {
+    s.write_all(request).unwrap();
+    read_response(s, false)
+}
+
+/// Reads one HTTP response; `head` = the request was HEAD (no body expected).
+pub fn read_response(s: &mut TcpStream, head: bool) -> (u16, String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            other => panic!(
+                "connection ended inside a response head ({other:?}): {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+    let head_text = String::from_utf8(buf).unwrap();
+    let status: u16 = head_text[9..12].parse().unwrap();
+    let len = head_text
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let mut body = vec![
+        0u8;
+        if head || status == 100 || status == 101 {
+            0
+        } else {
+            len
+        }
+    ];
+    s.read_exact(&mut body).unwrap();
+    (status, head_text, body)
+}
+
+/// A server running the product router with `toml`.
+pub fn start_router(toml: &str) -> Server {
+    shardnet::service::start_default(&config(toml)).expect("server starts")
+}
+
+pub fn http_toml(shards: usize, listener_extra: &str) -> String {
+    format!(
+        "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\
+         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n{listener_extra}\n"
+    )
+}
