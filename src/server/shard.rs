@@ -88,6 +88,7 @@ const REG_WRITE: u16 = 1 << 8; // EPOLLOUT is registered
 const DOOMED: u16 = 1 << 9; // queued for close: ignore further I/O
 const ABORT: u16 = 1 << 10; // close without flushing (write failed)
 const RESUME: u16 = 1 << 11; // the service stopped early: offer its leftover input again
+const CLOSE_SOON: u16 = 1 << 12; // `deadline` already bounds the flush of a close
 
 /// Why a connection closed (for counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +205,13 @@ impl<St> Conn<'_, St> {
     /// the leftover input again once the output has drained, without waiting for new bytes.
     pub fn resume_later(&mut self) {
         self.ctl.flags |= RESUME;
+    }
+
+    /// Closes after flushing, but gives the flush at most `within` (instead of `write_timeout`):
+    /// for a peer that may not be reading at all.
+    pub fn close_within(&mut self, within: Duration) {
+        self.ctl.flags |= CLOSE_REQ | CLOSE_SOON;
+        self.ctl.deadline = (self.env.tick + Env::ticks(within).max(1)) as u32;
     }
 
     pub fn is_closing(&self) -> bool {
@@ -424,8 +432,10 @@ impl<St> Core<St> {
             self.finish_close(token);
             return;
         }
-        e.ctl.flags = (e.ctl.flags & !SVC_TIMER) | CLOSE_TIMER;
-        e.ctl.deadline = (tick + write_ticks) as u32;
+        if e.ctl.flags & CLOSE_SOON == 0 {
+            e.ctl.deadline = (tick + write_ticks) as u32;
+        }
+        e.ctl.flags = (e.ctl.flags & !(SVC_TIMER | CLOSE_SOON)) | CLOSE_TIMER;
         self.sync_interest(token);
         self.rearm(token, true);
     }

@@ -21,6 +21,9 @@ use crate::config::{Config, ServiceKind, SlowConsumer, WsMode, WsRouteConfig};
 use crate::server::{Peers, Server, ServerError};
 use crate::stats::Stats;
 
+/// How long a slow subscriber closed with 1008 has to read its backlog and the close frame.
+const SLOW_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 crate::stats::counters! {
     /// Counters of the HTTP and WebSocket services, per shard.
     ServiceCounters, ServiceSnapshot {
@@ -235,8 +238,17 @@ impl Router {
                     }
                 }
                 WsMode::Pubsub => match parse_op(&msg) {
-                    Ok(Op::Subscribe(t)) => subscribe_ops.push((true, t)),
-                    Ok(Op::Unsubscribe(t)) => subscribe_ops.push((false, t)),
+                    Ok(op @ (Op::Subscribe(_) | Op::Unsubscribe(_))) => {
+                        // Acknowledged, so a client knows when its subscription is in force.
+                        let (word, t, on) = match op {
+                            Op::Subscribe(t) => ("subscribe", t, true),
+                            Op::Unsubscribe(t) => ("unsubscribe", t, false),
+                            Op::Publish(..) => unreachable!(),
+                        };
+                        let ack = serde_json::json!({ "ok": word, "topic": t }).to_string();
+                        ws::write_frame(out, ws::OP_TEXT, ack.as_bytes());
+                        subscribe_ops.push((on, t));
+                    }
                     Ok(Op::Publish(t, data)) => publishes.push((t, data)),
                     Err(why) => {
                         let body = serde_json::json!({ "error": why }).to_string();
@@ -356,9 +368,11 @@ impl Router {
                 Some(SlowConsumer::Drop) => counters.ws_dropped.inc(),
                 Some(SlowConsumer::Disconnect) => {
                     counters.ws_slow_closed.inc();
+                    // The 1008 queues behind the backlog: a slow reader gets it within a
+                    // second, one that does not read at all is cut off then.
                     ctx.with_conn(token, |conn| {
                         ws::write_close(conn.out(), ws::CLOSE_POLICY, "slow consumer");
-                        conn.close();
+                        conn.close_within(SLOW_CLOSE_GRACE);
                     });
                 }
                 None => {}
