@@ -32,6 +32,8 @@ pub enum Command {
     /// Inspect configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Load generator: per-core throughput, latency, idle memory, shard sweeps, comparisons.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +69,13 @@ pub fn main() -> i32 {
                 };
                 eprintln!("shardnet: {e:#}");
                 code
+            }
+        },
+        Command::Bench(args) => match crate::bench::main(*args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("shardnet bench: {e:#}");
+                1
             }
         },
         Command::Config(ConfigCommand::Default) => {

@@ -139,7 +139,8 @@ fn close_codes_for_bad_frames() {
         ws::write_frame(&mut f, ws::OP_TEXT, b"x");
         s.write_all(&f).unwrap();
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut TcpStream)>, u16)> = vec![
+    type Act = Box<dyn Fn(&mut TcpStream)>;
+    let cases: Vec<(&str, Act, u16)> = vec![
         ("unmasked", Box::new(unmasked), 1002),
         (
             "reserved opcode",

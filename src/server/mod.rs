@@ -37,13 +37,13 @@ const COMMAND_QUEUE: usize = 65536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("listener `{name}`: cannot listen on {addr}: {source}")]
+    #[error("listener `{name}`: cannot listen on {addr}")]
     Bind {
         name: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start {what}: {source}")]
+    #[error("cannot start {what}")]
     Start {
         what: String,
         source: std::io::Error,
@@ -154,8 +154,12 @@ pub struct PoolSpec {
 
 impl ShardPool {
     /// Starts `spec.shards` threads named `shard-NN`, each pinned as asked and building its
-    /// service with `factory` on its own thread. Returns once every shard is ready.
-    pub fn start<S, F>(spec: &PoolSpec, factory: F) -> Result<ShardPool, ServerError>
+    /// service with `factory` on its own thread. Returns once every shard is ready, with the
+    /// handle that sends commands to the services.
+    pub fn start<S, F>(
+        spec: &PoolSpec,
+        factory: F,
+    ) -> Result<(ShardPool, Peers<S::Command>), ServerError>
     where
         S: Service,
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
@@ -252,14 +256,15 @@ impl ShardPool {
                 Arc::new(port) as Arc<dyn ShardControl>
             })
             .collect();
-        Ok(ShardPool {
+        let pool = ShardPool {
             stats,
             ports,
             controls,
             handles,
             cores: spec.cores.clone(),
             shutdown_timeout: spec.tuning.shutdown_timeout,
-        })
+        };
+        Ok((pool, peers))
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -400,7 +405,7 @@ impl Server {
             addrs.push((l.name.clone(), addr));
             listeners.push((i, listener));
         }
-        let mut pool = ShardPool::start(&Self::pool_spec(config), factory)?;
+        let (mut pool, _) = ShardPool::start(&Self::pool_spec(config), factory)?;
         let start_err = |what: &str| {
             let what = what.to_string();
             move |source| ServerError::Start { what, source }

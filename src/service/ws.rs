@@ -130,11 +130,11 @@ pub fn write_masked(out: &mut Vec<u8>, opcode: u8, fin: bool, payload: &[u8], ma
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
 }
 
-/// A decoded server frame (client side): opcode, fin, payload range within the buffer, total
-/// length. `Ok(None)`: incomplete.
-pub fn decode_server_frame(
-    buf: &[u8],
-) -> Result<Option<(u8, bool, std::ops::Range<usize>, usize)>, &'static str> {
+/// A decoded server frame: opcode, fin, payload range within the buffer, total length.
+pub type ServerFrame = (u8, bool, std::ops::Range<usize>, usize);
+
+/// Decodes a server frame (client side). `Ok(None)`: incomplete.
+pub fn decode_server_frame(buf: &[u8]) -> Result<Option<ServerFrame>, &'static str> {
     if buf.len() < 2 {
         return Ok(None);
     }

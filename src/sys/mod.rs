@@ -15,3 +15,11 @@ use std::io;
 pub(crate) fn io_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
+
+/// Clock ticks per second (`/proc` CPU times are in these units).
+pub fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |v| v as f64)
+}

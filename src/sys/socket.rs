@@ -49,7 +49,13 @@ pub fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Tc
         setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(io_err)?;
     }
     sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(io_err)?;
-    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).map_err(io_err)?;
+    // The kernel caps the backlog at net.core.somaxconn; nix refuses values above the libc
+    // constant (4096), so larger ones ask for the kernel's maximum.
+    let backlog = if backlog as i64 > libc::SOMAXCONN as i64 {
+        Backlog::MAXALLOWABLE
+    } else {
+        Backlog::new(backlog as i32).map_err(io_err)?
+    };
     sock::listen(&fd, backlog).map_err(io_err)?;
     Ok(TcpListener::from(fd))
 }
@@ -65,6 +71,36 @@ pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     // Small request/response exchanges must not wait for Nagle; a failure here is harmless.
     let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
     Ok(fd)
+}
+
+/// Connects (blocking) to `dst`, from `src` when given (spreading a load generator over source
+/// addresses: each has its own ~28k ephemeral ports), and returns the socket non-blocking with
+/// `TCP_NODELAY`, ready for the engine.
+pub fn connect_from(
+    dst: SocketAddr,
+    src: Option<std::net::IpAddr>,
+    timeout: std::time::Duration,
+) -> io::Result<OwnedFd> {
+    let Some(src) = src else {
+        return adopt_stream(TcpStream::connect_timeout(&dst, timeout)?);
+    };
+    let family = if dst.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd =
+        sock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io_err)?;
+    // Let the kernel pick the port per destination (IP_BIND_ADDRESS_NO_PORT): a bind to port 0
+    // would otherwise reserve a port for every destination at once.
+    let _ = setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
+    sock::bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(src, 0)),
+    )
+    .map_err(io_err)?;
+    sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)).map_err(io_err)?;
+    adopt_stream(TcpStream::from(fd))
 }
 
 /// Prepares a connected client socket (the load generator's) for the engine.

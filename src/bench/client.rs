@@ -1,0 +1,449 @@
+//! The load generator's client side: a [`Service`] driving outgoing connections on the same
+//! shard engine as the server (pinned epoll loops), so one client core pushes as much as a server
+//! core.
+//!
+//! Each client shard keeps its own latency histogram and counters; the controller collects them
+//! with a command. Every response is verified: echo bytes are compared one by one with what was
+//! sent, HTTP statuses and body lengths checked, WebSocket frames decoded and compared.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use hdrhistogram::Histogram;
+
+use crate::server::Peers;
+use crate::service::ws;
+use crate::service::{Conn, Ctx, Service, ShardInfo, Token};
+
+/// What each connection does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Echo,
+    Http,
+    Ws,
+    Idle,
+    Connect,
+}
+
+/// Settings shared by every client shard.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub mode: Mode,
+    /// Requests in flight per connection (closed loop).
+    pub depth: usize,
+    /// Bytes per echo request or WebSocket message.
+    pub size: usize,
+    /// HTTP path.
+    pub path: String,
+    /// Open loop: requests per second per connection (0: closed loop).
+    pub rate_per_conn: f64,
+    /// Idle mode: upgrade to WebSocket at this path first.
+    pub idle_ws: Option<String>,
+    pub host: String,
+}
+
+/// Results of one client shard.
+#[derive(Debug, Clone)]
+pub struct ShardResult {
+    pub hist: Histogram<u64>,
+    pub requests: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub closed: u64,
+    pub ready: u64,
+}
+
+impl ShardResult {
+    fn new() -> Self {
+        ShardResult {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            requests: 0,
+            bytes: 0,
+            errors: 0,
+            first_error: None,
+            closed: 0,
+            ready: 0,
+        }
+    }
+}
+
+/// Controller → client shard.
+#[derive(Clone)]
+pub enum ClientCmd {
+    /// Start counting (end of warm-up): clear everything measured so far.
+    Reset,
+    /// Send a copy of the results.
+    Collect(Sender<ShardResult>),
+}
+
+/// Per-connection state.
+#[derive(Default)]
+pub struct ClientConn {
+    seed: u32,
+    sent_bytes: u64,
+    recv_bytes: u64,
+    /// Send (or, open loop, intended send) time of each request in flight.
+    inflight: VecDeque<Instant>,
+    scheduled: u64,
+    upgraded: bool,
+    /// Frame payload bytes of the current WebSocket message still to compare.
+    started: Option<Instant>,
+}
+
+pub struct Client {
+    plan: Arc<Plan>,
+    result: ShardResult,
+    conns: Vec<Token>,
+    next_seed: u32,
+    start: Instant,
+    request: Vec<u8>,
+}
+
+/// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
+/// a misplaced, dropped or corrupted byte show.
+#[inline]
+fn byte_at(seed: u32, pos: u64) -> u8 {
+    ((pos as u32).wrapping_mul(2_654_435_761) ^ seed).rotate_left(7) as u8 ^ (pos >> 32) as u8
+}
+
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+impl Client {
+    pub fn new(plan: Arc<Plan>, info: &ShardInfo, _peers: Peers<ClientCmd>) -> Self {
+        let request = match plan.mode {
+            Mode::Http | Mode::Connect => {
+                format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", plan.path, plan.host).into_bytes()
+            }
+            _ => Vec::new(),
+        };
+        Client {
+            plan,
+            result: ShardResult::new(),
+            conns: Vec::new(),
+            next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
+            start: Instant::now(),
+            request,
+        }
+    }
+
+    fn error(&mut self, why: String) {
+        self.result.errors += 1;
+        if self.result.first_error.is_none() {
+            self.result.first_error = Some(why);
+        }
+    }
+
+    /// Writes one request; `at` is its (intended) send time.
+    fn send(&mut self, conn: &mut Conn<'_, ClientConn>, at: Instant) {
+        let st = conn.state();
+        st.inflight.push_back(at);
+        match self.plan.mode {
+            Mode::Echo => {
+                let (seed, from) = (st.seed, st.sent_bytes);
+                st.sent_bytes += self.plan.size as u64;
+                let size = self.plan.size as u64;
+                conn.out()
+                    .extend((from..from + size).map(|p| byte_at(seed, p)));
+            }
+            Mode::Ws => {
+                let (seed, from) = (st.seed, st.sent_bytes);
+                st.sent_bytes += self.plan.size as u64;
+                let size = self.plan.size as u64;
+                let payload: Vec<u8> = (from..from + size).map(|p| byte_at(seed, p)).collect();
+                ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK);
+            }
+            Mode::Http | Mode::Connect => conn.write(&self.request),
+            Mode::Idle => {}
+        }
+    }
+
+    fn complete(&mut self, conn: &mut Conn<'_, ClientConn>) {
+        let now = conn.now();
+        if let Some(sent) = conn.state().inflight.pop_front() {
+            let micros = now.saturating_duration_since(sent).as_micros().max(1) as u64;
+            let _ = self.result.hist.record(micros.min(60_000_000));
+        }
+        self.result.requests += 1;
+        if self.plan.mode == Mode::Connect {
+            conn.close();
+        } else if self.plan.rate_per_conn == 0.0 {
+            self.send(conn, now);
+        }
+    }
+
+    fn on_echo(&mut self, conn: &mut Conn<'_, ClientConn>, input: &[u8]) {
+        let size = self.plan.size as u64;
+        let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
+        if let Some(i) = input
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| b != byte_at(seed, from + i as u64))
+        {
+            self.error(format!(
+                "corrupted echo at byte {} of the stream",
+                from + i as u64
+            ));
+            conn.close();
+            return;
+        }
+        let to = from + input.len() as u64;
+        conn.state().recv_bytes = to;
+        if to > conn.state().sent_bytes {
+            self.error("received more bytes than were sent".into());
+            conn.close();
+            return;
+        }
+        for _ in from / size..to / size {
+            self.complete(conn);
+        }
+    }
+
+    /// Parses complete HTTP responses; returns bytes consumed.
+    fn on_http(&mut self, conn: &mut Conn<'_, ClientConn>, input: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < input.len() {
+            let mut headers = [httparse::EMPTY_HEADER; 24];
+            let mut resp = httparse::Response::new(&mut headers);
+            let hlen = match resp.parse(&input[pos..]) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => break,
+                Err(e) => {
+                    self.error(format!("malformed HTTP response: {e}"));
+                    conn.close();
+                    return input.len();
+                }
+            };
+            let status = resp.code.unwrap_or(0);
+            let len = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| {
+                    std::str::from_utf8(h.value)
+                        .ok()?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                });
+            let Some(len) = len else {
+                self.error("HTTP response without Content-Length".into());
+                conn.close();
+                return input.len();
+            };
+            if input.len() - pos < hlen + len {
+                break;
+            }
+            pos += hlen + len;
+            if status != 200 {
+                self.error(format!("HTTP status {status}"));
+            }
+            self.complete(conn);
+        }
+        pos
+    }
+
+    fn on_ws(&mut self, conn: &mut Conn<'_, ClientConn>, input: &[u8]) -> usize {
+        let mut pos = 0;
+        if !conn.state().upgraded {
+            let Some(end) = input.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return 0;
+            };
+            if !input.starts_with(b"HTTP/1.1 101") {
+                self.error(format!(
+                    "upgrade refused: {}",
+                    String::from_utf8_lossy(&input[..end.min(80)])
+                ));
+                conn.close();
+                return input.len();
+            }
+            conn.state().upgraded = true;
+            self.result.ready += 1;
+            pos = end + 4;
+            if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
+                let now = conn.now();
+                for _ in 0..self.plan.depth {
+                    self.send(conn, now);
+                }
+            }
+        }
+        while pos < input.len() {
+            let (op, range, total) = match ws::decode_server_frame(&input[pos..]) {
+                Ok(Some((op, _, range, total))) => (op, range, total),
+                Ok(None) => break,
+                Err(e) => {
+                    self.error(e.into());
+                    conn.close();
+                    return input.len();
+                }
+            };
+            let payload = &input[pos + range.start..pos + range.end];
+            pos += total;
+            match op {
+                ws::OP_BINARY => {
+                    let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
+                    if payload.len() != self.plan.size
+                        || payload
+                            .iter()
+                            .enumerate()
+                            .any(|(i, &b)| b != byte_at(seed, from + i as u64))
+                    {
+                        self.error("corrupted WebSocket echo".into());
+                        conn.close();
+                        return input.len();
+                    }
+                    conn.state().recv_bytes += payload.len() as u64;
+                    self.complete(conn);
+                }
+                ws::OP_PING => {
+                    let p = payload.to_vec();
+                    ws::write_masked(conn.out(), ws::OP_PONG, true, &p, MASK);
+                }
+                ws::OP_CLOSE => {
+                    self.error("server sent a WebSocket close".into());
+                    conn.close();
+                    return input.len();
+                }
+                _ => {}
+            }
+        }
+        pos
+    }
+}
+
+impl Service for Client {
+    type State = ClientConn;
+    type Command = ClientCmd;
+
+    fn on_open(&mut self, conn: &mut Conn<'_, ClientConn>) {
+        self.next_seed = self.next_seed.wrapping_add(0x6d2b_79f5);
+        let now = conn.now();
+        let st = conn.state();
+        st.seed = self.next_seed;
+        st.started = Some(now);
+        self.conns.push(conn.token());
+        let closed_loop = self.plan.rate_per_conn == 0.0;
+        match self.plan.mode {
+            Mode::Echo | Mode::Http if closed_loop => {
+                for _ in 0..self.plan.depth {
+                    self.send(conn, now);
+                }
+                self.result.ready += 1;
+            }
+            Mode::Connect => {
+                self.send(conn, now);
+                self.result.ready += 1;
+            }
+            Mode::Ws => {
+                let upgrade = format!(
+                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                    self.plan.path, self.plan.host
+                );
+                conn.write(upgrade.as_bytes());
+            }
+            Mode::Idle => match &self.plan.idle_ws {
+                Some(path) => {
+                    let upgrade = format!(
+                        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                        self.plan.host
+                    );
+                    conn.write(upgrade.as_bytes());
+                }
+                None => self.result.ready += 1,
+            },
+            _ => self.result.ready += 1,
+        }
+    }
+
+    fn on_data(&mut self, conn: &mut Conn<'_, ClientConn>, input: &mut [u8]) -> usize {
+        self.result.bytes += input.len() as u64;
+        match self.plan.mode {
+            Mode::Echo => {
+                self.on_echo(conn, input);
+                input.len()
+            }
+            Mode::Http | Mode::Connect => self.on_http(conn, input),
+            Mode::Ws => self.on_ws(conn, input),
+            Mode::Idle => {
+                if self.plan.idle_ws.is_some() {
+                    self.on_ws(conn, input)
+                } else {
+                    self.error("unexpected data on an idle connection".into());
+                    input.len()
+                }
+            }
+        }
+    }
+
+    fn on_close(&mut self, token: Token, state: &mut ClientConn) {
+        self.conns.retain(|&t| t != token);
+        self.result.closed += 1;
+        if self.plan.mode != Mode::Connect
+            && !state.inflight.is_empty()
+            && self.plan.mode != Mode::Idle
+        {
+            self.error(format!(
+                "connection closed with {} requests unanswered",
+                state.inflight.len()
+            ));
+        }
+    }
+
+    fn on_drain(&mut self, conn: &mut Conn<'_, ClientConn>) {
+        // End of the run: what is in flight is not an error.
+        conn.state().inflight.clear();
+        conn.close();
+    }
+
+    fn on_tick(&mut self, ctx: &mut Ctx<'_, ClientConn>) {
+        let rate = self.plan.rate_per_conn;
+        if rate == 0.0 || ctx.draining() {
+            return;
+        }
+        // Open loop: send every request whose intended time has come; latency counts from that
+        // intended time, so a stalled server cannot hide its stall.
+        let elapsed = ctx
+            .now()
+            .saturating_duration_since(self.start)
+            .as_secs_f64();
+        let due_total = (elapsed * rate) as u64;
+        let start = self.start;
+        for i in 0..self.conns.len() {
+            let token = self.conns[i];
+            ctx.with_conn(token, |conn| {
+                let ready = self.plan.mode != Mode::Ws || conn.state().upgraded;
+                while ready && conn.state().scheduled < due_total {
+                    let k = conn.state().scheduled;
+                    conn.state().scheduled += 1;
+                    if conn.state().inflight.len() >= 100_000 {
+                        continue; // the server is this far behind: the latency shows it
+                    }
+                    let at = start + Duration::from_secs_f64(k as f64 / rate);
+                    self.send(conn, at);
+                }
+            });
+        }
+    }
+
+    fn on_command(&mut self, cmd: ClientCmd, _ctx: &mut Ctx<'_, ClientConn>) {
+        match cmd {
+            ClientCmd::Reset => {
+                let ready = self.result.ready;
+                let errors = (self.result.errors, self.result.first_error.take());
+                self.result = ShardResult::new();
+                self.result.ready = ready;
+                // Errors during warm-up still fail the run.
+                self.result.errors = errors.0;
+                self.result.first_error = errors.1;
+            }
+            ClientCmd::Collect(tx) => {
+                let _ = tx.send(self.result.clone());
+            }
+        }
+    }
+}
