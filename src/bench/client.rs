@@ -430,6 +430,10 @@ impl Service for Client {
         }
     }
 
+    fn wants_ticks(&self) -> bool {
+        self.plan.rate_per_conn > 0.0
+    }
+
     fn on_command(&mut self, cmd: ClientCmd, _ctx: &mut Ctx<'_, ClientConn>) {
         match cmd {
             ClientCmd::Reset => {

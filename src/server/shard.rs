@@ -512,6 +512,7 @@ pub struct Shard<S: Service> {
     waker: Waker,
     drain_deadline: Option<Instant>,
     expired: Vec<usize>,
+    start: Instant,
 }
 
 impl<S: Service> Shard<S> {
@@ -563,6 +564,7 @@ impl<S: Service> Shard<S> {
             waker,
             drain_deadline: None,
             expired: Vec::new(),
+            start,
         })
     }
 
@@ -574,7 +576,12 @@ impl<S: Service> Shard<S> {
             let timeout = if !self.core.ready.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                let wake = self.core.wheel.next_wake();
+                let mut wake = self.core.wheel.next_wake();
+                if self.service.wants_ticks() {
+                    let next = self.core.wheel.tick_len() * (self.core.env.tick as u32 + 1);
+                    let at = self.start + next;
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                }
                 let wake = match (wake, self.drain_deadline) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),

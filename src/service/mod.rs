@@ -53,6 +53,12 @@ pub trait Service: 'static {
     /// Called once per timer tick (10 ms) while the shard is awake, before its events.
     fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
+    /// Whether the shard must wake every tick even with nothing else to do (the load
+    /// generator's open loop). Otherwise an idle shard sleeps until an event or a timer.
+    fn wants_ticks(&self) -> bool {
+        false
+    }
+
     /// A message from another thread.
     fn on_command(&mut self, _cmd: Self::Command, _ctx: &mut Ctx<'_, Self::State>) {}
 }
