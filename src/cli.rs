@@ -34,6 +34,9 @@ pub enum Command {
     Config(ConfigCommand),
     /// Load generator: per-core throughput, latency, idle memory, shard sweeps, comparisons.
     Bench(Box<crate::bench::BenchArgs>),
+    /// Print the recommended shards and cores for this host and every kernel limit that matters
+    /// for a million connections, with the command to change it. Changes nothing.
+    Tune,
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +81,10 @@ pub fn main() -> i32 {
                 1
             }
         },
+        Command::Tune => {
+            print!("{}", crate::tune::report());
+            0
+        }
         Command::Config(ConfigCommand::Default) => {
             print!("{DEFAULT_TOML}");
             0
@@ -159,19 +166,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut server = crate::service::start_default(&config).context("cannot start the server")?;
     log_summary(&config, &server);
 
-    let interval = config.server.stats_interval;
-    let ticker = if interval.is_zero() {
-        crossbeam_channel::never()
-    } else {
-        tick(interval)
-    };
+    notify("READY=1");
+    let mut ticker = stats_ticker(config.server.stats_interval);
     let mut last: Option<Snapshot> = None;
     loop {
         select! {
             recv(sig_rx) -> sig => match sig {
-                Ok(SIGHUP) => log::warn!("SIGHUP: reload is not supported yet; configuration unchanged"),
+                Ok(SIGHUP) => {
+                    notify("RELOADING=1");
+                    if reload(args.config.as_ref(), &mut config, &server) {
+                        ticker = stats_ticker(config.server.stats_interval);
+                    }
+                    notify("READY=1");
+                }
                 Ok(s) => {
                     log::info!("signal {s}: draining (a second signal exits at once)");
+                    notify("STOPPING=1");
                     break;
                 }
                 Err(_) => break,
@@ -208,6 +218,75 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(128 + sig.unwrap_or(SIGTERM));
         }
     }
+}
+
+fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
+    if interval.is_zero() {
+        crossbeam_channel::never()
+    } else {
+        tick(interval)
+    }
+}
+
+fn notify(state: &str) {
+    if let Err(e) = crate::sys::notify::notify(state) {
+        log::warn!("sd_notify {state}: {e}");
+    }
+}
+
+/// The keys that cannot change without a restart, if `new` changes them.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.server, &new.server);
+    let mut keys = Vec::new();
+    macro_rules! check {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
+    }
+    check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    if old.listeners != new.listeners {
+        keys.push("listener");
+    }
+    keys
+}
+
+/// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
+/// interval, log level) in every shard; refuses the rest with a log line. A file that does not
+/// parse changes nothing. Returns whether anything was applied.
+fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool {
+    let Some(path) = path else {
+        log::warn!(
+            "SIGHUP: running the embedded default configuration; there is no file to reload"
+        );
+        return false;
+    };
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("reload refused, configuration unchanged: {e}");
+            return false;
+        }
+    };
+    for key in restart_only_changes(config, &new) {
+        log::warn!("reload: `{key}` needs a restart to change; the running value stays");
+    }
+    config.limits = new.limits;
+    config.server.stats_interval = new.server.stats_interval;
+    config.log = new.log;
+    server.set_limits(&config.limits);
+    let level = config.log.level.to_level_filter();
+    if std::env::var_os("SHARDNET_LOG").is_none() {
+        log::set_max_level(level);
+    }
+    log::info!(
+        "reloaded {}: idle_timeout={:?} max_write_buffer={}B write_timeout={:?} max_read_buffer={}B stats_interval={:?} log.level={:?}",
+        path.display(),
+        config.limits.idle_timeout,
+        config.limits.max_write_buffer,
+        config.limits.write_timeout,
+        config.limits.max_read_buffer,
+        config.server.stats_interval,
+        level
+    );
+    true
 }
 
 fn log_summary(config: &Config, server: &Server) {

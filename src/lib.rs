@@ -17,3 +17,4 @@ pub mod service;
 pub mod stats;
 pub mod sys;
 pub mod timer;
+pub mod tune;

@@ -105,6 +105,8 @@ counters! {
         read_overflows: Counter, "connections closed for holding more than max_read_buffer of unconsumed input";
         errors: Counter, "connections closed by a socket error";
         commands: Counter, "commands received from other threads";
+        rejected: Counter, "connections closed at once by this shard (reuseport mode) because max_connections was reached";
+        accept_pauses: Counter, "times this shard paused accepting on resource exhaustion (reuseport mode)";
         output_queued: Gauge, "bytes of output queued because sockets did not take them";
         input_buffered: Gauge, "bytes of unconsumed input held for connections";
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
-use crate::config::{Config, LimitsConfig, Trigger};
+use crate::config::{Balance, Config, LimitsConfig, Trigger};
 use crate::service::{Service, ShardInfo};
 use crate::stats::{Snapshot, Stats};
 use crate::sys::{affinity, socket, waker::Waker};
@@ -164,7 +164,24 @@ impl ShardPool {
         S: Service,
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
+        Self::start_with_listeners(spec, Vec::new(), usize::MAX, factory)
+    }
+
+    /// Like [`ShardPool::start`], with each shard accepting on its own listeners
+    /// (`balance = "reuseport"`): `listeners[i]` goes to shard i.
+    pub fn start_with_listeners<S, F>(
+        spec: &PoolSpec,
+        mut listeners: Vec<Vec<shard::OwnListener>>,
+        max_connections: usize,
+        factory: F,
+    ) -> Result<(ShardPool, Peers<S::Command>), ServerError>
+    where
+        S: Service,
+        F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
+    {
         let n = spec.shards.max(1);
+        listeners.resize_with(n, Vec::new);
+        let mut listeners = listeners.into_iter();
         let stats = Arc::new(Stats::new(n));
         let start_err = |what: &str| {
             let what = what.to_string();
@@ -203,6 +220,7 @@ impl ShardPool {
             let ready_tx = ready_tx.clone();
             let core = spec.cores.get(i).copied().flatten();
             let (limits, tuning) = (spec.limits, spec.tuning);
+            let own = listeners.next().unwrap_or_default();
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i:02}"))
                 .spawn(move || {
@@ -220,7 +238,17 @@ impl ShardPool {
                     };
                     let service = factory(info, peers);
                     match Shard::new(
-                        i, service, limits, tuning, stats, waker, conn_rx, cmd_rx, started,
+                        i,
+                        service,
+                        limits,
+                        tuning,
+                        stats,
+                        waker,
+                        conn_rx,
+                        cmd_rx,
+                        started,
+                        own,
+                        max_connections,
                     ) {
                         Ok(shard) => {
                             let _ = ready_tx.send(Ok(()));
@@ -392,7 +420,10 @@ impl Server {
         S: Service,
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
+        let spec = Self::pool_spec(config);
+        let reuseport = config.server.balance == Balance::Reuseport;
         let mut listeners = Vec::new();
+        let mut own: Vec<Vec<shard::OwnListener>> = (0..spec.shards).map(|_| Vec::new()).collect();
         let mut addrs = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let bind_err = |source| ServerError::Bind {
@@ -400,12 +431,40 @@ impl Server {
                 addr: l.addr,
                 source,
             };
-            let listener = socket::listen(l.addr, l.backlog, l.reuse_port).map_err(bind_err)?;
+            let listener =
+                socket::listen(l.addr, l.backlog, l.reuse_port || reuseport).map_err(bind_err)?;
             let addr = socket::local_addr(&listener).map_err(bind_err)?;
             addrs.push((l.name.clone(), addr));
-            listeners.push((i, listener));
+            if reuseport {
+                // One socket per shard on the same port (the first fixed the port if it was 0).
+                own[0].push(shard::OwnListener::new(listener, i));
+                for shard_listeners in own.iter_mut().skip(1) {
+                    let extra = socket::listen(addr, l.backlog, true).map_err(bind_err)?;
+                    shard_listeners.push(shard::OwnListener::new(extra, i));
+                }
+            } else {
+                listeners.push((i, listener));
+            }
         }
-        let (mut pool, _) = ShardPool::start(&Self::pool_spec(config), factory)?;
+        if reuseport {
+            let (pool, _) = ShardPool::start_with_listeners(
+                &spec,
+                own,
+                config.server.max_connections,
+                factory,
+            )?;
+            let acceptor_stop = Waker::new().map_err(|source| ServerError::Start {
+                what: "a waker".into(),
+                source,
+            })?;
+            return Ok(Server {
+                addrs,
+                pool,
+                acceptor_stop,
+                acceptor: None,
+            });
+        }
+        let (mut pool, _) = ShardPool::start(&spec, factory)?;
         let start_err = |what: &str| {
             let what = what.to_string();
             move |source| ServerError::Start { what, source }

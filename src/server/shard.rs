@@ -36,6 +36,9 @@ pub const TICK: Duration = Duration::from_millis(10);
 const WHEEL_SLOTS: usize = 8192;
 /// How long a closed connection waits for the peer's FIN after ours (see `finish_close`).
 const LINGER: Duration = Duration::from_secs(2);
+/// While draining, a connection is closed once it has been quiet this long (a client that just
+/// connected gets to send its request and hear the answer; shutdown_timeout bounds the rest).
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 /// Output staging above this capacity is given back after use.
 const SCRATCH_KEEP: usize = 256 * 1024;
 
@@ -476,6 +479,9 @@ impl<St> Core<St> {
         if c.flags & (SVC_TIMER | CLOSE_TIMER) != 0 {
             consider(env.abs(c.deadline));
         }
+        if env.draining && c.flags & CLOSING == 0 {
+            consider(env.abs(c.last_active) + Env::ticks(DRAIN_QUIET));
+        }
         if c.flags & CLOSING == 0 {
             if c.flags & PAUSED != 0 {
                 consider(env.abs(c.over_since) + Env::ticks(env.limits.write_timeout).max(1));
@@ -513,6 +519,35 @@ pub struct Shard<S: Service> {
     drain_deadline: Option<Instant>,
     expired: Vec<usize>,
     start: Instant,
+    /// `balance = "reuseport"`: this shard's own listeners (no acceptor thread).
+    listeners: Vec<OwnListener>,
+    max_connections: usize,
+}
+
+/// A listener a shard accepts on itself (SO_REUSEPORT: the kernel spreads connections).
+pub struct OwnListener {
+    pub listener: std::net::TcpListener,
+    /// Index of the listener in the configuration.
+    pub index: usize,
+    paused_until: Option<Instant>,
+    backoff: Duration,
+}
+
+impl OwnListener {
+    pub fn new(listener: std::net::TcpListener, index: usize) -> Self {
+        OwnListener {
+            listener,
+            index,
+            paused_until: None,
+            backoff: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Tokens of a shard's own listeners: slab index u32::MAX (never produced by the slab) and the
+/// listener's position in the high half.
+fn listener_token(i: usize) -> u64 {
+    ((i as u64) << 32) | 0xffff_ffff
 }
 
 impl<S: Service> Shard<S> {
@@ -527,17 +562,19 @@ impl<S: Service> Shard<S> {
         conns_rx: Receiver<NewConn>,
         cmds_rx: Receiver<Command<S::Command>>,
         start: Instant,
+        listeners: Vec<OwnListener>,
+        max_connections: usize,
     ) -> std::io::Result<Self> {
         let poller = Poller::new()?;
-        poller.add(
-            waker.fd(),
-            Token::WAKER.0,
-            Interest {
-                read: true,
-                write: false,
-                edge: false,
-            },
-        )?;
+        let level_read = Interest {
+            read: true,
+            write: false,
+            edge: false,
+        };
+        poller.add(waker.fd(), Token::WAKER.0, level_read)?;
+        for (i, l) in listeners.iter().enumerate() {
+            poller.add(l.listener.as_fd(), listener_token(i), level_read)?;
+        }
         Ok(Shard {
             core: Core {
                 poller,
@@ -565,6 +602,8 @@ impl<S: Service> Shard<S> {
             drain_deadline: None,
             expired: Vec::new(),
             start,
+            listeners,
+            max_connections,
         })
     }
 
@@ -577,6 +616,9 @@ impl<S: Service> Shard<S> {
                 Some(Duration::ZERO)
             } else {
                 let mut wake = self.core.wheel.next_wake();
+                if let Some(t) = self.listeners.iter().filter_map(|l| l.paused_until).min() {
+                    wake = Some(wake.map_or(t, |w| w.min(t)));
+                }
                 if self.service.wants_ticks() {
                     let next = self.core.wheel.tick_len() * (self.core.env.tick as u32 + 1);
                     let at = self.start + next;
@@ -597,6 +639,7 @@ impl<S: Service> Shard<S> {
             }
             self.core.counters().epoll_waits.inc();
             self.advance_clock();
+            self.resume_listeners();
 
             let n = events.len();
             self.core.counters().events.add(n as u64);
@@ -605,6 +648,10 @@ impl<S: Service> Shard<S> {
                 let token = Token(ev.token);
                 if token == Token::WAKER {
                     self.on_wake();
+                    continue;
+                }
+                if token.index() == u32::MAX as usize {
+                    self.accept(token.generation() as usize);
                     continue;
                 }
                 if self.core.conns.get(token).is_none() {
@@ -704,6 +751,14 @@ impl<S: Service> Shard<S> {
             self.core.doom(token, Reason::WriteTimeout);
             return;
         }
+        if env.draining
+            && c.flags & CLOSING == 0
+            && env.abs(c.last_active) + Env::ticks(DRAIN_QUIET) <= now
+        {
+            self.drain_one(token);
+            self.core.rearm(token, false);
+            return;
+        }
         if c.flags & SVC_TIMER != 0 && env.abs(c.deadline) <= now {
             c.flags &= !SVC_TIMER;
             let core = &mut self.core;
@@ -779,12 +834,18 @@ impl<S: Service> Shard<S> {
         }
         self.core.env.draining = true;
         self.drain_deadline = Some(self.core.env.now + self.core.tuning.shutdown_timeout);
+        // Reuseport mode: stop accepting; closing the sockets hands their queues to any other
+        // process on the port (net.ipv4.tcp_migrate_req).
+        self.listeners.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
         while let Ok(nc) = self.conns_rx.try_recv() {
             self.adopt(nc);
         }
+        // Serve what each client already sent; each connection then closes once it has been
+        // quiet for DRAIN_QUIET (see `on_deadline`), or at shutdown_timeout.
         for token in self.core.conns.tokens() {
-            self.drain_one(token);
+            self.on_readable(token);
+            self.core.rearm(token, true);
         }
         self.reap();
     }
@@ -808,6 +869,73 @@ impl<S: Service> Shard<S> {
         };
         self.service.on_drain(&mut conn);
         core.after_callback(token);
+    }
+
+    /// Accepts on this shard's own listener `i` (reuseport mode): up to 64 per event, the rest
+    /// on the next (level-triggered) event. Resource exhaustion pauses the listener with a
+    /// doubling backoff, as the acceptor does.
+    fn accept(&mut self, i: usize) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        for _ in 0..64 {
+            let Some(l) = self.listeners.get_mut(i) else {
+                return;
+            };
+            match crate::sys::socket::accept(l.listener.as_fd()) {
+                Ok(fd) => {
+                    l.backoff = Duration::from_millis(5);
+                    let listener = l.index;
+                    let stats = &self.core.stats;
+                    let open: u64 = (0..stats.shard_count())
+                        .map(|s| stats.shard(s).open.get())
+                        .sum();
+                    if open >= self.max_connections as u64 {
+                        self.core.counters().rejected.inc();
+                        continue;
+                    }
+                    self.adopt(NewConn { fd, listener });
+                }
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(
+                    nix::errno::Errno::EINTR
+                    | nix::errno::Errno::ECONNABORTED
+                    | nix::errno::Errno::EPROTO,
+                ) => {}
+                Err(e) => {
+                    // Exhaustion or unknown: stop watching this listener for a while.
+                    let until = Instant::now() + l.backoff;
+                    log::warn!(
+                        "shard {}: accept failed ({e}); pausing accepts for {:?}",
+                        self.core.env.shard,
+                        l.backoff
+                    );
+                    l.backoff = (l.backoff * 2).min(Duration::from_millis(320));
+                    l.paused_until = Some(until);
+                    let _ = self.core.poller.delete(l.listener.as_fd());
+                    self.core.counters().accept_pauses.inc();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resume_listeners(&mut self) {
+        let now = self.core.env.now;
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.paused_until.is_some_and(|t| t <= now) {
+                l.paused_until = None;
+                let interest = Interest {
+                    read: true,
+                    write: false,
+                    edge: false,
+                };
+                let _ = self
+                    .core
+                    .poller
+                    .add(l.listener.as_fd(), listener_token(i), interest);
+            }
+        }
     }
 
     fn adopt(&mut self, nc: NewConn) {
@@ -855,9 +983,6 @@ impl<S: Service> Shard<S> {
         self.service.on_open(&mut conn);
         core.after_callback(token);
         core.rearm(token, false);
-        if self.drain_deadline.is_some() {
-            self.drain_one(token);
-        }
     }
 
     fn on_readable(&mut self, token: Token) {

@@ -41,3 +41,8 @@ pub fn nofile_soft() -> io::Result<u64> {
         .map(|(s, _)| s)
         .map_err(io_err)
 }
+
+/// The current RLIMIT_NOFILE (soft, hard).
+pub fn nofile() -> io::Result<(u64, u64)> {
+    getrlimit(Resource::RLIMIT_NOFILE).map_err(io_err)
+}
