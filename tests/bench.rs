@@ -76,6 +76,19 @@ fn echo_http_ws_and_connect_modes_run_and_verify() {
     assert_eq!(code, 0, "{text}");
     assert!(requests_of(&text) > 100.0, "{text}");
 
+    // The same load from Debian's wrk (installed by .ci/run): pipelined 16 deep, every
+    // response counted by wrk, no errors.
+    let (code, text) = bench(&[
+        "--target", &http, "--mode", "http", "--wrk", "-c", "8", "-d", "16",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(requests_of(&text) > 100.0, "{text}");
+    let (code, text) = bench(&[
+        "--target", &http, "--mode", "http", "--wrk", "-c", "4", "--path", "/nowhere",
+    ]);
+    assert_ne!(code, 0, "404s must count as errors:\n{text}");
+    assert!(text.contains("wrk counted"), "{text}");
+
     let (code, text) = bench(&[
         "--target", &http, "--mode", "ws", "-c", "4", "-d", "2", "-s", "300",
     ]);

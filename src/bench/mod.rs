@@ -10,6 +10,7 @@
 pub mod client;
 pub mod procfs;
 pub mod spawn;
+pub mod wrk;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -101,6 +102,10 @@ pub struct BenchArgs {
     /// Name for each --compare command in the table (same order).
     #[arg(long)]
     pub compare_name: Vec<String>,
+    /// HTTP mode: drive the load with Debian's `wrk` (one thread per client core, --depth
+    /// requests pipelined by benches/pipeline.lua) instead of the built-in client.
+    #[arg(long)]
+    pub wrk: bool,
     /// Rounds for --compare and --sweep-shards (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -306,6 +311,20 @@ fn collect(peers: &crate::server::Peers<ClientCmd>) -> Vec<ShardResult> {
         .collect()
 }
 
+/// CPU seconds each server thread spent between two snapshots (threads that spent none left out).
+fn cpu_delta(cpu0: &[procfs::ThreadCpu], cpu1: &[procfs::ThreadCpu]) -> Vec<(String, f64)> {
+    cpu1.iter()
+        .map(|t| {
+            let before = cpu0
+                .iter()
+                .find(|b| b.tid == t.tid)
+                .map_or(0.0, |b| b.seconds);
+            (t.name.clone(), t.seconds - before)
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect()
+}
+
 fn cpu_snapshot(pid: Option<u32>) -> Vec<procfs::ThreadCpu> {
     pid.map(procfs::threads).unwrap_or_default()
 }
@@ -319,6 +338,12 @@ pub fn measure(
 ) -> anyhow::Result<Measurement> {
     if args.mode == Mode::Connect {
         return measure_connect(args, target, pid, label);
+    }
+    if args.wrk {
+        if args.mode != Mode::Http {
+            bail!("--wrk drives HTTP load only (--mode http)");
+        }
+        return wrk::measure(args, target, pid, label);
     }
     let client_cores = parse_cores(&args.client_cores)?;
     let sources = match &args.source_addrs {
@@ -417,17 +442,7 @@ pub fn measure(
         errors += closed;
         first_error = first_error.or(Some(format!("the server closed {closed} idle connections")));
     }
-    let server_cpu: Vec<(String, f64)> = cpu1
-        .iter()
-        .map(|t| {
-            let before = cpu0
-                .iter()
-                .find(|b| b.tid == t.tid)
-                .map_or(0.0, |b| b.seconds);
-            (t.name.clone(), t.seconds - before)
-        })
-        .filter(|(_, s)| *s > 0.0)
-        .collect();
+    let server_cpu = cpu_delta(&cpu0, &cpu1);
     let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
     let idle = (args.mode == Mode::Idle).then(|| {
         let (before, after) = (rss_before.unwrap_or(0), rss_after.unwrap_or(0));

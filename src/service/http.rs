@@ -19,14 +19,12 @@
 //!   offers the rest of the input again once the output has drained (a client that pipelines
 //!   without reading costs bounded memory).
 
-use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::ListenerConfig;
 
 /// Headers parsed per request; more → 431.
-const MAX_HEADERS: usize = 48;
-const SERVER: &str = "shardnet";
+const MAX_HEADERS: usize = 32;
 
 /// Per-listener HTTP settings.
 #[derive(Debug, Clone)]
@@ -186,9 +184,12 @@ impl Http {
                 break;
             }
             let buf = &input[o.consumed..];
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            let hlen = match req.parse(buf) {
+            // Uninitialised header slots: initialising 32 of them would cost a 1 KiB memset
+            // per request, more than parsing a small request does.
+            let mut headers =
+                [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut []);
+            let hlen = match req.parse_with_uninit_headers(buf, &mut headers) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
                     if buf.len() > self.settings.max_header {
@@ -227,32 +228,47 @@ impl Http {
             let mut bad: Option<&str> = None;
             for h in req.headers.iter() {
                 let v = h.value;
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    let parsed = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<usize>().ok());
-                    match (parsed, content_length) {
-                        (Some(n), None) => content_length = Some(n),
-                        (Some(n), Some(m)) if n == m => {}
-                        _ => bad = Some("invalid Content-Length"),
+                let name = h.name.as_bytes();
+                // Dispatch on length first: most headers are compared against nothing.
+                match name.len() {
+                    14 if name.eq_ignore_ascii_case(b"content-length") => {
+                        let parsed = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|s| s.trim().parse::<usize>().ok());
+                        match (parsed, content_length) {
+                            (Some(n), None) => content_length = Some(n),
+                            (Some(n), Some(m)) if n == m => {}
+                            _ => bad = Some("invalid Content-Length"),
+                        }
                     }
-                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    chunked = true;
-                } else if h.name.eq_ignore_ascii_case("connection") {
-                    conn_close |= has_token(v, "close");
-                    conn_keep_alive |= has_token(v, "keep-alive");
-                    ws.connection_upgrade |= has_token(v, "upgrade");
-                } else if h.name.eq_ignore_ascii_case("expect") {
-                    expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-                } else if h.name.eq_ignore_ascii_case("upgrade") {
-                    ws.upgrade_websocket = has_token(v, "websocket");
-                } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
-                    ws.version_present = true;
-                    ws.version_13 = v.trim_ascii() == b"13";
-                } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
-                    ws_key = Some(v.trim_ascii());
-                } else if h.name.eq_ignore_ascii_case("origin") {
-                    origin = Some(v.trim_ascii());
+                    17 if name.eq_ignore_ascii_case(b"transfer-encoding") => chunked = true,
+                    10 if name.eq_ignore_ascii_case(b"connection") => {
+                        // One pass over the tokens (a list like `keep-alive, Upgrade`).
+                        for t in v.split(|&b| b == b',') {
+                            let t = t.trim_ascii();
+                            match t.len() {
+                                5 => conn_close |= t.eq_ignore_ascii_case(b"close"),
+                                10 => conn_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive"),
+                                7 => ws.connection_upgrade |= t.eq_ignore_ascii_case(b"upgrade"),
+                                _ => {}
+                            }
+                        }
+                    }
+                    6 if name.eq_ignore_ascii_case(b"expect") => {
+                        expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+                    }
+                    6 if name.eq_ignore_ascii_case(b"origin") => origin = Some(v.trim_ascii()),
+                    7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                        ws.upgrade_websocket = has_token(v, "websocket")
+                    }
+                    21 if name.eq_ignore_ascii_case(b"sec-websocket-version") => {
+                        ws.version_present = true;
+                        ws.version_13 = v.trim_ascii() == b"13";
+                    }
+                    17 if name.eq_ignore_ascii_case(b"sec-websocket-key") => {
+                        ws_key = Some(v.trim_ascii())
+                    }
+                    _ => {}
                 }
             }
             if let Some(reason) = bad {
@@ -324,7 +340,10 @@ impl Http {
         date: &DateCache,
         app: &mut dyn App,
     ) -> Routed {
-        let path = r.path.split('?').next().unwrap_or("/");
+        let path = match r.path.as_bytes().iter().position(|&b| b == b'?') {
+            Some(q) => &r.path[..q],
+            None => r.path,
+        };
         let head = r.method == "HEAD";
         let get = r.method == "GET" || head;
         let resp = Resp {
@@ -472,20 +491,19 @@ struct Resp<'a> {
 }
 
 impl Resp<'_> {
-    /// Appends a complete response with Server, Date, Content-Type and Content-Length.
+    /// Appends a complete response with Server, Date, Content-Type and Content-Length. Built
+    /// from byte slices (no formatting machinery): this is the per-request hot path.
     fn send(self, status: u16, content_type: &str, body: &[u8], extra: &str) {
         let out = self.out;
-        let _ = write!(
-            out,
-            "HTTP/1.1 {status} {}\r\nServer: {SERVER}\r\nDate: ",
-            reason(status)
-        );
+        status_line(out, status);
+        out.extend_from_slice(b"Server: shardnet\r\nDate: ");
         out.extend_from_slice(self.date.get());
-        let _ = write!(
-            out,
-            "\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}",
-            body.len()
-        );
+        out.extend_from_slice(b"\r\nContent-Type: ");
+        out.extend_from_slice(content_type.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Length: ");
+        push_decimal(out, body.len());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(extra.as_bytes());
         if !self.keep_alive {
             out.extend_from_slice(b"Connection: close\r\n");
         } else if self.version == 0 {
@@ -496,6 +514,28 @@ impl Resp<'_> {
             out.extend_from_slice(body);
         }
     }
+}
+
+fn status_line(out: &mut Vec<u8>, status: u16) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, status as usize);
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// An error response that closes the connection.

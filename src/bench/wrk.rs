@@ -1,0 +1,235 @@
+//! `--wrk`: HTTP load from Debian's `wrk` instead of the built-in client, so HTTP figures can be
+//! compared with those published for other servers (TechEmpower's plaintext test uses wrk with
+//! the same pipelining script). One wrk thread per client core, pinned with taskset; pipelining
+//! depth from `--depth` through `benches/pipeline.lua` (embedded here).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::{cpu_snapshot, parse_cores, BenchArgs, Latency, Measurement};
+
+const PIPELINE_LUA: &str = include_str!("../../benches/pipeline.lua");
+
+/// What one wrk run printed.
+#[derive(Debug, Default)]
+pub struct WrkOutput {
+    pub requests: u64,
+    pub seconds: f64,
+    pub bytes: f64,
+    pub errors: u64,
+    pub latency_us: Latency,
+}
+
+/// One measured run: a warm-up wrk run, then the measured one with the server's CPU read around it.
+pub fn measure(
+    args: &BenchArgs,
+    target: SocketAddr,
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    let script = std::env::temp_dir().join(format!("shardnet-pipeline-{}.lua", std::process::id()));
+    std::fs::write(&script, PIPELINE_LUA).context("cannot write the wrk script")?;
+    let cores = parse_cores(&args.client_cores)?;
+    let path = args.path.clone().unwrap_or_else(|| "/plaintext".into());
+    let url = format!("http://{target}{path}");
+    let run = |d: Duration, latency: bool| -> anyhow::Result<String> {
+        let list: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c")
+            .arg(list.join(","))
+            .arg("wrk")
+            .arg(format!("-t{}", cores.len().max(1)))
+            .arg(format!("-c{}", args.connections))
+            .arg(format!("-d{}s", d.as_secs_f64().ceil().max(1.0) as u64))
+            .arg("--timeout")
+            .arg("5s");
+        if latency {
+            cmd.arg("--latency");
+        }
+        cmd.arg("-s")
+            .arg(&script)
+            .arg(&url)
+            .arg("--")
+            .arg(args.depth.max(1).to_string());
+        let out = cmd
+            .output()
+            .context("cannot run wrk (Debian: apt-get install wrk)")?;
+        if !out.status.success() {
+            // wrk reports its errors on stdout.
+            bail!(
+                "wrk failed: {} {}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let result = (|| {
+        if !args.warmup.is_zero() {
+            run(args.warmup, false)?;
+        }
+        let cpu0 = cpu_snapshot(pid);
+        let t0 = Instant::now();
+        let text = run(args.duration, true)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu1 = cpu_snapshot(pid);
+        let parsed =
+            parse(&text).with_context(|| format!("{label}: cannot read wrk's output:\n{text}"))?;
+        Ok::<_, anyhow::Error>((parsed, cpu0, cpu1, wall))
+    })();
+    let _ = std::fs::remove_file(&script);
+    let (w, cpu0, cpu1, _wall) = result?;
+    let server_cpu = super::cpu_delta(&cpu0, &cpu1);
+    let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
+    let seconds = w.seconds.max(1e-9);
+    Ok(Measurement {
+        label: label.to_string(),
+        mode: args.mode,
+        connections: args.connections,
+        depth: args.depth,
+        size: 0,
+        seconds,
+        requests: w.requests,
+        requests_per_second: w.requests as f64 / seconds,
+        megabytes_per_second: w.bytes / seconds / 1e6,
+        latency_us: w.latency_us,
+        errors: w.errors,
+        first_error: (w.errors > 0).then(|| format!("wrk counted {} errors", w.errors)),
+        server_cpu,
+        per_core_throughput: server_cpu_seconds
+            .filter(|&s| s > 0.0)
+            .map(|s| w.requests as f64 / s),
+        server_cpu_seconds,
+        idle: None,
+    })
+}
+
+/// `1.23ms`, `456.78us`, `2.00s`, `1.5m` → microseconds.
+fn duration_us(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some((n * scale).round() as u64)
+}
+
+/// `150.00MB` → bytes.
+fn size_bytes(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "" | "B" => 1.0,
+        "KB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => 1024.0 * 1024.0 * 1024.0,
+        "TB" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// Reads wrk 4's report: the totals line, the latency line and distribution, and every error
+/// count (socket errors, non-2xx/3xx responses).
+pub fn parse(text: &str) -> anyhow::Result<WrkOutput> {
+    let mut w = WrkOutput::default();
+    let mut totals = false;
+    for line in text.lines() {
+        let t = line.trim();
+        let words: Vec<&str> = t.split_whitespace().collect();
+        match words.as_slice() {
+            // "1234567 requests in 4.00s, 150.00MB read"
+            [n, "requests", "in", secs, bytes, "read"] => {
+                w.requests = n.parse().context("request count")?;
+                w.seconds =
+                    duration_us(secs.trim_end_matches(',')).context("run duration")? as f64 / 1e6;
+                w.bytes = size_bytes(bytes).context("bytes read")?;
+                totals = true;
+            }
+            // "Latency   1.23ms   2.34ms  45.67ms   89.00%"
+            ["Latency", _avg, _stdev, max, _] => {
+                w.latency_us.max = duration_us(max).unwrap_or(0);
+            }
+            ["50%", v] => w.latency_us.p50 = duration_us(v).unwrap_or(0),
+            ["90%", v] => w.latency_us.p90 = duration_us(v).unwrap_or(0),
+            ["99%", v] => w.latency_us.p99 = duration_us(v).unwrap_or(0),
+            // "Socket errors: connect 0, read 0, write 0, timeout 0"
+            ["Socket", "errors:", rest @ ..] => {
+                w.errors += rest
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                w.errors += n.parse::<u64>().unwrap_or(1);
+            }
+            _ => {}
+        }
+    }
+    if !totals {
+        bail!("no `N requests in T, B read` line");
+    }
+    // wrk prints no p99.9; the table shows the maximum there rather than a made-up figure.
+    w.latency_us.p999 = w.latency_us.max;
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "Running 4s test @ http://127.0.0.1:8080/plaintext
+  1 threads and 256 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.61ms    1.02ms  19.53ms   80.12%
+    Req/Sec   705.12k    12.34k  750.00k    70.00%
+  Latency Distribution
+     50%    3.50ms
+     75%    4.00ms
+     90%    4.80ms
+     99%    7.20ms
+  2806160 requests in 4.00s, 353.26MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec: 701540.00
+Transfer/sec:     88.32MB
+";
+
+    #[test]
+    fn parses_wrk_report() {
+        let w = parse(SAMPLE).unwrap();
+        assert_eq!(w.requests, 2_806_160);
+        assert_eq!(w.seconds, 4.0);
+        assert!((w.bytes - 353.26 * 1024.0 * 1024.0).abs() < 1.0);
+        assert_eq!(w.errors, 8);
+        assert_eq!(w.latency_us.p50, 3500);
+        assert_eq!(w.latency_us.p90, 4800);
+        assert_eq!(w.latency_us.p99, 7200);
+        assert_eq!(w.latency_us.max, 19530);
+    }
+
+    #[test]
+    fn refuses_output_without_totals() {
+        assert!(parse("Running 4s test\n").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_us("456.78us"), Some(457));
+        assert_eq!(duration_us("2.00s"), Some(2_000_000));
+        assert_eq!(duration_us("1.5m"), Some(90_000_000));
+        assert_eq!(duration_us("x"), None);
+    }
+}
