@@ -44,7 +44,7 @@ fn requests_of(text: &str) -> f64 {
 #[test]
 fn echo_http_ws_and_connect_modes_run_and_verify() {
     let server = start_router(&format!(
-        "{}[[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\n[[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        "{}[[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\n[[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\n[[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
         http_toml(1, "")
     ));
     let echo = server.addr("echo").unwrap().to_string();
@@ -94,6 +94,37 @@ fn echo_http_ws_and_connect_modes_run_and_verify() {
     ]);
     assert_eq!(code, 0, "{text}");
     assert!(requests_of(&text) > 100.0, "{text}");
+
+    // Fan-out: 50 subscribers, 200 publishes/s; every subscriber sees every message once, in
+    // order, and the report says so.
+    let json = std::env::temp_dir().join(format!("bench-fanout-{}.json", std::process::id()));
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "fanout",
+        "-c",
+        "50",
+        "--rate",
+        "200",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = &report["runs"][0]["fanout"];
+    assert_eq!(f["subscribers"], 50, "{text}");
+    assert_eq!(f["lost"], 0, "{text}");
+    let published = f["published"].as_u64().unwrap();
+    assert!(published >= 60, "{text}");
+    // Deliveries in the window: about subscribers × publishes (edges of the window aside).
+    let delivered = f["delivered"].as_u64().unwrap();
+    assert!(
+        delivered >= 50 * (published - 20) && delivered <= 50 * (published + 20),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&json);
 
     let (code, text) = bench(&["--target", &http, "--mode", "connect", "-c", "2"]);
     assert_eq!(code, 0, "{text}");

@@ -26,6 +26,10 @@ pub enum Mode {
     Ws,
     Idle,
     Connect,
+    /// Pub/sub fan-out: every connection subscribes to one topic over WebSocket; the controller
+    /// publishes at --rate per second; delivery latency is measured from each publish's intended
+    /// time, and every subscriber checks that it sees every sequence number once, in order.
+    Fanout,
 }
 
 /// Settings shared by every client shard.
@@ -43,6 +47,9 @@ pub struct Plan {
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
     pub host: String,
+    /// Fan-out: the topic, and the clock origin of the publish timestamps.
+    pub topic: String,
+    pub base: Instant,
 }
 
 /// Results of one client shard.
@@ -55,6 +62,11 @@ pub struct ShardResult {
     pub first_error: Option<String>,
     pub closed: u64,
     pub ready: u64,
+    /// Fan-out: messages a subscriber never saw (gaps in its sequence), the sum of the last
+    /// sequence number each subscriber saw, and how many subscribers there are.
+    pub gaps: u64,
+    pub last_seq_sum: u64,
+    pub subscribers: u64,
 }
 
 impl ShardResult {
@@ -67,6 +79,9 @@ impl ShardResult {
             first_error: None,
             closed: 0,
             ready: 0,
+            gaps: 0,
+            last_seq_sum: 0,
+            subscribers: 0,
         }
     }
 }
@@ -90,8 +105,10 @@ pub struct ClientConn {
     inflight: VecDeque<Instant>,
     scheduled: u64,
     upgraded: bool,
-    /// Frame payload bytes of the current WebSocket message still to compare.
     started: Option<Instant>,
+    /// Fan-out: subscribed (ack seen), and the last sequence number received.
+    subscribed: bool,
+    last_seq: u64,
 }
 
 pub struct Client {
@@ -157,7 +174,7 @@ impl Client {
                 ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK);
             }
             Mode::Http | Mode::Connect => conn.write(&self.request),
-            Mode::Idle => {}
+            Mode::Idle | Mode::Fanout => {}
         }
     }
 
@@ -263,6 +280,11 @@ impl Client {
             conn.state().upgraded = true;
             self.result.ready += 1;
             pos = end + 4;
+            if self.plan.mode == Mode::Fanout {
+                self.result.ready -= 1; // ready once the subscription is acknowledged
+                let msg = format!(r#"{{"op":"subscribe","topic":"{}"}}"#, self.plan.topic);
+                ws::write_masked(conn.out(), ws::OP_TEXT, true, msg.as_bytes(), MASK);
+            }
             if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
                 let now = conn.now();
                 for _ in 0..self.plan.depth {
@@ -298,6 +320,13 @@ impl Client {
                     conn.state().recv_bytes += payload.len() as u64;
                     self.complete(conn);
                 }
+                ws::OP_TEXT if self.plan.mode == Mode::Fanout => {
+                    let p = payload.to_vec();
+                    if !self.on_fanout(conn, &p) {
+                        conn.close();
+                        return input.len();
+                    }
+                }
                 ws::OP_PING => {
                     let p = payload.to_vec();
                     ws::write_masked(conn.out(), ws::OP_PONG, true, &p, MASK);
@@ -311,6 +340,58 @@ impl Client {
             }
         }
         pos
+    }
+}
+
+/// The unsigned integer after `"key":` in a small JSON text.
+fn json_u64(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&text[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+impl Client {
+    /// One pub/sub message: the subscription acknowledgement, or a published
+    /// `{"topic":..,"data":{"seq":N,"t":MICROS}}`. Returns false on a protocol error.
+    fn on_fanout(&mut self, conn: &mut Conn<'_, ClientConn>, text: &[u8]) -> bool {
+        if text.starts_with(br#"{"ok":"subscribe""#) {
+            if !conn.state().subscribed {
+                conn.state().subscribed = true;
+                self.result.ready += 1;
+            }
+            return true;
+        }
+        let (Some(seq), Some(t)) = (json_u64(text, br#""seq":"#), json_u64(text, br#""t":"#))
+        else {
+            self.error(format!(
+                "unexpected pub/sub message: {}",
+                String::from_utf8_lossy(&text[..text.len().min(80)])
+            ));
+            return false;
+        };
+        let st = conn.state();
+        if seq <= st.last_seq {
+            self.error(format!(
+                "message {seq} delivered twice or out of order (after {})",
+                st.last_seq
+            ));
+            return false;
+        }
+        self.result.gaps += seq - st.last_seq - 1;
+        st.last_seq = seq;
+        let intended = self.plan.base + Duration::from_micros(t);
+        let micros = conn
+            .now()
+            .max(Instant::now())
+            .saturating_duration_since(intended)
+            .as_micros()
+            .max(1) as u64;
+        let _ = self.result.hist.record(micros.min(60_000_000));
+        self.result.requests += 1;
+        true
     }
 }
 
@@ -337,7 +418,7 @@ impl Service for Client {
                 self.send(conn, now);
                 self.result.ready += 1;
             }
-            Mode::Ws => {
+            Mode::Ws | Mode::Fanout => {
                 let upgrade = format!(
                     "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -368,7 +449,7 @@ impl Service for Client {
                 input.len()
             }
             Mode::Http | Mode::Connect => self.on_http(conn, input),
-            Mode::Ws => self.on_ws(conn, input),
+            Mode::Ws | Mode::Fanout => self.on_ws(conn, input),
             Mode::Idle => {
                 if self.plan.idle_ws.is_some() {
                     self.on_ws(conn, input)
@@ -434,7 +515,7 @@ impl Service for Client {
         self.plan.rate_per_conn > 0.0
     }
 
-    fn on_command(&mut self, cmd: ClientCmd, _ctx: &mut Ctx<'_, ClientConn>) {
+    fn on_command(&mut self, cmd: ClientCmd, ctx: &mut Ctx<'_, ClientConn>) {
         match cmd {
             ClientCmd::Reset => {
                 let ready = self.result.ready;
@@ -446,7 +527,18 @@ impl Service for Client {
                 self.result.first_error = errors.1;
             }
             ClientCmd::Collect(tx) => {
-                let _ = tx.send(self.result.clone());
+                let mut r = self.result.clone();
+                if self.plan.mode == Mode::Fanout {
+                    r.subscribers = 0;
+                    r.last_seq_sum = 0;
+                    for &t in &self.conns {
+                        ctx.with_conn(t, |c| {
+                            r.subscribers += 1;
+                            r.last_seq_sum += c.state().last_seq;
+                        });
+                    }
+                }
+                let _ = tx.send(r);
             }
         }
     }

@@ -8,6 +8,7 @@
 //! server CPU-second.
 
 pub mod client;
+pub mod fanout;
 pub mod procfs;
 pub mod spawn;
 pub mod wrk;
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// epoll mode of the spawned server.
     #[arg(long, value_enum)]
     pub trigger: Option<TriggerArg>,
+    /// How the spawned server spreads connections over its shards (round-robin,
+    /// least-connections, reuseport); compare them with `--mode connect`.
+    #[arg(long, value_parser = ["round-robin", "least-connections", "reuseport"])]
+    pub balance: Option<String>,
     /// Limit the server to this percentage of one core with a cgroup CPU quota, so that the
     /// server, not the client, is the bottleneck.
     #[arg(long)]
@@ -158,6 +163,7 @@ pub struct Measurement {
     /// Requests per server CPU-second.
     pub per_core_throughput: Option<f64>,
     pub idle: Option<IdleReport>,
+    pub fanout: Option<fanout::FanoutReport>,
 }
 
 /// Everything a JSON report records.
@@ -217,6 +223,7 @@ impl BenchArgs {
     fn plan(&self, host: &str) -> Plan {
         let default_path = match self.mode {
             Mode::Ws | Mode::Idle => "/ws/echo",
+            Mode::Fanout => "/ws",
             _ => "/plaintext",
         };
         let path = self
@@ -229,10 +236,16 @@ impl BenchArgs {
             size: self.size.max(1),
             idle_ws: (self.mode == Mode::Idle && self.idle_ws).then(|| path.clone()),
             path,
-            rate_per_conn: self
-                .rate
-                .map_or(0.0, |r| r / self.connections.max(1) as f64),
+            // Fan-out: --rate is the publish rate, driven by the controller, not per connection.
+            rate_per_conn: match self.mode {
+                Mode::Fanout => 0.0,
+                _ => self
+                    .rate
+                    .map_or(0.0, |r| r / self.connections.max(1) as f64),
+            },
             host: host.to_string(),
+            topic: format!("bench-{}", std::process::id()),
+            base: Instant::now(),
         }
     }
 
@@ -410,12 +423,45 @@ pub fn measure(
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    let publisher = (args.mode == Mode::Fanout).then(|| {
+        fanout::Publisher::start(
+            target,
+            plan.topic.clone(),
+            plan.base,
+            args.rate.unwrap_or(1000.0),
+        )
+    });
     let bar = progress(args.warmup + args.duration, label);
     sleep_with(&bar, args.warmup);
     peers.broadcast(ClientCmd::Reset);
+    let seq0 = publisher.as_ref().map_or(0, |p| p.published());
     let cpu0 = cpu_snapshot(pid);
     let t0 = Instant::now();
     sleep_with(&bar, args.duration);
+    let mut fan = None;
+    if let Some(p) = publisher {
+        // Stop publishing, then let the backlog arrive: until everything is in, or nothing
+        // arrived for a second (what is missing then is lost), at most 30 s.
+        let (last, publish_errors) = p.stop()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut before, mut still_since) = (0u64, Instant::now());
+        loop {
+            let r = collect(&peers);
+            let seen: u64 = r.iter().map(|x| x.last_seq_sum).sum();
+            let subs: u64 = r.iter().map(|x| x.subscribers).sum();
+            if seen != before {
+                (before, still_since) = (seen, Instant::now());
+            }
+            if seen >= subs * last
+                || Instant::now() > deadline
+                || still_since.elapsed() > Duration::from_secs(1)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        fan = Some((seq0, last, publish_errors));
+    }
     let results = collect(&peers);
     let seconds = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_snapshot(pid);
@@ -437,6 +483,36 @@ pub fn measure(
     if results.len() < shards {
         errors += 1;
         first_error = first_error.or(Some("a client shard did not report".into()));
+    }
+    let fanout = fan.map(|(seq0, last, publish_errors)| {
+        let subscribers: u64 = results.iter().map(|r| r.subscribers).sum();
+        let seen: u64 = results.iter().map(|r| r.last_seq_sum).sum();
+        let gaps: u64 = results.iter().map(|r| r.gaps).sum();
+        let never = (subscribers * last).saturating_sub(seen);
+        let dropped_by_server = fanout::server_dropped(target);
+        fanout::FanoutReport {
+            subscribers,
+            published: last - seq0,
+            publish_errors,
+            delivered: requests,
+            lost: gaps + never,
+            dropped_by_server,
+        }
+    });
+    if let Some(f) = &fanout {
+        errors += f.publish_errors;
+        // A lost message is an error unless the server counted it (slow_consumer = "drop").
+        let uncounted = f.lost.saturating_sub(f.dropped_by_server.unwrap_or(0));
+        if uncounted > 0 {
+            errors += uncounted;
+            first_error = first_error.or(Some(format!(
+                "{uncounted} messages lost that the server did not count as dropped"
+            )));
+        }
+        if closed > 0 {
+            errors += closed;
+            first_error = first_error.or(Some(format!("the server closed {closed} subscribers")));
+        }
     }
     if args.mode == Mode::Idle && closed > 0 {
         errors += closed;
@@ -474,6 +550,7 @@ pub fn measure(
             .map(|s| requests as f64 / s),
         server_cpu_seconds,
         idle,
+        fanout,
     })
 }
 
@@ -618,6 +695,7 @@ fn measure_connect(
             .map(|s| requests as f64 / s),
         server_cpu_seconds,
         idle: None,
+        fanout: None,
     })
 }
 
@@ -692,6 +770,19 @@ pub fn print_table(runs: &[Measurement]) {
             println!(
                 "    idle: {} connections held {:.1}s; server RSS {} -> {} bytes: {:.0} bytes per connection",
                 i.connections, i.held_seconds, i.rss_before, i.rss_after, i.bytes_per_connection
+            );
+        }
+        if let Some(f) = &m.fanout {
+            println!(
+                "    fan-out: {} subscribers, {} publishes ({:.0}/s), {} deliveries ({:.0}/s), {} lost, {} dropped by the server (slow_consumer = drop), {} publish errors",
+                f.subscribers,
+                f.published,
+                f.published as f64 / m.seconds,
+                f.delivered,
+                f.delivered as f64 / m.seconds,
+                f.lost,
+                f.dropped_by_server.map_or("unknown".into(), |d| d.to_string()),
+                f.publish_errors
             );
         }
         if let Some(e) = &m.first_error {
@@ -798,14 +889,18 @@ fn compare(args: &BenchArgs) -> anyhow::Result<i32> {
 
 fn describe(args: &BenchArgs) -> String {
     format!(
-        "{:?} c={} d={} s={} server cores {} quota {} client cores {}",
+        "{:?}{} c={} d={} s={} server cores {} quota {} client cores {}{}",
         args.mode,
+        if args.wrk { " (wrk)" } else { "" },
         args.connections,
         args.depth,
         args.size,
         args.server_cores,
         args.server_quota.map_or("none".into(), |q| format!("{q}%")),
-        args.client_cores
+        args.client_cores,
+        args.balance
+            .as_deref()
+            .map_or(String::new(), |b| format!(" balance {b}"))
     )
 }
 
@@ -857,8 +952,13 @@ fn sweep(args: &BenchArgs, list: &str) -> anyhow::Result<i32> {
     for (n, r, p) in &points {
         println!("{n:>6} {r:>14.0} {p:>14.0}");
     }
+    let why = if Some(pick.0) == points.iter().map(|p| p.0).max() {
+        "the most shards tried gave the most throughput; try more if this host has the cores"
+    } else {
+        "more shards did not pay for their cores"
+    };
     println!(
-        "\nrecommended: shards = {}  ({:.0} req/s, within 5% of the best {:.0}; more shards did not pay for their cores)",
+        "\nrecommended: shards = {}  ({:.0} req/s, within 5% of the best {:.0}; {why})",
         pick.0, pick.1, best
     );
     let out = args

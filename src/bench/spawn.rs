@@ -116,8 +116,9 @@ pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
         Some(super::TriggerArg::Level) => "level",
         _ => "edge",
     };
+    let balance = args.balance.as_deref().unwrap_or("round-robin");
     format!(
-        "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
+        "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
          [limits]\nidle_timeout = \"0s\"\n\n\
          [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\nbacklog = 65535\n\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\nbacklog = 65535\n\n\

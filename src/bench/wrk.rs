@@ -104,6 +104,7 @@ pub fn measure(
             .map(|s| w.requests as f64 / s),
         server_cpu_seconds,
         idle: None,
+        fanout: None,
     })
 }
 

@@ -795,15 +795,22 @@ impl<S: Service> Shard<S> {
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
+        let mut service_cmds = false;
         for i in 0..4096 {
             match self.cmds_rx.try_recv() {
                 Ok(cmd) => {
                     self.core.counters().commands.inc();
+                    service_cmds |= matches!(cmd, Command::Service(_));
                     self.on_command(cmd);
                 }
                 Err(_) => break,
             }
             left = i == 4095;
+        }
+        if service_cmds {
+            let (service, mut ctx) = self.ctx();
+            service.on_commands_done(&mut ctx);
+            self.reap();
         }
         if left || !self.conns_rx.is_empty() {
             self.waker.wake();

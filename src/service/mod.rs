@@ -61,6 +61,11 @@ pub trait Service: 'static {
 
     /// A message from another thread.
     fn on_command(&mut self, _cmd: Self::Command, _ctx: &mut Ctx<'_, Self::State>) {}
+
+    /// Called after the commands of one wake-up (at most 4096) have been handed to
+    /// `on_command`, so a service can coalesce their work: pub/sub writes every message queued
+    /// for a subscriber in one write instead of one write per message.
+    fn on_commands_done(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 }
 
 /// What a service's constructor gets, on the shard's own thread.

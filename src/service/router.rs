@@ -95,6 +95,9 @@ pub struct Router {
     topics: HashMap<Arc<str>, HashSet<Token>>,
     subscriptions: HashMap<Token, Vec<Arc<str>>>,
     draining: bool,
+    /// Publishes received in this wake, delivered together in `on_commands_done`.
+    pending: Vec<(Arc<str>, Arc<[u8]>)>,
+    batch: Vec<u8>,
 }
 
 impl Router {
@@ -120,6 +123,8 @@ impl Router {
             topics: HashMap::new(),
             subscriptions: HashMap::new(),
             draining: false,
+            pending: Vec::new(),
+            batch: Vec::new(),
         }
     }
 
@@ -346,7 +351,8 @@ impl Router {
         publish_frame(&self.shared, self.shard, &self.peers, topic, frame.into())
     }
 
-    fn deliver(&mut self, topic: &str, frame: &[u8], ctx: &mut Ctx<'_, ConnState>) {
+    /// Writes `frames` (`count` encoded messages of one topic) to each local subscriber.
+    fn deliver(&mut self, topic: &str, frames: &[u8], count: u64, ctx: &mut Ctx<'_, ConnState>) {
         let Some(set) = self.topics.get(topic) else {
             return;
         };
@@ -360,12 +366,12 @@ impl Router {
                 if conn.over_limit() {
                     return Some(route_policy(&self.kinds, l, r));
                 }
-                conn.write(frame);
-                counters.ws_messages_out.inc();
+                conn.write(frames);
+                counters.ws_messages_out.add(count);
                 None
             });
             match policy.flatten() {
-                Some(SlowConsumer::Drop) => counters.ws_dropped.inc(),
+                Some(SlowConsumer::Drop) => counters.ws_dropped.add(count),
                 Some(SlowConsumer::Disconnect) => {
                     counters.ws_slow_closed.inc();
                     // The 1008 queues behind the backlog: a slow reader gets it within a
@@ -557,10 +563,45 @@ impl Service for Router {
         self.date.update(SystemTime::now());
     }
 
-    fn on_command(&mut self, cmd: RouterCmd, ctx: &mut Ctx<'_, ConnState>) {
+    fn on_command(&mut self, cmd: RouterCmd, _ctx: &mut Ctx<'_, ConnState>) {
         match cmd {
-            RouterCmd::Publish { topic, frame } => self.deliver(&topic, &frame, ctx),
+            // Delivered in on_commands_done, together with the rest of this wake's messages.
+            RouterCmd::Publish { topic, frame } => self.pending.push((topic, frame)),
         }
+    }
+
+    fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // Group by topic, keeping publish order within each topic; a subscriber then gets all of
+        // a topic's messages of this wake in one write (one syscall instead of one per message).
+        // At most 4096 commands arrive per wake, so this is bounded.
+        let pending = std::mem::take(&mut self.pending);
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut done = vec![false; pending.len()];
+        for i in 0..pending.len() {
+            if done[i] {
+                continue;
+            }
+            let topic = &pending[i].0;
+            batch.clear();
+            let mut count = 0u64;
+            for j in i..pending.len() {
+                if !done[j] && *pending[j].0 == **topic {
+                    batch.extend_from_slice(&pending[j].1);
+                    count += 1;
+                    done[j] = true;
+                }
+            }
+            self.deliver(topic, &batch, count, ctx);
+        }
+        self.pending = pending;
+        self.pending.clear();
+        if batch.capacity() > 1 << 20 {
+            batch = Vec::new();
+        }
+        self.batch = batch;
     }
 }
 
