@@ -23,13 +23,13 @@ common=(--server-cores 0 --client-cores 1 --rounds 3 --warmup 1s --duration 4s)
 
 run() { # name, args...
   local name=$1; shift
-  echo "== $name" | tee -a "$out/summary.txt"
-  "$B" bench "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt" | sed -n '/^median/,$p' | tee -a "$out/summary.txt"
+  echo "== $name" | tee -a "$out/summary.txt" || true
+  "$B" bench "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt" | sed -n '/^median/,$p' | tee -a "$out/summary.txt" || true
 }
 single() { # name, args...: one run (no --compare); its table goes to the summary
   local name=$1; shift
-  echo "== $name" | tee -a "$out/summary.txt"
-  "$B" bench "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt" | sed -n '/^server /,$p' | tee -a "$out/summary.txt"
+  echo "== $name" | tee -a "$out/summary.txt" || true
+  "$B" bench "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt" | sed -n '/^server /,$p' | tee -a "$out/summary.txt" || true
 }
 
 if [[ $what == echo || $what == all ]]; then
@@ -46,9 +46,9 @@ fi
 
 if [[ $what == trigger || $what == all ]]; then
   for t in edge level edge level edge level; do
-    echo "== trigger $t" | tee -a "$out/summary.txt"
+    echo "== trigger $t" | tee -a "$out/summary.txt" || true
     "$B" bench --spawn --trigger "$t" --mode echo -c 50 -d 16 --server-quota 40 --server-cores 0 --client-cores 1 \
-      --warmup 1s --duration 4s 2>&1 | grep -E '^shardnet' | tee -a "$out/summary.txt"
+      --warmup 1s --duration 4s 2>&1 | grep -E '^shardnet' | tee -a "$out/summary.txt" || true
   done
 fi
 
@@ -101,7 +101,7 @@ if [[ $what == connect || $what == all ]]; then
 fi
 
 if [[ $what == sweep || $what == all ]]; then
-  echo "== sweep" | tee -a "$out/summary.txt"
+  echo "== sweep" | tee -a "$out/summary.txt" || true
   "$B" bench --spawn --sweep-shards 1,2 --mode echo -c 200 -d 4 --server-cores 0,1 --client-cores 1 \
-    --warmup 1s --duration 4s --rounds 3 --json "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" | tail -8 | tee -a "$out/summary.txt"
+    --warmup 1s --duration 4s --rounds 3 --json "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" | tail -8 | tee -a "$out/summary.txt" || true
 fi

@@ -126,6 +126,24 @@ fn echo_http_ws_and_connect_modes_run_and_verify() {
     );
     let _ = std::fs::remove_file(&json);
 
+    // Spread over client processes: echo verified by each, results merged.
+    let (code, text) = bench(&[
+        "--target",
+        &echo,
+        "--mode",
+        "echo",
+        "-c",
+        "9",
+        "-d",
+        "2",
+        "--processes",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(requests_of(&text) > 100.0, "{text}");
+    let row = text.lines().find(|l| l.starts_with("shardnet ")).unwrap();
+    assert_eq!(row.split_whitespace().nth(1), Some("9"), "{text}");
+
     let (code, text) = bench(&["--target", &http, "--mode", "connect", "-c", "2"]);
     assert_eq!(code, 0, "{text}");
     assert!(requests_of(&text) > 10.0, "{text}");
@@ -163,6 +181,22 @@ fn idle_mode_reports_server_rss_and_fails_when_the_server_closes_idle_connection
     ]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("bytes per connection"), "{text}");
+    // The same over two client processes: the parent reads the server's RSS while both hold
+    // their share.
+    let (code, text) = bench(&[
+        "--target",
+        &addr,
+        "--server-pid",
+        &pid,
+        "--mode",
+        "idle",
+        "-c",
+        "600",
+        "--processes",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("idle: 600 connections held"), "{text}");
     server.signal("TERM");
     server.wait(Duration::from_secs(10));
 

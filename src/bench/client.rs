@@ -67,6 +67,8 @@ pub struct ShardResult {
     pub gaps: u64,
     pub last_seq_sum: u64,
     pub subscribers: u64,
+    /// Fan-out: the last sequence number of each subscriber (for the incomplete ones' count).
+    pub last_seqs: Vec<u64>,
 }
 
 impl ShardResult {
@@ -82,6 +84,7 @@ impl ShardResult {
             gaps: 0,
             last_seq_sum: 0,
             subscribers: 0,
+            last_seqs: Vec::new(),
         }
     }
 }
@@ -535,6 +538,7 @@ impl Service for Client {
                         ctx.with_conn(t, |c| {
                             r.subscribers += 1;
                             r.last_seq_sum += c.state().last_seq;
+                            r.last_seqs.push(c.state().last_seq);
                         });
                     }
                 }

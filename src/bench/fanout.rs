@@ -21,8 +21,11 @@ pub struct FanoutReport {
     pub publish_errors: u64,
     /// Deliveries during the measured window (subscribers × messages).
     pub delivered: u64,
-    /// Messages some subscriber never received (gaps and never-arrived tails).
+    /// Messages some subscriber never received: gaps in its sequence, plus the tail it had not
+    /// received when deliveries stopped (nothing new for a second after the last publish).
     pub lost: u64,
+    pub gaps: u64,
+    pub tail_missing: u64,
     /// The server's `shardnet_ws_dropped_total` (None when /metrics is not served there).
     pub dropped_by_server: Option<u64>,
 }

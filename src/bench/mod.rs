@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod fanout;
+pub mod multi;
 pub mod procfs;
 pub mod spawn;
 pub mod wrk;
@@ -111,6 +112,13 @@ pub struct BenchArgs {
     /// requests pipelined by benches/pipeline.lua) instead of the built-in client.
     #[arg(long)]
     pub wrk: bool,
+    /// Spread the connections over this many client processes (past one process's descriptor
+    /// limit); their results are merged (histograms exactly).
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: run as one of --processes' children, writing the result to this file.
+    #[arg(long, hide = true)]
+    pub child_report: Option<PathBuf>,
     /// Rounds for --compare and --sweep-shards (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -164,6 +172,9 @@ pub struct Measurement {
     pub per_core_throughput: Option<f64>,
     pub idle: Option<IdleReport>,
     pub fanout: Option<fanout::FanoutReport>,
+    /// The merged latency histogram (for --processes; not in the JSON report).
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
 }
 
 /// Everything a JSON report records.
@@ -259,8 +270,27 @@ impl BenchArgs {
     }
 }
 
+/// Set in --processes' children: no progress bar of their own.
+static CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Runs `shardnet bench`. Returns the process exit code.
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(path) = &args.child_report {
+        CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
+        let target = args.target.context("a child needs --target")?;
+        let m = measure(&args, target, None, "child")?;
+        let report = multi::ChildReport {
+            requests: m.requests,
+            seconds: m.seconds,
+            bytes: m.megabytes_per_second * m.seconds * 1e6,
+            errors: m.errors,
+            first_error: m.first_error.clone(),
+            histogram: multi::encode_histogram(m.histogram.as_ref().context("no histogram")?),
+        };
+        std::fs::write(path, serde_json::to_string(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(if m.errors > 0 { 1 } else { 0 });
+    }
     if let Some(list) = &args.sweep_shards {
         return sweep(&args, list);
     }
@@ -349,6 +379,9 @@ pub fn measure(
     pid: Option<u32>,
     label: &str,
 ) -> anyhow::Result<Measurement> {
+    if args.processes > 1 && args.child_report.is_none() {
+        return multi::measure(args, target, pid, label);
+    }
     if args.mode == Mode::Connect {
         return measure_connect(args, target, pid, label);
     }
@@ -412,6 +445,12 @@ pub fn measure(
             bail!("{label}: {e}");
         }
         if ready as usize >= args.connections {
+            if args.child_report.is_some() {
+                // Tell the parent (--processes) that this child's connections are up.
+                use std::io::Write;
+                println!("ready");
+                let _ = std::io::stdout().flush();
+            }
             break;
         }
         if Instant::now() > deadline {
@@ -441,12 +480,24 @@ pub fn measure(
     let mut fan = None;
     if let Some(p) = publisher {
         // Stop publishing, then let the backlog arrive: until everything is in, or nothing
-        // arrived for a second (what is missing then is lost), at most 30 s.
+        // arrived for 5 s (what is missing then is lost), at most 60 s. The quiet period covers
+        // TCP retransmission backoff: an overloaded receiver's kernel drops segments when its
+        // socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4,
+        // 0.8, ... s.
         let (last, publish_errors) = p.stop()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let settle_start = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(60);
         let (mut before, mut still_since) = (0u64, Instant::now());
         loop {
             let r = collect(&peers);
+            if r.len() < shards {
+                // A client shard too busy to answer within the collect timeout: still working.
+                if Instant::now() > deadline {
+                    break;
+                }
+                still_since = Instant::now();
+                continue;
+            }
             let seen: u64 = r.iter().map(|x| x.last_seq_sum).sum();
             let subs: u64 = r.iter().map(|x| x.subscribers).sum();
             if seen != before {
@@ -454,8 +505,30 @@ pub fn measure(
             }
             if seen >= subs * last
                 || Instant::now() > deadline
-                || still_since.elapsed() > Duration::from_secs(1)
+                || still_since.elapsed() > Duration::from_secs(5)
             {
+                let mut lag: Vec<u64> = r
+                    .iter()
+                    .flat_map(|x| x.last_seqs.iter().map(|&s| last.saturating_sub(s)))
+                    .filter(|&d| d > 0)
+                    .collect();
+                lag.sort_unstable();
+                if !lag.is_empty() {
+                    eprintln!(
+                        "{label}: {} subscribers incomplete, missing from {} to {} messages (median {})",
+                        lag.len(),
+                        lag[0],
+                        lag[lag.len() - 1],
+                        lag[lag.len() / 2]
+                    );
+                }
+                eprintln!(
+                    "{label}: backlog after the last publish: {:.1} s, {} of {} deliveries missing{}",
+                    settle_start.elapsed().as_secs_f64(),
+                    (subs * last).saturating_sub(seen),
+                    subs * last,
+                    if seen >= subs * last { "" } else if Instant::now() > deadline { " (gave up after 60 s)" } else { " (nothing arrived for 5 s)" }
+                );
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -496,6 +569,8 @@ pub fn measure(
             publish_errors,
             delivered: requests,
             lost: gaps + never,
+            gaps,
+            tail_missing: never,
             dropped_by_server,
         }
     });
@@ -551,6 +626,7 @@ pub fn measure(
         server_cpu_seconds,
         idle,
         fanout,
+        histogram: Some(hist),
     })
 }
 
@@ -696,11 +772,12 @@ fn measure_connect(
         server_cpu_seconds,
         idle: None,
         fanout: None,
+        histogram: None,
     })
 }
 
 fn progress(total: Duration, label: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || CHILD.load(std::sync::atomic::Ordering::Relaxed) {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total.as_millis() as u64);
@@ -755,7 +832,8 @@ pub fn print_table(runs: &[Measurement]) {
             m.latency_us.p999,
             m.latency_us.max,
             m.errors,
-            m.server_cpu_seconds.map_or("-".into(), |s| format!("{s:.2}")),
+            // `+ 0.0`: an empty sum is -0.0.
+            m.server_cpu_seconds.map_or("-".into(), |s| format!("{:.2}", s + 0.0)),
             m.per_core_throughput.map_or("-".into(), |t| format!("{t:.0}")),
         );
         if !m.server_cpu.is_empty() {
@@ -774,13 +852,15 @@ pub fn print_table(runs: &[Measurement]) {
         }
         if let Some(f) = &m.fanout {
             println!(
-                "    fan-out: {} subscribers, {} publishes ({:.0}/s), {} deliveries ({:.0}/s), {} lost, {} dropped by the server (slow_consumer = drop), {} publish errors",
+                "    fan-out: {} subscribers, {} publishes ({:.0}/s), {} deliveries ({:.0}/s), {} lost ({} gaps, {} never arrived), {} dropped by the server, {} publish errors",
                 f.subscribers,
                 f.published,
                 f.published as f64 / m.seconds,
                 f.delivered,
                 f.delivered as f64 / m.seconds,
                 f.lost,
+                f.gaps,
+                f.tail_missing,
                 f.dropped_by_server.map_or("unknown".into(), |d| d.to_string()),
                 f.publish_errors
             );

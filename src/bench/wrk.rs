@@ -105,6 +105,7 @@ pub fn measure(
         server_cpu_seconds,
         idle: None,
         fanout: None,
+        histogram: None,
     })
 }
 

@@ -1,0 +1,274 @@
+//! `--processes N`: the load spread over N client processes, for connection counts past one
+//! process's descriptor limit (RLIMIT_NOFILE binds at about 20k here, 1M on a tuned host).
+//!
+//! The parent starts the server (with `--spawn`), then N copies of this binary's `bench` against
+//! it, each with its share of the connections, of the open-loop rate and of the source addresses.
+//! Each child prints `ready` once its connections are up and writes its measurement, with its
+//! latency histogram serialised, to a file; the parent reads the server's CPU and RSS from /proc
+//! while every child is measuring, and merges: requests and bytes add up, histograms merge
+//! exactly, and the idle report divides the RSS growth by the total connections.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+
+use super::{cpu_delta, cpu_snapshot, latency, procfs, BenchArgs, IdleReport, Measurement, Mode};
+
+/// What a child writes for the parent.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ChildReport {
+    pub requests: u64,
+    pub seconds: f64,
+    pub bytes: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// V2-serialised hdrhistogram, base64.
+    pub histogram: String,
+}
+
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .expect("serialising to memory");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+fn decode_histogram(s: &str) -> anyhow::Result<Histogram<u64>> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s)?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| anyhow::anyhow!("bad histogram from a client process: {e:?}"))
+}
+
+/// A child's share of a total: as even as possible.
+fn share(total: usize, i: usize, n: usize) -> usize {
+    total / n + usize::from(i < total % n)
+}
+
+struct ChildProc {
+    child: Child,
+    report: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.report);
+    }
+}
+
+/// Runs the load from `args.processes` client processes against `target`.
+pub fn measure(
+    args: &BenchArgs,
+    target: SocketAddr,
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    let n = args.processes.max(1);
+    if args.wrk || matches!(args.mode, Mode::Connect | Mode::Fanout) {
+        bail!("--processes spreads echo, http, ws and idle loads (not connect, fanout or --wrk)");
+    }
+    if args.connections < n {
+        bail!("--processes {n} needs at least {n} connections");
+    }
+    let sources = match &args.source_addrs {
+        Some(s) => super::parse_sources(s)?,
+        None => Vec::new(),
+    };
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let rss_before = pid.and_then(procfs::rss_bytes);
+    let mut children = Vec::new();
+    for i in 0..n {
+        let report =
+            std::env::temp_dir().join(format!("shardnet-bench-{}-{i}.json", std::process::id()));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench")
+            .arg("--target")
+            .arg(target.to_string())
+            .arg("--mode")
+            .arg(format!("{:?}", args.mode).to_lowercase())
+            .arg("-c")
+            .arg(share(args.connections, i, n).to_string())
+            .arg("-d")
+            .arg(args.depth.to_string())
+            .arg("-s")
+            .arg(args.size.to_string())
+            .arg("--duration")
+            .arg(format!("{}ms", args.duration.as_millis()))
+            .arg("--warmup")
+            .arg(format!("{}ms", args.warmup.as_millis()))
+            .arg("--client-cores")
+            .arg(&args.client_cores)
+            .arg("--child-report")
+            .arg(&report);
+        if let Some(p) = &args.path {
+            cmd.arg("--path").arg(p);
+        }
+        if let Some(r) = args.rate {
+            cmd.arg("--rate").arg((r / n as f64).to_string());
+        }
+        if args.idle_ws {
+            cmd.arg("--idle-ws");
+        }
+        // Source addresses dealt out: child i takes every n-th one.
+        let mine: Vec<String> = sources
+            .iter()
+            .skip(i)
+            .step_by(n)
+            .map(|a| a.to_string())
+            .collect();
+        if !mine.is_empty() {
+            cmd.arg("--source-addrs").arg(mine.join(","));
+        } else if !sources.is_empty() {
+            bail!("--processes {n} needs at least {n} source addresses");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start a client process")?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        children.push(ChildProc {
+            child,
+            report,
+            lines: rx,
+        });
+    }
+    // Every child ready (its connections up), bounded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (i, c) in children.iter_mut().enumerate() {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match c.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) if l.trim() == "ready" => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let status = c.child.try_wait()?;
+                    bail!(
+                        "{label}: client process {} did not get its connections up ({})",
+                        i + 1,
+                        status.map_or("still running".into(), |s| s.to_string())
+                    );
+                }
+            }
+        }
+    }
+    // Every child now warms up, then measures for `duration`: read the server in that window.
+    std::thread::sleep(args.warmup + Duration::from_millis(50));
+    let cpu0 = cpu_snapshot(pid);
+    let t0 = Instant::now();
+    std::thread::sleep(args.duration / 2);
+    let rss_held = pid.and_then(procfs::rss_bytes);
+    std::thread::sleep(
+        args.duration
+            .saturating_sub(args.duration / 2 + Duration::from_millis(100)),
+    );
+    let cpu1 = cpu_snapshot(pid);
+    let cpu_seconds_window = t0.elapsed().as_secs_f64();
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let (mut requests, mut bytes, mut errors, mut seconds) = (0u64, 0f64, 0u64, 0f64);
+    let mut first_error = None;
+    for (i, c) in children.iter_mut().enumerate() {
+        let status = c.child.wait()?;
+        let text = std::fs::read_to_string(&c.report).with_context(|| {
+            format!(
+                "{label}: client process {} wrote no report ({status})",
+                i + 1
+            )
+        })?;
+        let r: ChildReport = serde_json::from_str(&text)?;
+        hist.add(decode_histogram(&r.histogram)?)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        requests += r.requests;
+        bytes += r.bytes;
+        errors += r.errors;
+        seconds = f64::max(seconds, r.seconds);
+        first_error = first_error.or(r.first_error);
+        if !status.success() && r.errors == 0 {
+            errors += 1;
+            first_error = first_error.or(Some(format!("client process {} failed", i + 1)));
+        }
+    }
+    let server_cpu = cpu_delta(&cpu0, &cpu1);
+    let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
+    let rps = requests as f64 / seconds.max(1e-9);
+    let idle = (args.mode == Mode::Idle).then(|| {
+        let (before, after) = (rss_before.unwrap_or(0), rss_held.unwrap_or(0));
+        IdleReport {
+            connections: args.connections,
+            held_seconds: seconds,
+            rss_before: before,
+            rss_after: after,
+            bytes_per_connection: after.saturating_sub(before) as f64
+                / args.connections.max(1) as f64,
+        }
+    });
+    Ok(Measurement {
+        label: label.to_string(),
+        mode: args.mode,
+        connections: args.connections,
+        depth: args.depth,
+        size: args.size,
+        seconds,
+        requests,
+        requests_per_second: rps,
+        megabytes_per_second: bytes / seconds.max(1e-9) / 1e6,
+        latency_us: latency(&hist),
+        errors,
+        first_error,
+        server_cpu,
+        // The CPU window is the parent's view of the children's common measuring time.
+        per_core_throughput: server_cpu_seconds
+            .filter(|&s| s > 0.0)
+            .map(|s| rps * cpu_seconds_window / s),
+        server_cpu_seconds,
+        idle,
+        fanout: None,
+        histogram: Some(hist),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up() {
+        for total in [7, 100, 15_001] {
+            for n in 1..6 {
+                assert_eq!((0..n).map(|i| share(total, i, n)).sum::<usize>(), total);
+            }
+        }
+    }
+
+    #[test]
+    fn histogram_round_trip() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in [1, 50, 999, 123_456] {
+            h.record(v).unwrap();
+        }
+        let back = decode_histogram(&encode_histogram(&h)).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back.max(), h.max());
+    }
+}
