@@ -113,7 +113,10 @@ pub fn adopt_stream(stream: TcpStream) -> io::Result<OwnedFd> {
 #[inline]
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Io {
     loop {
-        match nix::unistd::read(fd, buf) {
+        // recv/send rather than read/write: the socket calls skip the VFS layer (file position
+        // lock, rw_verify_area) on every call; MSG_NOSIGNAL turns a write to a reset
+        // connection into EPIPE instead of SIGPIPE.
+        match sock::recv(fd.as_raw_fd(), buf, sock::MsgFlags::empty()) {
             Ok(n) => return Io::Done(n),
             Err(Errno::EAGAIN) => return Io::WouldBlock,
             Err(Errno::EINTR) => continue,
@@ -125,7 +128,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Io {
 #[inline]
 pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Io {
     loop {
-        match nix::unistd::write(fd, buf) {
+        match sock::send(fd.as_raw_fd(), buf, sock::MsgFlags::MSG_NOSIGNAL) {
             Ok(n) => return Io::Done(n),
             Err(Errno::EAGAIN) => return Io::WouldBlock,
             Err(Errno::EINTR) => continue,
