@@ -4,7 +4,7 @@
 # on core 1, alternating servers, median of 3 rounds. Needs root for the cgroup, Debian's wrk and
 # nginx for the HTTP part, and gcc for the C reference loops in ../shared/reference.
 #
-#   benches/run-all.sh [echo|trigger|idle|http|ws|fanout|connect|sweep|all]   (default: all)
+#   [ROUNDS=5] benches/run-all.sh [echo|trigger|idle|http|ws|fanout|connect|sweep|all]   (default: all)
 #
 # Results (tables and JSON) go to bench-out/, the medians to bench-out/summary.txt. Every run is
 # bounded: about 25 minutes for `all`.
@@ -19,7 +19,7 @@ for c in limit-echo limit-http; do
 done
 B=target/release/shardnet
 EX=target/release/examples
-common=(--server-cores 0 --client-cores 1 --rounds 3 --warmup 1s --duration 4s)
+common=(--server-cores 0 --client-cores 1 --rounds "${ROUNDS:-3}" --warmup 1s --duration 4s)
 
 run() { # name, args...
   local name=$1; shift

@@ -150,6 +150,26 @@ pub struct IdleReport {
     pub bytes_per_connection: f64,
 }
 
+impl IdleReport {
+    /// The server's RSS growth while `connections` were held, per connection.
+    pub fn new(
+        connections: usize,
+        held_seconds: f64,
+        before: Option<u64>,
+        after: Option<u64>,
+    ) -> Self {
+        let (rss_before, rss_after) = (before.unwrap_or(0), after.unwrap_or(0));
+        IdleReport {
+            connections,
+            held_seconds,
+            rss_before,
+            rss_after,
+            bytes_per_connection: rss_after.saturating_sub(rss_before) as f64
+                / connections.max(1) as f64,
+        }
+    }
+}
+
 /// One measured run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
@@ -595,17 +615,8 @@ pub fn measure(
     }
     let server_cpu = cpu_delta(&cpu0, &cpu1);
     let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
-    let idle = (args.mode == Mode::Idle).then(|| {
-        let (before, after) = (rss_before.unwrap_or(0), rss_after.unwrap_or(0));
-        IdleReport {
-            connections: args.connections,
-            held_seconds: seconds,
-            rss_before: before,
-            rss_after: after,
-            bytes_per_connection: after.saturating_sub(before) as f64
-                / args.connections.max(1) as f64,
-        }
-    });
+    let idle = (args.mode == Mode::Idle)
+        .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_after));
     Ok(Measurement {
         label: label.to_string(),
         mode: args.mode,

@@ -212,17 +212,8 @@ pub fn measure(
     let server_cpu = cpu_delta(&cpu0, &cpu1);
     let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
     let rps = requests as f64 / seconds.max(1e-9);
-    let idle = (args.mode == Mode::Idle).then(|| {
-        let (before, after) = (rss_before.unwrap_or(0), rss_held.unwrap_or(0));
-        IdleReport {
-            connections: args.connections,
-            held_seconds: seconds,
-            rss_before: before,
-            rss_after: after,
-            bytes_per_connection: after.saturating_sub(before) as f64
-                / args.connections.max(1) as f64,
-        }
-    });
+    let idle = (args.mode == Mode::Idle)
+        .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_held));
     Ok(Measurement {
         label: label.to_string(),
         mode: args.mode,
