@@ -466,10 +466,13 @@ pub fn measure(
         }
         if ready as usize >= args.connections {
             if args.child_report.is_some() {
-                // Tell the parent (--processes) that this child's connections are up.
-                use std::io::Write;
+                // Tell the parent (--processes) that this child's connections are up, then wait
+                // for its go: every child warms up and measures over the same window.
+                use std::io::{BufRead, Write};
                 println!("ready");
                 let _ = std::io::stdout().flush();
+                let mut line = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut line);
             }
             break;
         }

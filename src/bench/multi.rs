@@ -67,6 +67,26 @@ impl Drop for ChildProc {
     }
 }
 
+/// Waits (bounded) for a child's `ready` line.
+fn wait_ready(c: &mut ChildProc, i: usize, label: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(l) if l.trim() == "ready" => return Ok(()),
+            Ok(_) => {}
+            Err(_) => {
+                let status = c.child.try_wait()?;
+                bail!(
+                    "{label}: client process {} did not get its connections up ({})",
+                    i + 1,
+                    status.map_or("still running".into(), |s| s.to_string())
+                );
+            }
+        }
+    }
+}
+
 /// Runs the load from `args.processes` client processes against `target`.
 pub fn measure(
     args: &BenchArgs,
@@ -133,7 +153,7 @@ pub fn measure(
             bail!("--processes {n} needs at least {n} source addresses");
         }
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -147,33 +167,28 @@ pub fn measure(
                 }
             }
         });
-        children.push(ChildProc {
+        let mut c = ChildProc {
             child,
             report,
             lines: rx,
-        });
+        };
+        wait_ready(&mut c, i, label)?;
+        children.push(c);
     }
-    // Every child ready (its connections up), bounded.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for (i, c) in children.iter_mut().enumerate() {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match c.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(l) if l.trim() == "ready" => break,
-                Ok(_) => {}
-                Err(_) => {
-                    let status = c.child.try_wait()?;
-                    bail!(
-                        "{label}: client process {} did not get its connections up ({})",
-                        i + 1,
-                        status.map_or("still running".into(), |s| s.to_string())
-                    );
-                }
-            }
+    // Every child ready: they were started one after another (below), each once the previous
+    // one had its connections up, so that connection setup does not overflow the server's
+    // accept queue (somaxconn) with parallel bursts. Now all start together.
+    for c in children.iter_mut() {
+        if let Some(stdin) = c.child.stdin.as_mut() {
+            use std::io::Write;
+            stdin
+                .write_all(b"go\n")
+                .and_then(|_| stdin.flush())
+                .context("cannot start a client process's measurement")?;
         }
     }
     // Every child now warms up, then measures for `duration`: read the server in that window.
-    std::thread::sleep(args.warmup + Duration::from_millis(50));
+    std::thread::sleep(args.warmup + Duration::from_millis(100));
     let cpu0 = cpu_snapshot(pid);
     let t0 = Instant::now();
     std::thread::sleep(args.duration / 2);
