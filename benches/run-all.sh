@@ -4,12 +4,16 @@
 # on core 1, alternating servers, median of 3 rounds. Needs root for the cgroup, Debian's wrk and
 # nginx for the HTTP part, and gcc for the C reference loops in ../shared/reference.
 #
-#   [ROUNDS=5] benches/run-all.sh [echo|trigger|idle|http|ws|fanout|connect|sweep|all]   (default: all)
+#   [ROUNDS=5] benches/run-all.sh [SECTION ...]   sections: echo trigger idle http ws fanout connect sweep all (default: all)
 #
 # Results (tables and JSON) go to bench-out/, the medians to bench-out/summary.txt. Every run is
 # bounded: about 25 minutes for `all`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ $# -gt 1 ]; then # several sections: one after another
+  for w in "$@"; do bash benches/run-all.sh "$w"; done
+  exit 0
+fi
 what=${1:-all}
 out=bench-out
 mkdir -p "$out" target/reference
