@@ -95,9 +95,11 @@ pub struct Router {
     topics: HashMap<Arc<str>, HashSet<Token>>,
     subscriptions: HashMap<Token, Vec<Arc<str>>>,
     draining: bool,
-    /// Publishes received in this wake, delivered together in `on_commands_done`.
-    pending: Vec<(Arc<str>, Arc<[u8]>)>,
-    batch: Vec<u8>,
+    /// Publishes received in this wake, per topic in arrival order: the topic, its frames
+    /// concatenated, and how many. Delivered together in `on_commands_done`.
+    pending: Vec<(Arc<str>, Vec<u8>, u64)>,
+    /// Emptied batch buffers kept for the next wake.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Router {
@@ -124,7 +126,7 @@ impl Router {
             subscriptions: HashMap::new(),
             draining: false,
             pending: Vec::new(),
-            batch: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -565,43 +567,35 @@ impl Service for Router {
 
     fn on_command(&mut self, cmd: RouterCmd, _ctx: &mut Ctx<'_, ConnState>) {
         match cmd {
-            // Delivered in on_commands_done, together with the rest of this wake's messages.
-            RouterCmd::Publish { topic, frame } => self.pending.push((topic, frame)),
+            // Queued per topic and delivered in on_commands_done: a subscriber then gets all of a
+            // topic's messages of this wake in one write (one syscall, not one per message).
+            RouterCmd::Publish { topic, frame } => {
+                match self.pending.iter_mut().find(|(t, _, _)| *t == topic) {
+                    Some((_, frames, count)) => {
+                        frames.extend_from_slice(&frame);
+                        *count += 1;
+                    }
+                    None => {
+                        let mut frames = self.spare.pop().unwrap_or_default();
+                        frames.extend_from_slice(&frame);
+                        self.pending.push((topic, frames, 1));
+                    }
+                }
+            }
         }
     }
 
     fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {
-        if self.pending.is_empty() {
-            return;
-        }
-        // Group by topic, keeping publish order within each topic; a subscriber then gets all of
-        // a topic's messages of this wake in one write (one syscall instead of one per message).
-        // At most 4096 commands arrive per wake, so this is bounded.
-        let pending = std::mem::take(&mut self.pending);
-        let mut batch = std::mem::take(&mut self.batch);
-        let mut done = vec![false; pending.len()];
-        for i in 0..pending.len() {
-            if done[i] {
-                continue;
+        let mut pending = std::mem::take(&mut self.pending);
+        for (topic, mut frames, count) in pending.drain(..) {
+            self.deliver(&topic, &frames, count, ctx);
+            frames.clear();
+            // Keep a few modest buffers; a burst's large one goes back to the allocator.
+            if frames.capacity() <= 1 << 20 && self.spare.len() < 8 {
+                self.spare.push(frames);
             }
-            let topic = &pending[i].0;
-            batch.clear();
-            let mut count = 0u64;
-            for j in i..pending.len() {
-                if !done[j] && *pending[j].0 == **topic {
-                    batch.extend_from_slice(&pending[j].1);
-                    count += 1;
-                    done[j] = true;
-                }
-            }
-            self.deliver(topic, &batch, count, ctx);
         }
         self.pending = pending;
-        self.pending.clear();
-        if batch.capacity() > 1 << 20 {
-            batch = Vec::new();
-        }
-        self.batch = batch;
     }
 }
 
