@@ -62,12 +62,9 @@ pub struct ShardResult {
     pub first_error: Option<String>,
     pub closed: u64,
     pub ready: u64,
-    /// Fan-out: messages a subscriber never saw (gaps in its sequence), the sum of the last
-    /// sequence number each subscriber saw, and how many subscribers there are.
+    /// Fan-out: messages a subscriber never saw (gaps in its sequence), and the last sequence
+    /// number each subscriber saw (filled by Collect).
     pub gaps: u64,
-    pub last_seq_sum: u64,
-    pub subscribers: u64,
-    /// Fan-out: the last sequence number of each subscriber (for the incomplete ones' count).
     pub last_seqs: Vec<u64>,
 }
 
@@ -82,8 +79,6 @@ impl ShardResult {
             closed: 0,
             ready: 0,
             gaps: 0,
-            last_seq_sum: 0,
-            subscribers: 0,
             last_seqs: Vec::new(),
         }
     }
@@ -281,12 +276,13 @@ impl Client {
                 return input.len();
             }
             conn.state().upgraded = true;
-            self.result.ready += 1;
             pos = end + 4;
             if self.plan.mode == Mode::Fanout {
-                self.result.ready -= 1; // ready once the subscription is acknowledged
+                // Ready once the subscription is acknowledged (on_fanout).
                 let msg = format!(r#"{{"op":"subscribe","topic":"{}"}}"#, self.plan.topic);
                 ws::write_masked(conn.out(), ws::OP_TEXT, true, msg.as_bytes(), MASK);
+            } else {
+                self.result.ready += 1;
             }
             if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
                 let now = conn.now();
@@ -323,16 +319,13 @@ impl Client {
                     conn.state().recv_bytes += payload.len() as u64;
                     self.complete(conn);
                 }
-                ws::OP_TEXT if self.plan.mode == Mode::Fanout => {
-                    let p = payload.to_vec();
-                    if !self.on_fanout(conn, &p) {
-                        conn.close();
-                        return input.len();
-                    }
+                ws::OP_TEXT if self.plan.mode == Mode::Fanout && !self.on_fanout(conn, payload) => {
+                    conn.close();
+                    return input.len();
                 }
+                ws::OP_TEXT if self.plan.mode == Mode::Fanout => {}
                 ws::OP_PING => {
-                    let p = payload.to_vec();
-                    ws::write_masked(conn.out(), ws::OP_PONG, true, &p, MASK);
+                    ws::write_masked(conn.out(), ws::OP_PONG, true, payload, MASK);
                 }
                 ws::OP_CLOSE => {
                     self.error("server sent a WebSocket close".into());
@@ -532,14 +525,8 @@ impl Service for Client {
             ClientCmd::Collect(tx) => {
                 let mut r = self.result.clone();
                 if self.plan.mode == Mode::Fanout {
-                    r.subscribers = 0;
-                    r.last_seq_sum = 0;
                     for &t in &self.conns {
-                        ctx.with_conn(t, |c| {
-                            r.subscribers += 1;
-                            r.last_seq_sum += c.state().last_seq;
-                            r.last_seqs.push(c.state().last_seq);
-                        });
+                        ctx.with_conn(t, |c| r.last_seqs.push(c.state().last_seq));
                     }
                 }
                 let _ = tx.send(r);

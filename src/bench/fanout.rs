@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::client::ShardResult;
+
 /// What a fan-out run adds to the report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FanoutReport {
@@ -28,6 +30,67 @@ pub struct FanoutReport {
     pub tail_missing: u64,
     /// The server's `shardnet_ws_dropped_total` (None when /metrics is not served there).
     pub dropped_by_server: Option<u64>,
+}
+
+/// Subscribers, and the sum over them of the last sequence number each has seen.
+pub fn progress(results: &[ShardResult]) -> (u64, u64) {
+    let seqs = results.iter().flat_map(|r| r.last_seqs.iter());
+    (seqs.clone().count() as u64, seqs.sum())
+}
+
+/// After the last publish (`last`), waits for the backlog to arrive: until every subscriber has
+/// it, or nothing arrived for 5 s (what is missing then is lost), at most 60 s. The quiet period
+/// covers TCP retransmission backoff: an overloaded receiver's kernel drops segments when its
+/// socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
+/// `collect` asks every client shard for its results; `shards` is how many must answer.
+pub fn settle(collect: impl Fn() -> Vec<ShardResult>, shards: usize, last: u64, label: &str) {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    let (mut before, mut still_since) = (0u64, Instant::now());
+    let (subs, seen, r) = loop {
+        let r = collect();
+        if r.len() < shards {
+            // A client shard too busy to answer within the collect timeout: still working.
+            still_since = Instant::now();
+        } else {
+            let (subs, seen) = progress(&r);
+            if seen != before {
+                (before, still_since) = (seen, Instant::now());
+            }
+            if seen >= subs * last || still_since.elapsed() > Duration::from_secs(5) {
+                break (subs, seen, r);
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("{label}: the backlog did not settle within 60 s");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut lag: Vec<u64> = r
+        .iter()
+        .flat_map(|x| x.last_seqs.iter().map(|&s| last.saturating_sub(s)))
+        .filter(|&d| d > 0)
+        .collect();
+    lag.sort_unstable();
+    if let (Some(min), Some(max)) = (lag.first(), lag.last()) {
+        eprintln!(
+            "{label}: {} subscribers incomplete, missing from {min} to {max} messages (median {})",
+            lag.len(),
+            lag[lag.len() / 2]
+        );
+    }
+    eprintln!(
+        "{label}: backlog after the last publish: {:.1} s, {} of {} deliveries missing{}",
+        start.elapsed().as_secs_f64(),
+        (subs * last).saturating_sub(seen),
+        subs * last,
+        if seen >= subs * last {
+            ""
+        } else {
+            " (nothing arrived for 5 s)"
+        }
+    );
 }
 
 pub struct Publisher {

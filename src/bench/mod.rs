@@ -502,60 +502,8 @@ pub fn measure(
     sleep_with(&bar, args.duration);
     let mut fan = None;
     if let Some(p) = publisher {
-        // Stop publishing, then let the backlog arrive: until everything is in, or nothing
-        // arrived for 5 s (what is missing then is lost), at most 60 s. The quiet period covers
-        // TCP retransmission backoff: an overloaded receiver's kernel drops segments when its
-        // socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4,
-        // 0.8, ... s.
         let (last, publish_errors) = p.stop()?;
-        let settle_start = Instant::now();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut before, mut still_since) = (0u64, Instant::now());
-        loop {
-            let r = collect(&peers);
-            if r.len() < shards {
-                // A client shard too busy to answer within the collect timeout: still working.
-                if Instant::now() > deadline {
-                    break;
-                }
-                still_since = Instant::now();
-                continue;
-            }
-            let seen: u64 = r.iter().map(|x| x.last_seq_sum).sum();
-            let subs: u64 = r.iter().map(|x| x.subscribers).sum();
-            if seen != before {
-                (before, still_since) = (seen, Instant::now());
-            }
-            if seen >= subs * last
-                || Instant::now() > deadline
-                || still_since.elapsed() > Duration::from_secs(5)
-            {
-                let mut lag: Vec<u64> = r
-                    .iter()
-                    .flat_map(|x| x.last_seqs.iter().map(|&s| last.saturating_sub(s)))
-                    .filter(|&d| d > 0)
-                    .collect();
-                lag.sort_unstable();
-                if !lag.is_empty() {
-                    eprintln!(
-                        "{label}: {} subscribers incomplete, missing from {} to {} messages (median {})",
-                        lag.len(),
-                        lag[0],
-                        lag[lag.len() - 1],
-                        lag[lag.len() / 2]
-                    );
-                }
-                eprintln!(
-                    "{label}: backlog after the last publish: {:.1} s, {} of {} deliveries missing{}",
-                    settle_start.elapsed().as_secs_f64(),
-                    (subs * last).saturating_sub(seen),
-                    subs * last,
-                    if seen >= subs * last { "" } else if Instant::now() > deadline { " (gave up after 60 s)" } else { " (nothing arrived for 5 s)" }
-                );
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        fanout::settle(|| collect(&peers), shards, last, label);
         fan = Some((seq0, last, publish_errors));
     }
     let results = collect(&peers);
@@ -581,8 +529,7 @@ pub fn measure(
         first_error = first_error.or(Some("a client shard did not report".into()));
     }
     let fanout = fan.map(|(seq0, last, publish_errors)| {
-        let subscribers: u64 = results.iter().map(|r| r.subscribers).sum();
-        let seen: u64 = results.iter().map(|r| r.last_seq_sum).sum();
+        let (subscribers, seen) = fanout::progress(&results);
         let gaps: u64 = results.iter().map(|r| r.gaps).sum();
         let never = (subscribers * last).saturating_sub(seen);
         let dropped_by_server = fanout::server_dropped(target);
