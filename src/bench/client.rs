@@ -319,11 +319,13 @@ impl Client {
                     conn.state().recv_bytes += payload.len() as u64;
                     self.complete(conn);
                 }
-                ws::OP_TEXT if self.plan.mode == Mode::Fanout && !self.on_fanout(conn, payload) => {
-                    conn.close();
-                    return input.len();
+                ws::OP_TEXT if self.plan.mode == Mode::Fanout => {
+                    let valid = self.on_fanout(conn, payload);
+                    if !valid {
+                        conn.close();
+                        return input.len();
+                    }
                 }
-                ws::OP_TEXT if self.plan.mode == Mode::Fanout => {}
                 ws::OP_PING => {
                     ws::write_masked(conn.out(), ws::OP_PONG, true, payload, MASK);
                 }
