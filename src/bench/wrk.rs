@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -72,16 +72,14 @@ pub fn measure(
             run(args.warmup, false)?;
         }
         let cpu0 = cpu_snapshot(pid);
-        let t0 = Instant::now();
         let text = run(args.duration, true)?;
-        let wall = t0.elapsed().as_secs_f64();
         let cpu1 = cpu_snapshot(pid);
         let parsed =
             parse(&text).with_context(|| format!("{label}: cannot read wrk's output:\n{text}"))?;
-        Ok::<_, anyhow::Error>((parsed, cpu0, cpu1, wall))
+        Ok::<_, anyhow::Error>((parsed, cpu0, cpu1))
     })();
     let _ = std::fs::remove_file(&script);
-    let (w, cpu0, cpu1, _wall) = result?;
+    let (w, cpu0, cpu1) = result?;
     let server_cpu = super::cpu_delta(&cpu0, &cpu1);
     let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
     let seconds = w.seconds.max(1e-9);
