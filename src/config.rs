@@ -197,6 +197,11 @@ pub struct WsRouteConfig {
     pub pong_timeout: Duration,
     pub slow_consumer: SlowConsumer,
     pub allowed_origins: Vec<String>,
+    /// Topics one connection may subscribe to at once (pub/sub routes).
+    pub max_topics: usize,
+    /// Longest topic name accepted, in bytes.
+    #[serde(with = "size")]
+    pub max_topic_length: usize,
 }
 
 impl Default for WsRouteConfig {
@@ -209,6 +214,8 @@ impl Default for WsRouteConfig {
             pong_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumer::Drop,
             allowed_origins: Vec::new(),
+            max_topics: 64,
+            max_topic_length: 256,
         }
     }
 }

@@ -1,0 +1,4 @@
+//! Abuse cases: engine.
+
+#[allow(unused_imports)]
+use super::common;

@@ -1,0 +1,4 @@
+//! Abuse cases: http.
+
+#[allow(unused_imports)]
+use super::common;

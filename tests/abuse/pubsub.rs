@@ -1,0 +1,4 @@
+//! Abuse cases: pubsub.
+
+#[allow(unused_imports)]
+use super::common;

@@ -1,0 +1,4 @@
+//! Abuse cases: ws.
+
+#[allow(unused_imports)]
+use super::common;
