@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::config::{Config, ConfigError, Shards, DEFAULT_TOML};
+use crate::config::{duration, size, Config, ConfigError, MaxConnections, Shards, DEFAULT_TOML};
 use crate::server::Server;
 use crate::stats::Snapshot;
 
@@ -70,7 +70,7 @@ pub fn main() -> i32 {
                 } else {
                     1
                 };
-                eprintln!("shardnet: {e:#}");
+                eprintln!("shardnet: {}", error_chain(&e));
                 code
             }
         },
@@ -100,6 +100,23 @@ pub fn main() -> i32 {
             }
         },
     }
+}
+
+/// `e` and its causes, `: `-separated, as `{:#}` writes them, except that the chain stops at a
+/// [`ConfigError`]: its message already ends with its cause (the OS error of an unreadable file),
+/// and printing the cause again after it would say it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause.to_string());
+        if cause.is::<ConfigError>() {
+            break;
+        }
+    }
+    out
 }
 
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
@@ -138,14 +155,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(l) => log::info!("RLIMIT_NOFILE: soft {} = hard {}", l.soft, l.hard),
         Err(e) => log::warn!("RLIMIT_NOFILE: cannot raise the soft limit: {e}"),
     }
-    if (config.server.max_connections as u64)
-        > crate::sys::rlimit::nofile_soft().unwrap_or(u64::MAX)
-    {
-        log::warn!(
-            "max_connections = {} is above the descriptor limit: accepting will pause at the limit",
-            config.server.max_connections
-        );
-    }
+    log_max_connections(&config);
 
     // Signal handling first: once the acceptor runs it may use every descriptor left.
     let (sig_tx, sig_rx) = unbounded();
@@ -234,6 +244,33 @@ fn notify(state: &str) {
     }
 }
 
+/// Says once what `max_connections` comes to: `"auto"` at info with the number chosen, an
+/// explicit count above the descriptor limit as a warning (accepting pauses at the limit first).
+/// The engine resolves `"auto"` with the same inputs ([`Config::max_connections_for`]).
+fn log_max_connections(config: &Config) {
+    let shards = config
+        .server
+        .shards
+        .resolve(crate::sys::affinity::usable_cpus());
+    let nofile = crate::sys::rlimit::nofile_soft().ok();
+    let max = config.max_connections_for(shards, nofile);
+    match (config.server.max_connections, nofile) {
+        (MaxConnections::Auto, Some(limit)) => log::info!(
+            "max_connections = \"auto\": {max} (RLIMIT_NOFILE {limit} less {} descriptors kept \
+             for listeners, epoll instances, eventfds and the process)",
+            config.descriptor_reserve(shards)
+        ),
+        (MaxConnections::Auto, None) => log::warn!(
+            "max_connections = \"auto\": the descriptor limit cannot be read; using {max}"
+        ),
+        (MaxConnections::Count(n), Some(limit)) if n.get() as u64 > limit => log::warn!(
+            "max_connections = {n} is above the descriptor limit ({limit}): accepting will pause \
+             at the limit"
+        ),
+        (MaxConnections::Count(_), _) => {}
+    }
+}
+
 /// The keys that cannot change without a restart, if `new` changes them.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.server, &new.server);
@@ -276,15 +313,17 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
     }
+    // Values in the file's own units (`0s`, `1MiB`), so the line reads like the file.
     log::info!(
-        "reloaded {}: idle_timeout={:?} max_write_buffer={}B write_timeout={:?} max_read_buffer={}B stats_interval={:?} log.level={:?}",
+        "reloaded {}: idle_timeout={} max_write_buffer={} write_timeout={} max_read_buffer={} \
+         stats_interval={} log.level={}",
         path.display(),
-        config.limits.idle_timeout,
-        config.limits.max_write_buffer,
-        config.limits.write_timeout,
-        config.limits.max_read_buffer,
-        config.server.stats_interval,
-        level
+        duration::format(config.limits.idle_timeout),
+        size::format(config.limits.max_write_buffer),
+        duration::format(config.limits.write_timeout),
+        size::format(config.limits.max_read_buffer),
+        duration::format(config.server.stats_interval),
+        config.log.level.as_str()
     );
     true
 }
@@ -306,16 +345,16 @@ fn log_summary(config: &Config, server: &Server) {
     }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
-         max_connections={}, idle_timeout={:?}, max_write_buffer={}B, write_timeout={:?}",
+         max_connections={}, idle_timeout={}, max_write_buffer={}, write_timeout={}",
         env!("CARGO_PKG_VERSION"),
         server.shard_count(),
         cores.join(","),
         config.server.balance,
         config.server.trigger,
         listeners.join(" "),
-        config.server.max_connections,
-        config.limits.idle_timeout,
-        config.limits.max_write_buffer,
-        config.limits.write_timeout,
+        config.max_connections_for(server.shard_count(), crate::sys::rlimit::nofile_soft().ok()),
+        duration::format(config.limits.idle_timeout),
+        size::format(config.limits.max_write_buffer),
+        duration::format(config.limits.write_timeout),
     );
 }

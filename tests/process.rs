@@ -44,8 +44,17 @@ fn sigterm_during_load_echoes_everything_received_then_exits_0() {
 #[test]
 fn descriptor_exhaustion_pauses_accepting_and_recovers() {
     // 48 descriptors: about a dozen go to stdio, epoll, eventfds and the listener; the rest to
-    // connections. 60 clients cannot all be accepted at once.
-    let server = Child::spawn(&echo_toml(""), "ulimit -n 48 &&");
+    // connections. 60 clients cannot all be accepted at once. An explicit max_connections above
+    // the limit ("auto" would stay under it and close the extra clients at once instead), so it
+    // is the kernel's limit that binds.
+    let server = Child::spawn(&echo_toml("max_connections = 1000000"), "ulimit -n 48 &&");
+    assert!(
+        server
+            .log()
+            .contains("max_connections = 1000000 is above the descriptor limit (48)"),
+        "log:\n{}",
+        server.log()
+    );
     let addr = server.addr("echo");
     let mut pending: Vec<TcpStream> = (0..60)
         .map(|_| {
@@ -148,4 +157,117 @@ fn config_check_reports_file_line_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `server.shards`"));
+
+    // A syntax error has no key: it says so, with the parser's line and column.
+    let syntax = dir.join("syntax.toml");
+    std::fs::write(&syntax, "[server]\nshards = 1\n[[listener]\nname = \"x\"\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&syntax)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("{}:3:11: syntax error: ", syntax.display())),
+        "{err}"
+    );
+    assert!(!err.contains("key `"), "{err}");
+
+    // A cross-key error on a key left to its default points at its table's header.
+    let ws = dir.join("ws.toml");
+    std::fs::write(
+        &ws,
+        "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n\n[[listener.websocket]]\npath = \"/ws\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&ws)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:5:1: key `listener[0].websocket`",
+            ws.display()
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_with_a_missing_config_says_the_os_error_once() {
+    let missing =
+        std::env::temp_dir().join(format!("shardnet-missing-{}.toml", std::process::id()));
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "shardnet: {}: cannot read: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+}
+
+#[test]
+fn max_connections_auto_is_logged_once_at_info_without_a_warning() {
+    let server = Child::spawn(&echo_toml(""), "ulimit -n 2000 &&");
+    let log = server.log();
+    // 2000 less 16 + 4 per shard + (shards + 1) for the one listener, with one shard.
+    assert_eq!(
+        log.matches("max_connections = \"auto\": 1978 (RLIMIT_NOFILE 2000 less 22 ")
+            .count(),
+        1,
+        "log:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("max_connections = \"auto\""))
+        .unwrap();
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(!log.contains("WARN"), "log:\n{log}");
+    assert!(
+        log.contains("max_connections=1978"),
+        "the summary line; log:\n{log}"
+    );
+}
+
+#[test]
+fn sighup_reload_logs_values_in_the_files_units() {
+    let server = Child::spawn(&echo_toml(""), "");
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", server.child.id())).unwrap();
+    let config_path = cmdline
+        .split('\0')
+        .rfind(|a| a.ends_with(".toml"))
+        .unwrap()
+        .to_string();
+    // The same server and listener; live keys changed.
+    let reloaded =
+        "[server]\nshards = 1\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"5s\"\n\
+                    [limits]\nidle_timeout = \"90s\"\nmax_write_buffer = \"512KiB\"\n\
+                    [log]\nlevel = \"debug\"\n\
+                    [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n";
+    std::fs::write(&config_path, reloaded).unwrap();
+    server.signal("HUP");
+    wait_until(Duration::from_secs(5), "the reload is logged", || {
+        server.log().contains("reloaded")
+    });
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("reloaded")).unwrap();
+    assert!(
+        line.ends_with(
+            "idle_timeout=1m30s max_write_buffer=512KiB write_timeout=30s max_read_buffer=2MiB \
+             stats_interval=0s log.level=debug"
+        ),
+        "{line}"
+    );
 }

@@ -421,6 +421,10 @@ impl Server {
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
         let spec = Self::pool_spec(config);
+        // `max_connections = "auto"` comes to this process's descriptor limit (already raised
+        // by the CLI) less a reserve.
+        let max_connections =
+            config.max_connections_for(spec.shards, crate::sys::rlimit::nofile_soft().ok());
         let reuseport = config.server.balance == Balance::Reuseport;
         let mut listeners = Vec::new();
         let mut own: Vec<Vec<shard::OwnListener>> = (0..spec.shards).map(|_| Vec::new()).collect();
@@ -447,12 +451,7 @@ impl Server {
             }
         }
         if reuseport {
-            let (pool, _) = ShardPool::start_with_listeners(
-                &spec,
-                own,
-                config.server.max_connections,
-                factory,
-            )?;
+            let (pool, _) = ShardPool::start_with_listeners(&spec, own, max_connections, factory)?;
             let acceptor_stop = Waker::new().map_err(|source| ServerError::Start {
                 what: "a waker".into(),
                 source,
@@ -474,7 +473,7 @@ impl Server {
             listeners,
             pool.take_ports(),
             config.server.balance,
-            config.server.max_connections,
+            max_connections,
             pool.stats(),
             acceptor_stop.clone(),
         )

@@ -1,0 +1,933 @@
+//! Configuration: TOML parsed with serde, every key optional with a documented default.
+//!
+//! `config/shardnet.toml` is the embedded default and documents every key. Unknown keys are
+//! errors (`deny_unknown_fields`). Durations are strings such as `"30s"`, `"500ms"`, `"5m"`;
+//! sizes are strings such as `"64KiB"`, `"1MiB"` or a plain integer of bytes ([`units`] says
+//! why the two differ).
+//!
+//! Every error names the file, line, column and dotted key (`file:line:column: key
+//! `listener[1].addr`: reason`), or says `syntax error` where the file is not TOML. The locations
+//! come from the TOML library's spans ([`spans`]): checks of one value run inside the serde
+//! deserializers, so the library reports the value's span; checks across keys ([`validate`]) run
+//! after parsing and point at the key, or at its table's header when the key is left to its
+//! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
+
+mod spans;
+mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
+
+pub use units::{duration, size};
+
+pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
+pub const DEFAULT_NAME: &str = "<embedded default>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The Display includes the OS error; print it alone, not with its `source()` chain after it
+    /// (the CLI does), or the reason appears twice.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {}{reason}", key_label(.key))]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        /// The dotted key at fault, such as `listener[1].websocket[0].path`.
+        key: String,
+        reason: String,
+    },
+    /// The file is not TOML: there is no key to name, only where the parser stopped.
+    #[error("{file}:{line}:{column}: syntax error: {reason}")]
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+}
+
+fn key_label(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub shards: Shards,
+    pub pin: bool,
+    pub cores: Vec<usize>,
+    pub balance: Balance,
+    pub trigger: Trigger,
+    /// Connections the server holds at once; see [`Config::max_connections_for`].
+    pub max_connections: MaxConnections,
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    #[serde(with = "duration")]
+    pub stats_interval: Duration,
+    #[serde(with = "size")]
+    pub read_buffer: usize,
+    #[serde(with = "size")]
+    pub read_budget: usize,
+    pub events_per_wait: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            shards: Shards::Auto,
+            pin: true,
+            cores: Vec::new(),
+            balance: Balance::RoundRobin,
+            trigger: Trigger::Edge,
+            max_connections: MaxConnections::Auto,
+            shutdown_timeout: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(10),
+            read_buffer: 64 * 1024,
+            read_budget: 256 * 1024,
+            events_per_wait: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(with = "size")]
+    pub max_write_buffer: usize,
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    #[serde(with = "size")]
+    pub max_read_buffer: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            idle_timeout: Duration::from_secs(300),
+            max_write_buffer: 1 << 20,
+            write_timeout: Duration::from_secs(30),
+            max_read_buffer: 2 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: LogLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::Info,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn to_level_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+
+    /// The value as the file spells it (`"info"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Off => "off",
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// One `[[listener]]`. Serialized by hand: the HTTP keys are written only for HTTP listeners, so
+/// the effective configuration shows what applies (validation refuses them on echo listeners,
+/// which keeps the printout reading back as the same configuration).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub name: String,
+    #[serde(deserialize_with = "socket_addr")]
+    pub addr: SocketAddr,
+    pub service: ServiceKind,
+    pub backlog: u32,
+    pub reuse_port: bool,
+    #[serde(deserialize_with = "size::deserialize")]
+    pub max_header: usize,
+    #[serde(deserialize_with = "size::deserialize")]
+    pub max_body: usize,
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub header_timeout: Duration,
+    /// Serve /metrics and /stats on this listener (turn off on public listeners).
+    pub admin_routes: bool,
+    pub websocket: Vec<WsRouteConfig>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: String::new(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            service: ServiceKind::Echo,
+            backlog: 4096,
+            reuse_port: false,
+            max_header: 16 * 1024,
+            max_body: 1 << 20,
+            header_timeout: Duration::from_secs(10),
+            admin_routes: true,
+            websocket: Vec::new(),
+        }
+    }
+}
+
+impl Serialize for ListenerConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let http = self.service == ServiceKind::Http;
+        let mut st = s.serialize_struct("ListenerConfig", if http { 10 } else { 5 })?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("addr", &self.addr)?;
+        st.serialize_field("service", &self.service)?;
+        st.serialize_field("backlog", &self.backlog)?;
+        st.serialize_field("reuse_port", &self.reuse_port)?;
+        if http {
+            st.serialize_field("max_header", &size::format(self.max_header))?;
+            st.serialize_field("max_body", &size::format(self.max_body))?;
+            st.serialize_field("header_timeout", &duration::format(self.header_timeout))?;
+            st.serialize_field("admin_routes", &self.admin_routes)?;
+            st.serialize_field("websocket", &self.websocket)?;
+        }
+        st.end()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsRouteConfig {
+    pub path: String,
+    pub mode: WsMode,
+    #[serde(with = "size")]
+    pub max_message: usize,
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration")]
+    pub pong_timeout: Duration,
+    pub slow_consumer: SlowConsumer,
+    pub allowed_origins: Vec<String>,
+    /// Topics one connection may subscribe to at once (pub/sub routes).
+    pub max_topics: usize,
+    /// Longest topic name accepted, in bytes.
+    #[serde(with = "size")]
+    pub max_topic_length: usize,
+}
+
+impl Default for WsRouteConfig {
+    fn default() -> Self {
+        WsRouteConfig {
+            path: "/ws".into(),
+            mode: WsMode::Pubsub,
+            max_message: 1 << 20,
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            slow_consumer: SlowConsumer::Drop,
+            allowed_origins: Vec::new(),
+            max_topics: 64,
+            max_topic_length: 256,
+        }
+    }
+}
+
+/// `"auto"` (the CPUs this process may use, cgroup quota included) or a positive count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    Auto,
+    Count(NonZeroUsize),
+}
+
+impl Shards {
+    pub fn resolve(&self, available: usize) -> usize {
+        match self {
+            Shards::Auto => available.max(1),
+            Shards::Count(n) => n.get(),
+        }
+    }
+}
+
+/// `"auto"` (the descriptor limit less what the process needs besides connections, resolved
+/// at start by [`Config::max_connections_for`]) or a positive count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxConnections {
+    Auto,
+    Count(NonZeroUsize),
+}
+
+/// What `max_connections = "auto"` comes to when the descriptor limit cannot be read.
+pub const MAX_CONNECTIONS_UNKNOWN_LIMIT: usize = 1_000_000;
+
+impl Config {
+    /// Descriptors the process keeps besides connections: stdio, the signal pipe, the sd_notify
+    /// socket and a few files read while serving (16); per shard its epoll, its eventfd and room
+    /// for a `/proc` read (4); per listener one socket, plus one per shard under reuseport.
+    pub fn descriptor_reserve(&self, shards: usize) -> u64 {
+        let (shards, listeners) = (shards as u64, self.listeners.len() as u64);
+        16 + 4 * shards + listeners * (shards + 1)
+    }
+
+    /// The connection limit to run with: an explicit count as given, `"auto"` as the soft
+    /// RLIMIT_NOFILE (read after raising it) less [`Config::descriptor_reserve`], so that the
+    /// server closes connections beyond it itself, counted, before `accept` runs out of
+    /// descriptors. `nofile_soft` is `None` when the limit cannot be read.
+    pub fn max_connections_for(&self, shards: usize, nofile_soft: Option<u64>) -> usize {
+        match self.server.max_connections {
+            MaxConnections::Count(n) => n.get(),
+            MaxConnections::Auto => match nofile_soft {
+                None => MAX_CONNECTIONS_UNKNOWN_LIMIT,
+                Some(limit) => {
+                    let room = limit.saturating_sub(self.descriptor_reserve(shards)).max(1);
+                    usize::try_from(room).unwrap_or(usize::MAX)
+                }
+            },
+        }
+    }
+}
+
+impl Serialize for Shards {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        auto_or_count::serialize(self.count(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shards {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(auto_or_count::deserialize(d)?.map_or(Shards::Auto, Shards::Count))
+    }
+}
+
+impl Shards {
+    fn count(&self) -> Option<NonZeroUsize> {
+        match self {
+            Shards::Auto => None,
+            Shards::Count(n) => Some(*n),
+        }
+    }
+}
+
+impl MaxConnections {
+    fn count(&self) -> Option<NonZeroUsize> {
+        match self {
+            MaxConnections::Auto => None,
+            MaxConnections::Count(n) => Some(*n),
+        }
+    }
+}
+
+impl Serialize for MaxConnections {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        auto_or_count::serialize(self.count(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxConnections {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(auto_or_count::deserialize(d)?.map_or(MaxConnections::Auto, MaxConnections::Count))
+    }
+}
+
+/// `"auto"` (`None`) or a positive integer, for the keys that take either.
+mod auto_or_count {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(
+        v: Option<NonZeroUsize>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_str("auto"),
+            Some(n) => s.serialize_u64(n.get() as u64),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<NonZeroUsize>, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Option<NonZeroUsize>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\" or a positive integer")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if v == "auto" {
+                    Ok(None)
+                } else {
+                    Err(E::custom(format!(
+                        "expected \"auto\" or a positive integer, found \"{v}\""
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                usize::try_from(v)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        E::custom(format!("must be \"auto\" or a positive integer, found {v}"))
+                    })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+    Reuseport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Edge,
+    Level,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    Echo,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WsMode {
+    Echo,
+    Pubsub,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    Drop,
+    Disconnect,
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "`{s}` is not an address with a port (like 127.0.0.1:7000 or [::1]:7000)"
+        ))
+    })
+}
+
+impl Config {
+    /// Parses and validates `src`; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let doc = toml_edit::ImDocument::parse(src).map_err(|e| {
+            let (line, column) = line_column(src, e.span().map_or(0, |s| s.start));
+            ConfigError::Syntax {
+                file: file.to_string(),
+                line,
+                column,
+                reason: one_line(e.message()),
+            }
+        })?;
+        let spans = spans::Spans::new(&doc);
+        let config = Config::deserialize(toml_edit::de::Deserializer::from(doc)).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let key = spans.key_at(offset).unwrap_or_default().to_string();
+            invalid(src, file, offset, key, one_line(e.message()))
+        })?;
+        config.check(&spans, src, file)?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&src, &path.display().to_string())
+    }
+
+    /// The embedded default; a unit test guarantees it parses.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_TOML, DEFAULT_NAME)
+            .expect("the embedded default configuration is valid")
+    }
+
+    /// The effective configuration as TOML: every key that applies, defaults filled in. It
+    /// parses back to the same configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a configuration always serialises")
+    }
+
+    /// Checks across keys, with errors located in `src` (the text this configuration was parsed
+    /// from); [`Config::parse`] runs it already.
+    pub fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
+        let spans = toml_edit::ImDocument::parse(src)
+            .map(|doc| spans::Spans::new(&doc))
+            .unwrap_or_default();
+        self.check(&spans, src, file)
+    }
+}
+
+/// The parser's messages run over several lines ("invalid table header\nexpected `.`, `]]`"):
+/// one line reads better after `file:line:column:`.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(src: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(src.len());
+    while !src.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn invalid(src: &str, file: &str, offset: usize, key: String, reason: String) -> ConfigError {
+    let (line, column) = line_column(src, offset);
+    ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        key,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> (usize, usize, String, String) {
+        match Config::parse(src, "t.toml").unwrap_err() {
+            ConfigError::Invalid {
+                line,
+                column,
+                key,
+                reason,
+                ..
+            } => (line, column, key, reason),
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn embedded_default_parses_and_round_trips() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 3);
+        let again = Config::parse(&c.to_toml(), "roundtrip").unwrap();
+        assert_eq!(c, again);
+        let http = c.listeners.iter().find(|l| l.name == "http").unwrap();
+        assert_eq!(http.websocket.len(), 2);
+        assert_eq!(http.websocket[0].mode, WsMode::Pubsub);
+        assert_eq!(http.websocket[1].path, "/ws/echo");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let (line, col, key, reason) = err(&format!("[server]\npin = true\nnosuch = 1\n{L}"));
+        assert_eq!((line, col), (3, 1));
+        assert_eq!(key, "server.nosuch");
+        assert!(reason.contains("unknown field"), "{reason}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let (line, _, key, _) = err(&format!("[server]\n\npin = \"yes\"\n{L}"));
+        assert_eq!(line, 3);
+        assert_eq!(key, "server.pin");
+    }
+
+    #[test]
+    fn zero_and_negative_shards_are_refused() {
+        for v in ["0", "-2", "\"many\""] {
+            let (line, _, key, reason) = err(&format!("[server]\nshards = {v}\n{L}"));
+            assert_eq!((line, key.as_str()), (2, "server.shards"), "{v}: {reason}");
+        }
+        let c = Config::parse(&format!("[server]\nshards = 3\n{L}"), "t").unwrap();
+        assert_eq!(c.server.shards.resolve(8), 3);
+        assert_eq!(Shards::Auto.resolve(8), 8);
+    }
+
+    #[test]
+    fn bad_addresses_name_the_listener() {
+        for a in ["127.0.0.1:99999", "nonsense"] {
+            let src = format!("[[listener]]\nname = \"x\"\naddr = \"{a}\"\n");
+            let (line, col, key, reason) = err(&src);
+            assert_eq!((line, key.as_str()), (3, "listener[0].addr"), "{reason}");
+            assert_eq!(col, 8);
+        }
+        let src = format!("{L}[[listener]]\nname = \"y\"\naddr = \"bad\"\n");
+        assert_eq!(err(&src).2, "listener[1].addr");
+    }
+
+    #[test]
+    fn websocket_errors_name_the_route() {
+        let src = format!(
+            "{L}service = \"http\"\n[[listener.websocket]]\npath = \"/a\"\nmode = \"fanout\"\n"
+        );
+        let (line, _, key, _) = err(&src);
+        assert_eq!((line, key.as_str()), (7, "listener[0].websocket[0].mode"));
+        let src = format!("{L}service = \"http\"\n[[listener.websocket]]\npath = \"nope\"\n");
+        let (line, _, key, reason) = err(&src);
+        assert_eq!(
+            (line, key.as_str()),
+            (6, "listener[0].websocket[0].path"),
+            "{reason}"
+        );
+        let src = format!("{L}service = \"http\"\n[[listener.websocket]]\nbogus = 1\n");
+        assert_eq!(err(&src).2, "listener[0].websocket[0].bogus");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        // The units themselves are tested in `units`; here, that their errors are located.
+        let (line, _, key, _) = err(&format!("[limits]\nidle_timeout = \"soon\"\n{L}"));
+        assert_eq!((line, key.as_str()), (2, "limits.idle_timeout"));
+        let (_, _, key, _) = err(&format!("[limits]\nmax_write_buffer = \"-1KiB\"\n{L}"));
+        assert_eq!(key, "limits.max_write_buffer");
+    }
+
+    #[test]
+    fn cross_key_checks_locate_the_key() {
+        let src = format!("{L}[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n");
+        let (line, _, key, reason) = err(&src);
+        assert_eq!((line, key.as_str()), (5, "listener[1].name"), "{reason}");
+        let (line, _, key, _) = err("[server]\npin = true\n");
+        assert_eq!((line, key.as_str()), (1, "listener"));
+        let (line, _, key, _) = err(&format!("[server]\nshards = 4\ncores = [0, 1]\n{L}"));
+        assert_eq!((line, key.as_str()), (3, "server.cores"));
+    }
+
+    #[test]
+    fn only_a_listener_takes_every_default() {
+        let c = Config::parse(L, "t").unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.listeners[0].backlog, 4096);
+        assert_eq!(c.listeners[0].max_header, 16 * 1024);
+        assert_eq!(c.log.level, LogLevel::Info);
+    }
+
+    #[test]
+    fn error_display_has_file_line_column_and_key() {
+        let e = Config::parse("[server]\nshards = 0\n", "conf/x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/x.toml:2:10: key `server.shards`:"),
+            "{e}"
+        );
+    }
+
+    fn syntax_err(src: &str) -> (usize, usize, String) {
+        match Config::parse(src, "t.toml").unwrap_err() {
+            ConfigError::Syntax {
+                line,
+                column,
+                reason,
+                ..
+            } => (line, column, reason),
+            e => panic!("expected a syntax error, got {e}"),
+        }
+    }
+
+    #[test]
+    fn inline_tables_are_located() {
+        let src = "listener = [{ name = \"x\", addr = \"bad\" }]\n";
+        let (line, col, key, reason) = err(src);
+        assert_eq!(
+            (line, col, key.as_str()),
+            (1, 34, "listener[0].addr"),
+            "{reason}"
+        );
+        let src = format!("server = {{ pin = true, shards = 0 }}\n{L}");
+        let (line, col, key, _) = err(&src);
+        assert_eq!((line, col, key.as_str()), (1, 33, "server.shards"));
+        let (line, col, key, reason) = err(&format!("server = {{ nosuch = 1 }}\n{L}"));
+        assert_eq!(
+            (line, col, key.as_str()),
+            (1, 12, "server.nosuch"),
+            "{reason}"
+        );
+        // A cross-key check on an inline table points at the key inside it.
+        let src = format!("server = {{ shards = 4, cores = [0, 1] }}\n{L}");
+        let (line, col, key, _) = err(&src);
+        assert_eq!((line, col, key.as_str()), (1, 24, "server.cores"));
+        let src =
+            "listener = [{ name = \"a\", addr = \"127.0.0.1:0\" }, { addr = \"127.0.0.1:0\" }]";
+        let (line, col, key, reason) = err(src);
+        assert_eq!(
+            (line, col, key.as_str()),
+            (1, 51, "listener[1].name"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn dotted_keys_are_located() {
+        let (line, col, key, _) = err(&format!("server.shards = 0\n{L}"));
+        assert_eq!((line, col, key.as_str()), (1, 17, "server.shards"));
+        let (line, col, key, reason) = err(&format!("limits.idle_timeout = \"soon\"\n{L}"));
+        assert_eq!(
+            (line, col, key.as_str()),
+            (1, 23, "limits.idle_timeout"),
+            "{reason}"
+        );
+        let src = format!("{L}service = \"http\"\nwebsocket = [{{ path = \"nope\" }}]\n");
+        let (line, _, key, _) = err(&src);
+        assert_eq!((line, key.as_str()), (5, "listener[0].websocket[0].path"));
+        let c = Config::parse(
+            &format!("server.shards = 2\nlog.level = \"warn\"\n{L}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.server.shards.resolve(8), 2);
+        assert_eq!(c.log.level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn syntax_errors_have_no_key() {
+        let (line, col, reason) = syntax_err("[server]\nshards = 1\n[[listener]\nname = \"x\"\n");
+        assert_eq!((line, col), (3, 11), "{reason}");
+        assert!(reason.contains("invalid table header"), "{reason}");
+        assert!(!reason.contains('\n'), "one line: {reason}");
+        let (line, _, reason) = syntax_err(&format!("{L}name = \"y\"\n"));
+        assert_eq!(line, 4);
+        assert!(reason.contains("duplicate key"), "{reason}");
+        let e = Config::parse("[server\n", "conf/x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("conf/x.toml:1:8: syntax error: "), "{e}");
+        assert!(!e.contains("key `"), "{e}");
+    }
+
+    #[test]
+    fn cross_key_errors_on_defaults_point_at_the_table() {
+        // service is left to its default ("echo"): the route's header is what to look at.
+        let src = format!("{L}backlog = 16\n\n[[listener.websocket]]\npath = \"/a\"\n");
+        let (line, col, key, reason) = err(&src);
+        assert_eq!(
+            (line, col, key.as_str()),
+            (6, 1, "listener[0].websocket"),
+            "{reason}"
+        );
+        assert!(reason.contains("need service = \"http\""), "{reason}");
+        // A missing name is named, and located at its listener's header.
+        let src = format!("{L}[[listener]]\naddr = \"127.0.0.1:0\"\n");
+        let (line, col, key, _) = err(&src);
+        assert_eq!((line, col, key.as_str()), (4, 1, "listener[1].name"));
+        // Cross-key errors point at the key's first column.
+        let (line, col, key, _) = err(&format!(
+            "[server]\nread_buffer = 4096\nread_budget = 100\n{L}"
+        ));
+        assert_eq!((line, col, key.as_str()), (3, 1, "server.read_budget"));
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        for v in ["300", "1.5", "true"] {
+            let (line, col, key, reason) = err(&format!("[limits]\nidle_timeout = {v}\n{L}"));
+            assert_eq!((line, col, key.as_str()), (2, 16, "limits.idle_timeout"));
+            assert!(reason.contains("a duration such as \""), "{v}: {reason}");
+        }
+        let (_, _, _, reason) = err(&format!("[limits]\nidle_timeout = 300\n{L}"));
+        assert!(reason.contains("\"300s\""), "{reason}");
+        // Sizes, whose unit is bytes, take integers.
+        let c = Config::parse(&format!("[limits]\nmax_write_buffer = 4096\n{L}"), "t").unwrap();
+        assert_eq!(c.limits.max_write_buffer, 4096);
+    }
+
+    #[test]
+    fn echo_listeners_print_and_take_only_their_keys() {
+        let c = Config::embedded_default();
+        let printed = c.to_toml();
+        let echo = printed.split("[[listener]]").nth(1).unwrap();
+        assert!(echo.contains("name = \"echo\""), "{echo}");
+        for k in HTTP_KEYS {
+            assert!(
+                !echo.contains(k),
+                "`{k}` printed for an echo listener:\n{echo}"
+            );
+        }
+        let http = printed.split("[[listener]]").nth(2).unwrap();
+        for k in HTTP_KEYS {
+            assert!(
+                http.contains(k),
+                "`{k}` missing from an HTTP listener:\n{http}"
+            );
+        }
+        for (k, v) in [
+            ("max_header", "\"8KiB\""),
+            ("max_body", "100"),
+            ("header_timeout", "\"1s\""),
+            ("admin_routes", "false"),
+        ] {
+            let src = format!("{L}service = \"echo\"\n{k} = {v}\n");
+            let (line, col, key, reason) = err(&src);
+            assert_eq!((line, col), (5, 1), "{k}: {reason}");
+            assert_eq!(key, format!("listener[0].{k}"));
+            assert!(reason.contains("HTTP listeners only"), "{reason}");
+        }
+    }
+
+    const HTTP_KEYS: &[&str] = &[
+        "max_header",
+        "max_body",
+        "header_timeout",
+        "admin_routes",
+        "websocket",
+    ];
+
+    #[test]
+    fn ws_max_message_must_fit_the_read_buffer() {
+        let route = |max_message: &str, limits: &str| {
+            format!("{limits}{L}service = \"http\"\n[[listener.websocket]]\npath = \"/ws\"\n{max_message}")
+        };
+        let (line, col, key, reason) = err(&route("max_message = \"4MiB\"\n", ""));
+        assert_eq!((line, col), (7, 1), "{reason}");
+        assert_eq!(key, "listener[0].websocket[0].max_message");
+        assert!(
+            reason.contains("4MiB") && reason.contains("2MiB"),
+            "{reason}"
+        );
+        // The default max_message (1MiB) against a smaller explicit read buffer: the key the
+        // file spells out is the one named.
+        let (line, col, key, reason) = err(&route("", "[limits]\nmax_read_buffer = \"512KiB\"\n"));
+        assert_eq!(
+            (line, col, key.as_str()),
+            (2, 1, "limits.max_read_buffer"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("listener[0].websocket[0].max_message = 1MiB"),
+            "{reason}"
+        );
+        // Exactly enough room for the largest frame header passes.
+        let fits = route(
+            "max_message = 65522\n",
+            "[limits]\nmax_read_buffer = \"64KiB\"\n",
+        );
+        Config::parse(&fits, "t").unwrap();
+        let over = route(
+            "max_message = 65523\n",
+            "[limits]\nmax_read_buffer = \"64KiB\"\n",
+        );
+        assert_eq!(err(&over).2, "listener[0].websocket[0].max_message");
+    }
+
+    #[test]
+    fn max_connections_auto_follows_the_descriptor_limit() {
+        let c = Config::parse(L, "t").unwrap();
+        assert_eq!(c.server.max_connections, MaxConnections::Auto);
+        let reserve = c.descriptor_reserve(2);
+        assert_eq!(reserve, 16 + 8 + 3);
+        assert_eq!(c.max_connections_for(2, Some(20_000)), 20_000 - 27);
+        assert_eq!(c.max_connections_for(2, Some(10)), 1);
+        assert_eq!(
+            c.max_connections_for(2, None),
+            MAX_CONNECTIONS_UNKNOWN_LIMIT
+        );
+        let c = Config::parse(&format!("[server]\nmax_connections = 500\n{L}"), "t").unwrap();
+        assert_eq!(c.max_connections_for(2, Some(20_000)), 500);
+        assert_eq!(
+            c.max_connections_for(2, Some(100)),
+            500,
+            "explicit is kept (and warned)"
+        );
+        for v in ["0", "-1", "\"lots\""] {
+            let (line, _, key, reason) = err(&format!("[server]\nmax_connections = {v}\n{L}"));
+            assert_eq!(
+                (line, key.as_str()),
+                (2, "server.max_connections"),
+                "{v}: {reason}"
+            );
+        }
+        let printed = Config::parse(L, "t").unwrap().to_toml();
+        assert!(printed.contains("max_connections = \"auto\""), "{printed}");
+    }
+
+    #[test]
+    fn validate_on_its_own_locates_like_parse() {
+        let src = format!("[server]\nshards = 4\ncores = [0, 1]\n{L}");
+        let mut c = Config::parse(L, "t").unwrap();
+        c.server.shards = Shards::Count(NonZeroUsize::new(4).unwrap());
+        c.server.cores = vec![0, 1];
+        match c.validate(&src, "t.toml").unwrap_err() {
+            ConfigError::Invalid { line, key, .. } => {
+                assert_eq!((line, key.as_str()), (3, "server.cores"))
+            }
+            e => panic!("{e}"),
+        }
+    }
+}

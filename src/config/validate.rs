@@ -1,0 +1,156 @@
+//! Checks across keys, run after a file has deserialized (checks of one value alone run inside
+//! the deserializers, where the TOML library reports the value's span).
+//!
+//! Each failure names the dotted key at fault and points at it in the file; a key the file
+//! leaves to its default is pointed at through its table's header (`[[listener.websocket]]`),
+//! never at 1:1 unless the file has no such table at all.
+
+use super::spans::Spans;
+use super::{size, Config, ConfigError, ServiceKind, Shards};
+
+/// The longest WebSocket frame header a client sends (2 bytes, an 8-byte length, a 4-byte mask):
+/// a frame of `max_message` bytes occupies this much more in the read buffer.
+const WS_MAX_FRAME_HEADER: usize = 14;
+
+/// Keys a listener takes only when `service = "http"`.
+const HTTP_ONLY_KEYS: &[&str] = &["max_header", "max_body", "header_timeout", "admin_routes"];
+
+impl Config {
+    pub(super) fn check(&self, spans: &Spans, src: &str, file: &str) -> Result<(), ConfigError> {
+        let fail = |path: &str, reason: String| {
+            Err(super::invalid(
+                src,
+                file,
+                spans.at(path),
+                path.to_string(),
+                reason,
+            ))
+        };
+        let s = &self.server;
+        if self.listeners.is_empty() {
+            return fail("listener", "at least one [[listener]] is required".into());
+        }
+        if s.read_buffer < 4096 || s.read_buffer > 16 << 20 {
+            return fail(
+                "server.read_buffer",
+                "must be between 4KiB and 16MiB".into(),
+            );
+        }
+        if s.read_budget < s.read_buffer {
+            return fail("server.read_budget", "must be at least read_buffer".into());
+        }
+        if s.events_per_wait == 0 || s.events_per_wait > 65536 {
+            return fail(
+                "server.events_per_wait",
+                "must be between 1 and 65536".into(),
+            );
+        }
+        if let Shards::Count(n) = s.shards {
+            if !s.cores.is_empty() && s.cores.len() < n.get() {
+                return fail(
+                    "server.cores",
+                    format!(
+                        "lists {} cores for {} shards: give one per shard",
+                        s.cores.len(),
+                        n
+                    ),
+                );
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_write_buffer == 0 {
+            return fail("limits.max_write_buffer", "must be positive".into());
+        }
+        if limits.max_read_buffer < 1024 {
+            return fail("limits.max_read_buffer", "must be at least 1KiB".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            if l.name.is_empty() {
+                return fail(&key("name"), "every listener needs a name".into());
+            }
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                return fail(
+                    &key("name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
+            }
+            if l.addr.port() != 0
+                && self.listeners[..i].iter().any(|o| o.addr == l.addr)
+                && !l.reuse_port
+            {
+                return fail(
+                    &key("addr"),
+                    format!("{} is used by another listener", l.addr),
+                );
+            }
+            if l.backlog == 0 || l.backlog > 65535 {
+                return fail(&key("backlog"), "must be between 1 and 65535".into());
+            }
+            if l.service != ServiceKind::Http {
+                if !l.websocket.is_empty() {
+                    return fail(
+                        &key("websocket"),
+                        "WebSocket routes need service = \"http\" (this listener is \"echo\")"
+                            .into(),
+                    );
+                }
+                // Refused rather than ignored: the key would do nothing, and the effective
+                // configuration printout (which leaves these keys out of echo listeners) would
+                // otherwise not read back as the same configuration.
+                if let Some(k) = HTTP_ONLY_KEYS.iter().find(|k| spans.contains(&key(k))) {
+                    return fail(
+                        &key(k),
+                        "applies to HTTP listeners only (this listener is service = \"echo\")"
+                            .into(),
+                    );
+                }
+            }
+            for (j, w) in l.websocket.iter().enumerate() {
+                let key = |k: &str| format!("listener[{i}].websocket[{j}].{k}");
+                if !w.path.starts_with('/') {
+                    return fail(&key("path"), format!("`{}` must start with '/'", w.path));
+                }
+                if l.websocket[..j].iter().any(|o| o.path == w.path) {
+                    return fail(
+                        &key("path"),
+                        format!("duplicate WebSocket path `{}`", w.path),
+                    );
+                }
+                if w.max_message == 0 {
+                    return fail(&key("max_message"), "must be positive".into());
+                }
+                // A frame is parsed only once it is whole in the read buffer, so a message
+                // limit the buffer cannot hold would never be reached: the connection would hit
+                // max_read_buffer first. Refused, so the limit configured is the limit enforced.
+                if w.max_message + WS_MAX_FRAME_HEADER > limits.max_read_buffer {
+                    let (message, buffer) = (
+                        size::format(w.max_message),
+                        size::format(limits.max_read_buffer),
+                    );
+                    let fix = "lower max_message or raise limits.max_read_buffer";
+                    let route_key = key("max_message");
+                    if !spans.contains(&route_key) && spans.contains("limits.max_read_buffer") {
+                        return fail(
+                            "limits.max_read_buffer",
+                            format!(
+                                "{buffer} cannot hold a message of {route_key} = {message} \
+                                 (the default) plus its {WS_MAX_FRAME_HEADER}-byte frame \
+                                 header: {fix}"
+                            ),
+                        );
+                    }
+                    return fail(
+                        &route_key,
+                        format!(
+                            "{message} (plus a {WS_MAX_FRAME_HEADER}-byte frame header) does not \
+                             fit in limits.max_read_buffer = {buffer}, so such a message could \
+                             never be received: {fix}"
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
