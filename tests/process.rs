@@ -109,37 +109,40 @@ fn descriptor_exhaustion_pauses_accepting_and_recovers() {
     assert_eq!(echo_roundtrip(&mut c, b"after"), b"after");
 }
 
+/// Runs the binary with `args` then `file`: (exit code, stdout, stderr).
+fn shardnet(args: &[&str], file: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn config_check_reports_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("shardnet-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[server]\nshards = 0\n").unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["config", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let file = |name: &str, src: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, src).unwrap();
+        path
+    };
+    let bad = file("bad.toml", "[server]\nshards = 0\n");
+    let (code, _, err) = shardnet(&["config", "check"], &bad);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains(&format!("{}:2:10: key `server.shards`", bad.display())),
         "{err}"
     );
 
-    let good = dir.join("good.toml");
-    std::fs::write(
-        &good,
+    let good = file(
+        "good.toml",
         "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["config", "check"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let effective = String::from_utf8_lossy(&out.stdout);
+    );
+    let (code, effective, _) = shardnet(&["config", "check"], &good);
+    assert_eq!(code, Some(0));
     assert!(effective.contains("idle_timeout = \"5m\""), "{effective}");
 
     let out = std::process::Command::new(bin())
@@ -150,51 +153,30 @@ fn config_check_reports_file_line_and_key() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("[[listener.websocket]]"));
 
     // `serve` with a broken file exits 2 with the same message.
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("key `server.shards`"));
+    let (code, _, err) = shardnet(&["serve", "--config"], &bad);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("key `server.shards`"), "{err}");
 
     // A syntax error has no key: it says so, with the parser's line and column.
-    let syntax = dir.join("syntax.toml");
-    std::fs::write(&syntax, "[server]\nshards = 1\n[[listener]\nname = \"x\"\n").unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["config", "check"])
-        .arg(&syntax)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.starts_with(&format!("{}:3:11: syntax error: ", syntax.display())),
-        "{err}"
+    let syntax = file(
+        "syntax.toml",
+        "[server]\nshards = 1\n[[listener]\nname = \"x\"\n",
     );
+    let (code, _, err) = shardnet(&["config", "check"], &syntax);
+    assert_eq!(code, Some(2));
+    let want = format!("{}:3:11: syntax error: ", syntax.display());
+    assert!(err.starts_with(&want), "{err}");
     assert!(!err.contains("key `"), "{err}");
 
     // A cross-key error on a key left to its default points at its table's header.
-    let ws = dir.join("ws.toml");
-    std::fs::write(
-        &ws,
+    let ws = file(
+        "ws.toml",
         "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n\n[[listener.websocket]]\npath = \"/ws\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["config", "check"])
-        .arg(&ws)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!(
-            "{}:5:1: key `listener[0].websocket`",
-            ws.display()
-        )),
-        "{err}"
     );
+    let (code, _, err) = shardnet(&["config", "check"], &ws);
+    assert_eq!(code, Some(2));
+    let want = format!("{}:5:1: key `listener[0].websocket`", ws.display());
+    assert!(err.contains(&want), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -202,13 +184,8 @@ fn config_check_reports_file_line_and_key() {
 fn serve_with_a_missing_config_says_the_os_error_once() {
     let missing =
         std::env::temp_dir().join(format!("shardnet-missing-{}.toml", std::process::id()));
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = shardnet(&["serve", "--config"], &missing);
+    assert_eq!(code, Some(2));
     assert_eq!(
         err.trim_end(),
         format!(

@@ -2,13 +2,13 @@
 //!
 //! `config/shardnet.toml` is the embedded default and documents every key. Unknown keys are
 //! errors (`deny_unknown_fields`). Durations are strings such as `"30s"`, `"500ms"`, `"5m"`;
-//! sizes are strings such as `"64KiB"`, `"1MiB"` or a plain integer of bytes ([`units`] says
+//! sizes are strings such as `"64KiB"`, `"1MiB"` or a plain integer of bytes (`units.rs` says
 //! why the two differ).
 //!
-//! Every error names the file, line, column and dotted key (`file:line:column: key
-//! `listener[1].addr`: reason`), or says `syntax error` where the file is not TOML. The locations
-//! come from the TOML library's spans ([`spans`]): checks of one value run inside the serde
-//! deserializers, so the library reports the value's span; checks across keys ([`validate`]) run
+//! Every error names the file, line, column and dotted key (``file:line:column: key
+//! `listener[1].addr`: reason``), or says `syntax error` where the file is not TOML. The locations
+//! come from the TOML library's spans (`spans.rs`): checks of one value run inside the serde
+//! deserializers, so the library reports the value's span; checks across keys (`validate.rs`) run
 //! after parsing and point at the key, or at its table's header when the key is left to its
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
