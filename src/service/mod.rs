@@ -7,6 +7,7 @@
 //! read (a batch of pipelined responses) goes out together; only what the socket does not take
 //! is copied into a per-connection queue.
 
+pub mod deflate;
 pub mod echo;
 pub mod http;
 pub mod metrics;
