@@ -7,7 +7,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 
-use shardnet::service::deflate::{Agreed, Deflater, Inflater, LEVEL_DIRECT, LEVEL_FANOUT};
+use shardnet::service::deflate::{Agreed, Deflater, Inflater, LEVEL_FAST, LEVEL_THOROUGH};
 
 /// Bytes currently allocated through the global allocator.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -75,7 +75,7 @@ fn memory_per_connection_and_per_shard() {
                 window_bits: bits,
                 takeover: true,
             };
-            let mut d = Deflater::new(agreed, LEVEL_DIRECT);
+            let mut d = Deflater::new(agreed, LEVEL_THOROUGH);
             out.clear();
             d.compress(&msg, &mut out).unwrap();
             d
@@ -90,7 +90,7 @@ fn memory_per_connection_and_per_shard() {
             window_bits: 15,
             takeover: false,
         };
-        Deflater::new(agreed, LEVEL_FANOUT)
+        Deflater::new(agreed, LEVEL_FAST)
             .compress(&msg, &mut c)
             .unwrap();
         i.inflate(&c, 1 << 20, &mut scratch).unwrap();

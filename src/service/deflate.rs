@@ -60,14 +60,15 @@ pub const MIN_WINDOW_BITS: u8 = 9;
 /// The largest window the RFC allows (32 KiB).
 pub const MAX_WINDOW_BITS: u8 = 15;
 
-/// The level for a message compressed for one connection (echo replies, acknowledgements, a
-/// `dedicated` connection's stream), which pays the whole cost every time. zlib-rs's level 1
-/// (its "quick" strategy) compressed 1 KiB of JSON to 361 bytes in 4.9 µs, level 6 to 270 bytes
-/// in 13 µs (`benches/micro.rs`; README "Compression" has the runs).
-pub const LEVEL_DIRECT: u32 = 1;
-/// The level for a published message, compressed once per shard for all its subscribers: the
-/// cost is shared, so the better ratio is worth it.
-pub const LEVEL_FANOUT: u32 = 6;
+/// The level for a `shared` connection's own messages (echo replies, acknowledgements), which
+/// pay the whole cost every time: zlib-rs's level 1 (its "quick" strategy) compressed 1 KiB of
+/// JSON to 361 bytes in 4.9 µs, level 6 to 270 bytes in 14 µs (`benches/micro.rs`; README
+/// "Compression" has the runs).
+pub const LEVEL_FAST: u32 = 1;
+/// The level where the ratio is worth the time: a published message, compressed once per shard
+/// for all its subscribers, and a `dedicated` connection's stream (a route chooses `dedicated`
+/// for the ratio; at level 1 its context takeover would not even catch up with level 6 without).
+pub const LEVEL_THOROUGH: u32 = 6;
 
 /// Messages shorter than this are sent plain: deflate's block header and end-of-block code
 /// make tiny messages (acknowledgements, pings of the application) grow, not shrink.
@@ -370,7 +371,7 @@ pub struct Deflater {
 }
 
 impl Deflater {
-    /// A compressor for `agreed` at `level` ([`LEVEL_DIRECT`] or [`LEVEL_FANOUT`]).
+    /// A compressor for `agreed` at `level` ([`LEVEL_FAST`] or [`LEVEL_THOROUGH`]).
     pub fn new(agreed: Agreed, level: u32) -> Deflater {
         let bits = agreed.window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS);
         Deflater {
@@ -582,14 +583,14 @@ fn shard_deflater(
 }
 
 impl ShardDeflate {
-    /// The compressor for messages to one connection, for a window size.
+    /// The compressor for a `shared` connection's own messages, for a window size.
     pub fn direct(&mut self, window_bits: u8) -> &mut Deflater {
-        shard_deflater(&mut self.direct, window_bits, LEVEL_DIRECT)
+        shard_deflater(&mut self.direct, window_bits, LEVEL_FAST)
     }
 
     /// The compressor for published messages, for a window size.
     pub fn fanout(&mut self, window_bits: u8) -> &mut Deflater {
-        shard_deflater(&mut self.fanout, window_bits, LEVEL_FANOUT)
+        shard_deflater(&mut self.fanout, window_bits, LEVEL_THOROUGH)
     }
 
     /// Inflates one received message, counted; the result borrows the shard's buffer until the
@@ -963,7 +964,7 @@ mod tests {
             window_bits: bits,
             takeover: false,
         };
-        Deflater::new(agreed, LEVEL_FANOUT)
+        Deflater::new(agreed, LEVEL_THOROUGH)
     }
 
     fn dedicated(bits: u8) -> Deflater {
@@ -971,7 +972,7 @@ mod tests {
             window_bits: bits,
             takeover: true,
         };
-        Deflater::new(agreed, LEVEL_DIRECT)
+        Deflater::new(agreed, LEVEL_THOROUGH)
     }
 
     fn compressed(d: &mut Deflater, msg: &[u8]) -> Vec<u8> {
