@@ -25,6 +25,9 @@ struct Link {
     deadline: u64,
 }
 
+/// Bytes of wheel bookkeeping per key (one link per slab index that ever had a timer).
+pub const LINK_BYTES: usize = std::mem::size_of::<Link>();
+
 const EMPTY: Link = Link {
     prev: NIL,
     next: NIL,

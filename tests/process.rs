@@ -43,9 +43,19 @@ fn sigterm_during_load_echoes_everything_received_then_exits_0() {
 
 #[test]
 fn descriptor_exhaustion_pauses_accepting_and_recovers() {
+    exhaustion_and_recovery("");
+}
+
+#[test]
+fn descriptor_exhaustion_on_reuseport_shards_pauses_accepting_and_recovers() {
+    // The same listener type and policy serve shards that accept on their own sockets.
+    exhaustion_and_recovery("balance = \"reuseport\"");
+}
+
+fn exhaustion_and_recovery(server_extra: &str) {
     // 48 descriptors: about a dozen go to stdio, epoll, eventfds and the listener; the rest to
     // connections. 60 clients cannot all be accepted at once.
-    let server = Child::spawn(&echo_toml(""), "ulimit -n 48 &&");
+    let server = Child::spawn(&echo_toml(server_extra), "ulimit -n 48 &&");
     let addr = server.addr("echo");
     let mut pending: Vec<TcpStream> = (0..60)
         .map(|_| {

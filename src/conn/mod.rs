@@ -61,7 +61,8 @@ impl Token {
     }
 }
 
-struct Slot<T> {
+/// One slab slot: the value and the generation its token must carry.
+pub(crate) struct Slot<T> {
     generation: u32,
     value: T,
 }

@@ -155,6 +155,7 @@ impl<S: Service> Shard<S> {
             counters.bytes_in.add(n as u64);
             let eof_pending = e.ctl.flags.has(Flags::EOF_PENDING);
             if !lingering {
+                let first_words = !e.ctl.flags.has(Flags::SPOKE);
                 e.ctl.flags.set(Flags::SPOKE);
                 // Input is progress only while nothing is queued: a peer that sends but does
                 // not read must not keep its stalled output alive.
@@ -163,6 +164,10 @@ impl<S: Service> Shard<S> {
                 }
                 if !self.deliver(token, n) {
                     return;
+                }
+                if first_words && self.core.env.draining {
+                    // Its drain deadline just became the shorter quiet period.
+                    self.core.rearm(token, true);
                 }
             }
             if !edge || (n < want && !eof_pending) {

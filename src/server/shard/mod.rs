@@ -429,3 +429,24 @@ impl<S: Service> Shard<S> {
         core.rearm(token, false);
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slab crate's own entry around each slot (`Vacant(next free)` or the value).
+    #[allow(dead_code)]
+    enum SlabEntry<T> {
+        Vacant(usize),
+        Occupied(T),
+    }
+
+    #[test]
+    fn an_idle_connection_costs_at_most_64_bytes_of_engine_state() {
+        // The engine's part of an idle connection: its slab entry (generation, Ctl, a stateless
+        // service's nothing) and its timer link. The goal is 100 bytes with the service's state.
+        let slab_entry = std::mem::size_of::<SlabEntry<crate::conn::Slot<Entry<()>>>>();
+        let total = slab_entry + crate::timer::LINK_BYTES;
+        assert!(slab_entry <= 48, "slab entry {slab_entry} bytes");
+        assert!(total <= 64, "{total} bytes per idle connection");
+    }
+}
