@@ -153,7 +153,12 @@ impl Acceptor {
 
 impl Dispatch {
     fn open(&self, shard: usize) -> u64 {
-        self.assigned[shard].saturating_sub(self.stats.shard(shard).closed.get())
+        let counters = self.stats.shard(shard);
+        if counters.alive.get() == 0 {
+            // A dead shard's connections are gone (its channel refuses new ones).
+            return 0;
+        }
+        self.assigned[shard].saturating_sub(counters.closed.get())
     }
 
     fn dispatch(&mut self, mut nc: NewConn) {

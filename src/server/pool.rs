@@ -71,8 +71,13 @@ struct AliveGuard {
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.stats.shard(self.shard).alive.set(0);
+        let counters = self.stats.shard(self.shard);
+        counters.alive.set(0);
         if std::thread::panicking() {
+            // Unwinding dropped the shard and closed its connections without counting them.
+            counters.open.set(0);
+            counters.output_queued.set(0);
+            counters.input_buffered.set(0);
             self.stats.shard_died();
             log::error!(
                 "shard {}: its thread died (a panic outside any connection's callback); its \

@@ -69,10 +69,6 @@ impl Events {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn get(&self, i: usize) -> Event {
         let e = &self.buf[i];
         let f = e.events();
@@ -106,10 +102,6 @@ impl Poller {
     pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
         let mut ev = EpollEvent::new(interest.flags(), token);
         self.epoll.modify(fd, &mut ev).map_err(io_err)
-    }
-
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.epoll.delete(fd).map_err(io_err)
     }
 
     /// Waits up to `timeout` (`None`: until an event). `EINTR` counts as zero events. After any
@@ -166,6 +158,34 @@ mod tests {
         // A wait that returns nothing leaves nothing to handle.
         let quiet = Poller::new().unwrap();
         assert_eq!(quiet.wait(&mut events, Some(Duration::ZERO)).unwrap(), 0);
-        assert!(events.is_empty());
+        assert_eq!(events.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_wait_leaves_no_stale_events() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let poller = Poller::new().unwrap();
+        let interest = Interest {
+            read: true,
+            write: false,
+            edge: false,
+        };
+        poller.add(listener.as_fd(), 1, interest).unwrap();
+        let mut events = Events::with_capacity(4);
+        assert_eq!(
+            poller
+                .wait(&mut events, Some(Duration::from_secs(5)))
+                .unwrap(),
+            1
+        );
+        // An array epoll_wait refuses (EINVAL for zero slots) makes the next wait fail.
+        events.buf.clear();
+        assert!(poller.wait(&mut events, Some(Duration::ZERO)).is_err());
+        assert_eq!(
+            events.len(),
+            0,
+            "the last wait's events are not handled again"
+        );
     }
 }

@@ -375,6 +375,7 @@ fn a_dead_shard_is_reported_and_the_others_keep_serving() {
     let snap = server.snapshot();
     assert_eq!(snap.dead_shards, 1);
     assert_eq!(snap.shards[0].alive, 0);
+    assert_eq!(snap.shards[0].open, 0, "its connections went with it");
     assert_eq!(snap.shards[1].alive, 1);
     let err = server.set_limits(Limits::default()).unwrap_err();
     assert_eq!((err.missing, err.shards), (1, 2), "{err}");
