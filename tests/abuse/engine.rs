@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardnet::server::{
-    CloseReason, Conn, Limits, ListenerSpec, Peers, Pinning, Server, Service, ShardInfo, Token,
-    Tuning,
+    CloseReason, Conn, Ctx, Limits, ListenerSpec, Peers, Pinning, Server, Service, ShardInfo,
+    Token, Tuning,
 };
 
 use super::common::*;
@@ -384,4 +384,92 @@ fn a_dead_shard_is_reported_and_the_others_keep_serving() {
         let mut c = connect(addr);
         assert_eq!(echo_roundtrip(&mut c, &[i; 10]), [i; 10], "connection {i}");
     }
+}
+
+/// Writes a flood when the connection opens, then on input exactly what is left to reach
+/// `max_write_buffer`.
+struct FillToTheBound {
+    bound: usize,
+}
+
+impl Service for FillToTheBound {
+    type State = ();
+    type Command = ();
+
+    fn on_open(&mut self, conn: &mut Conn<'_, ()>) {
+        flood(conn);
+    }
+
+    fn on_data(&mut self, conn: &mut Conn<'_, ()>, input: &mut [u8]) -> usize {
+        let room = self.bound - conn.queued();
+        let out = conn.out();
+        let staged = out.len();
+        out.resize(staged + room, b'b');
+        assert_eq!(conn.queued(), self.bound);
+        assert!(conn.over_limit());
+        input.len()
+    }
+}
+
+/// Reading pauses when the queue reaches `max_write_buffer` exactly (it used to need more).
+#[test]
+fn reading_pauses_at_exactly_max_write_buffer() {
+    let bound = 16 << 20;
+    let limits = Limits {
+        max_write_buffer: bound,
+        ..Limits::default()
+    };
+    let server = start_custom(1, limits, move |_, _| FillToTheBound { bound });
+    let mut c = connect(server.addr("t").unwrap());
+    let stats = server.stats();
+    wait_until(Duration::from_secs(5), "the flood is queued", || {
+        stats.snapshot().total().output_queued > 0
+    });
+    c.write_all(b"x").unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "reading pauses at the bound",
+        || stats.snapshot().total().backpressure_pauses == 1,
+    );
+    assert_eq!(stats.snapshot().total().output_queued, bound as u64);
+}
+
+/// Spends a millisecond on every command, like a service with heavy fan-out work.
+struct SlowCommands;
+
+impl Service for SlowCommands {
+    type State = ();
+    type Command = u32;
+
+    fn on_data(&mut self, _conn: &mut Conn<'_, ()>, input: &mut [u8]) -> usize {
+        input.len()
+    }
+
+    fn on_command(&mut self, _cmd: u32, _ctx: &mut Ctx<'_, ()>) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Control is not queued behind data: new limits reach a shard that has 3000 slow commands
+/// queued (3 s of work) at once, acknowledged.
+#[test]
+fn new_limits_reach_a_shard_busy_with_a_flood_of_commands_at_once() {
+    let slot: Arc<Mutex<Option<Peers<u32>>>> = Arc::new(Mutex::new(None));
+    let slot2 = slot.clone();
+    let server = start_custom(1, Limits::default(), move |_, peers| {
+        *slot2.lock().unwrap() = Some(peers);
+        SlowCommands
+    });
+    let peers = slot.lock().unwrap().clone().expect("the factory ran");
+    for i in 0..3000 {
+        assert!(peers.send(0, i), "command {i} queued");
+    }
+    let asked = Instant::now();
+    let applied = server.set_limits(Limits {
+        idle_timeout: Duration::from_secs(7),
+        ..Limits::default()
+    });
+    let took = asked.elapsed();
+    assert!(applied.is_ok(), "{applied:?}");
+    assert!(took < Duration::from_secs(1), "acknowledged after {took:?}");
 }

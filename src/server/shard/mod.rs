@@ -15,7 +15,8 @@
 //! 2. the clock (read once per turn), then **control** (drain, new limits), each message applied
 //!    and acknowledged before anything else is looked at;
 //! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
-//! 4. the events: the waker (new connections, then at most 4096 data commands), reads and writes;
+//! 4. the events: the waker (control again, new connections, then at most 4096 data commands,
+//!    with control looked at every 64 of them), reads and writes;
 //! 5. connections whose read budget ran out, then the shard's own listeners;
 //! 6. once draining and empty (or past `shutdown_timeout`), the end.
 //!
@@ -48,6 +49,8 @@ const WHEEL_SLOTS: usize = 8192;
 /// Commands (and new connections) handled per wake; the waker is re-armed when more are left,
 /// so a flood of commands cannot stall I/O.
 const WAKE_BATCH: usize = 4096;
+/// Within a batch of data commands, control is looked at again after this many.
+const CONTROL_EVERY: usize = 64;
 /// Accepts per own listener per loop turn (the connections already open get their turn too).
 const ACCEPT_BATCH: usize = 64;
 
@@ -334,6 +337,10 @@ impl<S: Service> Shard<S> {
             };
             commands += 1;
             self.with_ctx("on_command", |service, ctx| service.on_command(cmd, ctx));
+            if commands % CONTROL_EVERY == 0 {
+                // Control does not wait for the rest of a batch of slow commands either.
+                self.on_control();
+            }
         }
         self.inbox.data.release(commands);
         if commands > 0 {
