@@ -58,6 +58,30 @@ fn non_reader_with_output_below_the_bound_is_closed_after_write_timeout() {
     );
 }
 
+/// The same through the product's HTTP service: a client pipelines requests and stops reading,
+/// its answers queued under the bound; the write timeout closes it.
+#[test]
+fn pipelining_http_client_that_stops_reading_is_closed_after_write_timeout() {
+    let toml = format!(
+        "{}[limits]\nmax_write_buffer = \"64MiB\"\nwrite_timeout = \"1s\"\nidle_timeout = \"60s\"\n",
+        http_toml(1, "")
+    );
+    let server = start_router(&toml);
+    let mut client = connect(server.addr("http").unwrap());
+    // 40,000 requests (1.4 MB) whose answers (about 5 MB) exceed what the kernel buffers hold.
+    let batch = b"GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    for _ in 0..40 {
+        client.write_all(&batch).unwrap();
+    }
+    let sent = Instant::now();
+    let stats = server.stats();
+    wait_until(Duration::from_secs(10), "the write timeout closes it", || {
+        stats.snapshot().total().write_timeouts == 1
+    });
+    assert_eq!(stats.snapshot().total().backpressure_pauses, 0, "never over the bound");
+    assert!(sent.elapsed() >= Duration::from_millis(900));
+}
+
 /// Issue 11 item 2: the request and the FIN arrive together; the answer comes back and the
 /// connection closes at once, not after `idle_timeout`.
 #[test]
