@@ -1,4 +1,9 @@
-//! Abuse cases: engine.
+//! Abuse cases: engine. Each case was a defect of the engine (issue 11, issue 20) and asserts the
+//! exact outcome and a bounded time: output stalled under the bound is closed by the write
+//! timeout; a FIN sent with the data is seen; a bounded close survives a later timer; reading
+//! pauses at the bound itself; a panicking callback closes only its connection; a dead shard is
+//! reported; control is not queued behind data. Descriptor exhaustion and recovery (acceptor and
+//! reuseport shards) is in `tests/process.rs`, which needs a child process with a low limit.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -75,10 +80,16 @@ fn pipelining_http_client_that_stops_reading_is_closed_after_write_timeout() {
     }
     let sent = Instant::now();
     let stats = server.stats();
-    wait_until(Duration::from_secs(10), "the write timeout closes it", || {
-        stats.snapshot().total().write_timeouts == 1
-    });
-    assert_eq!(stats.snapshot().total().backpressure_pauses, 0, "never over the bound");
+    wait_until(
+        Duration::from_secs(10),
+        "the write timeout closes it",
+        || stats.snapshot().total().write_timeouts == 1,
+    );
+    assert_eq!(
+        stats.snapshot().total().backpressure_pauses,
+        0,
+        "never over the bound"
+    );
     assert!(sent.elapsed() >= Duration::from_millis(900));
 }
 
