@@ -308,10 +308,17 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
-    server.set_limits(&config.limits);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
+    }
+    // "reloaded" only once every shard has acknowledged the new limits.
+    if let Err(e) = server.set_limits(crate::server::Limits::from(&config.limits)) {
+        log::error!(
+            "reload of {} incomplete: {e}; those shards keep their previous limits",
+            path.display()
+        );
+        return true;
     }
     // Values in the file's own units (`0s`, `1MiB`), so the line reads like the file.
     log::info!(

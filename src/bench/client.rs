@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 
 use crate::server::Peers;
 use crate::service::ws;
-use crate::service::{Conn, Ctx, Service, ShardInfo, Token};
+use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 
 /// What each connection does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -459,7 +459,7 @@ impl Service for Client {
         }
     }
 
-    fn on_close(&mut self, token: Token, state: &mut ClientConn) {
+    fn on_close(&mut self, token: Token, state: &mut ClientConn, _reason: CloseReason) {
         self.conns.retain(|&t| t != token);
         self.result.closed += 1;
         if self.plan.mode != Mode::Connect

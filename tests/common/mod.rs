@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use shardnet::config::Config;
 use shardnet::server::Server;
+use shardnet::service::router::engine;
 
 /// Every blocking client call gives up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,7 +28,9 @@ pub fn echo_config(shards: usize, server_extra: &str, limits: &str) -> Config {
 }
 
 pub fn start_echo(config: &Config) -> Server {
-    Server::start(config, |_, _| shardnet::service::echo::Echo).expect("server starts")
+    engine(config)
+        .start(|_, _| shardnet::service::echo::Echo)
+        .expect("server starts")
 }
 
 #[track_caller]
