@@ -109,11 +109,11 @@ pub fn require(available: bool, what: &str, install: &str) -> bool {
         .name()
         .unwrap_or("this test")
         .to_string();
+    if in_ci() {
+        panic!("{test} needs {what} ({install}); under CI=true that is a failure, not a skip");
+    }
     let line =
         format!("SKIPPED {test}: needs {what} ({install}); set CI=true to make this a failure\n");
-    if in_ci() {
-        panic!("{line}");
-    }
     use std::io::Write;
     let _ = std::io::stderr().write_all(line.as_bytes());
     false
