@@ -176,7 +176,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut server = crate::service::start_default(&config).context("cannot start the server")?;
     log_summary(&config, &server);
 
-    notify("READY=1");
+    // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
+    // the tests and `bench --spawn` read the addresses here, not from the log (crate::ready).
+    notify(&crate::ready::Ready::of_this_process(server.addrs()).message());
     let mut ticker = stats_ticker(config.server.stats_interval);
     let mut last: Option<Snapshot> = None;
     loop {

@@ -19,6 +19,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod ready;
 pub mod server;
 pub mod service;
 pub mod stats;
