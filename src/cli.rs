@@ -163,7 +163,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
+    let mut server = crate::app::start(&config).context("cannot start the server")?;
     log_summary(&config, &server);
 
     notify("READY=1");

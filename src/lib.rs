@@ -2,12 +2,14 @@
 //!
 //! One acceptor thread hands sockets to N shard threads, each pinned to a core and owning its
 //! own epoll instance, connection slab, timer wheel and read buffer; see [`server`] for the
-//! ownership rule. Services (echo, HTTP/1.1, WebSocket) implement [`service::Service`].
+//! ownership rule. Protocols (echo, HTTP/1.1, WebSocket) implement [`service::Service`]; the
+//! product that `shardnet serve` runs (routes, pub/sub, metrics) is [`app`], on top.
 #![deny(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("shardnet uses epoll and eventfd: it builds on Linux only");
 
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -168,7 +168,7 @@ fn reuseport_balance_spreads_over_shards() {
         &echo_config("60s", "balance = \"reuseport\"", 0, false)
             .replace("shards = 2", "shards = 3"),
     );
-    let server = shardnet::service::start_default(&config).unwrap();
+    let server = shardnet::app::start(&config).unwrap();
     let addr = server.addr("echo").unwrap();
     let mut conns: Vec<_> = (0..300).map(|_| connect(addr)).collect();
     for (i, c) in conns.iter_mut().enumerate() {

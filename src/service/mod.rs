@@ -1,4 +1,6 @@
-//! The service trait: what a protocol implements to run on the shard engine.
+//! The service trait, and the protocols usable without the product: echo, the HTTP/1.1 codec
+//! and the WebSocket codec (server and client halves). Nothing here knows the configuration file
+//! or the product's routes (`crate::app` binds them).
 //!
 //! One service instance runs per shard, on that shard's thread, so it needs neither `Send` nor
 //! `Sync`. It never sees a socket: it gets input bytes and writes through a [`Conn`] handle.
@@ -9,11 +11,7 @@
 
 pub mod echo;
 pub mod http;
-pub mod metrics;
-pub mod router;
 pub mod ws;
-
-pub use router::start as start_default;
 
 use std::time::{Duration, Instant};
 

@@ -334,7 +334,7 @@ pub fn read_response(s: &mut TcpStream, head: bool) -> (u16, String, Vec<u8>) {
 
 /// A server running the product router with `toml`.
 pub fn start_router(toml: &str) -> Server {
-    shardnet::service::start_default(&config(toml)).expect("server starts")
+    shardnet::app::start(&config(toml)).expect("server starts")
 }
 
 pub fn http_toml(shards: usize, listener_extra: &str) -> String {
