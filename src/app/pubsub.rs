@@ -393,7 +393,10 @@ impl Hub {
     }
 }
 
-/// Writes the messages of one batch that fit under the subscriber's bound.
+/// Writes the messages of one batch that fit under the subscriber's bound. A message is staged
+/// only while the subscriber's queued output (staged bytes included) is under
+/// `max_write_buffer`; what was staged is then written, and if the socket took it the next
+/// messages get their turn, so only a subscriber that is really not reading loses messages.
 fn deliver_to<S>(
     ctx: &mut Ctx<'_, S>,
     token: Token,
@@ -401,33 +404,36 @@ fn deliver_to<S>(
     counters: &ServiceCounters,
     policy: &impl Fn(&mut S) -> Option<SlowConsumer>,
 ) {
-    let done = ctx.with_conn(token, |conn| {
-        let policy = policy(conn.state())?;
-        let mut sent = 0;
-        for frame in frames {
-            if conn.over_limit() {
-                break;
+    let mut next = 0;
+    while next < frames.len() {
+        let round = ctx.with_conn(token, |conn| {
+            let policy = policy(conn.state())?;
+            let mut i = next;
+            while i < frames.len() && !conn.over_limit() {
+                conn.write(&frames[i]);
+                i += 1;
             }
-            conn.write(frame);
-            sent += 1;
-        }
-        let left = frames.len() - sent;
-        if left > 0 && policy == SlowConsumer::Disconnect {
-            // The 1008 queues behind the backlog: a slow reader gets it within a second, one
-            // that does not read at all is cut off then.
-            ws::write_close(conn.out(), ws::CLOSE_POLICY, "slow consumer");
-            conn.close_within(SLOW_CLOSE_GRACE);
-        }
-        Some((sent, left, policy))
-    });
-    if let Some(Some((sent, left, policy))) = done {
-        counters.ws_messages_out.add(sent as u64);
-        if left > 0 {
+            if i == next && policy == SlowConsumer::Disconnect {
+                // The 1008 queues behind the backlog: a slow reader gets it within a second,
+                // one that does not read at all is cut off then.
+                ws::write_close(conn.out(), ws::CLOSE_POLICY, "slow consumer");
+                conn.close_within(SLOW_CLOSE_GRACE);
+            }
+            Some((policy, i))
+        });
+        let Some(Some((policy, i))) = round else {
+            return; // closed, or not a pub/sub connection
+        };
+        counters.ws_messages_out.add((i - next) as u64);
+        if i == next {
+            // At the bound with nothing written since: the rest does not fit.
             match policy {
-                SlowConsumer::Drop => counters.ws_dropped.add(left as u64),
+                SlowConsumer::Drop => counters.ws_dropped.add((frames.len() - i) as u64),
                 SlowConsumer::Disconnect => counters.ws_slow_closed.inc(),
             }
+            return;
         }
+        next = i;
     }
 }
 

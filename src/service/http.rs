@@ -26,7 +26,7 @@
 //!   `Transfer-Encoding` with `Content-Length` → 400 (smuggling) [6.1].
 //! - `Expect: 100-continue` gets `100 Continue` once while the body is awaited.
 //! - A header block over `max_header` → 431; malformed (obs-fold, space before the colon, bad
-//!   bytes) → 400. Every error response closes the connection.
+//!   bytes, a line ending in a bare LF) → 400. Every error response closes the connection.
 //! - Output per call is bounded by the caller's budget: past it, handling stops and the caller
 //!   offers the rest of the input again once the output has drained (a client that pipelines
 //!   without reading costs bounded memory).
@@ -418,6 +418,19 @@ fn unsupported_version(buf: &[u8]) -> bool {
     }
 }
 
+/// Whether every line of the header block `buf[..hlen]` ends in CRLF. httparse also takes a bare
+/// LF as a line end; a proxy in front that does not would read `X: a\nContent-Length: 5` as one
+/// field, and the two would disagree about where the request ends. Checked in O(fields): each
+/// field's name must follow a CRLF, and the block must end with CRLF CRLF.
+fn crlf_only(buf: &[u8], hlen: usize, headers: &[httparse::Header<'_>]) -> bool {
+    let base = buf.as_ptr() as usize;
+    buf[..hlen].ends_with(b"\r\n\r\n")
+        && headers.iter().all(|h| {
+            let at = h.name.as_ptr() as usize - base;
+            at >= 2 && &buf[at - 2..at] == b"\r\n"
+        })
+}
+
 /// Whether the request line in `buf` (complete or not) already carries a target over `limit`.
 fn target_too_long(buf: &[u8], limit: usize) -> bool {
     let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf);
@@ -526,6 +539,10 @@ impl Http {
                     return;
                 }
             };
+            if !crlf_only(buf, hlen, req.headers) {
+                o.fail(out, date, 400, "lines must end in CRLF");
+                return;
+            }
             let target = req.path.unwrap_or("/");
             if target.len() > max_target {
                 o.fail(out, date, 414, "request target too long");
@@ -922,6 +939,12 @@ mod tests {
         );
         assert_eq!(status_of(b"GET /ok HTTP/1.1\r\nHost : a\r\n\r\n"), 400);
         assert_eq!(status_of(b"GET /ok HTTP/1.1\r\nHo\x01st: a\r\n\r\n"), 400);
+        // Bare LF, in any position.
+        assert_eq!(status_of(b"GET /ok HTTP/1.1\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET /ok HTTP/1.1\r\nHost: a\nX: b\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET /ok HTTP/1.1\r\nHost: a\r\n\n"), 400);
+        assert_eq!(status_of(b"GET /ok HTTP/1.0\n\n"), 400);
+        assert_eq!(status_of(b"GET /ok HTTP/1.0\r\n\r\n"), 200);
     }
 
     #[test]
