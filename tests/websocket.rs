@@ -310,6 +310,60 @@ fn thousand_subscribers_over_shards_receive_a_publish_exactly_once() {
     );
 }
 
+#[test]
+fn delivery_past_the_wake_budget_continues_on_the_next_wake() {
+    // 2,100 subscribers on one shard, each on five topics: delivering one publish per topic is
+    // 5 x 2,101 units of work, over the 8,192 one wake may spend, so the last topic waits for a
+    // wake the shard asks for itself (a command it sends itself: the command count shows it).
+    let server = start_router(&ws_toml(1, "", ""));
+    let addr = server.addr("http").unwrap();
+    let topics = ["a", "b", "c", "d", "e"];
+    let subscribe_all: Vec<u8> = topics
+        .iter()
+        .flat_map(|t| {
+            let mut f = Vec::new();
+            let msg = format!(r#"{{"op":"subscribe","topic":"{t}"}}"#);
+            ws::write_masked(&mut f, ws::OP_TEXT, true, msg.as_bytes(), [1, 2, 3, 4]);
+            f
+        })
+        .collect();
+    let mut clients: Vec<TcpStream> = (0..2100).map(|_| ws_connect(addr, "/ws")).collect();
+    for c in clients.iter_mut() {
+        c.write_all(&subscribe_all).unwrap();
+    }
+    for c in clients.iter_mut() {
+        for _ in topics {
+            assert_eq!(recv(c).0, ws::OP_TEXT);
+        }
+    }
+    let before = server.snapshot().total().commands;
+    let mut burst = Vec::new();
+    for t in topics {
+        burst.extend_from_slice(
+            format!("POST /publish/{t} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1")
+                .as_bytes(),
+        );
+    }
+    let mut h = connect(addr);
+    h.write_all(&burst).unwrap();
+    for c in clients.iter_mut() {
+        let mut got: Vec<String> = (0..5)
+            .map(|_| String::from_utf8(recv(c).1).unwrap())
+            .collect();
+        got.sort();
+        let want: Vec<String> = topics
+            .iter()
+            .map(|t| format!(r#"{{"topic":"{t}","data":1}}"#))
+            .collect();
+        assert_eq!(got, want);
+    }
+    let commands = server.snapshot().total().commands - before;
+    assert!(
+        commands > 5,
+        "{commands} commands: delivery did not continue on a later wake"
+    );
+}
+
 fn stats_json(addr: SocketAddr) -> serde_json::Value {
     let mut h = connect(addr);
     let (_, _, body) = http_exchange(&mut h, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
