@@ -51,7 +51,9 @@ pub struct WsState {
 struct WsRoute {
     config: WsRouteConfig,
     /// The message limit handed to the codec: `max_message`, or less if a frame that size could
-    /// not fit in `max_read_buffer`.
+    /// not fit in `max_read_buffer`. Computed at start: a reload that lowers `max_read_buffer`
+    /// (the engine's limit) is not seen here, and a frame between the two limits is then closed
+    /// by the engine without a close frame.
     frame_limit: usize,
     topics: TopicLimits,
 }
