@@ -2,9 +2,9 @@
 //! compressor and inflater the WebSocket codec uses. No I/O and no framing: the codec sets and
 //! reads RSV1, this module turns a message's payload into its compressed form and back.
 //!
-//! Owned by one shard thread: each shard has one [`ShardDeflate`] (its shared compressors and
-//! its one inflater); a connection holds at most an [`Agreed`] (two bytes) and, in `dedicated`
-//! mode only, its own [`Deflater`].
+//! Owned by one shard thread: each shard has one [`ShardCompressors`] and one [`ShardInflater`];
+//! a connection holds at most an [`Agreed`] (two bytes) and, in `dedicated` mode only, its own
+//! [`Deflater`].
 //!
 //! What the server agrees to, per route mode (`compression` in `[[listener.websocket]]`):
 //!
@@ -434,21 +434,21 @@ impl Deflater {
         let began = Instant::now();
         let ok = self.compress(msg, out).is_ok();
         counters
-            .deflate_nanos
+            .ws_deflate_nanos
             .add(began.elapsed().as_nanos().min(u64::MAX as u128) as u64);
         if !ok {
-            counters.deflate_failures.inc();
+            counters.ws_deflate_failures.inc();
             return false;
         }
         let len = out.len() - start;
         if !self.takeover && len >= msg.len() {
             out.truncate(start);
-            counters.deflate_skipped.inc();
+            counters.ws_deflate_skipped.inc();
             return false;
         }
-        counters.deflate_messages.inc();
-        counters.deflate_bytes_in.add(msg.len() as u64);
-        counters.deflate_bytes_out.add(len as u64);
+        counters.ws_deflate_messages.inc();
+        counters.ws_deflate_bytes_in.add(msg.len() as u64);
+        counters.ws_deflate_bytes_out.add(len as u64);
         true
     }
 }
@@ -535,36 +535,33 @@ impl Inflater {
 }
 
 crate::stats::counters! {
-    /// Compression counters of one shard.
+    /// Compression counters of one shard (written by that shard only).
     DeflateCounters, DeflateSnapshot {
-        deflate_messages: Counter, "WebSocket messages sent compressed";
-        deflate_bytes_in: Counter, "bytes of the messages sent compressed, before compression";
-        deflate_bytes_out: Counter, "bytes of the messages sent compressed, after compression";
-        deflate_nanos: Counter, "time spent compressing, in nanoseconds";
-        deflate_skipped: Counter, "messages sent plain because compressing did not make them smaller";
-        deflate_failures: Counter, "messages sent plain because the compressor failed";
-        inflate_messages: Counter, "compressed WebSocket messages received";
-        inflate_bytes_in: Counter, "bytes of the compressed messages received, as received";
-        inflate_bytes_out: Counter, "bytes of the compressed messages received, once inflated";
-        inflate_nanos: Counter, "time spent inflating, in nanoseconds";
-        inflate_too_big: Counter, "compressed messages refused for inflating past max_message (close 1009)";
-        inflate_invalid: Counter, "compressed messages refused as invalid deflate data (close 1007)";
+        ws_deflate_messages: Counter, "WebSocket messages sent compressed";
+        ws_deflate_bytes_in: Counter, "bytes of the messages sent compressed, before compression";
+        ws_deflate_bytes_out: Counter, "bytes of the messages sent compressed, after compression";
+        ws_deflate_nanos: Counter, "time spent compressing";
+        ws_deflate_skipped: Counter, "messages sent plain because compressing did not make them smaller";
+        ws_deflate_failures: Counter, "messages sent plain because the compressor failed";
+        ws_inflate_messages: Counter, "compressed WebSocket messages received";
+        ws_inflate_bytes_in: Counter, "bytes of the compressed messages received, as received";
+        ws_inflate_bytes_out: Counter, "bytes of the compressed messages received, once inflated";
+        ws_inflate_nanos: Counter, "time spent inflating";
+        ws_inflate_too_big: Counter, "compressed messages refused for inflating past max_message (close 1009)";
+        ws_inflate_invalid: Counter, "compressed messages refused as invalid deflate data (close 1007)";
+        ws_deflate_dedicated: Gauge, "compressors held for dedicated connections (one each, 245 to 371 KiB by window)";
     }
 }
 
 const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
 
-/// A shard's compression contexts, all without context takeover: per window size in use, one
-/// compressor for direct messages and one for fan-out (created on first use; nearly every
-/// client leaves the window at 15, so a shard usually holds two, about 740 KiB); one inflater,
-/// with the buffer messages are inflated into (it keeps the capacity of the largest message
-/// inflated, at most the largest `max_message`).
+/// A shard's compressors, all without context takeover: per window size in use, one for a
+/// `shared` connection's own messages and one for fan-out (created on first use; nearly every
+/// client leaves the window at 15, so a shard usually holds two, about 740 KiB).
 #[derive(Default)]
-pub struct ShardDeflate {
+pub struct ShardCompressors {
     direct: [Option<Box<Deflater>>; WINDOW_SIZES],
     fanout: [Option<Box<Deflater>>; WINDOW_SIZES],
-    inflater: Option<Box<Inflater>>,
-    inflated: Vec<u8>,
 }
 
 fn shard_deflater(
@@ -582,7 +579,7 @@ fn shard_deflater(
     })
 }
 
-impl ShardDeflate {
+impl ShardCompressors {
     /// The compressor for a `shared` connection's own messages, for a window size.
     pub fn direct(&mut self, window_bits: u8) -> &mut Deflater {
         shard_deflater(&mut self.direct, window_bits, LEVEL_FAST)
@@ -592,7 +589,18 @@ impl ShardDeflate {
     pub fn fanout(&mut self, window_bits: u8) -> &mut Deflater {
         shard_deflater(&mut self.fanout, window_bits, LEVEL_THOROUGH)
     }
+}
 
+/// A shard's inflater and the buffer messages are inflated into (it keeps the capacity of the
+/// largest message inflated, at most the largest `max_message`; a refused message's buffer is
+/// not kept).
+#[derive(Default)]
+pub struct ShardInflater {
+    inflater: Option<Box<Inflater>>,
+    inflated: Vec<u8>,
+}
+
+impl ShardInflater {
     /// Inflates one received message, counted; the result borrows the shard's buffer until the
     /// next call.
     pub fn inflate(
@@ -605,26 +613,57 @@ impl ShardDeflate {
         let began = Instant::now();
         let r = inflater.inflate(payload, max, &mut self.inflated);
         counters
-            .inflate_nanos
+            .ws_inflate_nanos
             .add(began.elapsed().as_nanos().min(u64::MAX as u128) as u64);
         match r {
             Ok(()) => {
-                counters.inflate_messages.inc();
-                counters.inflate_bytes_in.add(payload.len() as u64);
-                counters.inflate_bytes_out.add(self.inflated.len() as u64);
+                counters.ws_inflate_messages.inc();
+                counters.ws_inflate_bytes_in.add(payload.len() as u64);
+                counters
+                    .ws_inflate_bytes_out
+                    .add(self.inflated.len() as u64);
                 Ok(&self.inflated)
             }
             Err(e) => {
                 match e {
-                    InflateError::TooBig => counters.inflate_too_big.inc(),
-                    InflateError::Invalid => counters.inflate_invalid.inc(),
+                    InflateError::TooBig => counters.ws_inflate_too_big.inc(),
+                    InflateError::Invalid => counters.ws_inflate_invalid.inc(),
                 }
-                // A bomb's buffer is not kept for the next message.
                 self.inflated = Vec::new();
                 Err(e)
             }
         }
     }
+}
+
+/// What the WebSocket codec needs to accept compressed messages on a connection that
+/// negotiated permessage-deflate.
+pub struct Inflate<'a> {
+    pub shard: &'a mut ShardInflater,
+    pub counters: &'a DeflateCounters,
+    /// The route's `max_message`: the most a message may inflate to.
+    pub max_message: usize,
+}
+
+/// Appends data message `payload` as one server frame: compressed with `deflater` (RSV1 set)
+/// when one is given and [`Deflater::encode`] says it pays, else plain. `scratch` holds the
+/// compressed payload on its way (a buffer the caller keeps, so that no call allocates).
+pub fn write_message(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    payload: &[u8],
+    deflater: Option<&mut Deflater>,
+    scratch: &mut Vec<u8>,
+    counters: &DeflateCounters,
+) {
+    if let Some(d) = deflater {
+        scratch.clear();
+        if d.encode(payload, scratch, counters) {
+            super::ws::write_frame_compressed(out, opcode, scratch);
+            return;
+        }
+    }
+    super::ws::write_frame(out, opcode, payload);
 }
 
 #[cfg(test)]
@@ -1231,10 +1270,10 @@ mod tests {
         let m = json(1024);
         assert!(d.encode(&m, &mut out, &counters));
         let s = counters.snapshot();
-        assert_eq!((s.deflate_messages, s.deflate_skipped), (1, 1));
-        assert_eq!(s.deflate_bytes_in, 1024);
-        assert_eq!(s.deflate_bytes_out, out.len() as u64);
-        assert!(s.deflate_nanos > 0);
+        assert_eq!((s.ws_deflate_messages, s.ws_deflate_skipped), (1, 1));
+        assert_eq!(s.ws_deflate_bytes_in, 1024);
+        assert_eq!(s.ws_deflate_bytes_out, out.len() as u64);
+        assert!(s.ws_deflate_nanos > 0);
         // With context takeover a compressed message is sent even if larger: the windows of
         // both ends must hold it.
         let mut t = dedicated(15);
@@ -1245,28 +1284,102 @@ mod tests {
 
     #[test]
     fn shard_contexts() {
-        let mut sd = ShardDeflate::default();
+        let mut comp = ShardCompressors::default();
+        let mut inf = ShardInflater::default();
         let counters = DeflateCounters::default();
         let m = json(1024);
         let mut c = Vec::new();
-        assert!(sd.fanout(15).encode(&m, &mut c, &counters));
+        assert!(comp.fanout(15).encode(&m, &mut c, &counters));
         let mut c10 = Vec::new();
-        assert!(sd.direct(10).encode(&m, &mut c10, &counters));
-        assert!(sd.direct(10).encode(&m, &mut Vec::new(), &counters));
+        assert!(comp.direct(10).encode(&m, &mut c10, &counters));
+        assert!(comp.direct(10).encode(&m, &mut Vec::new(), &counters));
         let held = |slots: &[Option<Box<Deflater>>]| slots.iter().filter(|s| s.is_some()).count();
-        assert_eq!((held(&sd.direct), held(&sd.fanout)), (1, 1));
-        assert_eq!(sd.inflate(&c, 1 << 20, &counters), Ok(&m[..]));
-        assert_eq!(sd.inflate(&c10, 1 << 20, &counters), Ok(&m[..]));
-        assert_eq!(sd.inflate(&c, 100, &counters), Err(InflateError::TooBig));
+        assert_eq!((held(&comp.direct), held(&comp.fanout)), (1, 1));
+        assert_eq!(inf.inflate(&c, 1 << 20, &counters), Ok(&m[..]));
+        assert_eq!(inf.inflate(&c10, 1 << 20, &counters), Ok(&m[..]));
+        assert_eq!(inf.inflate(&c, 100, &counters), Err(InflateError::TooBig));
         assert_eq!(
-            sd.inflate(&[0x07], 100, &counters),
+            inf.inflate(&[0x07], 100, &counters),
             Err(InflateError::Invalid)
         );
         let s = counters.snapshot();
-        assert_eq!(s.deflate_messages, 3);
-        assert_eq!(s.inflate_messages, 2);
-        assert_eq!(s.inflate_bytes_out, 2048);
-        assert_eq!(s.inflate_bytes_in, (c.len() + c10.len()) as u64);
-        assert_eq!((s.inflate_too_big, s.inflate_invalid), (1, 1));
+        assert_eq!(s.ws_deflate_messages, 3);
+        assert_eq!(s.ws_inflate_messages, 2);
+        assert_eq!(s.ws_inflate_bytes_out, 2048);
+        assert_eq!(s.ws_inflate_bytes_in, (c.len() + c10.len()) as u64);
+        assert_eq!((s.ws_inflate_too_big, s.ws_inflate_invalid), (1, 1));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Any header bytes: an answer, a decline or an error, never a panic; an answer is
+        /// always one the RFC allows (window 9..=15).
+        #[test]
+        fn any_header_is_answered_safely(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            for s in [SHARED, DEDICATED, OFF] {
+                if let Ok(Some(a)) = negotiate([&bytes[..]], s) {
+                    proptest::prop_assert!((MIN_WINDOW_BITS..=MAX_WINDOW_BITS).contains(&a.agreed.window_bits));
+                }
+            }
+        }
+
+        /// Any payload: inflated within the limit, or refused; never more than `max + 1` bytes.
+        #[test]
+        fn any_payload_inflates_within_the_limit(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let mut out = Vec::new();
+            let r = Inflater::default().inflate(&bytes, 4096, &mut out);
+            proptest::prop_assert!(out.len() <= 4097);
+            if r.is_ok() {
+                proptest::prop_assert!(out.len() <= 4096);
+            }
+        }
+    }
+
+    #[test]
+    fn messages_are_framed_compressed_or_plain() {
+        let counters = DeflateCounters::default();
+        let mut scratch = Vec::new();
+        let mut out = Vec::new();
+        let m = json(1024);
+        let mut d = shared(15);
+        write_message(
+            &mut out,
+            super::super::ws::OP_TEXT,
+            &m,
+            Some(&mut d),
+            &mut scratch,
+            &counters,
+        );
+        assert_eq!(out[0], 0x80 | 0x40 | 0x01, "FIN, RSV1, text");
+        let (_, _, range, len) = super::super::ws::decode_server_frame(&out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(len, out.len());
+        assert_eq!(inflated(&out[range]).unwrap(), m);
+        out.clear();
+        write_message(
+            &mut out,
+            super::super::ws::OP_TEXT,
+            b"short",
+            Some(&mut d),
+            &mut scratch,
+            &counters,
+        );
+        assert_eq!(
+            out,
+            [0x81, 5, b's', b'h', b'o', b'r', b't'],
+            "too short: plain"
+        );
+        out.clear();
+        write_message(
+            &mut out,
+            super::super::ws::OP_BINARY,
+            &m,
+            None,
+            &mut scratch,
+            &counters,
+        );
+        assert_eq!(out[0], 0x82, "no deflater: plain");
     }
 }
