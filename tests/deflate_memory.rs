@@ -1,13 +1,22 @@
 //! What permessage-deflate costs in memory, measured with a counting allocator (this test binary
-//! only): a `shared` connection's state is two bytes and no heap; a `dedicated` connection's
-//! compressor is what `README.md` states, per window size; the shard's inflater.
+//! only): a `dedicated` connection's compressor per window size and the shard's inflater, as
+//! `README.md` states them; and a running server's heap per idle WebSocket connection, plain,
+//! `shared` (the same) and `dedicated`.
 //!
 //! `cargo test --test deflate_memory -- --nocapture` prints the figures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use common::*;
 use shardnet::service::deflate::{Agreed, Deflater, Inflater, LEVEL_FAST, LEVEL_THOROUGH};
+
+/// The tests here measure the whole process's heap: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Bytes currently allocated through the global allocator.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -61,6 +70,7 @@ fn json() -> Vec<u8> {
 
 #[test]
 fn memory_per_connection_and_per_shard() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let msg = json();
     let mut out = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::with_capacity(64 << 10);
@@ -119,4 +129,90 @@ fn memory_per_connection_and_per_shard() {
         "memory grows with the window"
     );
     assert!(inflater_bytes < 64 << 10, "{inflater_bytes}");
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// Opens `n` WebSocket connections to `path` (offering permessage-deflate when `offer`), each
+/// upgraded (its 101 read: the server has set the connection's state), into `into`.
+fn open(addr: std::net::SocketAddr, path: &str, offer: bool, n: usize, into: &mut Vec<TcpStream>) {
+    let ext = if offer {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{UPGRADE}{ext}\r\n");
+    for _ in 0..n {
+        let mut s = connect(addr);
+        let (status, head, _) = http_exchange(&mut s, req.as_bytes());
+        assert_eq!(status, 101, "{head}");
+        assert_eq!(head.contains("permessage-deflate"), offer, "{head}");
+        into.push(s);
+    }
+}
+
+/// Heap bytes per connection that `open` adds to the process (the server's, since the client
+/// side keeps its streams in a vector reserved beforehand).
+fn heap_per_connection(
+    addr: std::net::SocketAddr,
+    path: &str,
+    offer: bool,
+    n: usize,
+    held: &mut Vec<TcpStream>,
+) -> f64 {
+    held.reserve(n);
+    let before = LIVE.load(Relaxed);
+    open(addr, path, offer, n, held);
+    (LIVE.load(Relaxed) - before) as f64 / n as f64
+}
+
+/// An idle WebSocket connection that negotiated `shared` compression holds no more heap in the
+/// server than a plain one; a `dedicated` one holds its compressor.
+#[test]
+fn an_idle_compressed_connection_costs_what_a_plain_one_does() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = start_router(&format!(
+        "{}[[listener.websocket]]\npath = \"/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n\
+         [[listener.websocket]]\npath = \"/dedicated\"\nmode = \"echo\"\nping_interval = \"0s\"\n\
+         compression = \"dedicated\"\n",
+        http_toml(1, "")
+    ));
+    let addr = server.addr("http").unwrap();
+    let n = 1000;
+    // Warm-up: the engine's slab, timer wheel and the allocator's pools grow to 3n connections
+    // once, so that no phase below pays for growth the others do not.
+    let mut held = Vec::with_capacity(3 * n);
+    open(addr, "/echo", false, 3 * n, &mut held);
+    drop(std::mem::take(&mut held));
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the warm-up connections closed",
+        || {
+            let mut s = connect(addr);
+            let (_, _, body) = http_exchange(&mut s, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["services_total"]["ws_open"].as_u64() == Some(0)
+        },
+    );
+    let mut held = Vec::with_capacity(3 * n);
+    let plain = heap_per_connection(addr, "/echo", false, n, &mut held);
+    let shared = heap_per_connection(addr, "/echo", true, n, &mut held);
+    let dedicated = heap_per_connection(addr, "/dedicated", true, 20, &mut held);
+    eprintln!(
+        "server heap per idle WebSocket connection: plain {plain:.0} B, shared compression \
+         {shared:.0} B, dedicated {dedicated:.0} B"
+    );
+    assert!(
+        plain > 0.0,
+        "the measurement sees the connection state: {plain}"
+    );
+    assert!(
+        shared <= plain + 8.0,
+        "shared compression adds heap per connection: {shared} vs {plain}"
+    );
+    assert!(
+        dedicated > plain + 200_000.0 && dedicated < plain + 420_000.0,
+        "dedicated: {dedicated}"
+    );
+    drop(held);
 }

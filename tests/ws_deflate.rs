@@ -562,3 +562,167 @@ fn python_websockets_echo_and_mixed_fanout() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
 }
+
+/// `shardnet bench` with `args` (short durations, one client core): exit code and output.
+fn bench(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .arg("bench")
+        .args([
+            "--duration",
+            "600ms",
+            "--warmup",
+            "100ms",
+            "--client-cores",
+            "0",
+        ])
+        .args(args)
+        .output()
+        .expect("run bench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn report(path: &std::path::Path) -> serde_json::Value {
+    let v = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(path);
+    v
+}
+
+/// The bench's `--deflate` at small scale: ws echo and fan-out of JSON (`--payload json`) with
+/// compression negotiated and verified end to end, idle connections held compressed, and a
+/// loud failure when the server declines.
+#[test]
+fn bench_runs_compressed_ws_fanout_and_idle() {
+    let server = Child::spawn(&toml(1, "[limits]\nidle_timeout = \"0s\"\n"), "");
+    let http = server.addr("http").to_string();
+    let pid = server.child.id().to_string();
+    let json = std::env::temp_dir().join(format!("bench-deflate-{}.json", std::process::id()));
+    let json_arg = json.to_str().unwrap();
+
+    // Echo of 1 KiB JSON messages, compressed both ways.
+    let before = stats(server.addr("http"));
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "ws",
+        "--path",
+        "/echo",
+        "--deflate",
+        "--payload",
+        "json",
+        "-c",
+        "4",
+        "-d",
+        "2",
+        "-s",
+        "1024",
+        "--json",
+        json_arg,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let r = report(&json);
+    let run = &r["runs"][0];
+    assert_eq!(
+        (run["deflate"].as_bool(), run["payload"].as_str()),
+        (Some(true), Some("json"))
+    );
+    assert_eq!(run["errors"], 0, "{text}");
+    assert!(run["requests"].as_u64().unwrap() > 50, "{text}");
+    let after = stats(server.addr("http"));
+    let grew = |k: &str| deflate_total(&after, k) - deflate_total(&before, k);
+    assert!(
+        grew("ws_deflate_messages") > 50,
+        "the server compressed the echoes"
+    );
+    assert!(
+        grew("ws_inflate_messages") > 50,
+        "the client compressed its messages"
+    );
+    assert!(
+        grew("ws_deflate_bytes_out") * 2 < grew("ws_deflate_bytes_in"),
+        "1 KiB JSON compresses"
+    );
+
+    // Against a route that declines: a failed run, saying why.
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "ws",
+        "--path",
+        "/echo/off",
+        "--deflate",
+        "-c",
+        "2",
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("declined permessage-deflate"), "{text}");
+
+    // Fan-out of 1 KiB JSON to subscribers that compress: each publish compressed once on the
+    // one shard, whatever the number of subscribers.
+    let before = stats(server.addr("http"));
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "fanout",
+        "--deflate",
+        "--payload",
+        "json",
+        "-s",
+        "1024",
+        "-c",
+        "20",
+        "--rate",
+        "200",
+        "--json",
+        json_arg,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let r = report(&json);
+    let f = &r["runs"][0]["fanout"];
+    assert_eq!(
+        (f["subscribers"].as_u64(), f["lost"].as_u64()),
+        (Some(20), Some(0)),
+        "{text}"
+    );
+    let after = stats(server.addr("http"));
+    let published = after["services_total"]["ws_published"].as_u64().unwrap()
+        - before["services_total"]["ws_published"].as_u64().unwrap();
+    let compressed = deflate_total(&after, "ws_deflate_messages")
+        - deflate_total(&before, "ws_deflate_messages");
+    assert!(published > 50, "{text}");
+    assert_eq!(
+        compressed, published,
+        "once per publish on one shard, for 20 subscribers"
+    );
+    let bytes_in = deflate_total(&after, "ws_deflate_bytes_in")
+        - deflate_total(&before, "ws_deflate_bytes_in");
+    assert!(
+        bytes_in / published >= 900,
+        "publishes are padded to about 1 KiB"
+    );
+
+    // Idle connections that negotiated compression, with the server's RSS per connection.
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--server-pid",
+        &pid,
+        "--mode",
+        "idle",
+        "--idle-ws",
+        "--path",
+        "/echo",
+        "--deflate",
+        "-c",
+        "200",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("bytes per connection"), "{text}");
+}

@@ -242,6 +242,9 @@ impl Packed {
 
 const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
 
+/// Capacity a compressed batch's buffer keeps between batches.
+const PACKED_KEEP: usize = 1 << 20;
+
 /// What delivery needs of the shard's permessage-deflate state.
 pub struct Deflate<'a> {
     pub compression: &'a mut Compression,
@@ -412,6 +415,10 @@ impl Hub {
                 p.built = false;
                 p.data.clear();
                 p.ends.clear();
+                // A burst's large buffer goes back to the allocator.
+                if p.data.capacity() > PACKED_KEEP {
+                    *p = Packed::default();
+                }
             }
             if let Some(set) = self.topics.get(&batch.topic) {
                 work += set.len();
@@ -447,7 +454,8 @@ struct Subscriber<'a> {
 /// only while the subscriber's queued output (staged bytes included) is under
 /// `max_write_buffer`; what was staged is then written, and if the socket took it the next
 /// messages get their turn, so only a subscriber that is really not reading loses messages.
-/// A message that is not written is not compressed either.
+/// A `dedicated` subscriber's compressor sees only the messages written to it; for `shared`
+/// subscribers the batch is compressed whole, once, for all of them.
 fn deliver_to<S>(
     ctx: &mut Ctx<'_, S>,
     to: Subscriber<'_>,
