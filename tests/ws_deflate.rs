@@ -431,21 +431,6 @@ fn a_corrupt_stream_is_closed_with_1007() {
     assert!(deflate_total(&v, "ws_inflate_invalid") >= 1);
 }
 
-/// Runs a Python `websockets` client script against `base`; panics unless it prints `ok`.
-fn run_python(py: &std::path::Path, script: &str, args: &[&str]) {
-    let out = std::process::Command::new(py)
-        .args(["-c", script])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "python websockets client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 const PY_ECHO: &str = r#"
 import asyncio, json, sys
 from websockets.asyncio.client import connect
@@ -561,29 +546,6 @@ fn python_websockets_echo_and_mixed_fanout() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
-}
-
-/// `shardnet bench` with `args` (short durations, one client core): exit code and output.
-fn bench(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(bin())
-        .arg("bench")
-        .args([
-            "--duration",
-            "600ms",
-            "--warmup",
-            "100ms",
-            "--client-cores",
-            "0",
-        ])
-        .args(args)
-        .output()
-        .expect("run bench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 fn report(path: &std::path::Path) -> serde_json::Value {
