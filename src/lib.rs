@@ -17,4 +17,5 @@ pub mod service;
 pub mod stats;
 pub mod sys;
 pub mod timer;
+pub mod tls;
 pub mod tune;

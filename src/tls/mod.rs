@@ -1,0 +1,99 @@
+//! TLS termination: the rustls configuration of a listener ([`load`]) and the per-connection
+//! state that sits between a socket and a service ([`conn`]).
+//!
+//! Ownership: a [`ServerTls`] (one per TLS listener) lives on the main thread, which builds it at
+//! start-up and rebuilds it on SIGHUP; what crosses to the shards is its `Arc<ServerConfig>`,
+//! immutable. A [`TlsConn`] belongs to the shard that owns its connection and is touched by that
+//! thread only.
+//!
+//! # Design: rustls's unbuffered API, from the shard's buffers
+//!
+//! The engine's rule is that an idle connection holds no buffer. Measured after a completed
+//! TLS 1.3 handshake and one request/response, with the connection idle (ECDSA P-256
+//! certificate, X25519, AES-256-GCM; `cargo run --release --example tls-memory`, which also
+//! prints the figures below for this machine; `tests/tls_memory.rs` holds the bound):
+//!
+//! | per idle connection, 15,000 held      | heap (malloc) | RSS     |
+//! |---------------------------------------|---------------|---------|
+//! | `rustls::ServerConnection` (buffered) | ~7,600 B      | ~7,600 B|
+//! | `UnbufferedServerConnection` (this)   | ~3,420 B      | ~3,460 B|
+//!
+//! The buffered connection keeps a 4 KiB receive buffer for good once it has read anything
+//! (rustls sizes it up to 4 KiB on every `read_tls` and shrinks it only back to 4 KiB), and
+//! `set_buffer_limit` bounds only the sending side: no call releases it. The unbuffered
+//! connection keeps no buffer: what it holds is its own state (the 1,088-byte struct, two AES-GCM
+//! key schedules of 560 B, the traffic secrets of the post-handshake state, an HKDF key, two empty
+//! record queues and the SNI name). With the engine's ~100 B per plain connection that is about
+//! 3.5 KiB per idle TLS connection, against the goal of 4 KiB (nginx with OpenSSL: ~16 KB).
+//!
+//! rustls 0.23 still copies: a received record is decrypted in place in the caller's buffer and
+//! then copied into a `Vec` of its own, which [`TlsConn::read`] copies to its destination; a sent
+//! record is built in a `Vec` and copied into the output. That is about three small allocations
+//! per request/response on a TLS connection (none on a plain one); rustls marks in-place
+//! reading as planned ("requires in-place decryption"), and this module's interface already
+//! takes and returns the caller's buffers, so nothing above it changes when that lands.
+//!
+//! ## Read path (where it plugs into the shard)
+//!
+//! The shard reads ciphertext into its one shared read buffer, as for a plain connection, and
+//! calls [`TlsConn::read`] on the bytes just read:
+//! - the common case (no partial record kept, no unconsumed plaintext): [`Dest::InPlace`]. The
+//!   plaintext of every whole record is compacted at the front of the read buffer (a record's
+//!   plaintext is shorter than the record, so it never overtakes ciphertext still to decrypt),
+//!   and the service is called on it in place exactly as for a plain read; what it leaves
+//!   unconsumed goes to the connection's input buffer as today.
+//! - a record cut by the read: its bytes are kept in the connection's `pending` buffer, which
+//!   exists only while a record is partial (and is bounded by [`conn::MAX_PENDING`]). While it
+//!   exists, or while the connection has unconsumed plaintext, the shard passes
+//!   [`Dest::Append`] with the connection's input buffer: the new ciphertext joins the kept
+//!   tail, and the plaintext is appended after the unconsumed plaintext.
+//! - handshake messages, session tickets and alerts that rustls answers with are appended to
+//!   the output staging buffer and leave through the write path below.
+//!
+//! ## Write path
+//!
+//! A service writes plaintext into the shard's output staging buffer as today; after the
+//! callback the shard encrypts it with [`TlsConn::write`] into a second staging buffer of the
+//! shard's (records of up to 16 KiB), and writes or queues that ciphertext exactly as it writes
+//! plain output. `max_write_buffer`, backpressure and `write_timeout` therefore apply to the
+//! ciphertext, which is what really waits for the socket.
+//!
+//! ## Lifecycle
+//!
+//! - Handshake: a new connection gets [`ServerTls::accept`] and a deadline of
+//!   `handshake_timeout`; the service's `on_open` runs when [`Progress::handshake_done`] is
+//!   first seen (so a service never writes before the handshake). A connection still
+//!   handshaking at its deadline is closed and counted, as is a [`TlsError`] for which
+//!   [`TlsError::is_handshake`] holds.
+//! - Close: a close requested by the service, or by drain, first queues
+//!   [`TlsConn::close_notify`] behind the pending output, then flushes and closes as for a plain
+//!   connection. A received close_notify ([`Progress::peer_closed`]) is end of input, like FIN.
+//! - Errors: after a [`TlsError`] the output may hold the alert rustls prepared; the shard sends
+//!   it (bounded by the usual flush deadline) and closes that connection only.
+//! - Reload: [`ServerTls::reload`] builds a new configuration and swaps it in only if every file
+//!   was good; shards receive the new `Arc` by command and use it for the next handshakes, while
+//!   open connections keep theirs.
+//!
+//! # Crypto provider: ring
+//!
+//! Measured on this 2-core machine (loaded by other builds, so the ratios mean more than the
+//! absolute values): a clean debug build of rustls with ring takes ~15 s, with aws-lc-rs ~68 s
+//! (aws-lc-sys compiles a large C library; the whole CI run is budgeted at 20 minutes); server
+//! CPU per full TLS 1.3 handshake (ECDSA P-256, X25519, thread CPU time, in memory) is ~140 µs
+//! with ring and ~112 µs with aws-lc-rs; an idle connection holds ~3,420 B with ring and
+//! ~3,620 B with aws-lc-rs (its C allocations). ring wins on the goal that binds (memory per
+//! idle connection, with the least margin) and on build time; aws-lc-rs's faster handshakes
+//! (~20%) are not needed for the handshake goal (1.5× nginx's 3,100/s: ring's handshake alone
+//! allows ~7,000 per server CPU-second).
+//!
+//! Session resumption uses stateless tickets (ring's ticketer, keys kept across reloads) and no
+//! server-side session cache: no per-session memory and no lock shared by the shards.
+
+pub mod conn;
+pub mod load;
+
+#[cfg(test)]
+pub(crate) mod testpki;
+
+pub use conn::{Dest, Progress, TlsConn, TlsError};
+pub use load::{provider, LoadError, MinVersion, ServerTls, TlsFile, TlsSettings};
