@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::config::{duration, size, Config, ConfigError, MaxConnections, Shards, DEFAULT_TOML};
+use crate::config::{
+    duration, size, Config, ConfigError, ListenerTls, MaxConnections, Shards, DEFAULT_NAME,
+    DEFAULT_TOML,
+};
 use crate::server::Server;
 use crate::stats::Snapshot;
 
@@ -89,8 +92,8 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
-            Ok(config) => {
+        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_tls(&file) {
+            Ok((config, _tls)) => {
                 print!("{}", config.to_toml());
                 0
             }
@@ -130,15 +133,30 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+/// The configuration to serve, with its TLS files read (a file that cannot be used stops the
+/// start as a configuration error, like a bad key).
+fn load(path: Option<&PathBuf>) -> Result<(Config, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::embedded_default()),
+        Some(p) => Config::load_with_tls(p),
+        None => {
+            let config = Config::embedded_default();
+            let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
+            Ok((config, tls))
+        }
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_ref())?;
+    let (mut config, tls) = load(args.config.as_ref())?;
+    if let Some(i) = tls.iter().position(Option::is_some) {
+        // The files are good (checked above), but the shards cannot terminate TLS yet: refuse
+        // rather than serve plaintext on a port configured for TLS.
+        anyhow::bail!(
+            "listener `{}`: TLS termination in the shards is not built yet (issue 18, phase B); \
+             `config check` validates the TLS settings",
+            config.listeners[i].name
+        );
+    }
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }

@@ -103,6 +103,15 @@ pub struct ServerTls {
     config: Arc<ServerConfig>,
 }
 
+/// Shows the settings only: nothing of the key, not even rustls's description of it.
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServerTls {
     pub fn new(settings: TlsSettings) -> Result<ServerTls, LoadError> {
         let config = build(&settings, None)?;

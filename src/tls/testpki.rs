@@ -1,6 +1,9 @@
 //! Test certificates made at run time (rcgen): a CA, a server certificate for `localhost` signed
 //! by it, and a client certificate, written as PEM files into a directory removed on drop. No
 //! private key is committed anywhere.
+//!
+//! Shared by the unit tests (`crate::tls::testpki`) and the integration tests
+//! (`tests/common`, which includes this file), so it names nothing of the crate.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,7 +100,8 @@ impl Pki {
         alpn: &[&[u8]],
         with_cert: bool,
     ) -> Arc<ClientConfig> {
-        let builder = ClientConfig::builder_with_provider(super::provider())
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(self.roots());
