@@ -1,22 +1,64 @@
-//! One TLS connection's server side, driven from caller-owned buffers through rustls's unbuffered
-//! API: ciphertext comes in as a slice (the shard's shared read buffer), plaintext goes back in
-//! place at the front of that slice (or appended to a buffer the caller names), and every record
-//! to send is appended to the caller's output buffer.
+//! One TLS connection, driven from caller-owned buffers through rustls's unbuffered API:
+//! ciphertext comes in as a slice (the shard's shared read buffer), plaintext goes back in place
+//! at the front of that slice (or appended to a buffer the caller names), and every record to
+//! send is appended to the caller's output buffer. The server side ([`TlsConn`]) is what
+//! listeners use; the client side ([`TlsClient`]) is the load generator's, on the same engine.
 //!
 //! Owned by the shard that owns the connection; nothing here is shared. The only buffer a
 //! connection keeps is `pending`: ciphertext that does not make a whole record yet (or, during
 //! the handshake, records of a handshake message rustls is still assembling). It exists only
 //! while there is such a tail, and is bounded by [`MAX_PENDING`].
+//!
+//! rustls keeps offsets into the bytes it has not released, so every buffer given to it starts
+//! with those bytes: the `pending` tail, never an empty slice while a tail exists (it panics
+//! otherwise). Every call below follows that.
 
 use std::mem;
+use std::ops::DerefMut;
 use std::sync::Arc;
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
-    UnbufferedStatus,
+    UnbufferedConnectionCommon, UnbufferedStatus,
 };
-use rustls::{ProtocolVersion, ServerConfig};
+use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
+
+/// A side of a connection rustls's unbuffered API drives: the server's or the client's.
+pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> {
+    type Data;
+    fn process_tls<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process_tls<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process_tls<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+/// The server side of one TLS connection.
+pub type TlsConn = Tls<UnbufferedServerConnection>;
+/// The client side of one TLS connection (the load generator).
+pub type TlsClient = Tls<UnbufferedClientConnection>;
 
 /// Largest record on the wire: a 5-byte header and at most 2^14 + 2048 bytes of payload.
 pub const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
@@ -87,16 +129,16 @@ pub struct Progress {
     pub peer_closed: bool,
 }
 
-/// The server side of one TLS connection.
-pub struct TlsConn {
-    conn: UnbufferedServerConnection,
+/// One side of a TLS connection: [`TlsConn`] or [`TlsClient`].
+pub struct Tls<S> {
+    conn: S,
     pending: Vec<u8>,
     flags: u8,
 }
 
 impl TlsConn {
     pub fn new(config: Arc<ServerConfig>) -> TlsConn {
-        TlsConn {
+        Tls {
             // Fails only for a configuration without protocol versions, which `load::build`
             // never makes.
             conn: UnbufferedServerConnection::new(config)
@@ -105,7 +147,26 @@ impl TlsConn {
             flags: 0,
         }
     }
+}
 
+impl TlsClient {
+    /// A client connection to `server` (the name its certificate must carry). Send what
+    /// [`Tls::start`] produces first.
+    pub fn new(config: Arc<ClientConfig>, server: ServerName<'static>) -> Result<Self, TlsError> {
+        Ok(Tls {
+            conn: UnbufferedClientConnection::new(config, server).map_err(TlsError::Handshake)?,
+            pending: Vec::new(),
+            flags: 0,
+        })
+    }
+
+    /// Appends the ClientHello to `out`.
+    pub fn start(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.read(&mut [], Dest::InPlace, out).map(|_| ())
+    }
+}
+
+impl<S: Side> Tls<S> {
     pub fn is_handshaking(&self) -> bool {
         self.flags & DONE == 0
     }
@@ -133,8 +194,8 @@ impl TlsConn {
         self.conn.protocol_version()
     }
 
-    /// Whether the client presented a certificate (verified against `client_ca`).
-    pub fn has_client_certificate(&self) -> bool {
+    /// Whether the peer presented a certificate (on the server: verified against `client_ca`).
+    pub fn has_peer_certificate(&self) -> bool {
         self.conn.peer_certificates().is_some_and(|c| !c.is_empty())
     }
 
@@ -211,7 +272,7 @@ impl TlsConn {
             flags,
         } = self;
         for _ in 0..16 {
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(pending);
+            let UnbufferedStatus { discard, state } = conn.process_tls(pending);
             // Only whole records are released, and `read` left none unprocessed.
             debug_assert_eq!(discard, 0);
             match state.map_err(TlsError::Traffic)? {
@@ -263,7 +324,7 @@ impl TlsConn {
             flags,
         } = self;
         for _ in 0..16 {
-            let UnbufferedStatus { state, .. } = conn.process_tls_records(pending);
+            let UnbufferedStatus { state, .. } = conn.process_tls(pending);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, out),
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
@@ -297,7 +358,7 @@ impl TlsConn {
         let handshake = |f: u8| f & DONE == 0;
         loop {
             let (front, rest) = data.split_at_mut(off);
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(rest);
+            let UnbufferedStatus { discard, state } = self.conn.process_tls(rest);
             let state = match state {
                 Ok(s) => s,
                 Err(e) => {
@@ -396,7 +457,7 @@ impl TlsConn {
     /// One call only: rustls hands out what it has queued (the fatal alert, one record) before
     /// looking at input again, and a second call would parse the bad input a second time.
     fn queue_alert(&mut self, rest: &mut [u8], out: &mut Vec<u8>) {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(rest);
+        let UnbufferedStatus { state, .. } = self.conn.process_tls(rest);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             encode(&mut e, out);
         }
@@ -404,7 +465,7 @@ impl TlsConn {
 }
 
 /// Appends one handshake or alert record rustls has ready: the first call learns its size.
-fn encode(e: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) {
+fn encode<D>(e: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
     let need = match e.encode(&mut []) {
         Ok(_) | Err(EncodeError::AlreadyEncoded) => return,
         Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
@@ -760,7 +821,7 @@ mod tests {
         let mut st = settings(&pki);
         st.client_ca = Some(pki.ca.clone());
         let (s, _) = pair(&pki, st.clone(), &pki.client(&[&TLS13], &[], true));
-        assert!(s.has_client_certificate());
+        assert!(s.has_peer_certificate());
         for version in [&TLS13, &TLS12] {
             let mut s = ServerTls::new(st.clone()).unwrap().accept();
             let e = handshake(&mut s, &mut client(&pki.client(&[version], &[], false)));
@@ -860,6 +921,77 @@ mod tests {
         s_old.write(b"yes", &mut out).unwrap();
         assert!(to_client(&mut c_old, &out));
         assert_eq!(client_reads(&mut c_old, 3), b"yes");
+    }
+
+    /// Moves `from`'s output to `to` until neither has anything to say; errors of either side.
+    fn pump(
+        server: &mut TlsConn,
+        client: &mut TlsClient,
+        mut to_server: Vec<u8>,
+    ) -> (Vec<u8>, Result<(), TlsError>) {
+        let (mut server_plain, mut client_plain) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            let mut to_client = Vec::new();
+            let dest = Dest::Append(&mut server_plain);
+            server.read(&mut to_server, dest, &mut to_client).unwrap();
+            to_server = Vec::new();
+            if to_client.is_empty() {
+                break;
+            }
+            let dest = Dest::Append(&mut client_plain);
+            if let Err(e) = client.read(&mut to_client, dest, &mut to_server) {
+                return (client_plain, Err(e));
+            }
+        }
+        assert!(server_plain.is_empty() || !server.is_handshaking());
+        (client_plain, Ok(()))
+    }
+
+    #[test]
+    fn the_client_side_talks_to_the_server_side() {
+        let pki = Pki::new();
+        let tls = ServerTls::new(settings(&pki)).unwrap();
+        for version in [&TLS13, &TLS12] {
+            let mut s = tls.accept();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut c = TlsClient::new(pki.client(&[version], &[], false), name).unwrap();
+            let mut hello = Vec::new();
+            c.start(&mut hello).unwrap();
+            assert!(!hello.is_empty() && c.is_handshaking());
+            let (_, r) = pump(&mut s, &mut c, hello);
+            r.unwrap();
+            assert!(!c.is_handshaking() && !s.is_handshaking());
+            // Both ways, in place on the server, appended on the client.
+            let mut wire = Vec::new();
+            c.write(b"ping", &mut wire).unwrap();
+            let mut out = Vec::new();
+            let p = s.read(&mut wire, Dest::InPlace, &mut out).unwrap();
+            assert_eq!(&wire[..p.plaintext], b"ping");
+            s.write(b"pong", &mut out).unwrap();
+            let mut plain = Vec::new();
+            let mut back = Vec::new();
+            c.read(&mut out, Dest::Append(&mut plain), &mut back)
+                .unwrap();
+            assert_eq!(plain, b"pong");
+            assert!(c.close_notify(&mut back));
+            let p = s.read(&mut back, Dest::InPlace, &mut out).unwrap();
+            assert!(p.peer_closed);
+        }
+        // A client that does not trust the server's CA refuses the handshake.
+        let other = Pki::new();
+        let mut s = tls.accept();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = TlsClient::new(other.client(&[&TLS13], &[], false), name).unwrap();
+        let mut hello = Vec::new();
+        c.start(&mut hello).unwrap();
+        let (_, r) = pump(&mut s, &mut c, hello);
+        assert!(
+            matches!(
+                r,
+                Err(TlsError::Handshake(rustls::Error::InvalidCertificate(_)))
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]

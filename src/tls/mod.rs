@@ -98,5 +98,5 @@ pub mod load;
 #[cfg(test)]
 pub(crate) mod testpki;
 
-pub use conn::{Dest, Progress, TlsConn, TlsError};
+pub use conn::{Dest, Progress, Side, Tls, TlsClient, TlsConn, TlsError};
 pub use load::{provider, LoadError, MinVersion, ServerTls, TlsFile, TlsSettings};
