@@ -198,6 +198,10 @@ fn serve_with_a_missing_config_says_the_os_error_once() {
 #[test]
 fn max_connections_auto_is_logged_once_at_info_without_a_warning() {
     let server = Child::spawn(&echo_toml(""), "ulimit -n 2000 &&");
+    // The summary line follows the `listening:` lines `spawn` waits for.
+    wait_until(Duration::from_secs(10), "the summary line", || {
+        server.log().contains("max_connections=")
+    });
     let log = server.log();
     // 2000 less 16 + 4 per shard + (shards + 1) for the one listener, with one shard.
     assert_eq!(
