@@ -60,6 +60,7 @@ pub fn measure(
     let plan = Arc::new(args.plan(&target.to_string()));
     let shards = client_cores.len().max(1);
     let spec = PoolSpec {
+        tls: Vec::new(),
         shards,
         cores: client_cores.iter().map(|&c| Some(c)).collect(),
         limits: Limits {

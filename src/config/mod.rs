@@ -554,7 +554,7 @@ impl Config {
 
     /// Parses and validates the file at `path`; returns the text too (errors found later, such
     /// as a TLS file that cannot be used, are located in it).
-    fn read(path: &Path) -> Result<(Config, String), ConfigError> {
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,

@@ -57,6 +57,35 @@ impl Config {
     }
 }
 
+impl Config {
+    /// SIGHUP: the TLS of every listener that has TLS both in `current` (what runs) and in this
+    /// new configuration, rebuilt from the files this one names (ticket keys kept). Every file is
+    /// checked before anything is returned, so a bad one changes nothing; nothing is applied
+    /// here. Listeners without TLS on either side are `None` (that change needs a restart).
+    pub fn reload_tls(
+        &self,
+        src: &str,
+        file: &str,
+        current: &ListenerTls,
+    ) -> Result<ListenerTls, ConfigError> {
+        let base = base_dir(file);
+        let mut out = Vec::with_capacity(self.listeners.len());
+        for i in 0..self.listeners.len() {
+            let (Some(Some(running)), Some(settings)) =
+                (current.get(i), self.tls_settings(i, &base))
+            else {
+                out.push(None);
+                continue;
+            };
+            match running.reloaded(settings) {
+                Ok(tls) => out.push(Some(tls)),
+                Err(e) => return Err(tls_error(src, file, i, &e)),
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The directory relative TLS paths start from: the configuration file's own.
 pub(super) fn base_dir(file: &str) -> PathBuf {
     Path::new(file)

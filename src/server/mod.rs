@@ -40,6 +40,7 @@ pub use shard::TICK;
 
 use crate::stats::{Snapshot, StatsView};
 use crate::sys::{affinity, socket, waker::Waker};
+use crate::tls::TlsAcceptor;
 use acceptor::Acceptor;
 use listener::Listener;
 
@@ -129,6 +130,19 @@ pub struct ListenerSpec {
     pub backlog: u32,
     /// SO_REUSEPORT, so another process can bind the same port (zero-downtime restart).
     pub reuse_port: bool,
+    /// Terminate TLS on this listener: the shards decrypt before the service and encrypt after
+    /// it, so the service sees plaintext as on any other listener.
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    /// The configuration new handshakes use ([`Server::set_tls`] replaces it).
+    pub acceptor: TlsAcceptor,
+    /// A handshake not finished within this closes its connection (counted in
+    /// `tls_handshake_timeouts`).
+    pub handshake_timeout: Duration,
 }
 
 impl ListenerSpec {
@@ -139,6 +153,7 @@ impl ListenerSpec {
             addr,
             backlog: 4096,
             reuse_port: false,
+            tls: None,
         }
     }
 }
@@ -240,6 +255,7 @@ impl ServerBuilder {
             cores,
             limits: self.limits,
             tuning: self.tuning,
+            tls: self.listeners.iter().map(|l| l.tls.clone()).collect(),
         }
     }
 
@@ -360,6 +376,13 @@ impl Server {
     /// Applies new limits in every shard (a reload); `Ok` once every shard acknowledged them.
     pub fn set_limits(&self, limits: Limits) -> Result<(), ControlError> {
         self.pool.set_limits(limits)
+    }
+
+    /// Gives listener `listener` (its position in the builder's order) a new TLS configuration
+    /// (a certificate reload): every shard uses it for the handshakes that start after it
+    /// acknowledged; open connections keep theirs. `Ok` once every shard has it.
+    pub fn set_tls(&self, listener: usize, acceptor: TlsAcceptor) -> Result<(), ControlError> {
+        self.pool.set_tls(listener, acceptor)
     }
 
     /// Graceful shutdown: stop accepting and close the listeners, then every shard answers what

@@ -12,5 +12,6 @@ pub mod router;
 pub mod ws;
 
 pub use router::start as start_default;
+pub use router::start_with_tls;
 
 pub use crate::server::api::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};

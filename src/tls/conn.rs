@@ -451,15 +451,22 @@ impl<S: Side> Tls<S> {
         Ok(())
     }
 
-    /// After an error: appends the alert rustls prepared, if any. `rest` is what rustls has not
-    /// released of the buffer it failed on (it must see the same bytes at the front again).
+    /// After an error: appends what rustls queued before giving up (a ServerHello it already
+    /// built, then the fatal alert saying why). `rest` is what rustls has not released of the
+    /// buffer it failed on (it must see the same bytes at the front again).
     ///
-    /// One call only: rustls hands out what it has queued (the fatal alert, one record) before
-    /// looking at input again, and a second call would parse the bad input a second time.
+    /// Only while something is queued: rustls hands out queued records before it looks at
+    /// input, and a call with nothing queued would parse the bad input a second time.
     fn queue_alert(&mut self, rest: &mut [u8], out: &mut Vec<u8>) {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls(rest);
-        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
-            encode(&mut e, out);
+        for _ in 0..8 {
+            if !self.conn.wants_write() {
+                return;
+            }
+            let UnbufferedStatus { state, .. } = self.conn.process_tls(rest);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, out),
+                _ => return,
+            }
         }
     }
 }
@@ -601,13 +608,22 @@ mod tests {
         let (s, _) = pair(&pki, st.clone(), &pki.client(&[&TLS13], &[], false));
         assert_eq!(s.alpn(), None);
         let mut s = ServerTls::new(st).unwrap().accept();
-        let e = handshake(&mut s, &mut client(&pki.client(&[&TLS13], &[b"h2"], false)));
+        let mut c = client(&pki.client(&[&TLS13], &[b"h2"], false));
+        let mut out = Vec::new();
+        let e = s.read(&mut from_client(&mut c), Dest::InPlace, &mut out);
         assert!(
             matches!(
                 e,
                 Err(TlsError::Handshake(rustls::Error::NoApplicationProtocol))
             ),
             "{e:?}"
+        );
+        // The client hears why: the ServerHello already built, then the (encrypted) alert.
+        c.read_tls(&mut &out[..]).unwrap();
+        let alert = c.process_new_packets().unwrap_err();
+        assert_eq!(
+            alert,
+            rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
         );
     }
 

@@ -93,6 +93,37 @@ pub struct TlsSettings {
     pub alpn: Vec<Vec<u8>>,
 }
 
+/// What a shard needs to start the TLS connections of one listener: the configuration their
+/// handshakes use. Cheap to clone (an `Arc`); two are equal when they share the configuration.
+#[derive(Clone)]
+pub struct TlsAcceptor(Arc<ServerConfig>);
+
+impl TlsAcceptor {
+    pub fn new(config: Arc<ServerConfig>) -> TlsAcceptor {
+        TlsAcceptor(config)
+    }
+
+    /// The server side of one new connection.
+    pub fn accept(&self) -> TlsConn {
+        TlsConn::new(self.0.clone())
+    }
+}
+
+impl PartialEq for TlsAcceptor {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsAcceptor {}
+
+/// Nothing of the configuration (it holds the key).
+impl std::fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsAcceptor")
+    }
+}
+
 /// One listener's TLS server side: the current rustls configuration and how to rebuild it.
 ///
 /// A reload builds a new `Arc<ServerConfig>` and replaces the old one only if every file was
@@ -130,16 +161,27 @@ impl ServerTls {
     /// Re-reads the files, with `settings` (which may name other files). On success, new
     /// handshakes use the new certificate; on failure nothing changes and the error says why.
     pub fn reload(&mut self, settings: TlsSettings) -> Result<(), LoadError> {
+        *self = self.reloaded(settings)?;
+        Ok(())
+    }
+
+    /// What [`ServerTls::reload`] would switch to, without switching: a reload of several
+    /// listeners checks every one before it applies any.
+    pub fn reloaded(&self, settings: TlsSettings) -> Result<ServerTls, LoadError> {
         // The ticket keys carry over, so clients holding a ticket still resume.
         let ticketer = self.config.ticketer.clone();
-        self.config = build(&settings, Some(ticketer))?;
-        self.settings = settings;
-        Ok(())
+        let config = build(&settings, Some(ticketer))?;
+        Ok(ServerTls { settings, config })
     }
 
     /// The server side of one new connection, using the current configuration.
     pub fn accept(&self) -> TlsConn {
         TlsConn::new(self.config.clone())
+    }
+
+    /// The current configuration, for the shards.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::new(self.config.clone())
     }
 }
 

@@ -99,4 +99,4 @@ pub mod load;
 pub(crate) mod testpki;
 
 pub use conn::{Dest, Progress, Side, Tls, TlsClient, TlsConn, TlsError};
-pub use load::{provider, LoadError, MinVersion, ServerTls, TlsFile, TlsSettings};
+pub use load::{provider, LoadError, MinVersion, ServerTls, TlsAcceptor, TlsFile, TlsSettings};

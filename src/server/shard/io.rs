@@ -24,6 +24,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::state::{Flags, Phase};
+use super::tls::Plain;
 use super::{Core, Shard};
 use crate::conn::Token;
 use crate::server::api::{CloseReason, Service};
@@ -49,12 +50,24 @@ impl<St> Core<St> {
         if self.scratch.is_empty() {
             return false;
         }
+        if let Some(started) = self.write_staged_tls(token) {
+            return started;
+        }
+        let scratch = std::mem::take(&mut self.scratch);
+        let started = self.send_or_queue(token, &scratch);
+        self.scratch = scratch;
+        self.scratch.clear();
+        started
+    }
+
+    /// Sends `data` at once when nothing is queued before it, queues what the socket does not
+    /// take; the bytes as they go on the wire (ciphertext on a TLS connection). Returns true if
+    /// this started a queue. A failed write dooms the connection.
+    pub(crate) fn send_or_queue(&mut self, token: Token, data: &[u8]) -> bool {
         let Some(e) = self.conns.get_mut(token) else {
-            self.scratch.clear();
             return false;
         };
         let c = &mut e.ctl;
-        let data = &self.scratch[..];
         let counters = self.stats.shard(self.env.shard);
         let mut started = false;
         let mut failed = false;
@@ -85,7 +98,6 @@ impl<St> Core<St> {
                 }
             }
         }
-        self.scratch.clear();
         if failed {
             self.doom(token, CloseReason::Error);
             return false;
@@ -162,7 +174,19 @@ impl<S: Service> Shard<S> {
                 if e.ctl.output.is_none() {
                     e.ctl.last_active = core.env.stamp();
                 }
-                if !self.deliver(token, n) {
+                // The transport seam: a TLS connection's ciphertext becomes plaintext here.
+                let (plain, peer_closed) = self.tls_read(token, n);
+                let delivered = match plain {
+                    Plain::Raw(m) | Plain::InPlace(m) => self.deliver(token, m),
+                    Plain::Appended => self.deliver(token, 0),
+                    Plain::Nothing => self.core.conns.get(token).is_some_and(|e| e.ctl.is_open()),
+                };
+                if !delivered {
+                    return;
+                }
+                if peer_closed {
+                    // close_notify: answer what was sent, then close with our own.
+                    self.core.begin_close(token, CloseReason::PeerClosed);
                     return;
                 }
                 if first_words && self.core.env.draining {
