@@ -143,6 +143,13 @@ pub fn measure(
         if args.idle_ws {
             cmd.arg("--idle-ws");
         }
+        if let (true, Some(ca)) = (args.tls, &args.tls_ca) {
+            cmd.arg("--tls")
+                .arg("--tls-ca")
+                .arg(ca)
+                .arg("--tls-name")
+                .arg(&args.tls_name);
+        }
         // Source addresses dealt out: child i takes every n-th one.
         let mine: Vec<String> = sources
             .iter()

@@ -40,7 +40,7 @@ pub use shard::TICK;
 
 use crate::stats::{Snapshot, StatsView};
 use crate::sys::{affinity, socket, waker::Waker};
-use crate::tls::TlsAcceptor;
+use crate::tls::{TlsAcceptor, TlsConnector};
 use acceptor::Acceptor;
 use listener::Listener;
 
@@ -135,14 +135,38 @@ pub struct ListenerSpec {
     pub tls: Option<TlsSpec>,
 }
 
-/// TLS on a listener.
+/// TLS on a listener (or, for the load generator's pool, on the connections it adopts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSpec {
-    /// The configuration new handshakes use ([`Server::set_tls`] replaces it).
-    pub acceptor: TlsAcceptor,
+    pub side: TlsSide,
     /// A handshake not finished within this closes its connection (counted in
     /// `tls_handshake_timeouts`).
     pub handshake_timeout: Duration,
+}
+
+/// Which end of TLS the shard is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSide {
+    /// A listener's: the configuration new handshakes use ([`Server::set_tls`] replaces it).
+    Server(TlsAcceptor),
+    /// The load generator's: it sends the ClientHello when it adopts a connection.
+    Client(TlsConnector),
+}
+
+impl TlsSpec {
+    pub fn server(acceptor: TlsAcceptor, handshake_timeout: Duration) -> TlsSpec {
+        TlsSpec {
+            side: TlsSide::Server(acceptor),
+            handshake_timeout,
+        }
+    }
+
+    pub fn client(connector: TlsConnector, handshake_timeout: Duration) -> TlsSpec {
+        TlsSpec {
+            side: TlsSide::Client(connector),
+            handshake_timeout,
+        }
+    }
 }
 
 impl ListenerSpec {

@@ -658,10 +658,9 @@ pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuil
     }
     for (i, l) in config.listeners.iter().enumerate() {
         let tls = match (tls.get(i), &l.tls) {
-            (Some(Some(server_tls)), Some(t)) => Some(TlsSpec {
-                acceptor: server_tls.acceptor(),
-                handshake_timeout: t.handshake_timeout,
-            }),
+            (Some(Some(server_tls)), Some(t)) => {
+                Some(TlsSpec::server(server_tls.acceptor(), t.handshake_timeout))
+            }
             _ => None,
         };
         builder = builder.listener(ListenerSpec {

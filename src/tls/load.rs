@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, ProducesTickets, WebPkiClientVerifier};
-use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
 
-use super::conn::TlsConn;
+use super::conn::{TlsClient, TlsConn, TlsError};
 
 /// The crypto provider, ring; see the crate README ("TLS") for why.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -121,6 +122,87 @@ impl Eq for TlsAcceptor {}
 impl std::fmt::Debug for TlsAcceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TlsAcceptor")
+    }
+}
+
+/// What a shard needs to open client TLS connections (the load generator): the client
+/// configuration and the name the server's certificate must carry.
+#[derive(Clone)]
+pub struct TlsConnector {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl TlsConnector {
+    pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>) -> TlsConnector {
+        TlsConnector { config, name }
+    }
+
+    /// A client trusting the CA certificates in the PEM file `ca`, expecting certificates for
+    /// `name` (a DNS name or an IP address), offering `alpn`. `resume`: whether to resume
+    /// sessions (off, every handshake is a full one).
+    pub fn from_ca(
+        ca: &Path,
+        name: &str,
+        alpn: &[&[u8]],
+        resume: bool,
+    ) -> Result<TlsConnector, LoadError> {
+        let mut roots = RootCertStore::empty();
+        for (i, cert) in certs(TlsFile::ClientCa, ca)?.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                fail(
+                    TlsFile::ClientCa,
+                    ca,
+                    format!("certificate {} is not a usable CA certificate: {e}", i + 1),
+                )
+            })?;
+        }
+        let server = ServerName::try_from(name.to_string()).map_err(|_| {
+            fail(
+                TlsFile::ClientCa,
+                ca,
+                format!("`{name}` is not a DNS name or an IP address"),
+            )
+        })?;
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        if !resume {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(TlsConnector::new(Arc::new(config), server))
+    }
+
+    pub fn config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    pub fn name(&self) -> &ServerName<'static> {
+        &self.name
+    }
+
+    /// The client side of one new connection.
+    pub fn connect(&self) -> Result<TlsClient, TlsError> {
+        TlsClient::new(self.config.clone(), self.name.clone())
+    }
+}
+
+impl PartialEq for TlsConnector {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.name == other.name
+    }
+}
+
+impl Eq for TlsConnector {}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 

@@ -99,4 +99,6 @@ pub mod load;
 pub(crate) mod testpki;
 
 pub use conn::{Dest, Progress, Side, Tls, TlsClient, TlsConn, TlsError};
-pub use load::{provider, LoadError, MinVersion, ServerTls, TlsAcceptor, TlsFile, TlsSettings};
+pub use load::{
+    provider, LoadError, MinVersion, ServerTls, TlsAcceptor, TlsConnector, TlsFile, TlsSettings,
+};

@@ -37,12 +37,11 @@ use crate::conn::{BufferPool, Slab, Token, TokenKind};
 use crate::server::api::{CloseReason, Ctx, Service};
 use crate::server::listener::{AcceptCounters, Listener, Step};
 use crate::server::port::{Control, Inbox, NewConn};
-use crate::server::{Limits, TlsSpec, Tuning};
+use crate::server::{Limits, TlsSide, TlsSpec, Tuning};
 use crate::stats::{ShardCounters, Stats};
 use crate::sys::poller::{Events, Interest, Poller};
 use crate::sys::waker::Waker;
 use crate::timer::TimerWheel;
-use crate::tls::TlsConn;
 pub use state::TICK;
 use state::{Ctl, Env};
 
@@ -82,7 +81,7 @@ pub(crate) struct Core<St> {
     /// TLS of each listener, by listener index (see [`tls`]).
     pub(crate) tls_listeners: Vec<Option<TlsSpec>>,
     /// The TLS state of each TLS connection, by slab slot; empty without TLS listeners.
-    pub(crate) tls: Vec<Option<Box<TlsConn>>>,
+    pub(crate) tls: Vec<Option<tls::TlsState>>,
     /// Where TLS records are built before one `send`: the ciphertext of what a callback staged,
     /// or what a handshake step answered.
     pub(crate) wire: Vec<u8>,
@@ -327,7 +326,7 @@ impl<S: Service> Shard<S> {
                 Control::Tls(listener, acceptor) => {
                     // Handshakes from now on use it; open connections keep their own.
                     if let Some(Some(spec)) = self.core.tls_listeners.get_mut(listener) {
-                        spec.acceptor = acceptor;
+                        spec.side = TlsSide::Server(acceptor);
                     }
                 }
             }

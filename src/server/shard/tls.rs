@@ -24,8 +24,8 @@
 
 use crate::conn::Token;
 use crate::server::api::{CloseReason, Service};
-use crate::server::TlsSpec;
-use crate::tls::Dest;
+use crate::server::{TlsSide, TlsSpec};
+use crate::tls::{Dest, Progress, TlsClient, TlsConn, TlsError};
 
 use super::state::Flags;
 use super::{Core, Shard};
@@ -42,6 +42,50 @@ pub(crate) enum Plain {
     Nothing,
 }
 
+/// One connection's TLS state: a listener's server side, or the load generator's client side.
+/// Boxed: a slot of the table costs two words, whatever the side.
+pub(crate) enum TlsState {
+    Server(Box<TlsConn>),
+    Client(Box<TlsClient>),
+}
+
+/// Runs `$body` with `$t` bound to whichever side `$state` holds (both have the same methods).
+macro_rules! either {
+    ($state:expr, $t:ident => $body:expr) => {
+        match $state {
+            TlsState::Server($t) => $body,
+            TlsState::Client($t) => $body,
+        }
+    };
+}
+
+impl TlsState {
+    pub(crate) fn is_handshaking(&self) -> bool {
+        either!(self, t => t.is_handshaking())
+    }
+
+    fn has_pending(&self) -> bool {
+        either!(self, t => t.has_pending())
+    }
+
+    fn read(
+        &mut self,
+        data: &mut [u8],
+        dest: Dest<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Progress, TlsError> {
+        either!(self, t => t.read(data, dest, out))
+    }
+
+    fn write(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        either!(self, t => t.write(plain, out))
+    }
+
+    fn close_notify(&mut self, out: &mut Vec<u8>) -> bool {
+        either!(self, t => t.close_notify(out))
+    }
+}
+
 impl<St> Core<St> {
     /// Whether the connection is a TLS connection still in its handshake (not the service's).
     #[inline]
@@ -53,21 +97,44 @@ impl<St> Core<St> {
     /// handshake state and deadline; false for a plain listener.
     pub(crate) fn tls_adopt(&mut self, token: Token, listener: usize) -> bool {
         let Some(Some(TlsSpec {
-            acceptor,
+            side,
             handshake_timeout,
         })) = self.tls_listeners.get(listener)
         else {
             return false;
         };
+        let mut hello = Vec::new();
+        let state = match side {
+            TlsSide::Server(acceptor) => TlsState::Server(Box::new(acceptor.accept())),
+            TlsSide::Client(connector) => {
+                // The client speaks first: its ClientHello goes out now.
+                let started = connector.connect().and_then(|mut c| {
+                    c.start(&mut hello)?;
+                    Ok(c)
+                });
+                match started {
+                    Ok(c) => TlsState::Client(Box::new(c)),
+                    Err(e) => {
+                        log::warn!("shard {}: cannot start a TLS client: {e}", self.env.shard);
+                        self.counters().tls_handshake_failures.inc();
+                        self.doom(token, CloseReason::Tls);
+                        return true;
+                    }
+                }
+            }
+        };
+        let by = self.env.stamp_after(*handshake_timeout);
         let index = token.index();
         if self.tls.len() <= index {
             self.tls.resize_with(index + 1, || None);
         }
-        self.tls[index] = Some(Box::new(acceptor.accept()));
-        let by = self.env.stamp_after(*handshake_timeout);
+        self.tls[index] = Some(state);
         if let Some(e) = self.conns.get_mut(token) {
             e.ctl.timer = by;
             e.ctl.flags.set(Flags::TIMER);
+        }
+        if !hello.is_empty() {
+            self.send_or_queue(token, &hello);
         }
         true
     }
@@ -84,7 +151,7 @@ impl<St> Core<St> {
     /// Write path: encrypts the staged plaintext (a TLS connection) and sends or queues it.
     /// Returns what [`Core::send_or_queue`] returns.
     pub(crate) fn write_staged_tls(&mut self, token: Token) -> Option<bool> {
-        let tls = self.tls.get_mut(token.index())?.as_deref_mut()?;
+        let tls = self.tls.get_mut(token.index())?.as_mut()?;
         let mut wire = std::mem::take(&mut self.wire);
         let result = tls.write(&self.scratch, &mut wire);
         self.scratch.clear();
