@@ -21,7 +21,8 @@
 //! Files: [`api`] (the service trait and its handles), `listener` (one accept step and its
 //! overload policy), `acceptor` (the acceptor thread), `port` (a shard's channels), `pool` (the
 //! shard threads, control and acknowledgements), `shard/` (the run loop, the connection
-//! lifecycle, the read and write paths).
+//! lifecycle, the read and write paths, and TLS between the socket and the service for the
+//! listeners with [`ListenerSpec::tls`]).
 
 pub(crate) mod acceptor;
 pub mod api;

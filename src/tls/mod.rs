@@ -1,10 +1,12 @@
 //! TLS termination: the rustls configuration of a listener ([`load`]) and the per-connection
-//! state that sits between a socket and a service ([`conn`]).
+//! state that sits between a socket and a service ([`conn`]). The engine's side of it, where
+//! the shard calls these, is `server/shard/tls.rs`.
 //!
 //! Ownership: a [`ServerTls`] (one per TLS listener) lives on the main thread, which builds it at
-//! start-up and rebuilds it on SIGHUP; what crosses to the shards is its `Arc<ServerConfig>`,
-//! immutable. A [`TlsConn`] belongs to the shard that owns its connection and is touched by that
-//! thread only.
+//! start-up and rebuilds it on SIGHUP; what crosses to the shards is a [`TlsAcceptor`] (its
+//! `Arc<ServerConfig>`, immutable), at start and by control message on a reload. A [`TlsConn`]
+//! (or the load generator's [`TlsClient`]) belongs to the shard that owns its connection and is
+//! touched by that thread only.
 //!
 //! # Design: rustls's unbuffered API, from the shard's buffers
 //!
@@ -36,7 +38,7 @@
 //! reading as planned ("requires in-place decryption"), and this module's interface already
 //! takes and returns the caller's buffers, so nothing above it changes when that lands.
 //!
-//! ## Read path (where it plugs into the shard)
+//! ## Read path (how the shard uses it)
 //!
 //! The shard reads ciphertext into its one shared read buffer, as for a plain connection, and
 //! calls [`TlsConn::read`] on the bytes just read:
@@ -44,7 +46,7 @@
 //!   plaintext of every whole record is compacted at the front of the read buffer (a record's
 //!   plaintext is shorter than the record, so it never overtakes ciphertext still to decrypt),
 //!   and the service is called on it in place exactly as for a plain read; what it leaves
-//!   unconsumed goes to the connection's input buffer as today.
+//!   unconsumed goes to the connection's input buffer as for a plain connection.
 //! - a record cut by the read: its bytes are kept in the connection's `pending` buffer, which
 //!   exists only while a record is partial (and is bounded by [`conn::MAX_PENDING`]). While it
 //!   exists, or while the connection has unconsumed plaintext, the shard passes
@@ -55,24 +57,25 @@
 //!
 //! ## Write path
 //!
-//! A service writes plaintext into the shard's output staging buffer as today; after the
-//! callback the shard encrypts it with [`TlsConn::write`] into a second staging buffer of the
-//! shard's (records of up to 16 KiB), and writes or queues that ciphertext exactly as it writes
-//! plain output. `max_write_buffer`, backpressure and `write_timeout` therefore apply to the
+//! A service writes plaintext into the shard's output staging buffer as on a plain connection;
+//! after the callback the shard encrypts it with [`TlsConn::write`] into a second staging buffer
+//! of the shard's (records of up to 16 KiB), and writes or queues that ciphertext exactly as it
+//! writes plain output. `max_write_buffer`, backpressure and `write_timeout` therefore apply to the
 //! ciphertext, which is what really waits for the socket.
 //!
 //! ## Lifecycle
 //!
-//! - Handshake: a new connection gets [`ServerTls::accept`] and a deadline of
-//!   `handshake_timeout`; the service's `on_open` runs when [`Progress::handshake_done`] is
-//!   first seen (so a service never writes before the handshake). A connection still
-//!   handshaking at its deadline is closed and counted, as is a [`TlsError`] for which
-//!   [`TlsError::is_handshake`] holds.
+//! - Handshake: a new connection gets [`TlsAcceptor::accept`] and a deadline of
+//!   `handshake_timeout` (in the service timer's slot, unused until `on_open`); the service's
+//!   `on_open` runs when [`Progress::handshake_done`] is first seen, so a service never sees a
+//!   connection before its handshake, and `on_close` only for one it saw. A connection still
+//!   handshaking at its deadline is closed and counted (`tls_handshake_timeouts`), as is one
+//!   whose handshake fails (`tls_handshake_failures`).
 //! - Close: a close requested by the service, or by drain, first queues
 //!   [`TlsConn::close_notify`] behind the pending output, then flushes and closes as for a plain
 //!   connection. A received close_notify ([`Progress::peer_closed`]) is end of input, like FIN.
 //! - Errors: after a [`TlsError`] the output may hold the alert rustls prepared; the shard sends
-//!   it (bounded by the usual flush deadline) and closes that connection only.
+//!   it if the socket takes it at once, and closes that connection only.
 //! - Reload: [`ServerTls::reload`] builds a new configuration and swaps it in only if every file
 //!   was good; shards receive the new `Arc` by command and use it for the next handshakes, while
 //!   open connections keep theirs.

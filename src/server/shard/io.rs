@@ -1,9 +1,10 @@
 //! The read path and the write path of a shard's connections.
 //!
 //! Owned by the shard thread. Bytes cross the socket in exactly two functions, [`recv`] and
-//! [`send`]: that is the seam where a transport (TLS) will sit between the socket and the
-//! service, turning ciphertext into the plaintext the read path delivers and the staged plaintext
-//! into what the write path sends; nothing above them touches the descriptor's bytes.
+//! [`send`]. On a TLS connection the transport (`tls.rs`) sits between them and the service:
+//! the read path hands what `recv` read to `Shard::tls_read`, which turns the ciphertext into the
+//! plaintext it delivers, and `Core::write_staged` encrypts the staged plaintext before
+//! `Core::send_or_queue` sends it; nothing above them touches the descriptor's bytes.
 //!
 //! Read path ([`Shard::on_readable`], [`Shard::deliver`]): input is read into the shard's one
 //! buffer and handed to the service in place; only what the service leaves unconsumed is copied

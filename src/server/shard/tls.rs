@@ -1,10 +1,11 @@
 //! TLS between the socket and the service, for the connections of a TLS listener: the shard's
 //! side of [`crate::tls`] (whose module note has the design and the measurements).
 //!
-//! Owned by the shard thread. A connection of a TLS listener has a [`TlsConn`] in `Core::tls`,
-//! a table indexed by slab slot (empty on a server without TLS, so plain connections pay
-//! nothing, not even a pointer in their `Ctl`); the entry is set at adoption and cleared when
-//! the connection is reaped, so it always belongs to the slot's current connection.
+//! Owned by the shard thread. A connection of a TLS listener has a [`TlsState`] in `Core::tls`
+//! (a listener's server side, or the load generator's client side, which sends its ClientHello
+//! at adoption), a table indexed by slab slot: empty on a server without TLS, so plain
+//! connections pay nothing, not even a pointer in their `Ctl`. The entry is set at adoption and
+//! cleared when the connection is reaped, so it always belongs to the slot's current connection.
 //!
 //! The rules:
 //! - Until its handshake finishes, a connection is not the service's: no callback runs on it
