@@ -113,6 +113,29 @@ fn curl_gets_plaintext_over_https_with_keep_alive() {
     wait_until(Duration::from_secs(5), "one handshake counted", || {
         totals(&server).tls_handshakes == 1
     });
+    // Per shard in /metrics, served over TLS too.
+    let metrics = url.replace("/plaintext", "/metrics");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&pki.ca)
+        .args([
+            "--resolve",
+            &format!(
+                "localhost:{}:127.0.0.1",
+                server.addr("https").unwrap().port()
+            ),
+        ])
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "shardnet_tls_handshakes_total{shard=\"",
+        "shardnet_tls_handshake_failures_total{shard=\"",
+        "shardnet_tls_handshake_timeouts_total{shard=\"",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
 }
 
 #[test]
