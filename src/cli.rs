@@ -409,7 +409,10 @@ fn log_summary(config: &Config, server: &Server) {
         .listeners
         .iter()
         .zip(server.addrs())
-        .map(|(l, (_, addr))| format!("{}={}({:?})", l.name, addr, l.service))
+        .map(|(l, (_, addr))| {
+            let tls = if l.tls.is_some() { "+TLS" } else { "" };
+            format!("{}={}({:?}{tls})", l.name, addr, l.service)
+        })
         .collect();
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");

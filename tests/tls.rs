@@ -75,6 +75,24 @@ fn read_n(s: &mut impl Read, want: usize) -> Vec<u8> {
 
 const PLAINTEXT_RESPONSE_BODY: &str = "Hello, World!";
 
+/// `curl` with the test CA, `localhost` resolved to the server, and `args`; its stdout.
+fn curl(pki: &Pki, port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "10", "--cacert"])
+        .arg(&pki.ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[test]
 fn curl_gets_plaintext_over_https_with_keep_alive() {
     if !require_tool("curl", "apt-get install curl") {
@@ -82,28 +100,12 @@ fn curl_gets_plaintext_over_https_with_keep_alive() {
     }
     let pki = Pki::new();
     let server = start(&tls_toml(&pki, "", ""));
-    let url = format!(
-        "https://localhost:{}/plaintext",
-        server.addr("https").unwrap().port()
-    );
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--http1.1", "--max-time", "10", "--cacert"])
-        .arg(&pki.ca)
-        .args([
-            "--resolve",
-            &format!(
-                "localhost:{}:127.0.0.1",
-                server.addr("https").unwrap().port()
-            ),
-        ])
-        .args(["-w", " %{http_code} %{num_connects}\n", &url, &url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let port = server.addr("https").unwrap().port();
+    let url = format!("https://localhost:{port}/plaintext");
+    let text = curl(
+        &pki,
+        port,
+        &["-w", " %{http_code} %{num_connects}\n", &url, &url],
     );
     // Two answers over one connection: the second made no new connection.
     assert_eq!(
@@ -114,21 +116,7 @@ fn curl_gets_plaintext_over_https_with_keep_alive() {
         totals(&server).tls_handshakes == 1
     });
     // Per shard in /metrics, served over TLS too.
-    let metrics = url.replace("/plaintext", "/metrics");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(&pki.ca)
-        .args([
-            "--resolve",
-            &format!(
-                "localhost:{}:127.0.0.1",
-                server.addr("https").unwrap().port()
-            ),
-        ])
-        .arg(&metrics)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = curl(&pki, port, &[&format!("https://localhost:{port}/metrics")]);
     for name in [
         "shardnet_tls_handshakes_total{shard=\"",
         "shardnet_tls_handshake_failures_total{shard=\"",

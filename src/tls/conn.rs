@@ -493,17 +493,15 @@ mod tests {
     use rustls::{ClientConfig, ClientConnection};
 
     use super::*;
+    use crate::tls::load::tests::settings;
     use crate::tls::testpki::Pki;
     use crate::tls::{MinVersion, ServerTls, TlsSettings};
 
-    fn settings(pki: &Pki) -> TlsSettings {
-        TlsSettings {
-            cert: pki.cert.clone(),
-            key: pki.key.clone(),
-            client_ca: None,
-            min_version: MinVersion::Tls12,
-            alpn: Vec::new(),
-        }
+    /// Hands the server's `out` to the client, which must fail on the alert `alert`.
+    fn client_hears(c: &mut ClientConnection, out: &[u8], alert: rustls::AlertDescription) {
+        c.read_tls(&mut &out[..]).unwrap();
+        let got = c.process_new_packets().unwrap_err();
+        assert_eq!(got, rustls::Error::AlertReceived(alert));
     }
 
     fn client(config: &Arc<ClientConfig>) -> ClientConnection {
@@ -619,11 +617,10 @@ mod tests {
             "{e:?}"
         );
         // The client hears why: the ServerHello already built, then the (encrypted) alert.
-        c.read_tls(&mut &out[..]).unwrap();
-        let alert = c.process_new_packets().unwrap_err();
-        assert_eq!(
-            alert,
-            rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+        client_hears(
+            &mut c,
+            &out,
+            rustls::AlertDescription::NoApplicationProtocol,
         );
     }
 
@@ -896,12 +893,7 @@ mod tests {
             "{e:?}"
         );
         // The client is told why (a protocol_version alert), not just cut off.
-        c.read_tls(&mut &out[..]).unwrap();
-        let alert = c.process_new_packets().unwrap_err();
-        assert_eq!(
-            alert,
-            rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
-        );
+        client_hears(&mut c, &out, rustls::AlertDescription::ProtocolVersion);
         let (s, _) = pair(&pki, st, &pki.client(&[&TLS13, &TLS12], &[], false));
         assert_eq!(s.protocol_version(), Some(ProtocolVersion::TLSv1_3));
     }

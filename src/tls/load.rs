@@ -402,11 +402,12 @@ pub fn build(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tls::testpki::Pki;
 
-    fn settings(pki: &Pki) -> TlsSettings {
+    /// A listener's settings from the test PKI: its server certificate, nothing else.
+    pub(crate) fn settings(pki: &Pki) -> TlsSettings {
         TlsSettings {
             cert: pki.cert.clone(),
             key: pki.key.clone(),
