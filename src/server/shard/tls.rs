@@ -241,10 +241,13 @@ impl<S: Service> Shard<S> {
                 },
             )
         };
-        if !wire.is_empty() {
-            core.send_or_queue(token, &wire);
-        }
+        // A queue started here (a flight, tickets, a key update the socket did not take) needs
+        // its write deadline in the wheel, as one started by a callback does.
+        let queued = !wire.is_empty() && core.send_or_queue(token, &wire);
         core.recycle_wire(wire);
+        if queued {
+            core.rearm(token, true);
+        }
         let progress = match result {
             Ok(p) => p,
             Err(err) => {
