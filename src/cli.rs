@@ -183,7 +183,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the signal thread")?;
 
     let mut server =
-        crate::service::start_with_tls(&config, &tls).context("cannot start the server")?;
+        crate::app::start_with_tls(&config, &tls).context("cannot start the server")?;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,

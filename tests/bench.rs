@@ -538,7 +538,7 @@ fn tls_modes_run_and_verify() {
     );
     let config = config(&toml);
     let loaded = config.load_tls(&toml, "bench-tls.toml").unwrap();
-    let server = shardnet::service::start_with_tls(&config, &loaded).unwrap();
+    let server = shardnet::app::start_with_tls(&config, &loaded).unwrap();
     let http = server.addr("http").unwrap().to_string();
     let echo = server.addr("echo").unwrap().to_string();
     let ca = pki.ca.display().to_string();

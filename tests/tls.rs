@@ -40,7 +40,7 @@ fn start(toml: &str) -> Server {
     let tls = config
         .load_tls(toml, "tls-test.toml")
         .expect("TLS files load");
-    shardnet::service::start_with_tls(&config, &tls).expect("server starts")
+    shardnet::app::start_with_tls(&config, &tls).expect("server starts")
 }
 
 fn totals(server: &Server) -> ShardSnapshot {
