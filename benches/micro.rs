@@ -10,6 +10,11 @@ use shardnet::service::http::{
 };
 use shardnet::service::ws::{self, WsConn};
 use shardnet::timer::TimerWheel;
+use shardnet::tls::{Dest, MinVersion, ServerTls, TlsClient, TlsConn, TlsSettings};
+
+#[path = "../src/tls/testpki.rs"]
+#[allow(dead_code)]
+mod pki;
 
 fn timer_wheel(c: &mut Criterion) {
     let mut g = c.benchmark_group("timer_wheel");
@@ -312,5 +317,78 @@ fn deflate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, timer_wheel, slab, http, websocket, deflate);
+/// Runs a handshake between `s` and `c` (both unbuffered, in memory); returns the time spent in
+/// the server's calls only (the client's work is the load generator's, not the server's).
+fn tls_handshake(s: &mut TlsConn, c: &mut TlsClient) -> Duration {
+    let (mut to_server, mut to_client) = (Vec::with_capacity(4096), Vec::with_capacity(8192));
+    c.start(&mut to_server).unwrap();
+    let mut server_time = Duration::ZERO;
+    while c.is_handshaking() || s.is_handshaking() {
+        to_client.clear();
+        let t = Instant::now();
+        s.read(&mut to_server, Dest::InPlace, &mut to_client)
+            .unwrap();
+        server_time += t.elapsed();
+        to_server.clear();
+        let mut plain = Vec::new();
+        c.read(&mut to_client, Dest::Append(&mut plain), &mut to_server)
+            .unwrap();
+    }
+    server_time
+}
+
+fn tls(c: &mut Criterion) {
+    let pki = pki::Pki::new();
+    let server = ServerTls::new(TlsSettings {
+        cert: pki.cert.clone(),
+        key: pki.key.clone(),
+        client_ca: None,
+        min_version: MinVersion::Tls12,
+        alpn: Vec::new(),
+    })
+    .unwrap();
+    let client = pki.client(&[&rustls::version::TLS13], &[], false);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut g = c.benchmark_group("tls");
+    // ECDSA P-256, X25519, a session ticket: the server's CPU per full TLS 1.3 handshake.
+    g.bench_function("full TLS 1.3 handshake, server side", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let mut s = server.accept();
+                    let mut c = TlsClient::new(client.clone(), name.clone()).unwrap();
+                    tls_handshake(&mut s, &mut c)
+                })
+                .sum()
+        });
+    });
+    g.bench_function("100 B request in, 1 KiB response out, server side", |b| {
+        let mut s = server.accept();
+        let mut c = TlsClient::new(client.clone(), name.clone()).unwrap();
+        tls_handshake(&mut s, &mut c);
+        let (mut wire, mut out, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        let (request, response) = ([b'q'; 100], [b'r'; 1024]);
+        b.iter_custom(|iters| {
+            let mut server_time = Duration::ZERO;
+            for _ in 0..iters {
+                wire.clear();
+                c.write(&request, &mut wire).unwrap();
+                out.clear();
+                let t = Instant::now();
+                let p = s.read(&mut wire, Dest::InPlace, &mut out).unwrap();
+                black_box(&wire[..p.plaintext]);
+                s.write(&response, &mut out).unwrap();
+                server_time += t.elapsed();
+                plain.clear();
+                let mut back = Vec::new();
+                c.read(&mut out, Dest::Append(&mut plain), &mut back)
+                    .unwrap();
+            }
+            server_time
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, timer_wheel, slab, http, websocket, deflate, tls);
 criterion_main!(benches);

@@ -27,4 +27,5 @@ pub mod service;
 pub mod stats;
 pub(crate) mod sys;
 pub mod timer;
+pub mod tls;
 pub mod tune;

@@ -27,21 +27,45 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::config::{Balance as BalanceConfig, Config, LimitsConfig, Shards, Trigger};
+use crate::config::{Balance as BalanceConfig, Config, LimitsConfig, ListenerTls, Shards, Trigger};
 use crate::server::{
-    Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, Tuning,
+    Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, TlsSpec, Tuning,
 };
+use crate::tls::ServerTls;
 use metrics::Metrics;
 use router::{Router, Shared};
 
 /// Starts the product server: every listener with the service its configuration names.
 pub fn start(config: &Config) -> Result<Server, ServerError> {
+    let tls = config.load_tls("", "").map_err(|e| ServerError::Start {
+        what: "TLS".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    start_with_tls(config, &tls)
+}
+
+/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]): what
+/// the CLI runs, having read the files with errors located in the configuration file.
+pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, ServerError> {
+    if let Some(l) = config
+        .listeners
+        .iter()
+        .enumerate()
+        .find(|(i, l)| l.tls.is_some() && !matches!(tls.get(*i), Some(Some(_))))
+        .map(|(_, l)| l)
+    {
+        // Never plaintext on a port configured for TLS.
+        return Err(ServerError::Start {
+            what: format!("listener `{}`", l.name),
+            source: std::io::Error::other("its TLS files were not loaded"),
+        });
+    }
     let owned = config.clone();
     let started = Instant::now();
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    engine(config).start(move |info, peers| {
+    engine_with_tls(config, tls).start(move |info, peers| {
         let shared = slot
             .lock()
             .get_or_insert_with(|| {
@@ -67,8 +91,15 @@ impl From<&LimitsConfig> for Limits {
     }
 }
 
-/// The engine a configuration asks for: listeners, shards, pinning, balance, limits, tuning.
+/// The engine a configuration asks for: listeners, shards, pinning, balance, limits, tuning;
+/// every listener plain (see [`engine_with_tls`]).
 pub fn engine(config: &Config) -> ServerBuilder {
+    engine_with_tls(config, &[])
+}
+
+/// [`engine`], with listener i terminating TLS as `tls[i]` says (what [`Config::load_tls`]
+/// loaded; `None` or missing: plain).
+pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuilder {
     let sc = &config.server;
     // `max_connections = "auto"` comes to this process's descriptor limit (already raised by the
     // CLI) less a reserve; the CLI logs the same figure.
@@ -98,12 +129,19 @@ pub fn engine(config: &Config) -> ServerBuilder {
     if let Shards::Count(n) = sc.shards {
         builder = builder.shards(n.get());
     }
-    for l in &config.listeners {
+    for (i, l) in config.listeners.iter().enumerate() {
+        let tls = match (tls.get(i), &l.tls) {
+            (Some(Some(server_tls)), Some(t)) => {
+                Some(TlsSpec::server(server_tls.acceptor(), t.handshake_timeout))
+            }
+            _ => None,
+        };
         builder = builder.listener(ListenerSpec {
             name: l.name.clone(),
             addr: l.addr,
             backlog: l.backlog,
             reuse_port: l.reuse_port,
+            tls,
         });
     }
     builder

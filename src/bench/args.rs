@@ -125,6 +125,16 @@ pub struct BenchArgs {
     /// Rounds for --compare and --sweep-shards (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Speak TLS (https, wss, TLS echo) to the target, with rustls; the server must have `tls`
+    /// on the listener. In connect mode every connection makes a full handshake (no resumption).
+    #[arg(long, requires = "tls_ca")]
+    pub tls: bool,
+    /// PEM file of the CA certificates that vouch for the server's certificate (--tls).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (--tls).
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -179,6 +189,27 @@ pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
 }
 
 impl BenchArgs {
+    /// The client side of TLS for --tls (`None` without it); `resume`: whether to resume
+    /// sessions.
+    pub(super) fn tls_connector(
+        &self,
+        resume: bool,
+    ) -> anyhow::Result<Option<crate::tls::TlsConnector>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self.tls_ca.as_ref().context("--tls needs --tls-ca PATH")?;
+        // HTTP and WebSocket modes offer http/1.1, as browsers do; echo offers no ALPN.
+        let alpn: &[&[u8]] = match self.mode {
+            Mode::Echo => &[],
+            Mode::Idle if !self.idle_ws => &[],
+            _ => &[b"http/1.1"],
+        };
+        let connector = crate::tls::TlsConnector::from_ca(ca, &self.tls_name, alpn, resume)
+            .map_err(|e| anyhow::anyhow!("--tls-ca {e}"))?;
+        Ok(Some(connector))
+    }
+
     pub(super) fn plan(&self, host: &str) -> Plan {
         let default_path = match self.mode {
             Mode::Ws | Mode::Idle => "/ws/echo",

@@ -106,6 +106,28 @@ impl Config {
                     );
                 }
             }
+            if let Some(tls) = &l.tls {
+                for (k, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                    if path.as_os_str().is_empty() {
+                        return fail(&key(&format!("tls.{k}")), "needs a file path".into());
+                    }
+                }
+                if tls
+                    .client_ca
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                {
+                    return fail(&key("tls.client_ca"), "needs a file path".into());
+                }
+                if tls.handshake_timeout.is_zero() {
+                    return fail(
+                        &key("tls.handshake_timeout"),
+                        "must be positive: a handshake that never finishes would hold its \
+                         connection forever"
+                            .into(),
+                    );
+                }
+            }
             for (j, w) in l.websocket.iter().enumerate() {
                 let key = |k: &str| format!("listener[{i}].websocket[{j}].{k}");
                 if !w.path.starts_with('/') {

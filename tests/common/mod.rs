@@ -9,6 +9,10 @@ use shardnet::app::engine;
 use shardnet::config::Config;
 use shardnet::server::Server;
 
+/// Test certificates made at run time (the same file the unit tests use).
+#[path = "../../src/tls/testpki.rs"]
+pub mod pki;
+
 /// Every blocking client call gives up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
