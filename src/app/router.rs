@@ -148,6 +148,7 @@ impl Router {
                             })
                             .collect(),
                         publish,
+                        fixed: Default::default(),
                     },
                     websocket: l
                         .websocket

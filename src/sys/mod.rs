@@ -9,6 +9,7 @@ pub mod page;
 pub mod poller;
 pub mod rlimit;
 pub mod socket;
+pub mod text;
 pub mod waker;
 
 use std::io;
