@@ -8,6 +8,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("shardnet uses epoll and eventfd: it builds on Linux only");
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use shardnet::config::{Config, ListenerConfig, ServiceKind, WsRouteConfig, DEFAULT_TOML};
+use shardnet::config::{
+    AuthConfig, Config, ListenerConfig, PublicKeyConfig, ServiceKind, WsRouteConfig, DEFAULT_TOML,
+};
 
 /// Backticked snake_case names in README.md that are not configuration keys, with what they
 /// are. A new one fails the test until it is added here (or corrected, like `log_level` was).
@@ -34,7 +36,8 @@ struct Schema {
 
 impl Schema {
     fn new() -> Schema {
-        // One HTTP listener with one route: every key of every section appears when printed.
+        // One HTTP listener with one route, and one public key: every key of every section
+        // appears when printed.
         let config = Config {
             listeners: vec![ListenerConfig {
                 name: "http".into(),
@@ -42,6 +45,10 @@ impl Schema {
                 websocket: vec![WsRouteConfig::default()],
                 ..ListenerConfig::default()
             }],
+            auth: AuthConfig {
+                public_keys: vec![PublicKeyConfig::default()],
+                ..AuthConfig::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -51,6 +58,7 @@ impl Schema {
         };
         schema.walk("", &table);
         assert!(schema.keys.contains("listener.websocket.max_topics"));
+        assert!(schema.keys.contains("auth.public_key.kid"));
         schema
     }
 
@@ -104,6 +112,7 @@ impl Schema {
             "listener.websocket" => {
                 format!("[[listener]]\nservice = \"http\"\n[[listener.websocket]]\n{assignment}\n")
             }
+            "auth.public_key" => format!("[[auth.public_key]]\n{assignment}\n"),
             t => format!("[{t}]\n{assignment}\n"),
         }
     }

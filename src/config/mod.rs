@@ -12,6 +12,7 @@
 //! after parsing and point at the key, or at its table's header when the key is left to its
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
+mod auth;
 mod spans;
 mod units;
 mod validate;
@@ -26,6 +27,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use auth::{AuthConfig, KeyAlg, PublicKeyConfig, RouteAuth};
 pub use units::{duration, size};
 
 pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
@@ -73,6 +75,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -268,6 +271,8 @@ pub struct WsRouteConfig {
     /// Longest topic name accepted, in bytes.
     #[serde(with = "size")]
     pub max_topic_length: usize,
+    /// Whether upgrading needs a token (`[auth]` says how tokens are verified).
+    pub auth: RouteAuth,
 }
 
 impl Default for WsRouteConfig {
@@ -282,6 +287,7 @@ impl Default for WsRouteConfig {
             allowed_origins: Vec::new(),
             max_topics: 64,
             max_topic_length: 256,
+            auth: RouteAuth::Off,
         }
     }
 }
