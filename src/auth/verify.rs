@@ -14,6 +14,9 @@
 //!    one algorithm: `exp` required, `nbf` checked, `iss` and `aud` required when configured,
 //!    the configured leeway;
 //! 6. the permission claims, into [`Permissions`].
+//!
+//! Keys come from the configuration only: a header's `jwk`, `jku`, `x5u` or `x5c` is never
+//! fetched nor trusted, and an unknown `crit` extension is refused (by the library).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
