@@ -19,6 +19,7 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("prometheus_client", "Python library"),
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
+    ("require_tool", "test helper in tests/common"),
     (
         "reload",
         "the `[reload]` marker in config/shardnet.toml's comments",
