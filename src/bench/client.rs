@@ -49,6 +49,10 @@ pub struct Plan {
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
     pub host: String,
+    /// Tokens for the WebSocket upgrades, used in turn (empty: none); see [`super::tokens`].
+    pub tokens: Arc<[String]>,
+    /// Send the token as `?token=` rather than `Authorization: Bearer`.
+    pub token_in_query: bool,
     /// Fan-out: the topic, and the clock origin of the publish timestamps.
     pub topic: String,
     pub base: Instant,
@@ -121,6 +125,11 @@ pub struct Client {
     next_seed: u32,
     start: Instant,
     request: Vec<u8>,
+    /// Upgrades sent by this shard, and the shard's place among the client shards: connection
+    /// n of shard s takes token `n * shards + s` (modulo their number).
+    upgrades: usize,
+    shard: usize,
+    shards: usize,
 }
 
 /// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
@@ -147,7 +156,19 @@ impl Client {
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
             start: Instant::now(),
             request,
+            upgrades: 0,
+            shard: info.shard,
+            shards: info.shards.max(1),
         }
+    }
+
+    /// The upgrade request of the next WebSocket connection, with its token if there are any.
+    fn upgrade(&mut self, path: &str) -> String {
+        let tokens = &self.plan.tokens;
+        let token = (!tokens.is_empty())
+            .then(|| tokens[(self.upgrades * self.shards + self.shard) % tokens.len()].as_str());
+        self.upgrades += 1;
+        super::tokens::upgrade_request(path, &self.plan.host, token, self.plan.token_in_query)
     }
 
     fn error(&mut self, why: String) {
@@ -428,20 +449,13 @@ impl Service for Client {
                 self.result.ready += 1;
             }
             Mode::Ws | Mode::Fanout => {
-                let upgrade = format!(
-                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                    self.plan.path, self.plan.host
-                );
+                let plan = self.plan.clone();
+                let upgrade = self.upgrade(&plan.path);
                 conn.write(upgrade.as_bytes());
             }
-            Mode::Idle => match &self.plan.idle_ws {
+            Mode::Idle => match self.plan.idle_ws.clone() {
                 Some(path) => {
-                    let upgrade = format!(
-                        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                        self.plan.host
-                    );
+                    let upgrade = self.upgrade(&path);
                     conn.write(upgrade.as_bytes());
                 }
                 None => self.result.ready += 1,
