@@ -4,12 +4,14 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::app::auth::{self, Auth, Reloadable};
 use crate::config::{duration, size, Config, ConfigError, MaxConnections, Shards, DEFAULT_TOML};
 use crate::server::Server;
 use crate::stats::Snapshot;
@@ -89,9 +91,14 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
-            Ok(config) => {
+        // The files `[auth]` names are read too: a missing or malformed key file is an error at
+        // its key, like any other.
+        Command::Config(ConfigCommand::Check { file }) => match auth::load_config(&file) {
+            Ok((config, auth)) => {
                 print!("{}", config.to_toml());
+                for note in auth.notes() {
+                    eprintln!("warning: {note}");
+                }
                 0
             }
             Err(e) => {
@@ -130,15 +137,35 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+fn load(path: Option<&PathBuf>) -> Result<(Config, Auth), ConfigError> {
     match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::embedded_default()),
+        Some(p) => auth::load_config(p),
+        None => Ok((Config::embedded_default(), Auth::disabled())),
+    }
+}
+
+/// `[auth]` in one line at start and reload (kids and counts, never a secret), what loading
+/// passed over, and a warning when tokens guard the WebSocket routes but anyone may publish.
+fn log_auth(config: &Config, auth: &Auth) {
+    log::info!("auth: {}", auth.summary());
+    for note in auth.notes() {
+        log::warn!("auth: {note}");
+    }
+    let guarded = config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .any(|w| w.auth != crate::config::RouteAuth::Off);
+    if guarded && !auth.publish_needs_key() {
+        log::warn!(
+            "auth: WebSocket routes check tokens, but POST /publish needs no key: set [auth] \
+             api_keys_file"
+        );
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_ref())?;
+    let (mut config, auth) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -173,7 +200,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server = crate::app::start(&config).context("cannot start the server")?;
+    log_auth(&config, &auth);
+    let auth = Arc::new(Reloadable::new(auth));
+    let mut server =
+        crate::app::start_with(&config, auth.clone()).context("cannot start the server")?;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -186,7 +216,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &server) {
+                    if reload(args.config.as_ref(), &mut config, &server, &auth) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -288,16 +318,22 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level) in every shard; refuses the rest with a log line. A file that does not
-/// parse changes nothing. Returns whether anything was applied.
-fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool {
+/// interval, log level, all of `[auth]` with the key files it names) in every shard; refuses
+/// the rest with a log line. A file that does not parse, or whose key files do not load,
+/// changes nothing. Returns whether anything was applied.
+fn reload(
+    path: Option<&PathBuf>,
+    config: &mut Config,
+    server: &Server,
+    auth: &Reloadable<Auth>,
+) -> bool {
     let Some(path) = path else {
         log::warn!(
             "SIGHUP: running the embedded default configuration; there is no file to reload"
         );
         return false;
     };
-    let new = match Config::load(path) {
+    let (new, new_auth) = match auth::load_config(path) {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -310,6 +346,11 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
+    // New keys verify from the next upgrade or refresh on; connections keep the grants their
+    // tokens gave them until those tokens expire.
+    log_auth(config, &new_auth);
+    config.auth = new.auth;
+    auth.replace(new_auth);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);

@@ -17,7 +17,6 @@
 compile_error!("shardnet uses epoll and eventfd: it builds on Linux only");
 
 pub mod app;
-pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use shardnet::auth::{Auth, Failure, PermTable};
+use shardnet::app::auth::{Auth, Failure, PermTable};
 
 use common::python_with;
 
@@ -245,7 +245,7 @@ fn permissions_from_pyjwt_claims() {
         table.may_subscribe(scoped, "news:x") && table.may_subscribe(scoped, "user:alice:inbox")
     );
     assert!(!table.may_subscribe(scoped, "chat:x"));
-    let anon = shardnet::auth::PermId::ANONYMOUS;
+    let anon = shardnet::app::auth::PermId::ANONYMOUS;
     assert!(table.may_subscribe(anon, "public:lobby"));
     assert!(!table.may_subscribe(anon, "chat:general") && !table.may_publish(anon, "public:x"));
     // Alice, Bob and the reader share their subscribe list; the entries are theirs.

@@ -8,12 +8,14 @@
 //! - `routes`: the HTTP routes (`/plaintext`, `/json`, `/healthz`, `/metrics`, `/stats`,
 //!   `POST /publish/{topic}`, the WebSocket paths);
 //! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
-//! - `metrics`: the services' counters and their Prometheus and JSON renderings.
+//! - `metrics`: the services' counters and their Prometheus and JSON renderings;
+//! - [`auth`]: token verification, topic permissions, API keys, the command rate limit.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
-//! `router` → `routes` → `pubsub` → `metrics`.
+//! `router` → `routes` → `pubsub` → `metrics` and `auth` (which uses neither).
 
+pub mod auth;
 mod metrics;
 mod pubsub;
 mod router;
@@ -31,8 +33,27 @@ use crate::server::{
 use metrics::Metrics;
 use router::{Router, Shared};
 
-/// Starts the product server: every listener with the service its configuration names.
-pub fn start(config: &Config) -> Result<Server, ServerError> {
+/// Why the product server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Starts the product server: every listener with the service its configuration names, and
+/// `[auth]` loaded from the files it names.
+pub fn start(config: &Config) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    Ok(start_with(config, Arc::new(auth::Reloadable::new(auth)))?)
+}
+
+/// [`start`] with `[auth]` already loaded, in the handle a reload (SIGHUP) replaces it through.
+pub fn start_with(
+    config: &Config,
+    auth: Arc<auth::Reloadable<auth::Auth>>,
+) -> Result<Server, ServerError> {
     let owned = config.clone();
     let started = Instant::now();
     // The pool's counters exist once the pool does: the first shard to start completes the
@@ -46,6 +67,7 @@ pub fn start(config: &Config) -> Result<Server, ServerError> {
                     metrics: Metrics::new(info.stats.clone(), info.shards, started),
                     registry: Arc::default(),
                     config: owned.clone(),
+                    auth: auth.clone(),
                 })
             })
             .clone();

@@ -4,15 +4,30 @@
 //! One `Router` per shard, on that shard's thread. A connection starts as echo or HTTP after its
 //! listener; an HTTP connection that completes a WebSocket handshake becomes a WebSocket one and
 //! runs its route's mode (echo or pub/sub). The router owns the timers a protocol needs (HTTP's
-//! header timer, WebSocket's heartbeat) through the connection's one service timer.
+//! header timer, WebSocket's heartbeat and token expiry) through the connection's one service
+//! timer.
+//!
+//! Authentication (routes with `auth = "optional"` or `"required"`): the upgrade's token is
+//! verified by the routes; the connection then keeps a [`ConnAuth`] (its grant in this shard's
+//! [`PermTable`] and its rate-limit bucket, 24 bytes) and never the token. Every command on a
+//! pub/sub route passes the rate limit, then (on those routes) the permissions, before the hub
+//! sees it; `refresh` swaps the grant here. The one timer fires at the earlier of the next
+//! heartbeat and the token's expiry plus leeway, where the connection is closed with
+//! [`CLOSE_TOKEN_EXPIRED`]: no timer of its own, nothing allocated while idle.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
+use super::auth::{
+    Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Reloadable, Verdict,
+    CLOSE_TOKEN_EXPIRED,
+};
 use super::metrics::{Metrics, ServiceCounters};
-use super::pubsub::{Client, Cmd, Fanout, Hub, Registry, TopicLimits};
+use super::pubsub::{self, Client, Cmd, Fanout, Hub, Op, Registry, TopicLimits};
 use super::routes::{ListenerRoutes, Routes};
-use crate::config::{Config, ListenerConfig, ServiceKind, SlowConsumer, WsMode, WsRouteConfig};
+use crate::config::{
+    Config, ListenerConfig, RouteAuth, ServiceKind, SlowConsumer, WsMode, WsRouteConfig,
+};
 use crate::server::Peers;
 use crate::service::http::{DateCache, HeaderTimer, Http, HttpConn, HttpSettings};
 use crate::service::ws::{self, Message, WsConn};
@@ -27,6 +42,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
     pub config: Config,
+    /// `[auth]`, replaced on SIGHUP; each router keeps a [`Local`] copy.
+    pub auth: Arc<Reloadable<Auth>>,
 }
 
 /// Per-connection state.
@@ -45,6 +62,8 @@ pub struct WsState {
     listener: u16,
     route: u16,
     awaiting_pong: bool,
+    /// The grant and the rate-limit bucket (a grant only means something on routes with auth).
+    auth: ConnAuth,
 }
 
 /// A WebSocket route, with the limits derived from the configuration.
@@ -111,6 +130,13 @@ pub struct Router {
     fanout: Fanout,
     hub: Hub,
     draining: bool,
+    /// This shard's copy of `[auth]`, and the one whose `anonymous_subscribe` `perms` holds.
+    auth: Local<Auth>,
+    anonymous_of: Arc<Auth>,
+    /// The permissions of this shard's authenticated connections, interned.
+    perms: PermTable,
+    /// The origin of the rate-limit buckets' clock.
+    epoch: Instant,
 }
 
 impl Router {
@@ -132,6 +158,7 @@ impl Router {
                             .iter()
                             .map(|w| (w.path.clone(), w.allowed_origins.clone()))
                             .collect(),
+                        websocket_auth: l.websocket.iter().map(|w| w.auth).collect(),
                         publish,
                     },
                     websocket: l
@@ -148,14 +175,30 @@ impl Router {
                 },
             })
             .collect();
+        let auth = shared.auth.local();
+        let anonymous_of = auth.cached().clone();
         Router {
             shard: info.shard,
             kinds,
             date: DateCache::default(),
             fanout: Fanout::new(peers, info.shard, shared.registry.clone()),
-            shared,
             hub: Hub::default(),
             draining: false,
+            perms: PermTable::new(anonymous_of.anonymous_subscribe()),
+            auth,
+            anonymous_of,
+            epoch: info.started,
+            shared,
+        }
+    }
+
+    /// Picks up a reloaded `[auth]` (one atomic load when there is none), and with it the
+    /// anonymous permissions.
+    fn sync_auth(&mut self) {
+        let current = self.auth.get(&self.shared.auth);
+        if !Arc::ptr_eq(current, &self.anonymous_of) {
+            self.perms.set_anonymous(current.anonymous_subscribe());
+            self.anonymous_of = current.clone();
         }
     }
 
@@ -179,6 +222,9 @@ impl Router {
             counters,
             fanout: &self.fanout,
             draining: self.draining,
+            auth: self.auth.cached(),
+            auth_failures: self.shared.metrics.auth_failures(self.shard),
+            verified: None,
         };
         let before = conn.out().len();
         let o = http.handle(
@@ -204,22 +250,35 @@ impl Router {
         if o.stopped {
             conn.resume_later();
         }
+        let verified = handler.verified.take();
         if let Some(route) = o.upgrade {
             counters.ws_upgrades.inc();
             counters.ws_open.inc();
             conn.clear_timer();
+            let cfg = &self.route(listener as u16, route as u16).config;
+            let (ping, gated) = (cfg.ping_interval, cfg.auth != RouteAuth::Off);
+            let mut auth = ConnAuth::default();
+            match verified {
+                Some(v) => {
+                    auth.grant = Grant {
+                        perms: self.perms.acquire(&v.perms),
+                        expires: Grant::expiry(v.exp),
+                    };
+                    counters.ws_authenticated.inc();
+                }
+                None if gated => counters.ws_anonymous.inc(),
+                None => {}
+            }
             *conn.state() = ConnState::Ws(Box::new(WsState {
                 conn: WsConn::default(),
                 listener: listener as u16,
                 route: route as u16,
                 awaiting_pong: false,
+                auth,
             }));
-            let ping = self
-                .route(listener as u16, route as u16)
-                .config
-                .ping_interval;
-            if !ping.is_zero() {
-                conn.set_timer(ping);
+            let leeway = self.auth.cached().leeway();
+            if let Some(after) = ws_timer(ping, &auth.grant, leeway, SystemTime::now()) {
+                conn.set_timer(after);
             }
             // Frames sent right behind the upgrade request are in this same input.
             let rest = &mut input[o.consumed..];
@@ -238,11 +297,14 @@ impl Router {
     }
 
     fn on_ws(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
+        self.sync_auth();
+        let now_us = conn.now().saturating_duration_since(self.epoch).as_micros() as u64;
         let ConnState::Ws(ws_state) = conn.state() else {
             return 0;
         };
         let (listener, route) = (ws_state.listener, ws_state.route);
         let mut wsc = std::mem::take(&mut ws_state.conn);
+        let mut ca = ws_state.auth;
         let token = conn.token();
         let Router {
             kinds,
@@ -250,17 +312,23 @@ impl Router {
             hub,
             fanout,
             shard,
+            auth,
+            perms,
             ..
         } = self;
         let r = route_of(kinds, listener, route);
         let counters = shared.metrics.shard(*shard);
+        let failures = shared.metrics.auth_failures(*shard);
+        let current: &Auth = auth.cached();
         let client = Client {
             token,
             limits: &r.topics,
             fanout,
             counters,
         };
-        let mode = r.config.mode;
+        let (mode, gated) = (r.config.mode, r.config.auth != RouteAuth::Off);
+        let before = ca.grant;
+        let mut closing = false;
         let p = wsc.process(input, r.frame_limit, conn.out(), &mut |msg, out| {
             counters.ws_messages_in.inc();
             match mode {
@@ -271,18 +339,82 @@ impl Router {
                         Message::Binary(b) => ws::write_frame(out, ws::OP_BINARY, b),
                     }
                 }
-                WsMode::Pubsub => hub.on_message(&client, &msg, out),
+                // A client that goes on past the rate limit is being closed: the rest of what
+                // it sent is not read.
+                WsMode::Pubsub if closing => {}
+                WsMode::Pubsub => {
+                    if let Some(limit) = current.rate_limit() {
+                        match ca.bucket.take(limit, now_us) {
+                            Verdict::Allow => {}
+                            Verdict::Refuse => {
+                                counters.rate_limited.inc();
+                                return pubsub::reply(
+                                    out,
+                                    &serde_json::json!({
+                                        "error": "rate limit: too many commands, slow down \
+                                                  (going on closes the connection)",
+                                    }),
+                                );
+                            }
+                            Verdict::Close => {
+                                counters.rate_limit_closes.inc();
+                                closing = true;
+                                return;
+                            }
+                        }
+                    }
+                    let op = match pubsub::parse_op(&msg) {
+                        Ok(op) => op,
+                        Err(why) => {
+                            return pubsub::reply(out, &serde_json::json!({ "error": why }))
+                        }
+                    };
+                    match op {
+                        Op::Refresh(t) if gated => {
+                            let cx = Refresh {
+                                auth: current,
+                                perms: &mut *perms,
+                                hub: &mut *hub,
+                                client: &client,
+                                registry: &shared.registry,
+                                failures,
+                            };
+                            cx.run(&mut ca.grant, t.as_bytes(), out);
+                        }
+                        Op::Subscribe(t) if gated && !perms.may_subscribe(ca.grant.perms, &t) => {
+                            counters.auth_denied.inc();
+                            deny(out, "subscribe", &t, &ca.grant);
+                        }
+                        Op::Publish(t, _) if gated && !perms.may_publish(ca.grant.perms, &t) => {
+                            counters.auth_denied.inc();
+                            deny(out, "publish", &t, &ca.grant);
+                        }
+                        op => hub.on_op(&client, op, out),
+                    }
+                }
             }
         });
         let ping = r.config.ping_interval;
+        let leeway = current.leeway();
         if let ConnState::Ws(s) = conn.state() {
             s.conn = wsc;
+            s.auth = ca;
             if p.frames > 0 {
                 s.awaiting_pong = false;
             }
         }
-        if p.frames > 0 && !ping.is_zero() {
-            conn.set_timer(ping);
+        if p.frames > 0 || ca.grant != before {
+            if let Some(after) = ws_timer(ping, &ca.grant, leeway, SystemTime::now()) {
+                conn.set_timer(after);
+            }
+        }
+        if closing && p.close.is_none() {
+            if let ConnState::Ws(s) = conn.state() {
+                s.conn.close_sent = true;
+            }
+            ws::write_close(conn.out(), ws::CLOSE_POLICY, "rate limit");
+            conn.close();
+            return input.len();
         }
         if let Some(code) = p.close {
             if matches!(
@@ -294,6 +426,112 @@ impl Router {
             conn.close();
         }
         p.consumed
+    }
+}
+
+/// When a WebSocket connection's one timer is due: the next heartbeat (`ping`, zero = none) or
+/// the token's expiry plus leeway, whichever comes first; `None` when neither applies.
+fn ws_timer(ping: Duration, grant: &Grant, leeway: Duration, now: SystemTime) -> Option<Duration> {
+    let expiry = grant.remaining(leeway, now);
+    match (ping.is_zero(), expiry) {
+        (true, e) => e,
+        (false, None) => Some(ping),
+        (false, Some(e)) => Some(ping.min(e)),
+    }
+}
+
+/// Refuses a subscribe or publish outside the connection's permissions: the topic and the
+/// reason in the error, nothing acknowledged.
+fn deny(out: &mut Vec<u8>, op: &str, topic: &str, grant: &Grant) {
+    let why = if grant.is_anonymous() {
+        "an anonymous connection may subscribe only to anonymous_subscribe topics: send a token"
+    } else if op == "publish" {
+        "the token's publish claim does not allow this topic"
+    } else {
+        "the token's subscribe claim does not allow this topic"
+    };
+    pubsub::reply(
+        out,
+        &serde_json::json!({
+            "error": format!("{op} to `{topic}` refused: {why}"),
+            "op": op,
+            "topic": topic,
+            "reason": "forbidden",
+        }),
+    );
+}
+
+/// What a `refresh` needs: the verifier, the permissions, and the hub to drop what the new
+/// token no longer allows.
+struct Refresh<'a, 'c> {
+    auth: &'a Auth,
+    perms: &'a mut PermTable,
+    hub: &'a mut Hub,
+    client: &'a Client<'c>,
+    registry: &'a Registry,
+    failures: &'a FailureCounters,
+}
+
+impl Refresh<'_, '_> {
+    /// Verifies `token` and, if it is good and for the same subject (an anonymous connection
+    /// may take any), replaces `grant`; subscriptions the new permissions do not allow are
+    /// dropped and listed in the answer. A refused refresh changes nothing: the connection
+    /// still ends at its current token's expiry.
+    fn run(self, grant: &mut Grant, token: &[u8], out: &mut Vec<u8>) {
+        let counters = self.client.counters;
+        let refuse = |out: &mut Vec<u8>, reason: &str, message: &str| {
+            counters.auth_refresh_refused.inc();
+            pubsub::reply(
+                out,
+                &serde_json::json!({
+                    "error": format!("refresh refused: {message}"),
+                    "op": "refresh",
+                    "reason": reason,
+                }),
+            );
+        };
+        let v = match self.auth.verify(token) {
+            Ok(v) => v,
+            Err(f) => {
+                self.failures.inc(f);
+                return refuse(out, f.as_str(), f.message());
+            }
+        };
+        if !grant.is_anonymous() && self.perms.sub(grant.perms) != &*v.perms.sub {
+            return refuse(
+                out,
+                "subject",
+                "the token is for another subject than this connection's",
+            );
+        }
+        let new = Grant {
+            perms: self.perms.acquire(&v.perms),
+            expires: Grant::expiry(v.exp),
+        };
+        if grant.is_anonymous() {
+            counters.ws_anonymous.sub(1);
+            counters.ws_authenticated.inc();
+        }
+        self.perms.release(grant.perms);
+        *grant = new;
+        let registry = self.registry;
+        let dropped: Vec<Arc<str>> = self
+            .hub
+            .topics_of(self.client.token)
+            .iter()
+            .filter(|t| !self.perms.may_subscribe(new.perms, t))
+            .cloned()
+            .collect();
+        for t in &dropped {
+            self.hub.unsubscribe(self.client.token, t, registry);
+        }
+        counters.auth_refreshed.inc();
+        counters.auth_unsubscribed.add(dropped.len() as u64);
+        let dropped: Vec<&str> = dropped.iter().map(|t| &**t).collect();
+        pubsub::reply(
+            out,
+            &serde_json::json!({ "ok": "refresh", "exp": v.exp, "unsubscribed": dropped }),
+        );
     }
 }
 
@@ -337,10 +575,24 @@ impl Service for Router {
                 conn.close();
             }
             ConnState::Ws(s) => {
-                let (l, r, awaiting) = (s.listener, s.route, s.awaiting_pong);
+                let (l, r, awaiting, grant) = (s.listener, s.route, s.awaiting_pong, s.auth.grant);
                 let cfg = &self.route(l, r).config;
                 let (ping, pong) = (cfg.ping_interval, cfg.pong_timeout);
-                if awaiting {
+                let leeway = self.auth.cached().leeway();
+                let now = SystemTime::now();
+                // The timer never fires early, so a grant with nothing left is past its time.
+                if grant.remaining(leeway, now) == Some(Duration::ZERO) {
+                    self.counters().auth_expired.inc();
+                    if let ConnState::Ws(s) = conn.state() {
+                        s.conn.close_sent = true;
+                    }
+                    ws::write_close(
+                        conn.out(),
+                        CLOSE_TOKEN_EXPIRED,
+                        "token expired, refresh and reconnect",
+                    );
+                    conn.close();
+                } else if awaiting {
                     self.counters().ws_reaped.inc();
                     ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, "no pong");
                     conn.close();
@@ -350,16 +602,35 @@ impl Service for Router {
                     }
                     self.counters().ws_pings.inc();
                     ws::write_frame(conn.out(), ws::OP_PING, b"");
-                    conn.set_timer(pong);
+                    let expiry = grant.remaining(leeway, now).unwrap_or(pong);
+                    conn.set_timer(pong.min(expiry));
+                } else if let Some(after) = grant.remaining(leeway, now) {
+                    // No heartbeat and time left: every change of the grant re-arms the timer,
+                    // so this is only a guard that the expiry is never lost.
+                    conn.set_timer(after);
                 }
             }
             _ => {}
         }
     }
 
-    fn on_close(&mut self, token: Token, state: &mut ConnState, _reason: CloseReason) {
-        if let ConnState::Ws(_) = state {
-            self.counters().ws_open.sub(1);
+    fn on_close(&mut self, token: Token, state: &mut ConnState, reason: CloseReason) {
+        if let ConnState::Ws(s) = state {
+            let counters = self.shared.metrics.shard(self.shard);
+            counters.ws_open.sub(1);
+            let grant = s.auth.grant;
+            let gated = route_of(&self.kinds, s.listener, s.route).config.auth != RouteAuth::Off;
+            if !grant.is_anonymous() {
+                // The subject at debug level only (it identifies a user); never the token.
+                log::debug!(
+                    "WebSocket connection of sub {:?} closed ({reason:?})",
+                    self.perms.sub(grant.perms)
+                );
+                self.perms.release(grant.perms);
+                counters.ws_authenticated.sub(1);
+            } else if gated {
+                counters.ws_anonymous.sub(1);
+            }
             self.hub.on_close(token, &self.shared.registry);
         }
     }

@@ -111,7 +111,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let secret = dir.join("secret");
         std::fs::write(&secret, "0123456789abcdef0123456789abcdef-bench\n").unwrap();
-        let es = concat!(env!("CARGO_MANIFEST_DIR"), "/src/auth/testdata/ec.key");
+        let es = concat!(env!("CARGO_MANIFEST_DIR"), "/src/app/auth/testdata/ec.key");
         let mut extra = Map::new();
         extra.insert("aud".into(), "shardnet".into());
         let hs = mint(&format!("HS256:{}", secret.display()), 3, &extra).unwrap();
@@ -122,11 +122,11 @@ mod tests {
             public_keys: vec![crate::config::PublicKeyConfig {
                 kid: "ec".into(),
                 alg: crate::config::KeyAlg::ES256,
-                file: concat!(env!("CARGO_MANIFEST_DIR"), "/src/auth/testdata/ec.pub").into(),
+                file: concat!(env!("CARGO_MANIFEST_DIR"), "/src/app/auth/testdata/ec.pub").into(),
             }],
             ..Default::default()
         };
-        let auth = crate::auth::Auth::load(&cfg).unwrap();
+        let auth = crate::app::auth::Auth::load(&cfg).unwrap();
         for (i, t) in hs.iter().enumerate() {
             let v = auth.verify(t.as_bytes()).unwrap();
             assert_eq!(&*v.perms.sub, format!("bench-{i}"));

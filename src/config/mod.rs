@@ -482,9 +482,29 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     })
 }
 
+/// A problem found by a check that a layer above makes ([`Config::parse_with`]): the dotted key
+/// at fault and why, located in the file like the configuration's own errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
 impl Config {
     /// Parses and validates `src`; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(src, file, |_| Ok(())).map(|(c, ())| c)
+    }
+
+    /// [`Config::parse`], then `check`, whose error is located at its key: what the layers
+    /// above use for what this module cannot check itself (the product reads the key files
+    /// `[auth]` names, so that `config check` refuses a missing or malformed one at its line).
+    /// Returns what `check` made of the configuration along with it.
+    pub fn parse_with<T>(
+        src: &str,
+        file: &str,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
         let doc = toml_edit::ImDocument::parse(src).map_err(|e| {
             let (line, column) = line_column(src, e.span().map_or(0, |s| s.start));
             ConfigError::Syntax {
@@ -501,15 +521,25 @@ impl Config {
             invalid(src, file, offset, key, one_line(e.message()))
         })?;
         config.check(&spans, src, file)?;
-        Ok(config)
+        let made =
+            check(&config).map_err(|e| invalid(src, file, spans.at(&e.key), e.key, e.reason))?;
+        Ok((config, made))
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, |_| Ok(())).map(|(c, ())| c)
+    }
+
+    /// [`Config::load`] with [`Config::parse_with`]'s extra check.
+    pub fn load_with<T>(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&src, &path.display().to_string())
+        Config::parse_with(&src, &path.display().to_string(), check)
     }
 
     /// The embedded default; a unit test guarantees it parses.

@@ -155,8 +155,8 @@ impl Config {
         self.check_auth(&fail)
     }
 
-    /// `[auth]`'s values, the routes that need it, then its files (read here, so that a missing
-    /// or malformed key file fails `config check` at the key that names it).
+    /// `[auth]`'s values and the routes that need it. Its files and patterns are the product's
+    /// to check (`app::auth::load_checked`, through [`Config::parse_with`]).
     fn check_auth(
         &self,
         fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
@@ -200,14 +200,6 @@ impl Config {
                 "auth.publish_claim",
                 "must differ from subscribe_claim (publishing is granted apart)".into(),
             );
-        }
-        for (i, p) in a.anonymous_subscribe.iter().enumerate() {
-            if let Err(e) = crate::auth::perms::check_pattern(p, false) {
-                return fail(
-                    &format!("auth.anonymous_subscribe[{i}]"),
-                    format!("`{p}` {e}"),
-                );
-            }
         }
         if a.command_rate > bounds::MAX_COMMAND_RATE {
             return fail(
@@ -255,9 +247,6 @@ impl Config {
                     );
                 }
             }
-        }
-        if let Err(e) = crate::auth::Auth::load(a) {
-            return fail(e.key(), e.reason());
         }
         Ok(())
     }

@@ -18,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The placeholder for the token's subject.
 pub const SUB: &str = "{sub}";
@@ -135,6 +136,16 @@ impl Grant {
 
     pub fn is_anonymous(&self) -> bool {
         self.perms == PermId::ANONYMOUS
+    }
+
+    /// Time left at `now` before the token's `exp` plus `leeway` (zero once past it); `None`
+    /// when the grant never expires.
+    pub fn remaining(&self, leeway: Duration, now: SystemTime) -> Option<Duration> {
+        if self.expires == Grant::NEVER {
+            return None;
+        }
+        let end = UNIX_EPOCH + Duration::from_secs(u64::from(self.expires)) + leeway;
+        Some(end.duration_since(now).unwrap_or(Duration::ZERO))
     }
 }
 
@@ -434,5 +445,15 @@ mod tests {
         assert_eq!(Grant::expiry(1_700_000_000), 1_700_000_000);
         assert_eq!(Grant::expiry(u64::MAX), Grant::NEVER - 1);
         assert!(Grant::ANONYMOUS.is_anonymous());
+        let g = Grant {
+            perms: PermId(3),
+            expires: 1_000,
+        };
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let leeway = Duration::from_secs(5);
+        assert_eq!(g.remaining(leeway, at(990)), Some(Duration::from_secs(15)));
+        assert_eq!(g.remaining(leeway, at(1_005)), Some(Duration::ZERO));
+        assert_eq!(g.remaining(leeway, at(2_000)), Some(Duration::ZERO));
+        assert_eq!(Grant::ANONYMOUS.remaining(leeway, at(0)), None);
     }
 }

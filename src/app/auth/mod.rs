@@ -14,6 +14,10 @@
 //! - [`apikeys`]: the publish API's and the admin routes' keys, compared in constant time.
 //! - [`bucket`]: the token bucket, one timestamp per connection.
 //!
+//! [`load_config`] and [`parse_config`] read a configuration file together with the files its
+//! `[auth]` names (what `config check`, `serve` and SIGHUP use), so that a missing or malformed
+//! key file is a configuration error at the line of its key.
+//!
 //! Secrets never leave this module: the HS256 secret and API keys are not kept in a printable
 //! form (the keys only as digests), `Debug` of every type here names keys by `kid` and source
 //! only, and no error message includes a secret or a token.
@@ -30,13 +34,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Config, ConfigError, KeyError};
 use crate::stats::Counter;
 
 pub use apikeys::{ApiKeys, Refusal};
 pub use bucket::{Bucket, RateLimit, Verdict};
 pub use perms::{Grant, PermId, PermTable, Permissions};
 pub use verify::{Verified, Verifier};
+
+/// The WebSocket close code of a connection whose token expired (plus leeway) without a
+/// refresh: "token expired, refresh and reconnect". In the 4000-4999 range RFC 6455 leaves to
+/// applications.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// Why a token is refused. The names (`as_str`) are the metric label and the `error` a
 /// client gets; each says what to do about it.
@@ -177,6 +186,26 @@ pub enum AuthError {
     Invalid { key: String, reason: String },
 }
 
+impl From<AuthError> for KeyError {
+    fn from(e: AuthError) -> KeyError {
+        KeyError {
+            key: e.key().to_string(),
+            reason: e.reason(),
+        }
+    }
+}
+
+/// Reads a configuration file and the files its `[auth]` names: the configuration and its
+/// loaded [`Auth`], or the error located at the key at fault.
+pub fn load_config(path: &Path) -> Result<(Config, Auth), ConfigError> {
+    Config::load_with(path, |c| Auth::load(&c.auth).map_err(KeyError::from))
+}
+
+/// [`load_config`] for a configuration's text.
+pub fn parse_config(src: &str, file: &str) -> Result<(Config, Auth), ConfigError> {
+    Config::parse_with(src, file, |c| Auth::load(&c.auth).map_err(KeyError::from))
+}
+
 impl AuthError {
     pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> AuthError {
         AuthError::Invalid {
@@ -227,6 +256,14 @@ impl Auth {
     /// Reads every file `[auth]` names and builds the verifier and key sets. Values alone were
     /// checked when the configuration was parsed; this checks the files.
     pub fn load(cfg: &AuthConfig) -> Result<Auth, AuthError> {
+        for (i, p) in cfg.anonymous_subscribe.iter().enumerate() {
+            perms::check_pattern(p, false).map_err(|e| {
+                AuthError::invalid(
+                    &format!("auth.anonymous_subscribe[{i}]"),
+                    format!("`{p}` {e}"),
+                )
+            })?;
+        }
         let loaded = keys::load(cfg)?;
         let verifier = if loaded.keys.is_empty() {
             None
@@ -543,6 +580,108 @@ mod tests {
         // the 32 allowed.
         assert_eq!(std::mem::size_of::<ConnAuth>(), 24);
         assert!(ConnAuth::default().grant.is_anonymous());
+    }
+
+    const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/app/auth/testdata");
+
+    fn route(auth: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"h\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+             [[listener.websocket]]\npath = \"/ws\"\n{auth}\n"
+        )
+    }
+
+    fn err(src: &str) -> (usize, String, String) {
+        match parse_config(src, "t.toml").map(drop).unwrap_err() {
+            ConfigError::Invalid {
+                line, key, reason, ..
+            } => (line, key, reason),
+            e => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn key_files_that_are_missing_or_malformed_name_the_key_and_the_file() {
+        let dir = std::env::temp_dir().join(format!("shardnet-cfg-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys.txt");
+        std::fs::write(&keys, "# publishers\nk_0123456789abcdefgh\nshort\n").unwrap();
+        let cases = [
+            (
+                format!("[auth]\njwks_file = \"{}/absent.json\"\n", dir.display()),
+                2,
+                "auth.jwks_file",
+                "absent.json: cannot read: No such file".to_string(),
+            ),
+            (
+                format!("[auth]\n\napi_keys_file = \"{}\"\n", keys.display()),
+                3,
+                "auth.api_keys_file",
+                format!("{}:3: the key is 5 characters", keys.display()),
+            ),
+            (
+                format!("[auth]\nadmin_api_keys_file = \"{TESTDATA}/ec.pub\"\n"),
+                2,
+                "auth.admin_api_keys_file",
+                "ec.pub:1: the key".to_string(),
+            ),
+            (
+                format!(
+                    "[[auth.public_key]]\nkid = \"a\"\nalg = \"RS256\"\nfile = \"{TESTDATA}/ec.pub\"\n"
+                ),
+                4,
+                "auth.public_key[0].file",
+                "not a PEM RS256 public key".to_string(),
+            ),
+            (
+                "[auth]\nanonymous_subscribe = [\"ok:*\", \"user:{sub}\"]\n".to_string(),
+                2,
+                "auth.anonymous_subscribe[1]",
+                "`user:{sub}` uses `{sub}`, and there is no subject here".to_string(),
+            ),
+            (
+                "[auth]\nanonymous_subscribe = [\"a*b\"]\n".to_string(),
+                2,
+                "auth.anonymous_subscribe[0]",
+                "only as the last character".to_string(),
+            ),
+        ];
+        for (auth, line, want_key, want) in cases {
+            let (l, key, reason) = err(&format!("{auth}{}", route("")));
+            assert_eq!((l, key.as_str()), (line, want_key), "{reason}");
+            assert!(reason.contains(&want), "{want}: {reason}");
+            assert!(!reason.contains("0123456789"), "a key leaked: {reason}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_secret_is_neither_printed_nor_quoted_in_errors() {
+        let dir = std::env::temp_dir().join(format!("shardnet-cfg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        let secret = "s3cr3t-0123456789-abcdefghij-klmnopqrstuvwxyz";
+        std::fs::write(&file, format!("{secret}\n")).unwrap();
+        let src = format!(
+            "[auth]\nhs256_secret_file = \"{}\"\n{}",
+            file.display(),
+            route("auth = \"optional\"")
+        );
+        let (config, auth) = parse_config(&src, "t").unwrap();
+        let printed = config.to_toml();
+        assert!(printed.contains("hs256_secret_file = "), "{printed}");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        for shown in [format!("{auth:?}"), auth.summary()] {
+            assert!(
+                !shown.contains("s3cr3t") && !shown.contains("0123456789"),
+                "{shown}"
+            );
+        }
+        std::fs::write(&file, "s3cr3t-short\n").unwrap();
+        let e = parse_config(&src, "t").map(drop).unwrap_err().to_string();
+        assert!(e.contains("t:2:1: key `auth.hs256_secret_file`:"), "{e}");
+        assert!(e.contains("holds 12 bytes") && !e.contains("s3cr3t"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
