@@ -207,6 +207,7 @@ impl Router {
     }
 
     fn on_http(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
+        self.sync_auth();
         let listener = conn.listener();
         let budget = conn.room();
         let Kind::Http { http, routes, .. } = &self.kinds[listener] else {
@@ -674,4 +675,31 @@ impl Service for Router {
 
 fn slow_consumer(kinds: &[Kind], s: &WsState) -> SlowConsumer {
     route_of(kinds, s.listener, s.route).config.slow_consumer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::auth::PermId;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn one_timer_for_the_heartbeat_and_the_expiry() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let s = Duration::from_secs;
+        let grant = |expires| Grant {
+            perms: PermId::ANONYMOUS,
+            expires,
+        };
+        let leeway = s(5);
+        // No token: the heartbeat alone, or nothing.
+        assert_eq!(ws_timer(s(30), &Grant::ANONYMOUS, leeway, now), Some(s(30)));
+        assert_eq!(ws_timer(Duration::ZERO, &Grant::ANONYMOUS, leeway, now), None);
+        // The earlier of the two, the leeway counted.
+        assert_eq!(ws_timer(s(30), &grant(1_010), leeway, now), Some(s(15)));
+        assert_eq!(ws_timer(s(30), &grant(2_000), leeway, now), Some(s(30)));
+        assert_eq!(ws_timer(Duration::ZERO, &grant(1_010), leeway, now), Some(s(15)));
+        // Past the expiry: due now.
+        assert_eq!(ws_timer(s(30), &grant(900), leeway, now), Some(Duration::ZERO));
+    }
 }
