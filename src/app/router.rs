@@ -694,12 +694,21 @@ mod tests {
         let leeway = s(5);
         // No token: the heartbeat alone, or nothing.
         assert_eq!(ws_timer(s(30), &Grant::ANONYMOUS, leeway, now), Some(s(30)));
-        assert_eq!(ws_timer(Duration::ZERO, &Grant::ANONYMOUS, leeway, now), None);
+        assert_eq!(
+            ws_timer(Duration::ZERO, &Grant::ANONYMOUS, leeway, now),
+            None
+        );
         // The earlier of the two, the leeway counted.
         assert_eq!(ws_timer(s(30), &grant(1_010), leeway, now), Some(s(15)));
         assert_eq!(ws_timer(s(30), &grant(2_000), leeway, now), Some(s(30)));
-        assert_eq!(ws_timer(Duration::ZERO, &grant(1_010), leeway, now), Some(s(15)));
+        assert_eq!(
+            ws_timer(Duration::ZERO, &grant(1_010), leeway, now),
+            Some(s(15))
+        );
         // Past the expiry: due now.
-        assert_eq!(ws_timer(s(30), &grant(900), leeway, now), Some(Duration::ZERO));
+        assert_eq!(
+            ws_timer(s(30), &grant(900), leeway, now),
+            Some(Duration::ZERO)
+        );
     }
 }

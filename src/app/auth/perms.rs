@@ -9,7 +9,7 @@
 //! holds a [`Grant`] (8 bytes: a [`PermId`] and the token's expiry), and the [`PermTable`] of
 //! its shard holds the permissions, shared. The table interns on two levels: pattern lists are
 //! shared by every user with the same claims (the `chat:*`, `user:{sub}` of a whole user base),
-//! and one entry per distinct subject holds its `sub` and the two lists. A user's connections
+//! and one entry per distinct subject holds its `sub` and a reference to them. A user's connections
 //! share one entry; entries are reference-counted and freed with their last connection.
 //!
 //! Owned by one shard thread (it uses `Rc`); the verifier that produces [`Permissions`] is
@@ -149,20 +149,26 @@ impl Grant {
     }
 }
 
-type List = Rc<[Box<str>]>;
+/// Both pattern lists of a token, interned: every subject with the same claims shares one.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Rules {
+    subscribe: Box<[Box<str>]>,
+    publish: Box<[Box<str>]>,
+}
 
+/// One subject's permissions: its `sub` and its (shared) rules.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Entry {
     sub: Box<str>,
-    subscribe: List,
-    publish: List,
+    rules: Rc<Rules>,
 }
 
 #[derive(Debug)]
 struct Slot {
-    entry: Rc<Entry>,
-    /// Connections holding this entry; 0 for a free slot (and, by convention, the anonymous
-    /// entry, which is never freed).
+    /// `None` for a free slot.
+    entry: Option<Rc<Entry>>,
+    /// Connections holding this entry (by convention 0 for the anonymous entry, which is never
+    /// freed).
     refs: u32,
 }
 
@@ -173,7 +179,7 @@ pub struct PermTable {
     slots: Vec<Slot>,
     free: Vec<u32>,
     index: HashMap<Rc<Entry>, u32>,
-    lists: HashSet<List>,
+    rules: HashSet<Rc<Rules>>,
 }
 
 impl PermTable {
@@ -183,18 +189,22 @@ impl PermTable {
             slots: Vec::new(),
             free: Vec::new(),
             index: HashMap::new(),
-            lists: HashSet::new(),
+            rules: HashSet::new(),
         };
         let entry = t.entry("", anonymous_subscribe, &[] as &[&str]);
-        t.slots.push(Slot { entry, refs: 0 });
+        t.slots.push(Slot {
+            entry: Some(entry),
+            refs: 0,
+        });
         t
     }
 
     /// Replaces what anonymous connections may subscribe to (a reload of `[auth]`).
     pub fn set_anonymous(&mut self, anonymous_subscribe: &[String]) {
         let entry = self.entry("", anonymous_subscribe, &[] as &[&str]);
-        let old = std::mem::replace(&mut self.slots[0].entry, entry);
-        self.drop_lists(old);
+        if let Some(old) = self.slots[0].entry.replace(entry) {
+            self.drop_entry(old);
+        }
     }
 
     /// Takes a reference to the entry for `p`, creating it if no connection holds one yet.
@@ -202,11 +212,11 @@ impl PermTable {
         let entry = self.entry(&p.sub, &p.subscribe, &p.publish);
         if let Some(&i) = self.index.get(&entry) {
             self.slots[i as usize].refs += 1;
-            self.drop_lists(entry);
+            self.drop_entry(entry);
             return PermId(i);
         }
         let slot = Slot {
-            entry: entry.clone(),
+            entry: Some(entry.clone()),
             refs: 1,
         };
         let i = match self.free.pop() {
@@ -234,26 +244,30 @@ impl PermTable {
         if slot.refs > 0 {
             return;
         }
-        let empty = self.entry_placeholder();
-        let entry = std::mem::replace(&mut self.slots[id.0 as usize].entry, empty);
-        self.index.remove(&entry);
-        self.free.push(id.0);
-        self.drop_lists(entry);
+        if let Some(entry) = slot.entry.take() {
+            self.index.remove(&entry);
+            self.free.push(id.0);
+            self.drop_entry(entry);
+        }
+    }
+
+    fn get(&self, id: PermId) -> Option<&Entry> {
+        self.slots.get(id.0 as usize)?.entry.as_deref()
     }
 
     pub fn may_subscribe(&self, id: PermId, topic: &str) -> bool {
-        let e = &self.slots[id.0 as usize].entry;
-        any_matches(&e.subscribe, &e.sub, topic)
+        self.get(id)
+            .is_some_and(|e| any_matches(&e.rules.subscribe, &e.sub, topic))
     }
 
     pub fn may_publish(&self, id: PermId, topic: &str) -> bool {
-        let e = &self.slots[id.0 as usize].entry;
-        any_matches(&e.publish, &e.sub, topic)
+        self.get(id)
+            .is_some_and(|e| any_matches(&e.rules.publish, &e.sub, topic))
     }
 
-    /// The subject (empty for anonymous connections): for debug logs only.
+    /// The subject (empty for anonymous connections): for debug logs and the refresh check.
     pub fn sub(&self, id: PermId) -> &str {
-        &self.slots[id.0 as usize].entry.sub
+        self.get(id).map_or("", |e| &e.sub)
     }
 
     /// Entries held by connections (the anonymous one excluded).
@@ -265,9 +279,9 @@ impl PermTable {
         self.index.is_empty()
     }
 
-    /// Pattern lists interned (shared between entries).
-    pub fn lists(&self) -> usize {
-        self.lists.len()
+    /// Distinct pattern-list pairs interned (shared between entries).
+    pub fn rule_sets(&self) -> usize {
+        self.rules.len()
     }
 
     fn entry<S: AsRef<str>, T: AsRef<str>>(
@@ -276,50 +290,32 @@ impl PermTable {
         subscribe: &[S],
         publish: &[T],
     ) -> Rc<Entry> {
-        let subscribe = self.list(subscribe);
-        let publish = self.list(publish);
+        let rules = Rules {
+            subscribe: subscribe.iter().map(|p| p.as_ref().into()).collect(),
+            publish: publish.iter().map(|p| p.as_ref().into()).collect(),
+        };
+        let rules = match self.rules.get(&rules) {
+            Some(r) => r.clone(),
+            None => {
+                let r = Rc::new(rules);
+                self.rules.insert(r.clone());
+                r
+            }
+        };
         Rc::new(Entry {
             sub: sub.into(),
-            subscribe,
-            publish,
+            rules,
         })
     }
 
-    fn list<S: AsRef<str>>(&mut self, patterns: &[S]) -> List {
-        let list: List = patterns.iter().map(|p| p.as_ref().into()).collect();
-        if let Some(l) = self.lists.get(&list) {
-            return l.clone();
-        }
-        self.lists.insert(list.clone());
-        list
-    }
-
-    /// A free slot's entry: nothing allowed, sharing the empty list.
-    fn entry_placeholder(&mut self) -> Rc<Entry> {
-        self.entry("", &[] as &[&str], &[] as &[&str])
-    }
-
-    /// Drops `entry`, and from the interned lists any that only the interning set still holds.
-    fn drop_lists(&mut self, entry: Rc<Entry>) {
-        let Ok(Entry {
-            subscribe, publish, ..
-        }) = Rc::try_unwrap(entry)
-        else {
+    /// Drops `entry`, and its rules from the interned set when nothing else uses them.
+    fn drop_entry(&mut self, entry: Rc<Entry>) {
+        let Ok(Entry { rules, .. }) = Rc::try_unwrap(entry) else {
             return;
         };
-        if Rc::ptr_eq(&subscribe, &publish) {
-            drop(publish);
-            self.forget_list(subscribe);
-        } else {
-            self.forget_list(subscribe);
-            self.forget_list(publish);
-        }
-    }
-
-    fn forget_list(&mut self, list: List) {
-        // The set's own reference plus this one: nothing else uses the list.
-        if Rc::strong_count(&list) == 2 {
-            self.lists.remove(&list);
+        // The set's own reference plus this one: nothing else uses the rules.
+        if Rc::strong_count(&rules) == 2 {
+            self.rules.remove(&rules);
         }
     }
 }
@@ -398,9 +394,8 @@ mod tests {
         assert_eq!(a1, a2, "one entry per distinct subject and claims");
         assert_ne!(a1, b);
         assert_eq!(t.len(), 2);
-        // Alice's and Bob's subscribe lists are one list; both publish lists are the empty
-        // one the anonymous entry uses too; plus the anonymous subscribe list.
-        assert_eq!(t.lists(), 3);
+        // Alice's and Bob's rules are one; the anonymous entry has its own.
+        assert_eq!(t.rule_sets(), 2);
         assert!(t.may_subscribe(a1, "user:alice") && !t.may_subscribe(a1, "user:bob"));
         assert!(t.may_subscribe(b, "user:bob") && t.may_subscribe(b, "chat:x"));
         assert!(!t.may_publish(a1, "chat:x"));
@@ -411,7 +406,11 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.release(b);
         assert!(t.is_empty());
-        assert_eq!(t.lists(), 2, "the chat list went with its last entry");
+        assert_eq!(
+            t.rule_sets(),
+            1,
+            "the chat rules went with their last entry"
+        );
         // A freed slot is reused.
         let c = t.acquire(&perms("carol", &[], &["chat:{sub}"]));
         assert!(c == a1 || c == b);
@@ -419,11 +418,12 @@ mod tests {
         t.release(PermId::ANONYMOUS);
         assert!(t.may_subscribe(PermId::ANONYMOUS, "public:x"));
         t.release(c);
-        // One list for both claims: released with its entry all the same.
         let d = t.acquire(&perms("dave", &["room:*"], &["room:*"]));
-        assert_eq!(t.lists(), 3);
+        assert_eq!(t.rule_sets(), 2);
         t.release(d);
-        assert_eq!(t.lists(), 2);
+        assert_eq!(t.rule_sets(), 1);
+        // A released id allows nothing (and names no one).
+        assert!(!t.may_subscribe(d, "room:x") && t.sub(d).is_empty());
     }
 
     #[test]
@@ -434,7 +434,7 @@ mod tests {
         assert!(t.may_subscribe(PermId::ANONYMOUS, "public:x"));
         t.set_anonymous(&[]);
         assert!(!t.may_subscribe(PermId::ANONYMOUS, "public:x"));
-        assert_eq!(t.lists(), 1, "the replaced list is not kept");
+        assert_eq!(t.rule_sets(), 1, "the replaced rules are not kept");
     }
 
     #[test]
