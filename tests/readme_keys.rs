@@ -20,6 +20,13 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    ("rust_crypto", "jsonwebtoken's crypto backend feature"),
+    ("not_yet_valid", "a token failure reason"),
+    ("too_large", "a token failure reason"),
+    ("unknown_key", "a token failure reason"),
+    ("missing_key", "an API key refusal"),
+    ("wrong_key", "an API key refusal"),
+    ("topic_not_allowed", "an API key refusal"),
     (
         "reload",
         "the `[reload]` marker in config/shardnet.toml's comments",
