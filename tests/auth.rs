@@ -308,6 +308,21 @@ fn config_check_never_prints_the_secret() {
     let (code, _, err) = check(&env_toml, None);
     assert_eq!(code, Some(2));
     assert!(err.contains("SHARDNET_TEST_JWT_SECRET is not set"), "{err}");
+    // A key file that is not there: its key and line, and the OS error once.
+    let missing = keys.path("no-such-jwks.json");
+    let (code, _, err) = check(
+        &format!("[auth]\n\njwks_file = \"{missing}\"\n{route}"),
+        None,
+    );
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:3:1: key `auth.jwks_file`: {missing}: cannot read: No such file or directory \
+             (os error 2)",
+            keys.dir.join("check.toml").display()
+        )
+    );
 }
 
 // ---- The server: upgrades, permissions, expiry, refresh, API keys, rate limit ----

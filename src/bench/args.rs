@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// member goes into the header instead.
     #[arg(long, requires = "mint")]
     pub mint_claims: Option<String>,
+    /// Internal: the number of --mint's first subject (`bench-N`), so that --processes'
+    /// children mint subjects of their own.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub mint_first: usize,
     /// Send the token as a `token` query parameter instead of a header.
     #[arg(long)]
     pub token_in_query: bool,

@@ -47,14 +47,24 @@ pub fn from_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
                     .context("--mint-claims: not a JSON object")?,
                 None => Map::new(),
             };
-            mint(spec, args.connections.clamp(1, MAX_MINTED), &extra)
+            mint(
+                spec,
+                args.mint_first,
+                args.connections.clamp(1, MAX_MINTED),
+                &extra,
+            )
         }
         None => Ok(Vec::new()),
     }
 }
 
-/// `count` tokens signed as `spec` (`ALG:KEYFILE`) says.
-pub fn mint(spec: &str, count: usize, extra: &Map<String, Value>) -> anyhow::Result<Vec<String>> {
+/// `count` tokens signed as `spec` (`ALG:KEYFILE`) says, for subjects `bench-{first}` on.
+pub fn mint(
+    spec: &str,
+    first: usize,
+    count: usize,
+    extra: &Map<String, Value>,
+) -> anyhow::Result<Vec<String>> {
     let (alg, file) = spec
         .split_once(':')
         .context("--mint takes ALG:KEYFILE, e.g. ES256:/path/key.pem")?;
@@ -74,7 +84,7 @@ pub fn mint(spec: &str, count: usize, extra: &Map<String, Value>) -> anyhow::Res
     if let Some(Value::String(kid)) = extra.get("kid") {
         header.kid = Some(kid.clone());
     }
-    (0..count)
+    (first..first + count)
         .map(|i| {
             let mut claims = Map::new();
             claims.insert("sub".into(), format!("bench-{i}").into());
@@ -114,8 +124,8 @@ mod tests {
         let es = concat!(env!("CARGO_MANIFEST_DIR"), "/src/app/auth/testdata/ec.key");
         let mut extra = Map::new();
         extra.insert("aud".into(), "shardnet".into());
-        let hs = mint(&format!("HS256:{}", secret.display()), 3, &extra).unwrap();
-        let ec = mint(&format!("ES256:{es}"), 2, &Map::new()).unwrap();
+        let hs = mint(&format!("HS256:{}", secret.display()), 0, 3, &extra).unwrap();
+        let ec = mint(&format!("ES256:{es}"), 0, 2, &Map::new()).unwrap();
         let cfg = crate::config::AuthConfig {
             hs256_secret_file: secret.display().to_string(),
             audience: "shardnet".into(),
@@ -137,10 +147,13 @@ mod tests {
         let mut kid = Map::new();
         kid.insert("kid".into(), "ec".into());
         kid.insert("aud".into(), "shardnet".into());
-        let ec = mint(&format!("ES256:{es}"), 1, &kid).unwrap();
-        auth.verify(ec[0].as_bytes()).unwrap();
-        assert!(mint("HS512:/nope", 1, &Map::new()).is_err());
-        assert!(mint("nocolon", 1, &Map::new()).is_err());
+        let ec = mint(&format!("ES256:{es}"), 7, 1, &kid).unwrap();
+        assert_eq!(
+            &*auth.verify(ec[0].as_bytes()).unwrap().perms.sub,
+            "bench-7"
+        );
+        assert!(mint("HS512:/nope", 0, 1, &Map::new()).is_err());
+        assert!(mint("nocolon", 0, 1, &Map::new()).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
