@@ -156,7 +156,7 @@ impl Config {
     }
 
     /// `[auth]`'s values and the routes that need it. Its files and patterns are the product's
-    /// to check (`app::auth::load_checked`, through [`Config::parse_with`]).
+    /// to check (`app::auth::load_config`, through [`Config::parse_with`]).
     fn check_auth(
         &self,
         fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
