@@ -1,8 +1,9 @@
 //! What an authenticated WebSocket connection costs in memory beyond an anonymous one, counted
 //! by a global allocator (this test binary's only test, so nothing else allocates meanwhile).
 //!
-//! Per connection, both kinds keep the same 24-byte `ConnAuth` in their state (a grant and a
-//! rate-limit bucket): the difference there is nothing. The permissions live in the shard's
+//! Per connection, both kinds keep the same 16-byte `ConnAuth` in their state (a grant and a
+//! rate-limit bucket): the difference there is nothing (`app::router`'s tests hold that the
+//! state of a connection with it is 16 bytes larger than a plain one's). The permissions live in the shard's
 //! `PermTable`: one entry per distinct subject (its `sub` and a reference to pattern lists
 //! that every subject with the same claims shares), and none per further connection of the same
 //! subject. This test writes both figures down; `bench --mode idle --idle-ws --mint ...`
@@ -53,7 +54,7 @@ fn an_authenticated_connection_costs_its_subject_and_nothing_per_further_connect
     const N: usize = 10_000;
     assert_eq!(
         std::mem::size_of::<ConnAuth>(),
-        24,
+        16,
         "the same for every connection"
     );
     // Subjects as issuers write them: a 36-character UUID.

@@ -8,14 +8,18 @@
 //! - `routes`: the HTTP routes (`/plaintext`, `/json`, `/healthz`, `/metrics`, `/stats`,
 //!   `POST /publish/{topic}`, the WebSocket paths);
 //! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
+//! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
+//!   messages go through;
 //! - `metrics`: the services' counters and their Prometheus and JSON renderings;
 //! - [`auth`]: token verification, topic permissions, API keys, the command rate limit.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
-//! `router` → `routes` → `pubsub` → `metrics` and `auth` (which uses neither).
+//! `router` → `routes` → `pubsub` → `compression` → `metrics` → `auth` (which uses none of
+//! them).
 
 pub mod auth;
+mod compression;
 mod metrics;
 mod pubsub;
 mod router;

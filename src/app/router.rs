@@ -9,11 +9,13 @@
 //!
 //! Authentication (routes with `auth = "optional"` or `"required"`): the upgrade's token is
 //! verified by the routes; the connection then keeps a [`ConnAuth`] (its grant in this shard's
-//! [`PermTable`] and its rate-limit bucket, 24 bytes) and never the token. Every command on a
+//! [`PermTable`] and its rate-limit bucket, 16 bytes) and never the token. Every command on a
 //! pub/sub route passes the rate limit, then (on those routes) the permissions, before the hub
 //! sees it; `refresh` swaps the grant here. The one timer fires at the earlier of the next
 //! heartbeat and the token's expiry plus leeway, where the connection is closed with
-//! [`CLOSE_TOKEN_EXPIRED`]: no timer of its own, nothing allocated while idle.
+//! [`CLOSE_TOKEN_EXPIRED`]: no timer of its own, nothing allocated while idle. A connection
+//! that needs none of this (a route without auth, no rate limit when it upgraded) keeps the
+//! plain [`WsState`], so that it costs what it did before.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,13 +24,15 @@ use super::auth::{
     Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Reloadable, Verdict,
     CLOSE_TOKEN_EXPIRED,
 };
+use super::compression::{Compression, Delivery};
 use super::metrics::{Metrics, ServiceCounters};
-use super::pubsub::{self, Client, Cmd, Fanout, Hub, Op, Registry, TopicLimits};
-use super::routes::{ListenerRoutes, Routes};
+use super::pubsub::{self, Client, Cmd, Deflate, Fanout, Hub, Op, Registry, TopicLimits};
+use super::routes::{ListenerRoutes, Routes, WsPath};
 use crate::config::{
     Config, ListenerConfig, RouteAuth, ServiceKind, SlowConsumer, WsMode, WsRouteConfig,
 };
 use crate::server::Peers;
+use crate::service::deflate::{self, Agreed, Inflate, ShardInflater};
 use crate::service::http::{DateCache, HeaderTimer, Http, HttpConn, HttpSettings};
 use crate::service::ws::{self, Message, WsConn};
 use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
@@ -54,16 +58,52 @@ pub enum ConnState {
     Echo,
     Http(HttpConn),
     Ws(Box<WsState>),
+    /// A WebSocket connection with a grant and a rate-limit bucket: on a route with `auth`, or
+    /// upgraded while `[auth]` limits the command rate.
+    WsAuth(Box<WsAuthState>),
 }
 
-/// An upgraded connection.
+impl ConnState {
+    fn ws(&mut self) -> Option<&mut WsState> {
+        match self {
+            ConnState::Ws(s) => Some(s),
+            ConnState::WsAuth(a) => Some(&mut a.ws),
+            _ => None,
+        }
+    }
+
+    fn ws_ref(&self) -> Option<&WsState> {
+        match self {
+            ConnState::Ws(s) => Some(s),
+            ConnState::WsAuth(a) => Some(&a.ws),
+            _ => None,
+        }
+    }
+
+    fn conn_auth(&self) -> Option<ConnAuth> {
+        match self {
+            ConnState::WsAuth(a) => Some(a.auth),
+            _ => None,
+        }
+    }
+}
+
+/// [`WsState`] with what authentication and the rate limit keep: 16 bytes more.
+pub struct WsAuthState {
+    ws: WsState,
+    auth: ConnAuth,
+}
+
+/// An upgraded connection. Compression adds two bytes, which fit in the padding: a compressed
+/// connection's state is as large as a plain one's (a `dedicated` one's compressor is kept by
+/// [`Compression`], not here).
 pub struct WsState {
     conn: WsConn,
     listener: u16,
     route: u16,
     awaiting_pong: bool,
-    /// The grant and the rate-limit bucket (a grant only means something on routes with auth).
-    auth: ConnAuth,
+    /// permessage-deflate as agreed in the upgrade (`None`: uncompressed).
+    deflate: Option<Agreed>,
 }
 
 /// A WebSocket route, with the limits derived from the configuration.
@@ -129,6 +169,8 @@ pub struct Router {
     shared: Arc<Shared>,
     fanout: Fanout,
     hub: Hub,
+    compression: Compression,
+    inflater: ShardInflater,
     draining: bool,
     /// This shard's copy of `[auth]`, and the one whose `anonymous_subscribe` `perms` holds.
     auth: Local<Auth>,
@@ -156,9 +198,16 @@ impl Router {
                         websocket: l
                             .websocket
                             .iter()
-                            .map(|w| (w.path.clone(), w.allowed_origins.clone()))
+                            .map(|w| WsPath {
+                                path: w.path.clone(),
+                                allowed_origins: w.allowed_origins.clone(),
+                                compression: deflate::Settings {
+                                    mode: w.compression,
+                                    window_bits: w.compression_window_bits,
+                                },
+                                auth: w.auth,
+                            })
                             .collect(),
-                        websocket_auth: l.websocket.iter().map(|w| w.auth).collect(),
                         publish,
                     },
                     websocket: l
@@ -183,6 +232,8 @@ impl Router {
             date: DateCache::default(),
             fanout: Fanout::new(peers, info.shard, shared.registry.clone()),
             hub: Hub::default(),
+            compression: Compression::default(),
+            inflater: ShardInflater::default(),
             draining: false,
             perms: PermTable::new(anonymous_of.anonymous_subscribe()),
             auth,
@@ -258,6 +309,8 @@ impl Router {
             conn.clear_timer();
             let cfg = &self.route(listener as u16, route as u16).config;
             let (ping, gated) = (cfg.ping_interval, cfg.auth != RouteAuth::Off);
+            let current = self.auth.cached();
+            let leeway = current.leeway();
             let mut auth = ConnAuth::default();
             match verified {
                 Some(v) => {
@@ -270,14 +323,22 @@ impl Router {
                 None if gated => counters.ws_anonymous.inc(),
                 None => {}
             }
-            *conn.state() = ConnState::Ws(Box::new(WsState {
+            let ws = WsState {
                 conn: WsConn::default(),
                 listener: listener as u16,
                 route: route as u16,
                 awaiting_pong: false,
-                auth,
-            }));
-            let leeway = self.auth.cached().leeway();
+                deflate: o.deflate,
+            };
+            *conn.state() = if gated || current.rate_limit().is_some() {
+                ConnState::WsAuth(Box::new(WsAuthState { ws, auth }))
+            } else {
+                ConnState::Ws(Box::new(ws))
+            };
+            if let Some(agreed) = o.deflate {
+                let deflate = self.shared.metrics.deflate(self.shard);
+                self.compression.open(conn.token(), agreed, deflate);
+            }
             if let Some(after) = ws_timer(ping, &auth.grant, leeway, SystemTime::now()) {
                 conn.set_timer(after);
             }
@@ -300,12 +361,14 @@ impl Router {
     fn on_ws(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
         self.sync_auth();
         let now_us = conn.now().saturating_duration_since(self.epoch).as_micros() as u64;
-        let ConnState::Ws(ws_state) = conn.state() else {
+        // A plain connection has no grant and no bucket: it passes as ungated and unlimited.
+        let has_auth = conn.state().conn_auth();
+        let Some(ws_state) = conn.state().ws() else {
             return 0;
         };
-        let (listener, route) = (ws_state.listener, ws_state.route);
+        let (listener, route, agreed) = (ws_state.listener, ws_state.route, ws_state.deflate);
         let mut wsc = std::mem::take(&mut ws_state.conn);
-        let mut ca = ws_state.auth;
+        let mut ca = has_auth.unwrap_or_default();
         let token = conn.token();
         let Router {
             kinds,
@@ -313,14 +376,18 @@ impl Router {
             hub,
             fanout,
             shard,
+            compression,
+            inflater,
             auth,
             perms,
             ..
         } = self;
         let r = route_of(kinds, listener, route);
         let counters = shared.metrics.shard(*shard);
+        let deflate_counters = shared.metrics.deflate(*shard);
         let failures = shared.metrics.auth_failures(*shard);
         let current: &Auth = auth.cached();
+        let rate = has_auth.and(current.rate_limit());
         let client = Client {
             token,
             limits: &r.topics,
@@ -330,76 +397,101 @@ impl Router {
         let (mode, gated) = (r.config.mode, r.config.auth != RouteAuth::Off);
         let before = ca.grant;
         let mut closing = false;
-        let p = wsc.process(input, r.frame_limit, conn.out(), &mut |msg, out| {
-            counters.ws_messages_in.inc();
-            match mode {
-                WsMode::Echo => {
-                    counters.ws_messages_out.inc();
-                    match msg {
-                        Message::Text(s) => ws::write_frame(out, ws::OP_TEXT, s.as_bytes()),
-                        Message::Binary(b) => ws::write_frame(out, ws::OP_BINARY, b),
-                    }
-                }
-                // A client that goes on past the rate limit is being closed: the rest of what
-                // it sent is not read.
-                WsMode::Pubsub if closing => {}
-                WsMode::Pubsub => {
-                    if let Some(limit) = current.rate_limit() {
-                        match ca.bucket.take(limit, now_us) {
-                            Verdict::Allow => {}
-                            Verdict::Refuse => {
-                                counters.rate_limited.inc();
-                                return pubsub::reply(
-                                    out,
-                                    &serde_json::json!({
-                                        "error": "rate limit: too many commands, slow down \
-                                                  (going on closes the connection)",
-                                    }),
-                                );
-                            }
-                            Verdict::Close => {
-                                counters.rate_limit_closes.inc();
-                                closing = true;
-                                return;
-                            }
-                        }
-                    }
-                    let op = match pubsub::parse_op(&msg) {
-                        Ok(op) => op,
-                        Err(why) => {
-                            return pubsub::reply(out, &serde_json::json!({ "error": why }))
-                        }
-                    };
-                    match op {
-                        Op::Refresh(t) if gated => {
-                            let cx = Refresh {
-                                auth: current,
-                                perms: &mut *perms,
-                                hub: &mut *hub,
-                                client: &client,
-                                registry: &shared.registry,
-                                failures,
-                            };
-                            cx.run(&mut ca.grant, t.as_bytes(), out);
-                        }
-                        Op::Subscribe(t) if gated && !perms.may_subscribe(ca.grant.perms, &t) => {
-                            counters.auth_denied.inc();
-                            deny(out, "subscribe", &t, &ca.grant);
-                        }
-                        Op::Publish(t, _) if gated && !perms.may_publish(ca.grant.perms, &t) => {
-                            counters.auth_denied.inc();
-                            deny(out, "publish", &t, &ca.grant);
-                        }
-                        op => hub.on_op(&client, op, out),
-                    }
-                }
-            }
+        let inflate = agreed.map(|_| Inflate {
+            shard: inflater,
+            counters: deflate_counters,
+            max_message: r.config.max_message,
         });
+        let p = wsc.process_with(
+            input,
+            r.frame_limit,
+            conn.out(),
+            inflate,
+            &mut |msg, out| {
+                counters.ws_messages_in.inc();
+                match mode {
+                    WsMode::Echo => {
+                        counters.ws_messages_out.inc();
+                        let (opcode, payload) = match msg {
+                            Message::Text(s) => (ws::OP_TEXT, s.as_bytes()),
+                            Message::Binary(b) => (ws::OP_BINARY, b),
+                        };
+                        compression.write_message(
+                            token,
+                            agreed,
+                            out,
+                            opcode,
+                            payload,
+                            deflate_counters,
+                        );
+                    }
+                    // A client that goes on past the rate limit is being closed: the rest of
+                    // what it sent is not read.
+                    WsMode::Pubsub if closing => {}
+                    WsMode::Pubsub => {
+                        if let Some(limit) = rate {
+                            match ca.bucket.take(limit, now_us) {
+                                Verdict::Allow => {}
+                                Verdict::Refuse => {
+                                    counters.rate_limited.inc();
+                                    return pubsub::reply(
+                                        out,
+                                        &serde_json::json!({
+                                            "error": "rate limit: too many commands, slow down \
+                                                      (going on closes the connection)",
+                                        }),
+                                    );
+                                }
+                                Verdict::Close => {
+                                    counters.rate_limit_closes.inc();
+                                    closing = true;
+                                    return;
+                                }
+                            }
+                        }
+                        let op = match pubsub::parse_op(&msg) {
+                            Ok(op) => op,
+                            Err(why) => {
+                                return pubsub::reply(out, &serde_json::json!({ "error": why }))
+                            }
+                        };
+                        match op {
+                            Op::Refresh(t) if gated => {
+                                let cx = Refresh {
+                                    auth: current,
+                                    perms: &mut *perms,
+                                    hub: &mut *hub,
+                                    client: &client,
+                                    registry: &shared.registry,
+                                    failures,
+                                };
+                                cx.run(&mut ca.grant, t.as_bytes(), out);
+                            }
+                            Op::Subscribe(t)
+                                if gated && !perms.may_subscribe(ca.grant.perms, &t) =>
+                            {
+                                counters.auth_denied.inc();
+                                deny(out, "subscribe", &t, &ca.grant);
+                            }
+                            Op::Publish(t, _)
+                                if gated && !perms.may_publish(ca.grant.perms, &t) =>
+                            {
+                                counters.auth_denied.inc();
+                                deny(out, "publish", &t, &ca.grant);
+                            }
+                            op => hub.on_op(&client, op, out),
+                        }
+                    }
+                }
+            },
+        );
         let ping = r.config.ping_interval;
         let leeway = current.leeway();
-        if let ConnState::Ws(s) = conn.state() {
+        if let ConnState::WsAuth(a) = conn.state() {
+            a.auth = ca;
+        }
+        if let Some(s) = conn.state().ws() {
             s.conn = wsc;
-            s.auth = ca;
             if p.frames > 0 {
                 s.awaiting_pong = false;
             }
@@ -410,7 +502,7 @@ impl Router {
             }
         }
         if closing && p.close.is_none() {
-            if let ConnState::Ws(s) = conn.state() {
+            if let Some(s) = conn.state().ws() {
                 s.conn.close_sent = true;
             }
             ws::write_close(conn.out(), ws::CLOSE_POLICY, "rate limit");
@@ -561,7 +653,7 @@ impl Service for Router {
                 input.len()
             }
             ConnState::Http(_) => self.on_http(conn, input),
-            ConnState::Ws(_) => self.on_ws(conn, input),
+            ConnState::Ws(_) | ConnState::WsAuth(_) => self.on_ws(conn, input),
         }
     }
 
@@ -575,8 +667,12 @@ impl Service for Router {
                 counters.http_errors.inc();
                 conn.close();
             }
-            ConnState::Ws(s) => {
-                let (l, r, awaiting, grant) = (s.listener, s.route, s.awaiting_pong, s.auth.grant);
+            ConnState::Ws(_) | ConnState::WsAuth(_) => {
+                let grant = conn.state().conn_auth().unwrap_or_default().grant;
+                let Some(s) = conn.state().ws() else {
+                    return;
+                };
+                let (l, r, awaiting) = (s.listener, s.route, s.awaiting_pong);
                 let cfg = &self.route(l, r).config;
                 let (ping, pong) = (cfg.ping_interval, cfg.pong_timeout);
                 let leeway = self.auth.cached().leeway();
@@ -584,7 +680,7 @@ impl Service for Router {
                 // The timer never fires early, so a grant with nothing left is past its time.
                 if grant.remaining(leeway, now) == Some(Duration::ZERO) {
                     self.counters().auth_expired.inc();
-                    if let ConnState::Ws(s) = conn.state() {
+                    if let Some(s) = conn.state().ws() {
                         s.conn.close_sent = true;
                     }
                     ws::write_close(
@@ -598,7 +694,7 @@ impl Service for Router {
                     ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, "no pong");
                     conn.close();
                 } else if !ping.is_zero() {
-                    if let ConnState::Ws(s) = conn.state() {
+                    if let Some(s) = conn.state().ws() {
                         s.awaiting_pong = true;
                     }
                     self.counters().ws_pings.inc();
@@ -616,29 +712,35 @@ impl Service for Router {
     }
 
     fn on_close(&mut self, token: Token, state: &mut ConnState, reason: CloseReason) {
-        if let ConnState::Ws(s) = state {
+        let grant = state.conn_auth().map(|a| a.grant);
+        if let Some(s) = state.ws() {
             let counters = self.shared.metrics.shard(self.shard);
             counters.ws_open.sub(1);
-            let grant = s.auth.grant;
             let gated = route_of(&self.kinds, s.listener, s.route).config.auth != RouteAuth::Off;
-            if !grant.is_anonymous() {
-                // The subject at debug level only (it identifies a user); never the token.
-                log::debug!(
-                    "WebSocket connection of sub {:?} closed ({reason:?})",
-                    self.perms.sub(grant.perms)
-                );
-                self.perms.release(grant.perms);
-                counters.ws_authenticated.sub(1);
-            } else if gated {
-                counters.ws_anonymous.sub(1);
+            match grant {
+                Some(g) if !g.is_anonymous() => {
+                    // The subject at debug level only (it identifies a user); never the token.
+                    log::debug!(
+                        "WebSocket connection of sub {:?} closed ({reason:?})",
+                        self.perms.sub(g.perms)
+                    );
+                    self.perms.release(g.perms);
+                    counters.ws_authenticated.sub(1);
+                }
+                _ if gated => counters.ws_anonymous.sub(1),
+                _ => {}
             }
             self.hub.on_close(token, &self.shared.registry);
+            if s.deflate.is_some() {
+                let deflate = self.shared.metrics.deflate(self.shard);
+                self.compression.close(token, deflate);
+            }
         }
     }
 
     fn on_drain(&mut self, conn: &mut Conn<'_, ConnState>) {
         self.draining = true;
-        if let ConnState::Ws(s) = conn.state() {
+        if let Some(s) = conn.state().ws() {
             if !s.conn.close_sent {
                 s.conn.close_sent = true;
                 ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, "server shutting down");
@@ -665,10 +767,15 @@ impl Service for Router {
         }
         let kinds = &self.kinds;
         let counters = self.shared.metrics.shard(self.shard);
+        let mut deflate = Deflate {
+            compression: &mut self.compression,
+            counters: self.shared.metrics.deflate(self.shard),
+        };
         self.hub
-            .deliver(ctx, &self.fanout, counters, |state| match state {
-                ConnState::Ws(s) => Some(slow_consumer(kinds, s)),
-                _ => None,
+            .deliver(ctx, &self.fanout, counters, &mut deflate, |state| {
+                state
+                    .ws_ref()
+                    .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
             });
     }
 }
@@ -682,6 +789,28 @@ mod tests {
     use super::*;
     use crate::app::auth::PermId;
     use std::time::UNIX_EPOCH;
+
+    /// What an idle WebSocket connection holds besides the engine's slot: its boxed state.
+    /// Compression must not make it larger (the agreed parameters fit in its padding).
+    #[test]
+    fn websocket_state_is_as_small_with_compression() {
+        assert_eq!(std::mem::size_of::<Option<Agreed>>(), 2);
+        assert!(
+            std::mem::size_of::<WsState>() <= 24,
+            "{}",
+            std::mem::size_of::<WsState>()
+        );
+    }
+
+    /// A connection with a grant and a bucket (on a route with auth, or rate-limited) holds
+    /// 16 bytes more; an authenticated one and an anonymous one hold the same.
+    #[test]
+    fn authentication_costs_a_connection_16_bytes() {
+        assert_eq!(
+            std::mem::size_of::<WsAuthState>(),
+            std::mem::size_of::<WsState>() + 16
+        );
+    }
 
     #[test]
     fn one_timer_for_the_heartbeat_and_the_expiry() {

@@ -18,19 +18,28 @@ use super::auth::{self, Auth, Failure, FailureCounters, Refusal, Verified};
 use super::metrics::{Metrics, ServiceCounters};
 use super::pubsub::{self, Fanout, Refused, TopicLimits};
 use crate::config::RouteAuth;
+use crate::service::deflate;
 use crate::service::http::{Handler, Request, Response, Sent};
 
 /// The routes one HTTP listener serves, fixed at start.
 pub struct ListenerRoutes {
     /// Serve `/metrics` and `/stats`.
     pub admin_routes: bool,
-    /// WebSocket paths and their allowed origins (empty: any), by route index.
-    pub websocket: Vec<(String, Vec<String>)>,
-    /// Each WebSocket route's `auth`, by route index.
-    pub websocket_auth: Vec<RouteAuth>,
+    /// WebSocket paths, by route index.
+    pub websocket: Vec<WsPath>,
     /// What `POST /publish` accepts: the largest topic and message any pub/sub route of the
     /// configuration could carry (a subscriber on any listener may receive it).
     pub publish: TopicLimits,
+}
+
+/// What the upgrade of one WebSocket path checks and negotiates.
+pub struct WsPath {
+    pub path: String,
+    /// Origin values accepted (empty: any).
+    pub allowed_origins: Vec<String>,
+    pub compression: deflate::Settings,
+    /// Whether the upgrade needs a token.
+    pub auth: RouteAuth,
 }
 
 /// One shard's routes for one call.
@@ -52,7 +61,7 @@ impl Handler for Routes<'_> {
     fn request(&mut self, r: &Request<'_>, resp: Response<'_>) -> Sent {
         let path = r.path();
         let get = matches!(r.method(), "GET" | "HEAD");
-        if let Some(i) = self.listener.websocket.iter().position(|(p, _)| p == path) {
+        if let Some(i) = self.listener.websocket.iter().position(|w| w.path == path) {
             return self.upgrade(i, r, resp);
         }
         if matches!(path, "/metrics" | "/stats") && self.listener.admin_routes && get {
@@ -117,7 +126,8 @@ fn presented<'r>(r: &Request<'r>, query_allowed: bool) -> Option<Cow<'r, [u8]>> 
 impl Routes<'_> {
     /// A WebSocket upgrade of route `i`: the token checked first where the route wants one.
     fn upgrade(&mut self, i: usize, r: &Request<'_>, resp: Response<'_>) -> Sent {
-        let mode = self.listener.websocket_auth[i];
+        let w = &self.listener.websocket[i];
+        let mode = w.auth;
         if mode != RouteAuth::Off {
             match presented(r, self.auth.query_token()) {
                 None if mode == RouteAuth::Optional => {}
@@ -128,7 +138,7 @@ impl Routes<'_> {
                 },
             }
         }
-        let sent = resp.upgrade(r, &self.listener.websocket[i].1, i);
+        let sent = resp.upgrade(r, &w.allowed_origins, w.compression, i);
         if sent.status() != 101 {
             // Refused for another reason (origin, handshake headers): no connection to grant.
             self.verified = None;

@@ -163,6 +163,12 @@ pub fn measure(
         if args.token_in_query {
             cmd.arg("--token-in-query");
         }
+        if args.deflate {
+            cmd.arg("--deflate");
+        }
+        if args.payload == super::client::Payload::Json {
+            cmd.arg("--payload").arg("json");
+        }
         // Source addresses dealt out: child i takes every n-th one.
         let mine: Vec<String> = sources
             .iter()

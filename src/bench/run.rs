@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::args::{parse_cores, parse_sources, BenchArgs};
-use super::client::{Client, ClientCmd, Mode, ShardResult};
+use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 use super::{fanout, multi, procfs, wrk};
 use crate::server::{Limits, PoolSpec, ShardPool, Tuning};
@@ -135,6 +135,7 @@ pub fn measure(
             plan.base,
             args.rate.unwrap_or(1000.0),
             plan.window_after.clone(),
+            (args.payload == Payload::Json).then_some(args.size),
         )
     });
     let bar = progress(args.warmup + args.duration, label);
@@ -225,8 +226,9 @@ fn measure_connect(
     // Every request prepared before the clock starts: connection n of thread i sends
     // requests[(n * threads + i) % len].
     let requests: Arc<[String]> = if upgrade {
-        let each =
-            |t: Option<&str>| super::tokens::upgrade_request(&path, &host, t, args.token_in_query);
+        let each = |t: Option<&str>| {
+            super::tokens::upgrade_request(&path, &host, t, args.token_in_query, "")
+        };
         if tokens.is_empty() {
             vec![each(None)].into()
         } else {

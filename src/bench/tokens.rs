@@ -98,8 +98,15 @@ pub fn mint(
         .collect()
 }
 
-/// A WebSocket upgrade request for `path` on `host`, with `token` if there is one.
-pub fn upgrade_request(path: &str, host: &str, token: Option<&str>, in_query: bool) -> String {
+/// A WebSocket upgrade request for `path` on `host`, with `token` if there is one and `extra`
+/// header lines (each ending in CRLF).
+pub fn upgrade_request(
+    path: &str,
+    host: &str,
+    token: Option<&str>,
+    in_query: bool,
+    extra: &str,
+) -> String {
     let (query, auth_line) = match token {
         Some(t) if in_query => (format!("?token={t}"), String::new()),
         Some(t) => (String::new(), format!("Authorization: Bearer {t}\r\n")),
@@ -107,7 +114,7 @@ pub fn upgrade_request(path: &str, host: &str, token: Option<&str>, in_query: bo
     };
     format!(
         "GET {path}{query} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth_line}\r\n"
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth_line}{extra}\r\n"
     )
 }
 
@@ -159,12 +166,15 @@ mod tests {
 
     #[test]
     fn upgrade_requests_carry_the_token_where_asked() {
-        let h = upgrade_request("/ws", "h:1", Some("a.b.c"), false);
+        let h = upgrade_request("/ws", "h:1", Some("a.b.c"), false, "");
         assert!(h.starts_with("GET /ws HTTP/1.1\r\n"), "{h}");
         assert!(h.contains("\r\nAuthorization: Bearer a.b.c\r\n\r\n"), "{h}");
-        let q = upgrade_request("/ws", "h:1", Some("a.b.c"), true);
+        let q = upgrade_request("/ws", "h:1", Some("a.b.c"), true, "");
         assert!(q.starts_with("GET /ws?token=a.b.c HTTP/1.1\r\n") && !q.contains("Authorization"));
-        let none = upgrade_request("/ws", "h:1", None, false);
-        assert!(!none.contains("token") && none.ends_with("\r\n\r\n"));
+        let none = upgrade_request("/ws", "h:1", None, false, "X: y\r\n");
+        assert!(
+            !none.contains("token") && none.ends_with("\r\nX: y\r\n\r\n"),
+            "{none}"
+        );
     }
 }

@@ -147,8 +147,8 @@ pub(super) mod bounds {
     pub const MIN_TOKEN_SIZE: usize = 256;
     /// Beyond this a token no longer fits comfortably in a request header (or a URL).
     pub const MAX_TOKEN_SIZE: usize = 64 * 1024;
-    /// One command per microsecond: the bucket's resolution.
-    pub const MAX_COMMAND_RATE: u32 = 1_000_000;
+    /// One command per 10 µs: the rate-limit bucket's resolution (`app::auth::bucket`).
+    pub const MAX_COMMAND_RATE: u32 = 100_000;
 }
 
 /// Claims with a meaning of their own, which cannot also carry permissions.

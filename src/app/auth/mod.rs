@@ -575,10 +575,10 @@ mod tests {
     #[test]
     fn what_a_connection_keeps() {
         // An authenticated connection costs what an anonymous one does: both keep a grant (8
-        // bytes) and a bucket (16); the permissions live once per distinct subject in the
-        // shard's table. This is the per-connection price of all of auth: 24 bytes, within
+        // bytes) and a bucket (8); the permissions live once per distinct subject in the
+        // shard's table. This is the per-connection price of all of auth: 16 bytes, within
         // the 32 allowed.
-        assert_eq!(std::mem::size_of::<ConnAuth>(), 24);
+        assert_eq!(std::mem::size_of::<ConnAuth>(), 16);
         assert!(ConnAuth::default().grant.is_anonymous());
     }
 
