@@ -930,9 +930,24 @@ fn a_client_over_the_rate_limit_is_refused_then_closed_and_its_neighbours_are_no
         json!({"op": "subscribe", "topic": "chat:more"}),
     );
     assert_eq!(reply(&mut neighbour)["ok"], "subscribe");
+    // A route without auth is limited too (its connections keep a bucket while a rate is set).
+    let mut off = ws_open(addr, "/ws/off", None);
+    let mut burst = Vec::new();
+    for i in 0..25 {
+        let text = json!({"op": "subscribe", "topic": format!("t{i}")}).to_string();
+        ws::write_masked(&mut burst, ws::OP_TEXT, true, text.as_bytes(), [1, 2, 3, 4]);
+    }
+    off.write_all(&burst).unwrap();
+    let answers: Vec<Value> = (0..25).map(|_| reply(&mut off)).collect();
+    let limited = answers.iter().filter(|v| v.get("error").is_some()).count();
+    assert!((1..=5).contains(&limited), "{answers:?}");
     let st = stats(addr);
     assert_eq!(st["services_total"]["rate_limit_closes"], 1, "{st}");
-    assert_eq!(st["services_total"]["rate_limited"], refused, "{st}");
+    assert_eq!(
+        st["services_total"]["rate_limited"].as_u64().unwrap(),
+        refused + limited as u64,
+        "{st}"
+    );
 }
 
 /// SIGHUP reloads the key files: a rotated API key and a rotated JWKS key are taken at once,
