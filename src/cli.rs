@@ -4,12 +4,14 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::app::auth::{self, Auth, Reloadable};
 use crate::config::{
     duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
     TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
@@ -92,9 +94,14 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_tls(&file) {
-            Ok((config, _tls)) => {
+        // The files `[auth]` and `tls` name are read too: a missing or malformed key file is an
+        // error at its key, like any other.
+        Command::Config(ConfigCommand::Check { file }) => match load(Some(&file)) {
+            Ok((config, auth, _tls)) => {
                 print!("{}", config.to_toml());
+                for note in auth.notes() {
+                    eprintln!("warning: {note}");
+                }
                 0
             }
             Err(e) => {
@@ -133,21 +140,46 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-/// The configuration to serve, with its TLS files read (a file that cannot be used stops the
-/// start as a configuration error, like a bad key).
-fn load(path: Option<&PathBuf>) -> Result<(Config, ListenerTls), ConfigError> {
+/// The configuration to serve, with the files it names read: `[auth]`'s keys and every
+/// listener's TLS files (a file that cannot be used stops the start as a configuration error at
+/// its key, like a bad value).
+fn load(path: Option<&PathBuf>) -> Result<(Config, Auth, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load_with_tls(p),
+        Some(p) => {
+            let (config, auth, src) = auth::read_config(p)?;
+            let tls = config.load_tls(&src, &p.display().to_string())?;
+            Ok((config, auth, tls))
+        }
         None => {
             let config = Config::embedded_default();
             let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
-            Ok((config, tls))
+            Ok((config, Auth::disabled(), tls))
         }
     }
 }
 
+/// `[auth]` in one line at start and reload (kids and counts, never a secret), what loading
+/// passed over, and a warning when tokens guard the WebSocket routes but anyone may publish.
+fn log_auth(config: &Config, auth: &Auth) {
+    log::info!("auth: {}", auth.summary());
+    for note in auth.notes() {
+        log::warn!("auth: {note}");
+    }
+    let guarded = config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .any(|w| w.auth != crate::config::RouteAuth::Off);
+    if guarded && !auth.publish_needs_key() {
+        log::warn!(
+            "auth: WebSocket routes check tokens, but POST /publish needs no key: set [auth] \
+             api_keys_file"
+        );
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (mut config, mut tls) = load(args.config.as_ref())?;
+    let (mut config, auth, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -182,8 +214,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
+    log_auth(&config, &auth);
+    let auth = Arc::new(Reloadable::new(auth));
     let mut server =
-        crate::app::start_with_tls(&config, &tls).context("cannot start the server")?;
+        crate::app::start_with(&config, &tls, auth.clone()).context("cannot start the server")?;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -196,7 +230,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &mut tls, &server) {
+                    if reload(args.config.as_ref(), &mut config, &mut tls, &server, &auth) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -312,14 +346,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level, and TLS listeners' certificates, keys, client CAs and minimum versions)
-/// in every shard; refuses the rest with a log line. A file that does not parse, or a TLS file
-/// that cannot be used, changes nothing. Returns whether anything was applied.
+/// interval, log level, all of `[auth]` with the key files it names, and TLS listeners'
+/// certificates, keys, client CAs and minimum versions) in every shard; refuses the rest with a
+/// log line. A file that does not parse, or whose key or TLS files cannot be used, changes
+/// nothing. Returns whether anything was applied.
 fn reload(
     path: Option<&PathBuf>,
     config: &mut Config,
     tls: &mut ListenerTls,
     server: &Server,
+    auth: &Reloadable<Auth>,
 ) -> bool {
     let Some(path) = path else {
         log::warn!(
@@ -328,11 +364,11 @@ fn reload(
         return false;
     };
     let file = path.display().to_string();
-    let loaded = Config::read(path).and_then(|(new, src)| {
+    let loaded = auth::read_config(path).and_then(|(new, new_auth, src)| {
         let new_tls = new.reload_tls(&src, &file, tls)?;
-        Ok((new, new_tls))
+        Ok((new, new_auth, new_tls))
     });
-    let (new, new_tls) = match loaded {
+    let (new, new_auth, new_tls) = match loaded {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -345,6 +381,11 @@ fn reload(
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
+    // New keys verify from the next upgrade or refresh on; connections keep the grants their
+    // tokens gave them until those tokens expire.
+    log_auth(config, &new_auth);
+    config.auth = new.auth;
+    auth.replace(new_auth);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
+use super::auth::FailureCounters;
 use crate::service::deflate::{DeflateCounters, DeflateSnapshot};
 use crate::stats::{Kind, StatsView};
 
@@ -36,6 +37,16 @@ crate::stats::counters! {
         ws_fanout_lost: Counter, "pub/sub messages not delivered to a shard because its queue was full";
         ws_pings: Counter, "heartbeat pings sent";
         ws_reaped: Counter, "connections closed for not answering a ping within pong_timeout";
+        ws_authenticated: Gauge, "WebSocket connections open with a verified token";
+        ws_anonymous: Gauge, "WebSocket connections open without a token on auth = \"optional\" routes";
+        auth_denied: Counter, "subscribes and publishes refused by the connection's permissions";
+        auth_expired: Counter, "connections closed with 4001 because their token expired";
+        auth_refreshed: Counter, "tokens replaced on a live connection by a refresh";
+        auth_refresh_refused: Counter, "refreshes refused (token not accepted, another subject, or a route without tokens)";
+        auth_unsubscribed: Counter, "subscriptions dropped by a refresh that narrowed the permissions";
+        api_key_refused: Counter, "POST /publish, /metrics and /stats requests refused for a missing, wrong or out-of-scope API key";
+        rate_limited: Counter, "client commands refused by the per-connection rate limit";
+        rate_limit_closes: Counter, "connections closed with 1008 for going on over the rate limit";
     }
 }
 
@@ -43,6 +54,8 @@ crate::stats::counters! {
 pub struct Metrics {
     stats: StatsView,
     counters: Box<[CachePadded<ServiceCounters>]>,
+    /// Tokens refused (at upgrade or refresh), by reason, per shard.
+    auth_failures: Box<[CachePadded<FailureCounters>]>,
     /// permessage-deflate's counters, per shard (declared beside the codec that counts them).
     deflate: Box<[CachePadded<DeflateCounters>]>,
     started: Instant,
@@ -60,11 +73,19 @@ impl Metrics {
             counters: (0..shards)
                 .map(|_| CachePadded::new(ServiceCounters::default()))
                 .collect(),
+            auth_failures: (0..shards)
+                .map(|_| CachePadded::new(FailureCounters::default()))
+                .collect(),
             deflate: (0..shards)
                 .map(|_| CachePadded::new(DeflateCounters::default()))
                 .collect(),
             started,
         }
+    }
+
+    /// The token failures of `shard` (written by that shard only).
+    pub fn auth_failures(&self, shard: usize) -> &FailureCounters {
+        &self.auth_failures[shard]
     }
 
     /// The counters of `shard` (written by that shard only).
@@ -123,6 +144,19 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
             for (shard, fields) in services.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", fields[i].3);
             }
+        }
+    }
+    // Token failures: one family, labelled by shard and reason.
+    let name = "shardnet_auth_failures_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "tokens refused at upgrade or refresh, by reason (missing, expired, signature, ...)",
+    );
+    for (shard, f) in m.auth_failures.iter().enumerate() {
+        for (reason, n) in f.snapshot() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\",reason=\"{reason}\"}} {n}");
         }
     }
     render_deflate(m, &mut out);
@@ -266,6 +300,11 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
     for s in &services {
         services_total.accumulate(s);
     }
+    let mut failures = serde_json::Map::new();
+    for f in super::auth::Failure::ALL {
+        let n: u64 = m.auth_failures.iter().map(|c| c.get(f)).sum();
+        failures.insert(f.as_str().into(), n.into());
+    }
     let deflate: Vec<_> = m.deflate.iter().map(|c| c.snapshot()).collect();
     let mut deflate_total = DeflateSnapshot::default();
     for s in &deflate {
@@ -281,6 +320,7 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
         "per_shard": snap.shards,
         "services": services,
         "services_total": services_total,
+        "auth_failures": failures,
         "deflate": deflate,
         "deflate_total": deflate_total,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },

@@ -10,12 +10,15 @@
 //! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
 //! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
 //!   messages go through;
-//! - `metrics`: the services' counters and their Prometheus and JSON renderings.
+//! - `metrics`: the services' counters and their Prometheus and JSON renderings;
+//! - [`auth`]: token verification, topic permissions, API keys, the command rate limit.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
-//! `router` → `routes` → `pubsub` → `compression` → `metrics`.
+//! `router` → `routes` → `pubsub` → `compression` → `metrics` → `auth` (which uses none of
+//! them).
 
+pub mod auth;
 mod compression;
 mod metrics;
 mod pubsub;
@@ -35,18 +38,49 @@ use crate::tls::ServerTls;
 use metrics::Metrics;
 use router::{Router, Shared};
 
-/// Starts the product server: every listener with the service its configuration names.
-pub fn start(config: &Config) -> Result<Server, ServerError> {
-    let tls = config.load_tls("", "").map_err(|e| ServerError::Start {
-        what: "TLS".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    start_with_tls(config, &tls)
+/// Why the product server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
 }
 
-/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]): what
-/// the CLI runs, having read the files with errors located in the configuration file.
-pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, ServerError> {
+/// Starts the product server: every listener with the service its configuration names, with
+/// `[auth]` and the TLS files loaded from the paths it names (relative to the working
+/// directory).
+pub fn start(config: &Config) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    let tls = config.load_tls("", "")?;
+    Ok(start_with(
+        config,
+        &tls,
+        Arc::new(auth::Reloadable::new(auth)),
+    )?)
+}
+
+/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]) and
+/// `[auth]` loaded here.
+pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    Ok(start_with(
+        config,
+        tls,
+        Arc::new(auth::Reloadable::new(auth)),
+    )?)
+}
+
+/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]) and
+/// `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
+/// having read the files with errors located in the configuration file.
+pub fn start_with(
+    config: &Config,
+    tls: &ListenerTls,
+    auth: Arc<auth::Reloadable<auth::Auth>>,
+) -> Result<Server, ServerError> {
     if let Some(l) = config
         .listeners
         .iter()
@@ -73,6 +107,7 @@ pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, Serv
                     metrics: Metrics::new(info.stats.clone(), info.shards, started),
                     registry: Arc::default(),
                     config: owned.clone(),
+                    auth: auth.clone(),
                 })
             })
             .clone();

@@ -329,6 +329,11 @@ impl Hub {
         true
     }
 
+    /// The topics `token` is subscribed to.
+    pub fn topics_of(&self, token: Token) -> &[Arc<str>] {
+        self.subscriptions.get(&token).map_or(&[], |v| &v[..])
+    }
+
     /// The connection closed: drops every subscription it had.
     pub fn on_close(&mut self, token: Token, registry: &Registry) {
         if let Some(topics) = self.subscriptions.remove(&token) {
@@ -525,37 +530,49 @@ fn deliver_to<S>(
 }
 
 /// A client's request on a pub/sub route.
-enum Op {
+pub enum Op {
     Subscribe(String),
     Unsubscribe(String),
     Publish(String, serde_json::Value),
+    /// `{"op":"refresh","token":"..."}`: a newer token for this connection, handled by the
+    /// router (which holds the connection's permissions), never by the hub.
+    Refresh(String),
 }
 
-const USAGE: &str = "expected {\"op\":\"subscribe|unsubscribe|publish\",\"topic\":\"...\"}";
+const USAGE: &str = "expected {\"op\":\"subscribe|unsubscribe|publish\",\"topic\":\"...\"} \
+                     or {\"op\":\"refresh\",\"token\":\"...\"}";
 
-fn parse_op(msg: &Message<'_>) -> Result<Op, &'static str> {
+/// Parses one client message (the router does, so that it can check permissions and the rate
+/// limit between parsing and [`Hub::on_op`]).
+pub fn parse_op(msg: &Message<'_>) -> Result<Op, &'static str> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Raw {
         op: String,
-        topic: String,
+        #[serde(default)]
+        topic: Option<String>,
         #[serde(default)]
         data: serde_json::Value,
+        #[serde(default)]
+        token: Option<String>,
     }
     let bytes = match msg {
         Message::Text(s) => s.as_bytes(),
         Message::Binary(b) => b,
     };
     let raw: Raw = serde_json::from_slice(bytes).map_err(|_| USAGE)?;
-    match raw.op.as_str() {
-        "subscribe" => Ok(Op::Subscribe(raw.topic)),
-        "unsubscribe" => Ok(Op::Unsubscribe(raw.topic)),
-        "publish" => Ok(Op::Publish(raw.topic, raw.data)),
-        _ => Err("op must be subscribe, unsubscribe or publish"),
+    match (raw.op.as_str(), raw.topic, raw.token) {
+        ("subscribe", Some(t), None) => Ok(Op::Subscribe(t)),
+        ("unsubscribe", Some(t), None) => Ok(Op::Unsubscribe(t)),
+        ("publish", Some(t), None) => Ok(Op::Publish(t, raw.data)),
+        ("refresh", None, Some(token)) => Ok(Op::Refresh(token)),
+        ("subscribe" | "unsubscribe" | "publish" | "refresh", _, _) => Err(USAGE),
+        _ => Err("op must be subscribe, unsubscribe, publish or refresh"),
     }
 }
 
-fn reply(out: &mut Vec<u8>, body: &serde_json::Value) {
+/// Writes one JSON text frame to a client.
+pub fn reply(out: &mut Vec<u8>, body: &serde_json::Value) {
     ws::write_frame(out, ws::OP_TEXT, body.to_string().as_bytes());
 }
 
@@ -568,14 +585,12 @@ pub struct Client<'a> {
 }
 
 impl Hub {
-    /// Handles one message on a pub/sub route; acknowledgements and errors go to `out`. A
+    /// Handles one message on a pub/sub route, parsed by [`parse_op`] (the router checks the
+    /// rate limit and the permissions in between); acknowledgements and errors go to `out`. A
     /// subscription is acknowledged only once it is in force; what is refused gets
-    /// `{"error":…,"op":…,"topic":…}` and changes nothing.
-    pub fn on_message(&mut self, c: &Client<'_>, msg: &Message<'_>, out: &mut Vec<u8>) {
-        let op = match parse_op(msg) {
-            Ok(op) => op,
-            Err(why) => return reply(out, &serde_json::json!({ "error": why })),
-        };
+    /// `{"error":…,"op":…,"topic":…}` and changes nothing. A `refresh` is the router's on
+    /// routes with tokens; it reaches the hub only on a route without them, and is refused.
+    pub fn on_op(&mut self, c: &Client<'_>, op: Op, out: &mut Vec<u8>) {
         let registry = &*c.fanout.registry;
         let (word, topic, result) = match op {
             Op::Subscribe(t) => {
@@ -603,6 +618,15 @@ impl Hub {
                         ("publish", t, Err(e))
                     }
                 }
+            }
+            Op::Refresh(_) => {
+                return reply(
+                    out,
+                    &serde_json::json!({
+                        "error": "this route takes no tokens (auth = \"off\")",
+                        "op": "refresh",
+                    }),
+                )
             }
         };
         match result {
@@ -730,8 +754,20 @@ mod tests {
         ));
         assert_eq!(
             parse_op(&Message::Text(r#"{"op":"shout","topic":"t"}"#)).err(),
-            Some("op must be subscribe, unsubscribe or publish")
+            Some("op must be subscribe, unsubscribe, publish or refresh")
         );
         assert_eq!(parse_op(&Message::Text("nope")).err(), Some(USAGE));
+        assert!(matches!(
+            parse_op(&Message::Text(r#"{"op":"refresh","token":"a.b.c"}"#)),
+            Ok(Op::Refresh(t)) if t == "a.b.c"
+        ));
+        for bad in [
+            r#"{"op":"refresh"}"#,
+            r#"{"op":"refresh","token":"a","topic":"t"}"#,
+            r#"{"op":"subscribe","token":"a"}"#,
+            r#"{"op":"subscribe"}"#,
+        ] {
+            assert_eq!(parse_op(&Message::Text(bad)).err(), Some(USAGE), "{bad}");
+        }
     }
 }

@@ -10,9 +10,10 @@
 //! Files by concern: [`args`] (the flags), [`run`] (one measured run), [`report`] (the
 //! histogram, the one [`Measurement`] builder, table and JSON), [`compare`] (alternating
 //! servers), [`sweep`] and [`plot`] (shard counts), [`spawn`] (the servers the bench starts,
-//! owned by guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out
-//! subscribers on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`]
-//! (`--processes`), and [`procfs`] (what the bench reads about a server from /proc).
+//! owned by guards that stop them), [`tokens`] (the tokens of authenticated connections); the
+//! clients: [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine),
+//! [`fanout`] (the publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the
+//! bench reads about a server from /proc).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -28,6 +29,7 @@ pub mod report;
 pub mod run;
 pub mod spawn;
 mod sweep;
+pub mod tokens;
 pub mod wrk;
 
 use std::sync::atomic::Ordering;

@@ -63,7 +63,7 @@ pub fn check_command(template: &str) -> anyhow::Result<()> {
     // `VAR=value program args`: the program is the first word that is not an assignment.
     let Some(program) = line
         .split_whitespace()
-        .find(|w| !w.split_once('=').is_some_and(|(k, _)| !k.contains('/')))
+        .find(|w| w.split_once('=').is_none_or(|(k, _)| k.contains('/')))
     else {
         bail!("--compare `{template}`: no command");
     };
