@@ -279,6 +279,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    // The broker thread's connections and bounds are set up once, at start.
+    let (a, b) = (&old.broker, &new.broker);
+    macro_rules! check_broker {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("broker.", stringify!($f))); })* };
+    }
+    check_broker!(kind url prefix reconnect_min reconnect_max reconnect_jitter connect_timeout max_pending max_pending_bytes publish_timeout);
     if old.listeners != new.listeners {
         keys.push("listener");
     }

@@ -42,6 +42,12 @@ impl Schema {
                 websocket: vec![WsRouteConfig::default()],
                 ..ListenerConfig::default()
             }],
+            // A broker kind other than "none", so that every [broker] key is printed.
+            broker: shardnet::config::BrokerConfig {
+                kind: shardnet::config::BrokerKind::Redis,
+                url: shardnet::config::BrokerUrl::new("redis://127.0.0.1:6379").unwrap(),
+                ..Default::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -51,6 +57,7 @@ impl Schema {
         };
         schema.walk("", &table);
         assert!(schema.keys.contains("listener.websocket.max_topics"));
+        assert!(schema.keys.contains("broker.publish_timeout"));
         schema
     }
 

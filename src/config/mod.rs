@@ -12,6 +12,7 @@
 //! after parsing and point at the key, or at its table's header when the key is left to its
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
+mod broker;
 mod spans;
 mod units;
 mod validate;
@@ -26,6 +27,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use broker::{BrokerConfig, BrokerKind, BrokerUrl};
 pub use units::{duration, size};
 
 pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
@@ -73,6 +75,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    /// Pub/sub across processes and hosts (`kind = "none"`: in-process only).
+    pub broker: BrokerConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
