@@ -364,3 +364,29 @@ fn log_summary(config: &Config, server: &Server) {
         duration::format(config.limits.write_timeout),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn broker_keys_are_restart_only() {
+        let parse = |broker: &str| Config::parse(&format!("{broker}{L}"), "t").unwrap();
+        let none = parse("");
+        let redis = parse("[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\n");
+        assert_eq!(
+            restart_only_changes(&none, &redis),
+            vec!["broker.kind", "broker.url"]
+        );
+        let slower = parse(
+            "[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\npublish_timeout = \"9s\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&redis, &slower),
+            vec!["broker.publish_timeout"]
+        );
+        assert!(restart_only_changes(&redis, &redis).is_empty());
+    }
+}

@@ -128,6 +128,9 @@ impl BrokerKind {
     }
 }
 
+/// A user name and a password (or, for NATS, a token and no password), percent-decoded.
+pub type Credentials = (String, Option<String>);
+
 /// A broker url, or several comma-separated ones (NATS: the servers of one cluster), that
 /// never shows its password or token. Parsed when the file is read: each part is a URL with a
 /// host.
@@ -159,6 +162,24 @@ impl BrokerUrl {
             .split(',')
             .filter(|p| !p.trim().is_empty())
             .filter_map(|p| parse_part(p).ok())
+    }
+
+    /// The user name and password of each part, percent-decoded (`user`, `password`), with the
+    /// part's url stripped of them: for clients that take credentials apart from the address
+    /// (async-nats). A NATS url with a user and no password carries a token: `(token, None)`.
+    pub fn split_credentials(&self) -> Vec<(String, Option<Credentials>)> {
+        self.parts()
+            .map(|mut u| {
+                let user = urlencoding_decode(u.username()).unwrap_or_default();
+                let pass = u
+                    .password()
+                    .map(|p| urlencoding_decode(p).unwrap_or_default());
+                let creds = (!user.is_empty() || pass.is_some()).then_some((user, pass));
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                (u.to_string(), creds)
+            })
+            .collect()
     }
 
     /// The secrets in the url (passwords, NATS tokens), to scrub from any text a client
@@ -204,7 +225,7 @@ fn parse_part(part: &str) -> Result<url::Url, String> {
     let u = url::Url::parse(part).map_err(|e| {
         format!("not a URL ({e}): write it like redis://127.0.0.1:6379/0 or nats://127.0.0.1:4222")
     })?;
-    if u.host_str().is_none_or(str::is_empty) {
+    if u.host_str().map_or(true, str::is_empty) {
         return Err(format!("a {}:// url needs a host", u.scheme()));
     }
     Ok(u)
@@ -431,6 +452,14 @@ mod tests {
         }
         let u = BrokerUrl::new("redis://:p%40ss@h:6379").unwrap();
         assert!(u.secrets().iter().any(|s| s == "p@ss"));
+        let u = BrokerUrl::new("nats://u:p%40ss@h:4222,nats://tok@h2:4222").unwrap();
+        let split = u.split_credentials();
+        assert_eq!(split[0].0, "nats://h:4222");
+        assert_eq!(
+            split[0].1,
+            Some(("u".to_string(), Some("p@ss".to_string())))
+        );
+        assert_eq!(split[1].1, Some(("tok".to_string(), None)));
         assert_eq!(redacted("::not a url:hunter2"), "<invalid url>");
     }
 

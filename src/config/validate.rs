@@ -166,14 +166,16 @@ impl Config {
             .iter()
             .enumerate()
             .flat_map(|(i, l)| {
-                l.websocket.iter().enumerate().filter_map(move |(j, w)| {
-                    (w.mode == WsMode::Pubsub).then(|| {
+                l.websocket
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.mode == WsMode::Pubsub)
+                    .map(move |(j, w)| {
                         (
                             format!("listener[{i}].websocket[{j}].max_message"),
                             w.max_message,
                         )
                     })
-                })
             })
             .max_by_key(|(_, m)| *m);
         match self
