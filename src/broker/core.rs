@@ -180,3 +180,53 @@ impl Core {
         self.shared.metrics.count_unwanted();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{shared, Recorder};
+    use super::*;
+
+    fn notice(shard: usize, topic: &str, wanted: bool) -> Notice {
+        Notice {
+            shard,
+            topic: topic.into(),
+            wanted,
+        }
+    }
+
+    #[test]
+    fn the_table_follows_the_notices_and_drives_subscriptions() {
+        let rec = Arc::new(Recorder::default());
+        let (s, _n, _p) = shared(rec.clone(), 8, 8);
+        let mut c = Core::new(3, "p.".into(), s, Vec::new());
+        c.apply(notice(0, "a", true));
+        c.apply(notice(1, "a", true));
+        c.apply(notice(9, "a", true)); // no such shard: ignored
+        let (sub, unsub) = c.changes();
+        assert_eq!((sub.len(), unsub.len()), (1, 0));
+        c.subscribed(&sub);
+        c.apply(notice(0, "a", false));
+        assert!(!c.has_changes(), "shard 1 still wants it");
+        c.deliver("a", b"1");
+        c.deliver("zzz", b"2");
+        c.apply(notice(1, "a", false));
+        let (sub, unsub) = c.changes();
+        assert_eq!((sub.len(), &*unsub[0]), (0, "a"));
+        c.unsubscribed(&unsub);
+        // Wanted and unwanted again before a sync: nothing to do.
+        c.apply(notice(2, "b", true));
+        c.apply(notice(2, "b", false));
+        assert_eq!(c.changes(), (vec![], vec![]));
+        // A (re)connection: a gap per wanted topic, all due to be subscribed again.
+        c.apply(notice(2, "c", true));
+        c.connected();
+        let (sub, _) = c.changes();
+        assert_eq!(sub.iter().map(|t| &**t).collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(
+            *rec.0.lock(),
+            vec!["message a 1 {1}".to_string(), "gap c {2}".to_string()]
+        );
+        let m = c.shared.metrics.snapshot();
+        assert_eq!((m.received, m.unwanted, m.gaps), (1, 1, 1));
+    }
+}

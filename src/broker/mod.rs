@@ -578,6 +578,116 @@ fn redact(text: impl fmt::Display, secrets: &[String]) -> String {
 mod tests {
     use super::*;
 
+    /// Records what the broker hands out.
+    #[derive(Default)]
+    pub(super) struct Recorder(pub parking_lot::Mutex<Vec<String>>);
+
+    impl Sink for Recorder {
+        fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet) {
+            let d = String::from_utf8_lossy(data);
+            self.0
+                .lock()
+                .push(format!("message {topic} {d} {shards:?}"));
+        }
+        fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
+            self.0.lock().push(format!("gap {topic} {shards:?}"));
+        }
+        fn outcome(&self, ticket: Ticket, outcome: Outcome) {
+            self.0
+                .lock()
+                .push(format!("outcome {} {outcome:?}", ticket.id));
+        }
+    }
+
+    /// A `Shared` with channels of the given room, and their receivers.
+    pub(super) fn shared(
+        sink: Arc<dyn Sink>,
+        notices: usize,
+        publishes: usize,
+    ) -> (Arc<Shared>, Receiver<Notice>, Receiver<Publish>) {
+        let (publish_tx, publish_rx) = crossbeam_channel::bounded(publishes);
+        let (notice_tx, notice_rx) = crossbeam_channel::bounded(notices);
+        let s = Arc::new(Shared {
+            publish_tx,
+            notice_tx,
+            sink,
+            metrics: Arc::new(BrokerMetrics::new(BrokerKind::Redis)),
+            pending: AtomicUsize::new(0),
+            pending_bytes: AtomicUsize::new(0),
+            max_pending: publishes,
+            max_pending_bytes: 1000,
+            publish_timeout: Duration::from_secs(1),
+            closed: AtomicBool::new(false),
+            wake: None,
+            epoch: Instant::now(),
+            origin: 7,
+        });
+        (s, notice_rx, publish_rx)
+    }
+
+    #[test]
+    fn held_notices_are_coalesced_and_sent_later() {
+        let (s, rx, _p) = shared(Arc::new(Recorder::default()), 1, 1);
+        let mut i = BrokerHandle { shared: s }.interest(2);
+        i.set("a", true);
+        i.set("b", true);
+        i.set("b", false);
+        i.set("c", true);
+        assert_eq!(i.held(), 2, "b (last: unwanted) and c wait");
+        let first = rx.try_recv().unwrap();
+        assert_eq!((first.shard, &*first.topic, first.wanted), (2, "a", true));
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            i.flush();
+            while let Ok(n) = rx.try_recv() {
+                got.push((n.topic.to_string(), n.wanted));
+            }
+        }
+        got.sort();
+        assert_eq!(got, vec![("b".into(), false), ("c".into(), true)]);
+        assert_eq!(i.held(), 0);
+    }
+
+    #[test]
+    fn publishes_are_bounded_and_answered_once() {
+        let rec = Arc::new(Recorder::default());
+        let (s, _n, prx) = shared(rec.clone(), 1, 2);
+        s.metrics.set_pub_up(true);
+        let h = BrokerHandle { shared: s.clone() };
+        let t = |id| Ticket { shard: 0, id };
+        assert_eq!(
+            h.publish(t(1), "x", vec![0; 2000]),
+            Err(Refusal::QueueFull),
+            "bytes"
+        );
+        h.publish(t(2), "x", vec![1]).unwrap();
+        h.publish(t(3), "x", vec![2]).unwrap();
+        assert_eq!(
+            h.publish(t(4), "x", vec![3]),
+            Err(Refusal::QueueFull),
+            "count"
+        );
+        assert_eq!(s.pending.load(Ordering::Relaxed), 2);
+        // One answered by the broker, one dropped unanswered: that one says so itself.
+        prx.recv()
+            .unwrap()
+            .resolve(Ok(Accepted { receivers: Some(1) }));
+        drop(prx.recv().unwrap());
+        assert_eq!(s.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(s.pending_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            *rec.0.lock(),
+            vec![
+                "outcome 2 Ok(Accepted { receivers: Some(1) })".to_string(),
+                "outcome 3 Err(ShuttingDown)".to_string()
+            ]
+        );
+        let stats = s.metrics.snapshot();
+        assert_eq!((stats.published, stats.refused_total()), (1, 3));
+        s.metrics.set_pub_up(false);
+        assert_eq!(h.publish(t(5), "x", vec![1]), Err(Refusal::Down));
+    }
+
     #[test]
     fn shard_sets() {
         let mut s = ShardSet::new(130);
