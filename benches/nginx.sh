@@ -3,7 +3,8 @@
 # so the cgroup quota and the pinning hold all of its work), `return 200 "Hello, World!"`, access
 # log off. Usage: benches/nginx.sh PORT  (Debian's nginx-light provides /usr/sbin/nginx).
 set -eu
-port=$1
+port=${1:?usage: benches/nginx.sh PORT}
+[ -x /usr/sbin/nginx ] || { echo "benches/nginx.sh: /usr/sbin/nginx not found (Debian/Ubuntu: apt-get install nginx-light)" >&2; exit 1; }
 dir=$(mktemp -d /tmp/shardnet-nginx.XXXXXX)
 cat > "$dir/nginx.conf" <<CONF
 daemon off;

@@ -176,7 +176,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut server = crate::service::start_default(&config).context("cannot start the server")?;
     log_summary(&config, &server);
 
-    notify("READY=1");
+    // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
+    // the tests and `bench --spawn` read the addresses here, not from the log (crate::ready).
+    notify(&crate::ready::Ready::of_this_process(server.addrs()).message());
     let mut ticker = stats_ticker(config.server.stats_interval);
     let mut last: Option<Snapshot> = None;
     loop {
@@ -314,10 +316,17 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
-    server.set_limits(&config.limits);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
+    }
+    // "reloaded" only once every shard has acknowledged the new limits.
+    if let Err(e) = server.set_limits(crate::server::Limits::from(&config.limits)) {
+        log::error!(
+            "reload of {} incomplete: {e}; those shards keep their previous limits",
+            path.display()
+        );
+        return true;
     }
     // Values in the file's own units (`0s`, `1MiB`), so the line reads like the file.
     log::info!(

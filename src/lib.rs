@@ -2,7 +2,14 @@
 //!
 //! One acceptor thread hands sockets to N shard threads, each pinned to a core and owning its
 //! own epoll instance, connection slab, timer wheel and read buffer; see [`server`] for the
-//! ownership rule. Services (echo, HTTP/1.1, WebSocket) implement [`service::Service`].
+//! ownership rule.
+//!
+//! Layers, each pointing only down (`tests/layers.rs` checks it): the engine (`sys`, private,
+//! the only nix/libc user; [`conn`]; [`timer`]; [`stats`]; [`server`], with the
+//! [`server::Service`] trait and [`server::Server::builder`]) knows nothing of the product; the
+//! protocols and the product ([`service`]: echo, HTTP/1.1, WebSocket, the router and its
+//! `start`, which builds the engine from a [`config::Config`]) sit on it; [`mod@bench`] and [`cli`]
+//! on both.
 #![deny(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
@@ -13,9 +20,10 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod ready;
 pub mod server;
 pub mod service;
 pub mod stats;
-pub mod sys;
+pub(crate) mod sys;
 pub mod timer;
 pub mod tune;

@@ -5,10 +5,15 @@
 //! readers (the stats logger, `/metrics`, the bench) take relaxed snapshots, which are exact per
 //! counter and approximately consistent across counters: good enough for monitoring.
 //!
+//! Writing is crate-private and only the engine holds a [`Stats`]: services and library users get
+//! a [`StatsView`], which reads snapshots and nothing else, so a single-writer counter cannot get
+//! a second writer.
+//!
 //! Every counter is declared once, below, with its help text; the log line, the JSON snapshot
 //! and the Prometheus exposition are all generated from that one list.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
@@ -20,23 +25,23 @@ pub struct Counter(AtomicU64);
 
 impl Counter {
     #[inline]
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
     #[inline]
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
 
     /// For gauges (open connections): the owner decrements too.
     #[inline]
-    pub fn sub(&self, n: u64) {
+    pub(crate) fn sub(&self, n: u64) {
         self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
     }
 
     #[inline]
-    pub fn set(&self, v: u64) {
+    pub(crate) fn set(&self, v: u64) {
         self.0.store(v, Relaxed);
     }
 
@@ -100,13 +105,18 @@ counters! {
         events: Counter, "readiness events handled";
         stale_tokens: Counter, "events for connections already closed (ignored)";
         idle_timeouts: Counter, "connections closed for being idle";
-        backpressure_pauses: Counter, "times reading stopped because output was over max_write_buffer";
-        write_timeouts: Counter, "connections closed for staying over max_write_buffer";
+        backpressure_pauses: Counter, "times reading stopped because queued output reached max_write_buffer";
+        write_timeouts: Counter, "connections closed because their queued output made no progress for write_timeout (or a close could not flush in time)";
         read_overflows: Counter, "connections closed for holding more than max_read_buffer of unconsumed input";
         errors: Counter, "connections closed by a socket error";
-        commands: Counter, "commands received from other threads";
+        service_panics: Counter, "service callbacks that panicked (the connection was closed, the shard carried on)";
+        commands: Counter, "service commands received from other threads";
+        controls: Counter, "control messages applied (drain, new limits)";
         rejected: Counter, "connections closed at once by this shard (reuseport mode) because max_connections was reached";
         accept_pauses: Counter, "times this shard paused accepting on resource exhaustion (reuseport mode)";
+        accept_paused_micros: Counter, "time this shard spent with accepting paused, in microseconds (reuseport mode)";
+        accept_errors: Counter, "accept errors on this shard's listeners that only concerned one connection (reuseport mode)";
+        alive: Gauge, "1 while the shard's thread runs; 0 once it has ended (before shutdown: it died)";
         output_queued: Gauge, "bytes of output queued because sockets did not take them";
         input_buffered: Gauge, "bytes of unconsumed input held for connections";
     }
@@ -129,6 +139,35 @@ pub struct Stats {
     shards: Box<[CachePadded<ShardCounters>]>,
     acceptor: CachePadded<AcceptorCounters>,
     started: Instant,
+    /// Written by any thread that sends control messages (rare): atomic adds, not owner-only.
+    control_failures: CachePadded<AtomicU64>,
+    /// Shards whose thread ended by a panic (the engine's own, or a service's outside a
+    /// connection callback): the product's health check reads it.
+    dead: AtomicUsize,
+}
+
+/// Read-only access to a server's counters: what services and library users get.
+#[derive(Clone)]
+pub struct StatsView(Arc<Stats>);
+
+impl StatsView {
+    pub(crate) fn new(stats: Arc<Stats>) -> Self {
+        StatsView(stats)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.0.snapshot()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.0.shard_count()
+    }
+
+    /// Shards whose thread has died (a panic outside any connection's callback). Not zero means
+    /// part of the server no longer serves: a health check should fail.
+    pub fn dead_shards(&self) -> usize {
+        self.0.dead_shards()
+    }
 }
 
 /// A point-in-time copy of every counter.
@@ -137,6 +176,11 @@ pub struct Snapshot {
     pub uptime_seconds: f64,
     pub acceptor: AcceptorSnapshot,
     pub shards: Vec<ShardSnapshot>,
+    /// Control messages (drain, new limits) that could not be sent to a shard or were not
+    /// acknowledged in time.
+    pub control_failures: u64,
+    /// Shards whose thread has died.
+    pub dead_shards: usize,
 }
 
 impl Snapshot {
@@ -162,7 +206,8 @@ impl Snapshot {
         let per_shard: Vec<String> = self.shards.iter().map(|s| s.open.to_string()).collect();
         format!(
             "stats: open={} [{}] accepted={} closed={} in={:.1}MB/s out={:.1}MB/s reads={:.0}/s \
-             idle_timeouts={} write_timeouts={} pauses={} rejected={} accept_pauses={}",
+             idle_timeouts={} write_timeouts={} pauses={} rejected={} accept_pauses={} panics={} \
+             dead_shards={}",
             t.open,
             per_shard.join(" "),
             self.acceptor.accepted,
@@ -173,33 +218,51 @@ impl Snapshot {
             t.idle_timeouts,
             t.write_timeouts,
             t.backpressure_pauses,
-            self.acceptor.rejected_max_connections + self.acceptor.rejected_busy,
-            self.acceptor.accept_pauses,
+            self.acceptor.rejected_max_connections + self.acceptor.rejected_busy + t.rejected,
+            self.acceptor.accept_pauses + t.accept_pauses,
+            t.service_panics,
+            self.dead_shards,
         )
     }
 }
 
 impl Stats {
-    pub fn new(shards: usize) -> Self {
+    pub(crate) fn new(shards: usize) -> Self {
         Stats {
             shards: (0..shards)
                 .map(|_| CachePadded::new(ShardCounters::default()))
                 .collect(),
             acceptor: CachePadded::new(AcceptorCounters::default()),
             started: Instant::now(),
+            control_failures: CachePadded::new(AtomicU64::new(0)),
+            dead: AtomicUsize::new(0),
         }
     }
 
-    pub fn shard(&self, i: usize) -> &ShardCounters {
+    /// Shard `i`'s counters, for that shard to write.
+    pub(crate) fn shard(&self, i: usize) -> &ShardCounters {
         &self.shards[i]
+    }
+
+    /// The acceptor's counters, for the acceptor thread to write.
+    pub(crate) fn acceptor(&self) -> &AcceptorCounters {
+        &self.acceptor
+    }
+
+    pub(crate) fn control_failed(&self, n: u64) {
+        self.control_failures.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn shard_died(&self) {
+        self.dead.fetch_add(1, Relaxed);
     }
 
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    pub fn acceptor(&self) -> &AcceptorCounters {
-        &self.acceptor
+    pub fn dead_shards(&self) -> usize {
+        self.dead.load(Relaxed)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -207,6 +270,8 @@ impl Stats {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             acceptor: self.acceptor.snapshot(),
             shards: self.shards.iter().map(|s| s.snapshot()).collect(),
+            control_failures: self.control_failures.load(Relaxed),
+            dead_shards: self.dead_shards(),
         }
     }
 }
@@ -232,5 +297,9 @@ mod tests {
         assert_eq!(fields[0].3, 3);
         assert!(fields.iter().any(|f| f.0 == "open" && f.1 == Kind::Gauge));
         assert!(snap.log_line(None).contains("open=0"));
+        assert_eq!(snap.dead_shards, 0);
+        let view = StatsView::new(Arc::new(stats));
+        assert_eq!(view.snapshot().total().accepted, 4);
+        assert_eq!(view.shard_count(), 2);
     }
 }

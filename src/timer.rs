@@ -8,6 +8,10 @@
 //! The wheel does not know what a deadline means: the shard recomputes a connection's real
 //! deadline when its entry fires (activity does not touch the wheel), so a busy connection costs
 //! nothing here until its idle deadline comes round.
+//!
+//! Ticks are 64-bit everywhere (a 10 ms tick wraps after 5.8 billion years), and converting a tick
+//! back to an instant goes through 128-bit nanoseconds: no `u32` multiplier that wraps after 2^32
+//! ticks (497 days) and would put every wake-up in the past.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +24,9 @@ struct Link {
     next: u32,
     deadline: u64,
 }
+
+/// Bytes of wheel bookkeeping per key (one link per slab index that ever had a timer).
+pub const LINK_BYTES: usize = std::mem::size_of::<Link>();
 
 const EMPTY: Link = Link {
     prev: NIL,
@@ -70,7 +77,19 @@ impl TimerWheel {
 
     /// When the tick after the current one begins: how long the owner may sleep.
     pub fn next_wake(&self) -> Option<Instant> {
-        (self.scheduled > 0).then(|| self.start + self.tick * (self.current as u32 + 1))
+        (self.scheduled > 0).then(|| self.instant_of(self.current + 1))
+    }
+
+    /// The instant tick `tick` begins.
+    pub fn instant_of(&self, tick: u64) -> Instant {
+        let ns = self.tick.as_nanos() * tick as u128;
+        let secs = (ns / 1_000_000_000).min(u64::MAX as u128) as u64;
+        self.start + Duration::new(secs, (ns % 1_000_000_000) as u32)
+    }
+
+    /// The last tick processed by [`TimerWheel::advance`].
+    pub fn current(&self) -> u64 {
+        self.current
     }
 
     pub fn len(&self) -> usize {
@@ -239,6 +258,29 @@ mod tests {
         assert_eq!(w.deadline_after(start, Duration::from_millis(10)), 1);
         assert_eq!(w.deadline_after(start, Duration::from_millis(11)), 2);
         assert_eq!(w.tick_of(start + Duration::from_millis(25)), 2);
+    }
+
+    #[test]
+    fn wake_ups_stay_in_the_future_past_two_to_the_32_ticks() {
+        let (mut w, start) = wheel();
+        let mut out = Vec::new();
+        // 497 days of 10 ms ticks, and a few more: a u32 tick count has wrapped by now.
+        let near = (1u64 << 32) - 2;
+        w.advance(near, &mut out);
+        w.schedule(1, near + 4);
+        let past_wrap = (1u64 << 32) + 3;
+        w.advance(past_wrap, &mut out);
+        assert_eq!(out, vec![1], "the deadline across the wrap fired");
+        w.schedule(2, past_wrap + 5);
+        let wake = w.next_wake().expect("a timer is scheduled");
+        let expected = start + Duration::from_millis(10 * (past_wrap + 1));
+        assert_eq!(
+            wake - start,
+            expected - start,
+            "the next wake is the next tick, 497 days after the start"
+        );
+        assert_eq!(w.tick_of(wake), past_wrap + 1);
+        assert!(w.instant_of(past_wrap) < wake);
     }
 
     #[test]

@@ -123,7 +123,8 @@ fn judge(cmp: Cmp, current: &str, recommended: &str) -> Option<bool> {
             Some(c.get(1)?.saturating_sub(*c.first()?) >= r.get(1)?.saturating_sub(*r.first()?))
         }
         Cmp::Third => Some(c.get(2)? >= r.get(2)?),
-        Cmp::Info => None,
+        // No minimum: a value other than the suggestion is a choice, not a shortfall.
+        Cmp::Info => (c == r).then_some(true),
     }
 }
 
@@ -268,8 +269,12 @@ pub fn render(f: &HostFacts) -> String {
     let _ = writeln!(s, "\nkernel limits for a million connections (deploy/sysctl.d/90-shardnet.conf sets them all):");
     let _ = writeln!(
         s,
-        "  {:<34} {:<28} {:<28} {:<5} change with",
-        "setting", "current", "recommended", ""
+        "  (status: OK meets the recommendation, LOW is below it, - has no minimum or could not be read)"
+    );
+    let _ = writeln!(
+        s,
+        "  {:<34} {:<28} {:<28} {:<6} change with",
+        "setting", "current", "recommended", "status"
     );
     for l in f.limits() {
         let verdict = match l.ok {
@@ -279,7 +284,7 @@ pub fn render(f: &HostFacts) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:<34} {:<28} {:<28} {:<5} {}",
+            "  {:<34} {:<28} {:<28} {:<6} {}",
             l.key,
             l.current.as_deref().unwrap_or("unavailable"),
             l.recommended,
@@ -344,5 +349,38 @@ mod tests {
             Some(true)
         );
         assert_eq!(judge(Cmp::Info, "1", "2"), None);
+        assert_eq!(
+            judge(Cmp::Info, "4096 16384 4194304", "4096 16384 4194304"),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn the_status_column_has_a_header_and_equal_advisory_values_are_ok() {
+        let facts = HostFacts {
+            allowed_cpus: vec![0],
+            quota_cores: None,
+            numa: Vec::new(),
+            nofile: None,
+            sysctls: vec![
+                ("net.ipv4.tcp_wmem", Some("4096 16384 4194304".into())),
+                ("net.ipv4.tcp_rmem", Some("4096 131072 6291456".into())),
+            ],
+        };
+        let text = render(&facts);
+        let header = text.lines().find(|l| l.starts_with("  setting ")).unwrap();
+        assert!(header.contains(" status "), "{header}");
+        let status_col = header.find(" status ").unwrap() + 1;
+        let status = |key: &str| {
+            let line = text.lines().find(|l| l.contains(key)).unwrap();
+            line[status_col..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(status("net.ipv4.tcp_wmem "), "OK");
+        assert_eq!(status("net.ipv4.tcp_rmem "), "-");
+        assert_eq!(status("fs.nr_open "), "-", "unavailable");
     }
 }

@@ -5,7 +5,7 @@
 //! NATS monitoring `/subsz?subs=1`).
 //!
 //! A missing `redis-server` or `nats-server` skips the test loudly outside CI and fails it under
-//! `CI=true` (`require_tool` below; tests/common will carry the shared helper).
+//! `CI=true` (`common::require_tool`).
 
 mod common;
 
@@ -23,29 +23,6 @@ const SECRET: &str = "hunter2-secret";
 const PREFIX: &str = "t.";
 /// Bound on every wait for the broker or the module.
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Whether this run is CI's: there a missing tool fails the test.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-/// `true` when `tool` is on PATH. Otherwise one loud line straight to the process's stderr
-/// (libtest does not capture it) and `false`, or a panic under CI.
-#[track_caller]
-fn require_tool(tool: &str, install: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-    if found {
-        return true;
-    }
-    let test = std::thread::current().name().unwrap_or("test").to_string();
-    let line = format!(
-        "SKIPPED {test}: needs `{tool}` on PATH ({install}); set CI=true to make this a failure\n"
-    );
-    assert!(!in_ci(), "{line}");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-    false
-}
 
 /// `N` distinct free ports: all held open until all are known, so no two are the same.
 fn free_ports<const N: usize>() -> [u16; N] {
@@ -696,7 +673,7 @@ macro_rules! for_both {
             use super::*;
             $(#[test]
             fn $body() {
-                if require_tool("redis-server", "apt-get install redis-server") {
+                if common::require_tool("redis-server", "apt-get install redis-server") {
                     super::$body(&mut Redis::new());
                 }
             })*
@@ -705,7 +682,7 @@ macro_rules! for_both {
             use super::*;
             $(#[test]
             fn $body() {
-                if require_tool("nats-server", "apt-get install nats-server") {
+                if common::require_tool("nats-server", "apt-get install nats-server") {
                     super::$body(&mut Nats::new());
                 }
             })*

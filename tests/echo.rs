@@ -213,3 +213,35 @@ fn stale_events_and_reuse_do_not_mix_connections() {
     });
     assert_eq!(stats.snapshot().total().closed, 400);
 }
+
+#[test]
+fn drain_serves_a_connection_accepted_just_before_that_speaks_late() {
+    // A client whose connect completed just before the drain but that writes only 600 ms later
+    // (a loaded host): it is answered, not closed under it after the 250 ms quiet period.
+    let mut server = start_echo(&echo_config(1, "", ""));
+    let addr = server.addr("echo").unwrap();
+    let mut late = connect(addr);
+    let mut talker = connect(addr);
+    assert_eq!(echo_roundtrip(&mut talker, b"early"), b"early");
+    let stats = server.stats();
+    wait_until(
+        Duration::from_secs(5),
+        "both taken over by the shard",
+        || stats.snapshot().total().accepted == 2,
+    );
+    std::thread::scope(|scope| {
+        let drain = scope.spawn(|| server.shutdown());
+        // The scenario itself: this client is slow to send its first request.
+        std::thread::sleep(Duration::from_millis(600));
+        late.write_all(b"late request").unwrap();
+        let (got, clean) = read_to_end(&mut late);
+        assert_eq!(got, b"late request", "the late request was answered");
+        assert!(clean, "then closed with FIN");
+        // The connection that had spoken closes after the short quiet period.
+        assert_eq!(read_to_end(&mut talker), (Vec::new(), true));
+        // Our FINs end the server's lingering closes at once.
+        let _ = late.shutdown(std::net::Shutdown::Both);
+        let _ = talker.shutdown(std::net::Shutdown::Both);
+        assert!(drain.join().unwrap(), "drained cleanly");
+    });
+}

@@ -29,9 +29,12 @@ fn sighup_reload_applies_live_keys_refuses_restart_keys_and_survives_a_bad_file(
         .unwrap()
         .to_string();
 
-    // A broken file changes nothing.
+    // A broken file changes nothing. The server says when it is done with the reload
+    // (RELOADING=1, then READY=1 on the sd_notify socket).
     std::fs::write(&config_path, "[server]\nshards = 0\n").unwrap();
     server.signal("HUP");
+    server.wait_for_state("RELOADING=1", Duration::from_secs(5));
+    server.wait_for_state("READY=1", Duration::from_secs(5));
     wait_until(Duration::from_secs(5), "the refusal is logged", || {
         server.log().contains("reload refused")
     });
@@ -111,8 +114,23 @@ fn zero_downtime(balance: &str) {
     let _one_at_a_time = SYSCTL.lock().unwrap_or_else(|e| e.into_inner());
     // Queued connections of a closing listener move to the new one (Linux 5.14+); CI runs as root.
     let knob = "/proc/sys/net/ipv4/tcp_migrate_req";
-    let before = std::fs::read_to_string(knob).expect("needs Linux 5.14+ (tcp_migrate_req)");
-    std::fs::write(knob, "1").expect("needs root to set net.ipv4.tcp_migrate_req = 1");
+    let Ok(before) = std::fs::read_to_string(knob) else {
+        require(
+            false,
+            "Linux 5.14+ (net.ipv4.tcp_migrate_req)",
+            "a newer kernel",
+        );
+        return;
+    };
+    let writable = std::fs::OpenOptions::new().write(true).open(knob).is_ok();
+    if !require(
+        writable,
+        "root, to set net.ipv4.tcp_migrate_req = 1",
+        "run the tests as root, as .ci/run does",
+    ) {
+        return;
+    }
+    std::fs::write(knob, "1").expect("set net.ipv4.tcp_migrate_req = 1");
     let extra = format!("balance = \"{balance}\"");
     let mut old = Child::spawn(&echo_config("60s", &extra, 0, true), "");
     let addr = old.addr("echo");
@@ -150,6 +168,32 @@ fn zero_downtime(balance: &str) {
         done + failures.len(),
         &failures[..failures.len().min(5)]
     );
+}
+
+#[test]
+fn readiness_announces_the_pid_and_every_listener_then_stopping() {
+    // Three listeners on port 0: the announcement on the sd_notify socket is the only place
+    // the test learns their ports (Child::spawn also checks that it names the server's pid).
+    let mut server = Child::spawn(
+        "[server]\nshards = 1\npin = false\nstats_interval = \"0s\"\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n\
+         [[listener]]\nname = \"public http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+         [[listener]]\nname = \"admin\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        "",
+    );
+    let names: Vec<&str> = server.addrs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["echo", "public http", "admin"]);
+    assert!(server.addrs.iter().all(|(_, a)| a.port() != 0));
+    let mut c = connect(server.addr("echo"));
+    assert_eq!(echo_roundtrip(&mut c, b"ready"), b"ready");
+    for name in ["public http", "admin"] {
+        let mut s = connect(server.addr(name));
+        let (status, _, body) = http_exchange(&mut s, b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert_eq!((status, &body[..]), (200, &b"ok\n"[..]), "{name}");
+    }
+    server.signal("TERM");
+    server.wait_for_state("STOPPING=1", Duration::from_secs(5));
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
 }
 
 #[test]

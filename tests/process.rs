@@ -43,11 +43,22 @@ fn sigterm_during_load_echoes_everything_received_then_exits_0() {
 
 #[test]
 fn descriptor_exhaustion_pauses_accepting_and_recovers() {
+    exhaustion_and_recovery("");
+}
+
+#[test]
+fn descriptor_exhaustion_on_reuseport_shards_pauses_accepting_and_recovers() {
+    // The same listener type and policy serve shards that accept on their own sockets.
+    exhaustion_and_recovery("balance = \"reuseport\"");
+}
+
+fn exhaustion_and_recovery(server_extra: &str) {
     // 48 descriptors: about a dozen go to stdio, epoll, eventfds and the listener; the rest to
     // connections. 60 clients cannot all be accepted at once. An explicit max_connections above
     // the limit ("auto" would stay under it and close the extra clients at once instead), so it
     // is the kernel's limit that binds.
-    let server = Child::spawn(&echo_toml("max_connections = 1000000"), "ulimit -n 48 &&");
+    let extra = format!("max_connections = 1000000\n{server_extra}");
+    let server = Child::spawn(&echo_toml(&extra), "ulimit -n 48 &&");
     assert!(
         server
             .log()
@@ -198,6 +209,10 @@ fn serve_with_a_missing_config_says_the_os_error_once() {
 #[test]
 fn max_connections_auto_is_logged_once_at_info_without_a_warning() {
     let server = Child::spawn(&echo_toml(""), "ulimit -n 2000 &&");
+    // The summary line follows the readiness announcement.
+    wait_until(Duration::from_secs(10), "the summary line", || {
+        server.log().contains("max_connections=")
+    });
     let log = server.log();
     // 2000 less 16 + 4 per shard + (shards + 1) for the one listener, with one shard.
     assert_eq!(

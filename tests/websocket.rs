@@ -435,7 +435,9 @@ fn drain_sends_going_away() {
 fn interoperates_with_python_websockets() {
     let server = start_router(&ws_toml(2, "", ""));
     let addr = server.addr("http").unwrap();
-    let py = python_with(&[("websockets", "websockets")]);
+    let Some(py) = python_with(&[("websockets", "websockets")]) else {
+        return; // skipped: python_with said why
+    };
     let script = r#"
 import asyncio, json, sys
 from websockets.asyncio.client import connect

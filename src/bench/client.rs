@@ -7,15 +7,17 @@
 //! sent, HTTP statuses and body lengths checked, WebSocket frames decoded and compared.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use hdrhistogram::Histogram;
 
+use super::report::{histogram, MAX_LATENCY_US};
 use crate::server::Peers;
 use crate::service::ws;
-use crate::service::{Conn, Ctx, Service, ShardInfo, Token};
+use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 
 /// What each connection does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -50,6 +52,9 @@ pub struct Plan {
     /// Fan-out: the topic, and the clock origin of the publish timestamps.
     pub topic: String,
     pub base: Instant,
+    /// Fan-out: the measured window is every publish after this sequence number (set by the
+    /// publisher between two publishes; `u64::MAX` until then: nothing is counted in warm-up).
+    pub window_after: Arc<AtomicU64>,
 }
 
 /// Results of one client shard.
@@ -71,7 +76,7 @@ pub struct ShardResult {
 impl ShardResult {
     fn new() -> Self {
         ShardResult {
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            hist: histogram(),
             requests: 0,
             bytes: 0,
             errors: 0,
@@ -180,7 +185,7 @@ impl Client {
         let now = conn.now();
         if let Some(sent) = conn.state().inflight.pop_front() {
             let micros = now.saturating_duration_since(sent).as_micros().max(1) as u64;
-            let _ = self.result.hist.record(micros.min(60_000_000));
+            let _ = self.result.hist.record(micros.min(MAX_LATENCY_US));
         }
         self.result.requests += 1;
         if self.plan.mode == Mode::Connect {
@@ -378,8 +383,14 @@ impl Client {
             ));
             return false;
         }
-        self.result.gaps += seq - st.last_seq - 1;
+        let window_after = self.plan.window_after.load(Ordering::SeqCst);
+        let before = st.last_seq;
         st.last_seq = seq;
+        if seq <= window_after {
+            return true; // a warm-up publish: not counted
+        }
+        // Messages of the window this subscriber skipped (seq > window_after, seq > before).
+        self.result.gaps += seq - 1 - before.max(window_after);
         let intended = self.plan.base + Duration::from_micros(t);
         let micros = conn
             .now()
@@ -387,7 +398,7 @@ impl Client {
             .saturating_duration_since(intended)
             .as_micros()
             .max(1) as u64;
-        let _ = self.result.hist.record(micros.min(60_000_000));
+        let _ = self.result.hist.record(micros.min(MAX_LATENCY_US));
         self.result.requests += 1;
         true
     }
@@ -459,7 +470,7 @@ impl Service for Client {
         }
     }
 
-    fn on_close(&mut self, token: Token, state: &mut ClientConn) {
+    fn on_close(&mut self, token: Token, state: &mut ClientConn, _reason: CloseReason) {
         self.conns.retain(|&t| t != token);
         self.result.closed += 1;
         if self.plan.mode != Mode::Connect

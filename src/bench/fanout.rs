@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,17 +14,21 @@ use anyhow::{bail, Context};
 
 use super::client::ShardResult;
 
-/// What a fan-out run adds to the report.
+/// What a fan-out run adds to the report. The measured window is a range of sequence numbers:
+/// the publishes after the warm-up (`published` of them). Every count below is of deliveries of
+/// those publishes only, so `delivered + lost = expected = subscribers x published`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FanoutReport {
     pub subscribers: u64,
     /// Publishes during the measured window.
     pub published: u64,
     pub publish_errors: u64,
-    /// Deliveries during the measured window (subscribers × messages).
+    /// subscribers x published.
+    pub expected: u64,
+    /// Deliveries of the measured publishes that arrived.
     pub delivered: u64,
-    /// Messages some subscriber never received: gaps in its sequence, plus the tail it had not
-    /// received when deliveries stopped (nothing new for a second after the last publish).
+    /// Deliveries that did not: gaps in a subscriber's sequence, plus the tail it had not
+    /// received when deliveries stopped (nothing new for 5 s after the last publish).
     pub lost: u64,
     pub gaps: u64,
     pub tail_missing: u64,
@@ -32,33 +36,70 @@ pub struct FanoutReport {
     pub dropped_by_server: Option<u64>,
 }
 
-/// Subscribers, and the sum over them of the last sequence number each has seen.
-pub fn progress(results: &[ShardResult]) -> (u64, u64) {
-    let seqs = results.iter().flat_map(|r| r.last_seqs.iter());
-    (seqs.clone().count() as u64, seqs.sum())
+impl FanoutReport {
+    /// The accounting of the window of publishes `first + 1 ..= last`, from the client shards'
+    /// results (collected after [`settle`]).
+    pub fn new(results: &[ShardResult], first: u64, last: u64, publish_errors: u64) -> Self {
+        let subscribers = results
+            .iter()
+            .map(|r| r.last_seqs.len() as u64)
+            .sum::<u64>();
+        let published = last.saturating_sub(first);
+        let gaps: u64 = results.iter().map(|r| r.gaps).sum();
+        let tail_missing = tail_missing(results, first, last);
+        FanoutReport {
+            subscribers,
+            published,
+            publish_errors,
+            expected: subscribers * published,
+            delivered: results.iter().map(|r| r.requests).sum(),
+            lost: gaps + tail_missing,
+            gaps,
+            tail_missing,
+            dropped_by_server: None,
+        }
+    }
+}
+
+/// Deliveries of the publishes `first + 1 ..= last` that some subscriber has not received yet:
+/// everything after the last sequence number it saw (subscribers see messages in order).
+pub fn tail_missing(results: &[ShardResult], first: u64, last: u64) -> u64 {
+    results
+        .iter()
+        .flat_map(|r| r.last_seqs.iter())
+        .map(|&seen| last.saturating_sub(seen.max(first)))
+        .sum()
 }
 
 /// After the last publish (`last`), waits for the backlog to arrive: until every subscriber has
 /// it, or nothing arrived for 5 s (what is missing then is lost), at most 60 s. The quiet period
 /// covers TCP retransmission backoff: an overloaded receiver's kernel drops segments when its
 /// socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
-/// `collect` asks every client shard for its results; `shards` is how many must answer.
-pub fn settle(collect: impl Fn() -> Vec<ShardResult>, shards: usize, last: u64, label: &str) {
+/// `collect` asks every client shard for its results; `shards` is how many must answer. The
+/// measured window is the publishes after `first`; the line printed counts those only, like the
+/// report.
+pub fn settle(
+    collect: impl Fn() -> Vec<ShardResult>,
+    shards: usize,
+    first: u64,
+    last: u64,
+    label: &str,
+) {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
-    let (mut before, mut still_since) = (0u64, Instant::now());
-    let (subs, seen, r) = loop {
+    let (mut before, mut still_since) = (u64::MAX, Instant::now());
+    let (missing, r) = loop {
         let r = collect();
         if r.len() < shards {
             // A client shard too busy to answer within the collect timeout: still working.
             still_since = Instant::now();
         } else {
-            let (subs, seen) = progress(&r);
-            if seen != before {
-                (before, still_since) = (seen, Instant::now());
+            let missing = tail_missing(&r, first, last);
+            if missing != before {
+                (before, still_since) = (missing, Instant::now());
             }
-            if seen >= subs * last || still_since.elapsed() > Duration::from_secs(5) {
-                break (subs, seen, r);
+            if missing == 0 || still_since.elapsed() > Duration::from_secs(5) {
+                break (missing, r);
             }
         }
         if Instant::now() > deadline {
@@ -69,7 +110,11 @@ pub fn settle(collect: impl Fn() -> Vec<ShardResult>, shards: usize, last: u64, 
     };
     let mut lag: Vec<u64> = r
         .iter()
-        .flat_map(|x| x.last_seqs.iter().map(|&s| last.saturating_sub(s)))
+        .flat_map(|x| {
+            x.last_seqs
+                .iter()
+                .map(|&s| last.saturating_sub(s.max(first)))
+        })
         .filter(|&d| d > 0)
         .collect();
     lag.sort_unstable();
@@ -80,12 +125,12 @@ pub fn settle(collect: impl Fn() -> Vec<ShardResult>, shards: usize, last: u64, 
             lag[lag.len() / 2]
         );
     }
+    let subscribers = r.iter().map(|x| x.last_seqs.len() as u64).sum::<u64>();
     eprintln!(
-        "{label}: backlog after the last publish: {:.1} s, {} of {} deliveries missing{}",
+        "{label}: backlog after the last publish: {:.1} s; {missing} of the {} deliveries of the measured publishes not arrived{}",
         start.elapsed().as_secs_f64(),
-        (subs * last).saturating_sub(seen),
-        subs * last,
-        if seen >= subs * last {
+        subscribers * last.saturating_sub(first),
+        if missing == 0 {
             ""
         } else {
             " (nothing arrived for 5 s)"
@@ -96,32 +141,54 @@ pub fn settle(collect: impl Fn() -> Vec<ShardResult>, shards: usize, last: u64, 
 pub struct Publisher {
     stop: Arc<AtomicBool>,
     seq: Arc<AtomicU64>,
+    /// Held while a publish is numbered and written, so that opening the window falls between
+    /// two publishes.
+    writing: Arc<Mutex<()>>,
+    window_after: Arc<AtomicU64>,
     thread: JoinHandle<anyhow::Result<u64>>,
 }
 
 impl Publisher {
     /// Starts publishing `rate` messages per second on `topic` at the HTTP listener `target`.
-    pub fn start(target: SocketAddr, topic: String, base: Instant, rate: f64) -> Publisher {
+    /// `window_after` is the client shards' start of the measured window (see `open_window`).
+    pub fn start(
+        target: SocketAddr,
+        topic: String,
+        base: Instant,
+        rate: f64,
+        window_after: Arc<AtomicU64>,
+    ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
-        let (st, sq) = (stop.clone(), seq.clone());
+        let writing = Arc::new(Mutex::new(()));
+        let (st, sq, w) = (stop.clone(), seq.clone(), writing.clone());
         let thread = std::thread::Builder::new()
             .name("publisher".into())
-            .spawn(move || publish_loop(target, &topic, base, rate.max(1.0), &st, &sq))
+            .spawn(move || publish_loop(target, &topic, base, rate.max(1.0), &st, &sq, &w))
             .expect("spawn the publisher thread");
-        Publisher { stop, seq, thread }
+        Publisher {
+            stop,
+            seq,
+            writing,
+            window_after,
+            thread,
+        }
     }
 
-    /// Sequence number of the last message published.
-    pub fn published(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
+    /// Starts the measured window: the clients count the deliveries of every later publish.
+    /// Returns the sequence number of the last publish before it.
+    pub fn open_window(&self) -> u64 {
+        let _between_publishes = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let first = self.seq.load(Ordering::SeqCst);
+        self.window_after.store(first, Ordering::SeqCst);
+        first
     }
 
     /// Stops; returns the last sequence number and the publish errors (0 or 1: the first
     /// error ends publishing and is reported).
     pub fn stop(self) -> anyhow::Result<(u64, u64)> {
         self.stop.store(true, Ordering::Release);
-        let last = self.published();
+        let last = self.seq.load(Ordering::Acquire);
         match self.thread.join() {
             Ok(Ok(n)) => Ok((n, 0)),
             Ok(Err(e)) => {
@@ -140,6 +207,7 @@ fn publish_loop(
     rate: f64,
     stop: &AtomicBool,
     seq: &AtomicU64,
+    writing: &Mutex<()>,
 ) -> anyhow::Result<u64> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
         .with_context(|| format!("publisher cannot connect to {target}"))?;
@@ -172,6 +240,7 @@ fn publish_loop(
         if reader.is_finished() {
             break;
         }
+        let _numbering = writing.lock().unwrap_or_else(|e| e.into_inner());
         k += 1;
         let t = intended.saturating_duration_since(base).as_micros();
         let body = format!(r#"{{"seq":{k},"t":{t}}}"#);
@@ -181,7 +250,7 @@ fn publish_loop(
         );
         s.write_all(req.as_bytes())
             .context("publisher: write failed")?;
-        seq.store(k, Ordering::Release);
+        seq.store(k, Ordering::SeqCst);
     }
     // Every publish must be answered with 200 (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -240,13 +309,19 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Vec<u8>
     }
 }
 
-/// Sum of `shardnet_ws_dropped_total` over shards, from the server's /metrics on `target`.
-pub fn server_dropped(target: SocketAddr) -> Option<u64> {
+/// The body of `GET path` at the HTTP listener `target` (None on any failure or a status other
+/// than 200).
+pub fn http_get(target: SocketAddr, path: &str) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .ok()?;
-    let body = read_response(&mut s, &mut Vec::new()).ok()?;
+    read_response(&mut s, &mut Vec::new()).ok()
+}
+
+/// Sum of `shardnet_ws_dropped_total` over shards, from the server's /metrics on `target`.
+pub fn server_dropped(target: SocketAddr) -> Option<u64> {
+    let body = http_get(target, "/metrics")?;
     let text = String::from_utf8_lossy(&body);
     let mut found = false;
     let mut sum = 0.0;

@@ -19,7 +19,10 @@ use base64::Engine;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 
-use super::{cpu_delta, cpu_snapshot, latency, procfs, BenchArgs, IdleReport, Measurement, Mode};
+use super::args::{parse_sources, BenchArgs};
+use super::client::Mode;
+use super::procfs;
+use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 
 /// What a child writes for the parent.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -102,7 +105,7 @@ pub fn measure(
         bail!("--processes {n} needs at least {n} connections");
     }
     let sources = match &args.source_addrs {
-        Some(s) => super::parse_sources(s)?,
+        Some(s) => parse_sources(s)?,
         None => Vec::new(),
     };
     let exe = std::env::current_exe().context("cannot find this executable")?;
@@ -152,14 +155,19 @@ pub fn measure(
         } else if !sources.is_empty() {
             bail!("--processes {n} needs at least {n} source addresses");
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start a client process")?;
-        let out = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        // Owned by the guard from here on: any early return stops it.
+        let mut c = ChildProc {
+            child: cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot start a client process")?,
+            report,
+            lines: rx,
+        };
+        let out = c.child.stdout.take().expect("piped");
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -167,11 +175,6 @@ pub fn measure(
                 }
             }
         });
-        let mut c = ChildProc {
-            child,
-            report,
-            lines: rx,
-        };
         wait_ready(&mut c, i, label)?;
         children.push(c);
     }
@@ -189,20 +192,18 @@ pub fn measure(
     }
     // Every child now warms up, then measures for `duration`: read the server in that window.
     std::thread::sleep(args.warmup + Duration::from_millis(100));
-    let cpu0 = cpu_snapshot(pid);
-    let t0 = Instant::now();
+    let cpu = CpuMeter::start(pid);
     std::thread::sleep(args.duration / 2);
     let rss_held = pid.and_then(procfs::rss_bytes);
     std::thread::sleep(
         args.duration
             .saturating_sub(args.duration / 2 + Duration::from_millis(100)),
     );
-    let cpu1 = cpu_snapshot(pid);
-    let cpu_seconds_window = t0.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
 
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-    let (mut requests, mut bytes, mut errors, mut seconds) = (0u64, 0f64, 0u64, 0f64);
-    let mut first_error = None;
+    let mut hist = histogram();
+    let mut tally = Tally::default();
+    let mut seconds = 0f64;
     for (i, c) in children.iter_mut().enumerate() {
         let status = c.child.wait()?;
         let text = std::fs::read_to_string(&c.report).with_context(|| {
@@ -214,44 +215,25 @@ pub fn measure(
         let r: ChildReport = serde_json::from_str(&text)?;
         hist.add(decode_histogram(&r.histogram)?)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        requests += r.requests;
-        bytes += r.bytes;
-        errors += r.errors;
+        tally.requests += r.requests;
+        tally.bytes += r.bytes;
         seconds = f64::max(seconds, r.seconds);
-        first_error = first_error.or(r.first_error);
+        tally.fail(r.errors, || r.first_error.clone().unwrap_or_default());
         if !status.success() && r.errors == 0 {
-            errors += 1;
-            first_error = first_error.or(Some(format!("client process {} failed", i + 1)));
+            tally.fail(1, || format!("client process {} failed", i + 1));
         }
     }
-    let server_cpu = cpu_delta(&cpu0, &cpu1);
-    let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
-    let rps = requests as f64 / seconds.max(1e-9);
     let idle = (args.mode == Mode::Idle)
         .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_held));
-    Ok(Measurement {
-        label: label.to_string(),
-        mode: args.mode,
-        connections: args.connections,
-        depth: args.depth,
-        size: args.size,
-        seconds,
-        requests,
-        requests_per_second: rps,
-        megabytes_per_second: bytes / seconds.max(1e-9) / 1e6,
-        latency_us: latency(&hist),
-        errors,
-        first_error,
-        server_cpu,
-        // The CPU window is the parent's view of the children's common measuring time.
-        per_core_throughput: server_cpu_seconds
-            .filter(|&s| s > 0.0)
-            .map(|s| rps * cpu_seconds_window / s),
-        server_cpu_seconds,
-        idle,
-        fanout: None,
-        histogram: Some(hist),
-    })
+    // The CPU window is the parent's view of the children's common measuring time.
+    let window = cpu.window;
+    Ok(Measurement::builder(label, args)
+        .counted(tally, seconds)
+        .histogram(hist)
+        .server_cpu(cpu)
+        .cpu_window(window)
+        .idle(idle)
+        .build())
 }
 
 #[cfg(test)]
@@ -269,7 +251,7 @@ mod tests {
 
     #[test]
     fn histogram_round_trip() {
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut h = histogram();
         for v in [1, 50, 999, 123_456] {
             h.record(v).unwrap();
         }

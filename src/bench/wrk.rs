@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::{cpu_snapshot, parse_cores, BenchArgs, Latency, Measurement};
+use super::args::{parse_cores, BenchArgs};
+use super::report::{CpuMeter, Latency, Measurement, Tally};
+use super::spawn::require_program;
 
 const PIPELINE_LUA: &str = include_str!("../../benches/pipeline.lua");
 
@@ -30,6 +32,10 @@ pub fn measure(
     pid: Option<u32>,
     label: &str,
 ) -> anyhow::Result<Measurement> {
+    // Both programs are checked here, so that a missing wrk is not reported as taskset's
+    // "failed to execute wrk".
+    let wrk = require_program("wrk", "Debian/Ubuntu: apt-get install wrk")?;
+    let taskset = require_program("taskset", "Debian/Ubuntu: apt-get install util-linux")?;
     let script = std::env::temp_dir().join(format!("shardnet-pipeline-{}.lua", std::process::id()));
     std::fs::write(&script, PIPELINE_LUA).context("cannot write the wrk script")?;
     let cores = parse_cores(&args.client_cores)?;
@@ -37,10 +43,10 @@ pub fn measure(
     let url = format!("http://{target}{path}");
     let run = |d: Duration, latency: bool| -> anyhow::Result<String> {
         let list: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
-        let mut cmd = Command::new("taskset");
+        let mut cmd = Command::new(&taskset);
         cmd.arg("-c")
             .arg(list.join(","))
-            .arg("wrk")
+            .arg(&wrk)
             .arg(format!("-t{}", cores.len().max(1)))
             .arg(format!("-c{}", args.connections))
             .arg(format!("-d{}s", d.as_secs_f64().ceil().max(1.0) as u64))
@@ -56,7 +62,7 @@ pub fn measure(
             .arg(args.depth.max(1).to_string());
         let out = cmd
             .output()
-            .context("cannot run wrk (Debian: apt-get install wrk)")?;
+            .with_context(|| format!("cannot run {} {}", taskset.display(), wrk.display()))?;
         if !out.status.success() {
             // wrk reports its errors on stdout.
             bail!(
@@ -71,40 +77,53 @@ pub fn measure(
         if !args.warmup.is_zero() {
             run(args.warmup, false)?;
         }
-        let cpu0 = cpu_snapshot(pid);
+        let cpu = CpuMeter::start(pid);
         let text = run(args.duration, true)?;
-        let cpu1 = cpu_snapshot(pid);
+        let cpu = cpu.stop();
         let parsed =
             parse(&text).with_context(|| format!("{label}: cannot read wrk's output:\n{text}"))?;
-        Ok::<_, anyhow::Error>((parsed, cpu0, cpu1))
+        Ok::<_, anyhow::Error>((parsed, cpu))
     })();
     let _ = std::fs::remove_file(&script);
-    let (w, cpu0, cpu1) = result?;
-    let server_cpu = super::cpu_delta(&cpu0, &cpu1);
-    let server_cpu_seconds = pid.map(|_| server_cpu.iter().map(|(_, s)| s).sum::<f64>());
-    let seconds = w.seconds.max(1e-9);
-    Ok(Measurement {
-        label: label.to_string(),
-        mode: args.mode,
-        connections: args.connections,
-        depth: args.depth,
-        size: 0,
-        seconds,
+    let (w, cpu) = result?;
+    let mut tally = Tally {
         requests: w.requests,
-        requests_per_second: w.requests as f64 / seconds,
-        megabytes_per_second: w.bytes / seconds / 1e6,
-        latency_us: w.latency_us,
-        errors: w.errors,
-        first_error: (w.errors > 0).then(|| format!("wrk counted {} errors", w.errors)),
-        server_cpu,
-        per_core_throughput: server_cpu_seconds
-            .filter(|&s| s > 0.0)
-            .map(|s| w.requests as f64 / s),
-        server_cpu_seconds,
-        idle: None,
-        fanout: None,
-        histogram: None,
-    })
+        bytes: w.bytes,
+        ..Tally::default()
+    };
+    tally.fail(w.errors, || format!("wrk counted {} errors", w.errors));
+    let note = w.latency_note();
+    Ok(Measurement::builder(label, args)
+        .shape(args.connections, args.depth, 0)
+        .counted(tally, w.seconds.max(1e-9))
+        .latency(w.latency_us, note)
+        .server_cpu(cpu)
+        .build())
+}
+
+impl WrkOutput {
+    /// Why latency figures are missing: wrk printed `0.00us` for them, which no request takes
+    /// (wrk records one latency per pipelined batch of `--depth` requests, from the batch's
+    /// first write to its last response; a zero means it has no sample for that figure).
+    fn latency_note(&self) -> Option<String> {
+        let l = &self.latency_us;
+        let missing: Vec<&str> = [
+            ("p50", l.p50),
+            ("p90", l.p90),
+            ("p99", l.p99),
+            ("max", l.max),
+        ]
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(n, _)| *n)
+        .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "wrk printed 0.00us for {}, which is no measured latency (wrk records one latency per pipelined batch, not per request)",
+                missing.join(", ")
+            )
+        })
+    }
 }
 
 /// `1.23ms`, `456.78us`, `2.00s`, `1.5m` → microseconds.
@@ -122,6 +141,11 @@ fn duration_us(s: &str) -> Option<u64> {
         _ => return None,
     };
     Some((n * scale).round() as u64)
+}
+
+/// A latency wrk printed; `0.00us` (or anything unreadable) is no measurement.
+fn measured_us(s: &str) -> Option<u64> {
+    duration_us(s).filter(|&us| us > 0)
 }
 
 /// `150.00MB` → bytes.
@@ -159,12 +183,10 @@ pub fn parse(text: &str) -> anyhow::Result<WrkOutput> {
                 totals = true;
             }
             // "Latency   1.23ms   2.34ms  45.67ms   89.00%"
-            ["Latency", _avg, _stdev, max, _] => {
-                w.latency_us.max = duration_us(max).unwrap_or(0);
-            }
-            ["50%", v] => w.latency_us.p50 = duration_us(v).unwrap_or(0),
-            ["90%", v] => w.latency_us.p90 = duration_us(v).unwrap_or(0),
-            ["99%", v] => w.latency_us.p99 = duration_us(v).unwrap_or(0),
+            ["Latency", _avg, _stdev, max, _] => w.latency_us.max = measured_us(max),
+            ["50%", v] => w.latency_us.p50 = measured_us(v),
+            ["90%", v] => w.latency_us.p90 = measured_us(v),
+            ["99%", v] => w.latency_us.p99 = measured_us(v),
             // "Socket errors: connect 0, read 0, write 0, timeout 0"
             ["Socket", "errors:", rest @ ..] => {
                 w.errors += rest
@@ -214,10 +236,24 @@ Transfer/sec:     88.32MB
         assert_eq!(w.seconds, 4.0);
         assert!((w.bytes - 353.26 * 1024.0 * 1024.0).abs() < 1.0);
         assert_eq!(w.errors, 8);
-        assert_eq!(w.latency_us.p50, 3500);
-        assert_eq!(w.latency_us.p90, 4800);
-        assert_eq!(w.latency_us.p99, 7200);
-        assert_eq!(w.latency_us.max, 19530);
+        assert_eq!(w.latency_us.p50, Some(3500));
+        assert_eq!(w.latency_us.p90, Some(4800));
+        assert_eq!(w.latency_us.p99, Some(7200));
+        assert_eq!(w.latency_us.max, Some(19530));
+        assert_eq!(w.latency_note(), None);
+    }
+
+    #[test]
+    fn zero_latency_is_not_a_measurement() {
+        let text = SAMPLE
+            .replace("99%    7.20ms", "99%    0.00us")
+            .replace("50%    3.50ms", "50%    0.00us");
+        let w = parse(&text).unwrap();
+        assert_eq!(w.latency_us.p99, None);
+        assert_eq!(w.latency_us.p50, None);
+        assert_eq!(w.latency_us.p90, Some(4800));
+        let note = w.latency_note().unwrap();
+        assert!(note.contains("0.00us for p50, p99"), "{note}");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! generation in the high 32 bits. A slot is reused after a close, so an event still queued for
 //! the old connection carries the old generation and is recognised as stale instead of being
 //! delivered to the new one.
+//!
+//! The slab never uses index `u32::MAX`, so tokens with that index name the shard's other
+//! registrations: its waker and its own listeners ([`Token::kind`] tells them apart).
 
 pub mod buffer;
 
@@ -13,9 +16,37 @@ pub use buffer::{BufferPool, InBuf, OutBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(pub u64);
 
+/// What an epoll token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// The shard's eventfd.
+    Waker,
+    /// The shard's own listener at this position (`balance = "reuseport"`).
+    Listener(usize),
+    /// A connection (possibly a stale one: the slab decides).
+    Conn,
+}
+
 impl Token {
     /// Reserved for the shard's waker; never produced by a slab (index `u32::MAX` is never used).
     pub const WAKER: Token = Token(u64::MAX);
+
+    /// The token of a shard's own listener number `i` (index `u32::MAX`, `i` in the high half).
+    pub fn listener(i: usize) -> Token {
+        debug_assert!(i < u32::MAX as usize);
+        Token(((i as u64) << 32) | 0xffff_ffff)
+    }
+
+    #[inline]
+    pub fn kind(self) -> TokenKind {
+        if self == Token::WAKER {
+            TokenKind::Waker
+        } else if self.index() == u32::MAX as usize {
+            TokenKind::Listener(self.generation() as usize)
+        } else {
+            TokenKind::Conn
+        }
+    }
 
     fn new(index: usize, generation: u32) -> Token {
         Token(((generation as u64) << 32) | index as u64)
@@ -30,7 +61,8 @@ impl Token {
     }
 }
 
-struct Slot<T> {
+/// One slab slot: the value and the generation its token must carry.
+pub(crate) struct Slot<T> {
     generation: u32,
     value: T,
 }
@@ -136,5 +168,9 @@ mod tests {
         }
         assert_eq!(slab.len(), 1000);
         assert_eq!(slab.tokens().len(), 1000);
+        assert!(slab.tokens().iter().all(|t| t.kind() == TokenKind::Conn));
+        assert_eq!(Token::WAKER.kind(), TokenKind::Waker);
+        assert_eq!(Token::listener(3).kind(), TokenKind::Listener(3));
+        assert_eq!(Token::listener(0).kind(), TokenKind::Listener(0));
     }
 }

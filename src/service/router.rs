@@ -16,10 +16,15 @@ use parking_lot::Mutex;
 
 use super::http::{App, DateCache, Http, HttpConn, HttpSettings};
 use super::ws::{self, Message, WsConn};
-use super::{Conn, Ctx, Service, ShardInfo, Token};
-use crate::config::{Config, ServiceKind, SlowConsumer, WsMode, WsRouteConfig};
-use crate::server::{Peers, Server, ServerError};
-use crate::stats::Stats;
+use super::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
+use crate::config::{
+    Balance as BalanceConfig, Config, LimitsConfig, ServiceKind, Shards, SlowConsumer, Trigger,
+    WsMode, WsRouteConfig,
+};
+use crate::server::{
+    Balance, Limits, ListenerSpec, Peers, Pinning, Server, ServerBuilder, ServerError, Tuning,
+};
+use crate::stats::StatsView;
 
 /// How long a slow subscriber closed with 1008 has to read its backlog and the close frame.
 const SLOW_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -45,7 +50,7 @@ crate::stats::counters! {
 
 /// State shared by every shard's router (off the hot path).
 pub struct Shared {
-    pub stats: Arc<Stats>,
+    pub stats: StatsView,
     pub counters: Box<[CachePadded<ServiceCounters>]>,
     /// Subscribers per topic, all shards together: the answer of `POST /publish`.
     pub subscribers: Mutex<HashMap<Box<str>, usize>>,
@@ -465,7 +470,8 @@ struct RouterApp<'a> {
 
 impl App for RouterApp<'_> {
     fn draining(&self) -> bool {
-        self.draining
+        // Health fails too once a shard has died: the server no longer serves whole.
+        self.draining || self.shared.stats.dead_shards() > 0
     }
 
     fn metrics(&mut self, out: &mut Vec<u8>) {
@@ -538,7 +544,7 @@ impl Service for Router {
         }
     }
 
-    fn on_close(&mut self, token: Token, state: &mut ConnState) {
+    fn on_close(&mut self, token: Token, state: &mut ConnState, _reason: CloseReason) {
         if let ConnState::Ws(_) = state {
             self.counters().ws_open.sub(1);
             if let Some(topics) = self.subscriptions.remove(&token) {
@@ -599,6 +605,59 @@ impl Service for Router {
     }
 }
 
+impl From<&LimitsConfig> for Limits {
+    fn from(l: &LimitsConfig) -> Self {
+        Limits {
+            idle_timeout: l.idle_timeout,
+            max_write_buffer: l.max_write_buffer,
+            write_timeout: l.write_timeout,
+            max_read_buffer: l.max_read_buffer,
+        }
+    }
+}
+
+/// The engine a configuration asks for: listeners, shards, pinning, balance, limits, tuning.
+pub fn engine(config: &Config) -> ServerBuilder {
+    let sc = &config.server;
+    // `max_connections = "auto"` comes to this process's descriptor limit (already raised by the
+    // CLI) less a reserve; the CLI logs the same figure.
+    let shards = sc.shards.resolve(crate::sys::affinity::usable_cpus());
+    let max_connections =
+        config.max_connections_for(shards, crate::sys::rlimit::nofile_soft().ok());
+    let mut builder = Server::builder()
+        .pinning(match (sc.pin, sc.cores.is_empty()) {
+            (false, _) => Pinning::Off,
+            (true, true) => Pinning::Auto,
+            (true, false) => Pinning::Cores(sc.cores.clone()),
+        })
+        .balance(match sc.balance {
+            BalanceConfig::RoundRobin => Balance::RoundRobin,
+            BalanceConfig::LeastConnections => Balance::LeastConnections,
+            BalanceConfig::Reuseport => Balance::Reuseport,
+        })
+        .max_connections(max_connections)
+        .limits(Limits::from(&config.limits))
+        .tuning(Tuning {
+            edge: sc.trigger == Trigger::Edge,
+            read_buffer: sc.read_buffer,
+            read_budget: sc.read_budget.max(sc.read_buffer),
+            events_per_wait: sc.events_per_wait,
+            shutdown_timeout: sc.shutdown_timeout,
+        });
+    if let Shards::Count(n) = sc.shards {
+        builder = builder.shards(n.get());
+    }
+    for l in &config.listeners {
+        builder = builder.listener(ListenerSpec {
+            name: l.name.clone(),
+            addr: l.addr,
+            backlog: l.backlog,
+            reuse_port: l.reuse_port,
+        });
+    }
+    builder
+}
+
 /// Starts the product server: every listener with the service its configuration names.
 pub fn start(config: &Config) -> Result<Server, ServerError> {
     let owned = config.clone();
@@ -606,7 +665,7 @@ pub fn start(config: &Config) -> Result<Server, ServerError> {
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    Server::start(config, move |info, peers| {
+    engine(config).start(move |info, peers| {
         let shared = slot
             .lock()
             .get_or_insert_with(|| {

@@ -24,7 +24,9 @@ impl Interest {
     fn flags(self) -> EpollFlags {
         let mut f = EpollFlags::empty();
         if self.read {
-            f |= EpollFlags::EPOLLIN;
+            // EPOLLRDHUP: an event that carries the peer's FIN says so, so a reader knows to read
+            // on to end of stream even after a short read (the FIN raises no later edge).
+            f |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
         }
         if self.write {
             f |= EpollFlags::EPOLLOUT;
@@ -44,6 +46,9 @@ pub struct Event {
     pub writable: bool,
     /// Error or hang-up: the next read or write will say what happened.
     pub error: bool,
+    /// The peer closed its side (`EPOLLRDHUP` or `EPOLLHUP`): end of stream follows the data
+    /// already queued, so read until end of stream or `WouldBlock`.
+    pub read_closed: bool,
 }
 
 /// The reusable array `epoll_wait` fills.
@@ -64,10 +69,6 @@ impl Events {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn get(&self, i: usize) -> Event {
         let e = &self.buf[i];
         let f = e.events();
@@ -76,6 +77,7 @@ impl Events {
             readable: f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
             writable: f.contains(EpollFlags::EPOLLOUT),
             error: f.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP),
+            read_closed: f.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP),
         }
     }
 }
@@ -102,12 +104,10 @@ impl Poller {
         self.epoll.modify(fd, &mut ev).map_err(io_err)
     }
 
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.epoll.delete(fd).map_err(io_err)
-    }
-
-    /// Waits up to `timeout` (`None`: until an event). `EINTR` counts as zero events.
+    /// Waits up to `timeout` (`None`: until an event). `EINTR` counts as zero events. After any
+    /// error the array holds zero events, so a caller cannot handle the previous wait's again.
     pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<usize> {
+        events.len = 0;
         let timeout = match timeout {
             None => EpollTimeout::NONE,
             // `as_millis` truncates, so round up: a 0.4 ms wait must not become a busy poll.
@@ -121,11 +121,71 @@ impl Poller {
                 events.len = n;
                 Ok(n)
             }
-            Err(nix::Error::EINTR) => {
-                events.len = 0;
-                Ok(0)
-            }
+            Err(nix::Error::EINTR) => Ok(0),
             Err(e) => Err(io_err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_peers_fin_is_reported_with_the_data() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"last words").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let poller = Poller::new().unwrap();
+        let interest = Interest {
+            read: true,
+            write: false,
+            edge: true,
+        };
+        poller.add(server.as_fd(), 7, interest).unwrap();
+        let mut events = Events::with_capacity(4);
+        let n = poller
+            .wait(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(n, 1);
+        let ev = events.get(0);
+        assert_eq!(ev.token, 7);
+        assert!(ev.readable && ev.read_closed, "{ev:?}");
+        // A wait that returns nothing leaves nothing to handle.
+        let quiet = Poller::new().unwrap();
+        assert_eq!(quiet.wait(&mut events, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(events.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_wait_leaves_no_stale_events() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let poller = Poller::new().unwrap();
+        let interest = Interest {
+            read: true,
+            write: false,
+            edge: false,
+        };
+        poller.add(listener.as_fd(), 1, interest).unwrap();
+        let mut events = Events::with_capacity(4);
+        assert_eq!(
+            poller
+                .wait(&mut events, Some(Duration::from_secs(5)))
+                .unwrap(),
+            1
+        );
+        // An array epoll_wait refuses (EINVAL for zero slots) makes the next wait fail.
+        events.buf.clear();
+        assert!(poller.wait(&mut events, Some(Duration::ZERO)).is_err());
+        assert_eq!(
+            events.len(),
+            0,
+            "the last wait's events are not handled again"
+        );
     }
 }

@@ -29,12 +29,6 @@ pub fn raise_nofile() -> io::Result<NofileLimits> {
     })
 }
 
-/// Sets the soft limit (tests of overload run the server in a child with a low limit).
-pub fn set_nofile_soft(soft: u64) -> io::Result<()> {
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io_err)?;
-    setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard).map_err(io_err)
-}
-
 /// The current soft RLIMIT_NOFILE.
 pub fn nofile_soft() -> io::Result<u64> {
     getrlimit(Resource::RLIMIT_NOFILE)

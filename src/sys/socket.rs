@@ -23,8 +23,51 @@ pub enum Io {
     Done(usize),
     /// Not ready: wait for readiness.
     WouldBlock,
-    /// The connection failed (reset, broken pipe, ...): close it.
-    Failed(Errno),
+    /// The connection failed (reset, broken pipe, ...): close it. The raw `errno`.
+    Failed(i32),
+}
+
+/// Why `accept4` returned no connection, in the classes a caller acts on (as actix-server and
+/// memcached split them): nothing pending, retry at once, skip one connection, or pause.
+#[derive(Debug)]
+pub enum AcceptError {
+    /// Nothing pending (`EAGAIN`).
+    WouldBlock,
+    /// A signal interrupted the call (`EINTR`): retry.
+    Interrupted,
+    /// The error concerned one connection only (it was aborted, refused by a firewall rule, or
+    /// carries a pending network error, which Linux reports through `accept`): skip it.
+    PerConnection(io::Error),
+    /// The process or the system ran out of descriptors or memory (`EMFILE`, `ENFILE`,
+    /// `ENOBUFS`, `ENOMEM`): pause accepting, the pending connections wait in the backlog.
+    Exhausted(io::Error),
+    /// Anything else: treated like exhaustion rather than spun on.
+    Unknown(io::Error),
+}
+
+impl AcceptError {
+    fn classify(e: Errno) -> AcceptError {
+        match e {
+            Errno::EAGAIN => AcceptError::WouldBlock,
+            Errno::EINTR => AcceptError::Interrupted,
+            // accept(2): "Linux accept() passes already-pending network errors on the new socket
+            // as an error code from accept() ... should be treated like EAGAIN by retrying."
+            Errno::ECONNABORTED
+            | Errno::EPROTO
+            | Errno::EPERM
+            | Errno::ENETDOWN
+            | Errno::ENOPROTOOPT
+            | Errno::EHOSTDOWN
+            | Errno::ENONET
+            | Errno::EHOSTUNREACH
+            | Errno::EOPNOTSUPP
+            | Errno::ENETUNREACH => AcceptError::PerConnection(io_err(e)),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => {
+                AcceptError::Exhausted(io_err(e))
+            }
+            _ => AcceptError::Unknown(io_err(e)),
+        }
+    }
 }
 
 /// Opens a non-blocking listening socket.
@@ -61,11 +104,12 @@ pub fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Tc
 }
 
 /// Accepts one connection, non-blocking and close-on-exec, with `TCP_NODELAY` set.
-pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, AcceptError> {
     let raw = sock::accept4(
         listener.as_raw_fd(),
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-    )?;
+    )
+    .map_err(AcceptError::classify)?;
     // SAFETY: accept4 just returned this descriptor; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // Small request/response exchanges must not wait for Nagle; a failure here is harmless.
@@ -120,7 +164,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Io {
             Ok(n) => return Io::Done(n),
             Err(Errno::EAGAIN) => return Io::WouldBlock,
             Err(Errno::EINTR) => continue,
-            Err(e) => return Io::Failed(e),
+            Err(e) => return Io::Failed(e as i32),
         }
     }
 }
@@ -132,7 +176,7 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Io {
             Ok(n) => return Io::Done(n),
             Err(Errno::EAGAIN) => return Io::WouldBlock,
             Err(Errno::EINTR) => continue,
-            Err(e) => return Io::Failed(e),
+            Err(e) => return Io::Failed(e as i32),
         }
     }
 }
@@ -146,6 +190,16 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) {
 /// Local address of a listener.
 pub fn local_addr(fd: &impl AsFd) -> io::Result<SocketAddr> {
     let addr: SockaddrStorage = sock::getsockname(fd.as_fd().as_raw_fd()).map_err(io_err)?;
+    inet(addr)
+}
+
+/// The peer's address of a connected socket (asked of the kernel, not stored per connection).
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let addr: SockaddrStorage = sock::getpeername(fd.as_raw_fd()).map_err(io_err)?;
+    inet(addr)
+}
+
+fn inet(addr: SockaddrStorage) -> io::Result<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         return Ok(SocketAddr::V4((*v4).into()));
     }
@@ -158,11 +212,48 @@ pub fn local_addr(fd: &impl AsFd) -> io::Result<SocketAddr> {
     ))
 }
 
-/// Whether an accept error means the process (or system) ran out of a resource: the acceptor
-/// then pauses that listener instead of spinning on it.
-pub fn is_resource_exhaustion(e: Errno) -> bool {
-    matches!(
-        e,
-        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_fall_into_their_classes() {
+        use AcceptError as A;
+        assert!(matches!(A::classify(Errno::EAGAIN), A::WouldBlock));
+        assert!(matches!(A::classify(Errno::EINTR), A::Interrupted));
+        for e in [
+            Errno::ECONNABORTED,
+            Errno::EPERM,
+            Errno::EPROTO,
+            Errno::ENETUNREACH,
+        ] {
+            assert!(matches!(A::classify(e), A::PerConnection(_)), "{e}");
+        }
+        for e in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert!(matches!(A::classify(e), A::Exhausted(_)), "{e}");
+        }
+        assert!(matches!(A::classify(Errno::EBADF), A::Unknown(_)));
+    }
+
+    #[test]
+    fn peer_and_local_addresses() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let addr = local_addr(&listener).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let mut accepted = None;
+        for _ in 0..1000 {
+            match accept(listener.as_fd()) {
+                Ok(fd) => {
+                    accepted = Some(fd);
+                    break;
+                }
+                Err(AcceptError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let fd = accepted.expect("accepted within a second");
+        assert_eq!(peer_addr(fd.as_fd()).unwrap(), client.local_addr().unwrap());
+    }
 }

@@ -1,0 +1,232 @@
+//! The bench's command line: every flag of `shardnet bench`, and what a run derives from them
+//! (the client [`Plan`], the listener of a spawned shardnet each mode talks to, core and source
+//! address lists). Parsing only: nothing here starts a thread or a process.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::client::{Mode, Plan};
+use crate::config::Trigger;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Workload: echo, http (GET --path, pipelined --depth), ws (WebSocket echo), fanout
+    /// (WebSocket subscribers, publishes at --rate), idle (hold connections, report server RSS
+    /// per connection), connect (connect, one request, close).
+    #[arg(long, value_enum, default_value = "echo")]
+    pub mode: Mode,
+    /// A running server to load (echo port for echo; HTTP port for http, ws, fanout, connect).
+    #[arg(long, conflicts_with = "spawn")]
+    pub target: Option<SocketAddr>,
+    /// Start a shardnet server for the run (from this binary), pinned to --server-cores.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Configuration for the spawned server (default: a generated one with echo and http listeners).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Shards of the spawned server.
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Cores for the spawned server's shards (comma list).
+    #[arg(long, default_value = "0")]
+    pub server_cores: String,
+    /// Cores for the load generator's client shards (comma list; one client shard per core).
+    #[arg(long, default_value = "1")]
+    pub client_cores: String,
+    /// epoll mode of the spawned server.
+    #[arg(long, value_enum)]
+    pub trigger: Option<TriggerArg>,
+    /// How the spawned server spreads connections over its shards (round-robin,
+    /// least-connections, reuseport); compare them with `--mode connect`.
+    #[arg(long, value_parser = ["round-robin", "least-connections", "reuseport"])]
+    pub balance: Option<String>,
+    /// Limit the server to this percentage of one core with a cgroup CPU quota, so that the
+    /// server, not the client, is the bottleneck (needs root: a writable cgroup CPU controller).
+    #[arg(long)]
+    pub server_quota: Option<u32>,
+    /// The server's pid when it runs already (for CPU and RSS figures).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// With --target: the server's admin listener (an HTTP listener with /stats), asked for the
+    /// shard count recorded in the --json report. Without it, an HTTP --target is asked.
+    #[arg(long, conflicts_with = "spawn")]
+    pub admin: Option<SocketAddr>,
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 50)]
+    pub connections: usize,
+    /// Requests in flight per connection (closed loop).
+    #[arg(short = 'd', long, default_value_t = 1)]
+    pub depth: usize,
+    /// Request size in bytes (echo, ws).
+    #[arg(short = 's', long, default_value_t = 64)]
+    pub size: usize,
+    /// HTTP path (http, connect) or WebSocket path (ws, idle --idle-ws).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Measured duration.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Warm-up before measuring.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Open loop: total requests per second (latency from the intended send time); in fanout
+    /// mode, publishes per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Idle mode: upgrade every connection to WebSocket before holding it.
+    #[arg(long)]
+    pub idle_ws: bool,
+    /// Source addresses to spread connections over, e.g. 127.0.0.2-127.0.0.40 (each gives
+    /// about 28k ephemeral ports).
+    #[arg(long)]
+    pub source_addrs: Option<String>,
+    /// Write the report (with config, shards, pinning, kernel, CPU and commit) as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run the same load at each shard count (spawned server) and recommend one.
+    #[arg(long)]
+    pub sweep_shards: Option<String>,
+    /// Other server commands to run the same load against, alternating with shardnet in one run;
+    /// `{port}` is replaced by a free port. Pinned and capped like the spawned shardnet.
+    #[arg(long)]
+    pub compare: Vec<String>,
+    /// Name for each --compare command in the table (same order).
+    #[arg(long)]
+    pub compare_name: Vec<String>,
+    /// HTTP mode: drive the load with Debian's `wrk` (one thread per client core, --depth
+    /// requests pipelined by benches/pipeline.lua) instead of the built-in client.
+    #[arg(long)]
+    pub wrk: bool,
+    /// Spread the connections over this many client processes (past one process's descriptor
+    /// limit); their results are merged (histograms exactly).
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: run as one of --processes' children, writing the result to this file.
+    #[arg(long, hide = true)]
+    pub child_report: Option<PathBuf>,
+    /// Rounds for --compare and --sweep-shards (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TriggerArg {
+    Edge,
+    Level,
+}
+
+impl From<TriggerArg> for Trigger {
+    fn from(t: TriggerArg) -> Trigger {
+        match t {
+            TriggerArg::Edge => Trigger::Edge,
+            TriggerArg::Level => Trigger::Level,
+        }
+    }
+}
+
+pub fn parse_cores(s: &str) -> anyhow::Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad core id `{p}`"))
+        })
+        .collect()
+}
+
+/// `127.0.0.2-127.0.0.40` or a comma list.
+pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
+                a.trim().parse().context("source range start")?,
+                b.trim().parse().context("source range end")?,
+            );
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 65536 {
+                bail!("bad source address range `{part}`");
+            }
+            out.extend((a..=b).map(|x| IpAddr::V4(x.into())));
+        } else {
+            out.push(
+                part.trim()
+                    .parse()
+                    .with_context(|| format!("bad source address `{part}`"))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+impl BenchArgs {
+    pub(super) fn plan(&self, host: &str) -> Plan {
+        let default_path = match self.mode {
+            Mode::Ws | Mode::Idle => "/ws/echo",
+            Mode::Fanout => "/ws",
+            _ => "/plaintext",
+        };
+        let path = self
+            .path
+            .clone()
+            .unwrap_or_else(|| default_path.to_string());
+        Plan {
+            mode: self.mode,
+            depth: self.depth.max(1),
+            size: self.size.max(1),
+            idle_ws: (self.mode == Mode::Idle && self.idle_ws).then(|| path.clone()),
+            path,
+            // Fan-out: --rate is the publish rate, driven by the controller, not per connection.
+            rate_per_conn: match self.mode {
+                Mode::Fanout => 0.0,
+                _ => self
+                    .rate
+                    .map_or(0.0, |r| r / self.connections.max(1) as f64),
+            },
+            host: host.to_string(),
+            topic: format!("bench-{}", std::process::id()),
+            base: Instant::now(),
+            // Fan-out counts nothing until the publisher opens the measured window.
+            window_after: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    /// Whether the bench starts the server(s) itself (--spawn, --compare, --sweep-shards), and
+    /// so knows their configuration.
+    pub fn spawns(&self) -> bool {
+        self.spawn || !self.compare.is_empty() || self.sweep_shards.is_some()
+    }
+
+    /// The listener of a spawned shardnet this mode talks to.
+    pub(super) fn listener(&self) -> &'static str {
+        match self.mode {
+            Mode::Echo => "echo",
+            Mode::Idle if !self.idle_ws => "echo",
+            _ => "http",
+        }
+    }
+
+    /// The load and the servers' pinning in one line, for the summary tables.
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "{:?}{} c={} d={} s={} server cores {} quota {} client cores {}{}",
+            self.mode,
+            if self.wrk { " (wrk)" } else { "" },
+            self.connections,
+            self.depth,
+            self.size,
+            self.server_cores,
+            self.server_quota.map_or("none".into(), |q| format!("{q}%")),
+            self.client_cores,
+            self.balance
+                .as_deref()
+                .map_or(String::new(), |b| format!(" balance {b}"))
+        )
+    }
+}

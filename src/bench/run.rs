@@ -1,0 +1,319 @@
+//! One measured run against one server: connect every connection, wait until they are ready,
+//! warm up, reset the counters, measure for `--duration`, collect every client shard's results
+//! and hand them to the [`Measurement`] builder. Connect mode (a thread per client, a new
+//! connection per request) has its own loop here; `--wrk` and `--processes` are delegated to
+//! their modules.
+//!
+//! Runs on the controller thread; the client shards run on their own pinned threads and answer
+//! its commands (reset, collect) over their command channels.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::args::{parse_cores, parse_sources, BenchArgs};
+use super::client::{Client, ClientCmd, Mode, ShardResult};
+use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
+use super::{fanout, multi, procfs, wrk};
+use crate::server::{Limits, PoolSpec, ShardPool, Tuning};
+
+/// Set in --processes' children: no progress bar of their own.
+pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
+
+/// Asks every client shard for a copy of its results (each answers within 5 s or is left out).
+fn collect(peers: &crate::server::Peers<ClientCmd>) -> Vec<ShardResult> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let n = peers.broadcast(ClientCmd::Collect(tx));
+    (0..n)
+        .filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .collect()
+}
+
+/// One run against `target`: connect, warm up, measure, collect.
+pub fn measure(
+    args: &BenchArgs,
+    target: SocketAddr,
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    if args.processes > 1 && args.child_report.is_none() {
+        return multi::measure(args, target, pid, label);
+    }
+    if args.mode == Mode::Connect {
+        return measure_connect(args, target, pid, label);
+    }
+    if args.wrk {
+        if args.mode != Mode::Http {
+            bail!("--wrk drives HTTP load only (--mode http)");
+        }
+        return wrk::measure(args, target, pid, label);
+    }
+    let client_cores = parse_cores(&args.client_cores)?;
+    let sources = match &args.source_addrs {
+        Some(s) => parse_sources(s)?,
+        None => Vec::new(),
+    };
+    let plan = Arc::new(args.plan(&target.to_string()));
+    let shards = client_cores.len().max(1);
+    let spec = PoolSpec {
+        shards,
+        cores: client_cores.iter().map(|&c| Some(c)).collect(),
+        limits: Limits {
+            idle_timeout: Duration::ZERO,
+            max_write_buffer: 64 << 20,
+            write_timeout: Duration::from_secs(60),
+            max_read_buffer: 64 << 20,
+        },
+        tuning: Tuning {
+            edge: true,
+            read_buffer: 256 * 1024,
+            read_budget: 1 << 20,
+            events_per_wait: 1024,
+            shutdown_timeout: Duration::from_secs(2),
+        },
+    };
+    let p = plan.clone();
+    let (mut pool, peers) = ShardPool::start(&spec, move |info, peers| {
+        Client::new(p.clone(), &info, peers)
+    })
+    .context("cannot start the client shards")?;
+
+    let rss_before = pid.and_then(procfs::rss_bytes);
+    for i in 0..args.connections {
+        let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+        let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
+            .with_context(|| {
+                format!(
+                    "connection {} of {} to {target} failed",
+                    i + 1,
+                    args.connections
+                )
+            })?;
+        if !pool.adopt(i % shards, fd, 0) {
+            bail!("a client shard does not take connections");
+        }
+    }
+    // Wait (bounded) until every connection is ready (WebSocket upgrades done).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let results = collect(&peers);
+        let ready: u64 = results.iter().map(|r| r.ready).sum();
+        if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
+            bail!("{label}: {e}");
+        }
+        if ready as usize >= args.connections {
+            if args.child_report.is_some() {
+                // Tell the parent (--processes) that this child's connections are up, then wait
+                // for its go: every child warms up and measures over the same window.
+                use std::io::{BufRead, Write};
+                println!("ready");
+                let _ = std::io::stdout().flush();
+                let mut line = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut line);
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{label}: only {ready} of {} connections became ready within 60 s",
+                args.connections
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let publisher = (args.mode == Mode::Fanout).then(|| {
+        fanout::Publisher::start(
+            target,
+            plan.topic.clone(),
+            plan.base,
+            args.rate.unwrap_or(1000.0),
+            plan.window_after.clone(),
+        )
+    });
+    let bar = progress(args.warmup + args.duration, label);
+    sleep_with(&bar, args.warmup);
+    peers.broadcast(ClientCmd::Reset);
+    let first = publisher.as_ref().map(|p| {
+        // Every shard has reset (a collect answers after the reset) before the window opens, so
+        // no delivery of the window is wiped by a late reset.
+        let _ = collect(&peers);
+        p.open_window()
+    });
+    let cpu = CpuMeter::start(pid);
+    let t0 = Instant::now();
+    sleep_with(&bar, args.duration);
+    let mut window = None;
+    if let (Some(p), Some(first)) = (publisher, first) {
+        let (last, publish_errors) = p.stop()?;
+        window = Some((first, last, publish_errors, t0.elapsed().as_secs_f64()));
+        fanout::settle(|| collect(&peers), shards, first, last, label);
+    }
+    let results = collect(&peers);
+    let cpu = cpu.stop();
+    let rss_after = pid.and_then(procfs::rss_bytes);
+    bar.finish_and_clear();
+    pool.shutdown();
+
+    let mut hist = histogram();
+    let mut tally = Tally::default();
+    let mut closed = 0;
+    for r in &results {
+        hist.add(&r.hist).expect("same bounds");
+        tally.requests += r.requests;
+        tally.bytes += r.bytes as f64;
+        tally.fail(r.errors, || r.first_error.clone().unwrap_or_default());
+        closed += r.closed;
+    }
+    if results.len() < shards {
+        tally.fail(1, || "a client shard did not report".into());
+    }
+    // Fan-out rates are over the window of publishes; the wait for the backlog is not in it.
+    let seconds = window.map_or(cpu.window, |w| w.3);
+    let fanout = window.map(|(first, last, publish_errors, _)| fanout::FanoutReport {
+        dropped_by_server: fanout::server_dropped(target),
+        ..fanout::FanoutReport::new(&results, first, last, publish_errors)
+    });
+    if let Some(f) = &fanout {
+        tally.fail(f.publish_errors, || "a publish failed".into());
+        // A lost message is an error unless the server counted it (slow_consumer = "drop").
+        let uncounted = f.lost.saturating_sub(f.dropped_by_server.unwrap_or(0));
+        tally.fail(uncounted, || {
+            format!("{uncounted} messages lost that the server did not count as dropped")
+        });
+        tally.fail(closed, || format!("the server closed {closed} subscribers"));
+    }
+    if args.mode == Mode::Idle {
+        tally.fail(closed, || {
+            format!("the server closed {closed} idle connections")
+        });
+    }
+    let idle = (args.mode == Mode::Idle)
+        .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_after));
+    Ok(Measurement::builder(label, args)
+        .counted(tally, seconds)
+        .histogram(hist)
+        .server_cpu(cpu)
+        .idle(idle)
+        .fanout(fanout)
+        .build())
+}
+
+/// Connection churn: each client thread connects, sends one HTTP request, reads the answer and
+/// closes, as fast as it can.
+fn measure_connect(
+    args: &BenchArgs,
+    target: SocketAddr,
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    use std::io::{Read, Write};
+    let cores = parse_cores(&args.client_cores)?;
+    let threads = args.connections.clamp(1, 64);
+    let path = args.path.clone().unwrap_or_else(|| "/plaintext".into());
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let bar = progress(args.warmup + args.duration, label);
+    let mut cpu = None;
+    let results: Vec<(hdrhistogram::Histogram<u64>, Tally)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let (stop, measuring, request) = (stop.clone(), measuring.clone(), request.clone());
+                let core = cores.get(i % cores.len().max(1)).copied();
+                scope.spawn(move || {
+                    if let Some(c) = core {
+                        crate::sys::affinity::pin_current(c);
+                    }
+                    let mut h = histogram();
+                    let mut tally = Tally::default();
+                    let mut buf = [0u8; 4096];
+                    while !stop.load(Ordering::Relaxed) {
+                        let start = Instant::now();
+                        let r = (|| -> std::io::Result<bool> {
+                            let mut s = std::net::TcpStream::connect_timeout(
+                                &target,
+                                Duration::from_secs(5),
+                            )?;
+                            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            s.write_all(request.as_bytes())?;
+                            let mut got = Vec::new();
+                            loop {
+                                let k = s.read(&mut buf)?;
+                                if k == 0 {
+                                    break;
+                                }
+                                got.extend_from_slice(&buf[..k]);
+                            }
+                            Ok(got.starts_with(b"HTTP/1.1 200"))
+                        })();
+                        if !measuring.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        match r {
+                            Ok(true) => {
+                                tally.requests += 1;
+                                let _ = h.record(start.elapsed().as_micros().max(1) as u64);
+                            }
+                            Ok(false) => tally.fail(1, || "non-200 answer".to_string()),
+                            Err(e) => tally.fail(1, || format!("connect/request failed: {e}")),
+                        }
+                    }
+                    (h, tally)
+                })
+            })
+            .collect();
+        sleep_with(&bar, args.warmup);
+        cpu = Some(CpuMeter::start(pid));
+        measuring.store(true, Ordering::Relaxed);
+        sleep_with(&bar, args.duration);
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let cpu = cpu.expect("set before the threads stop").stop();
+    bar.finish_and_clear();
+    let mut hist = histogram();
+    let mut tally = Tally::default();
+    for (h, t) in results {
+        hist.add(&h).expect("same bounds");
+        tally.requests += t.requests;
+        tally.fail(t.errors, || t.first_error.unwrap_or_default());
+    }
+    let seconds = cpu.window;
+    Ok(Measurement::builder(label, args)
+        .shape(threads, 1, 0)
+        .counted(tally, seconds)
+        .histogram(hist)
+        .server_cpu(cpu)
+        .build())
+}
+
+fn progress(total: Duration, label: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() || CHILD.load(Ordering::Relaxed) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total.as_millis() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {elapsed}/{duration}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+fn sleep_with(bar: &indicatif::ProgressBar, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::thread::sleep(
+            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
+        );
+        bar.inc(100);
+    }
+}

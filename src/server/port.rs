@@ -1,0 +1,180 @@
+//! How other threads reach a shard: three channels, each send followed by a wake of the shard's
+//! eventfd. The shard reads them in this order, so control never waits behind data:
+//!
+//! 1. **control** (drain, new limits): small and bounded; every message carries an
+//!    acknowledgement channel the shard answers once it has applied it, and the shard reads it
+//!    first in every loop turn, before any connection or data;
+//! 2. **new connections** from the acceptor (or the load generator): bounded, a full one makes
+//!    the acceptor try another shard;
+//! 3. **data**: the service's commands from other shards (pub/sub fan-out). Bounded at
+//!    [`DATA_QUEUE`] messages, but allocated as it fills (a list channel guarded by an atomic
+//!    length) rather than a preallocated ring of 65,536 slots per shard that an idle process
+//!    would carry for nothing.
+//!
+//! Senders live on any thread; the receivers ([`Inbox`]) belong to the shard.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use crate::server::Limits;
+use crate::sys::waker::Waker;
+
+/// Capacity of a shard's control channel (a few messages at most are ever in flight).
+pub(crate) const CONTROL_QUEUE: usize = 16;
+/// Capacity of each shard's channel of new sockets: a full one makes the acceptor skip it.
+pub(crate) const CONN_QUEUE: usize = 1024;
+/// Bound of each shard's data channel (service commands).
+pub(crate) const DATA_QUEUE: usize = 65536;
+
+/// What a control message asks of a shard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Control {
+    /// Shut down gracefully: stop accepting and reading new requests, flush, close, exit.
+    Drain,
+    /// New limits (a configuration reload).
+    Limits(Limits),
+}
+
+/// A control message and where to acknowledge it (the shard sends its index once applied).
+pub(crate) struct ControlMsg {
+    pub control: Control,
+    pub ack: Sender<usize>,
+}
+
+/// A socket handed to a shard, and the listener it came from.
+pub(crate) struct NewConn {
+    pub fd: OwnedFd,
+    pub listener: usize,
+}
+
+/// The senders of one shard's control and connection channels, and its waker.
+#[derive(Clone)]
+pub(crate) struct ShardPort {
+    pub control: Sender<ControlMsg>,
+    pub conns: Sender<NewConn>,
+    pub waker: Waker,
+}
+
+/// One shard's receiving ends.
+pub(crate) struct Inbox<C> {
+    pub control: Receiver<ControlMsg>,
+    pub conns: Receiver<NewConn>,
+    pub data: DataRx<C>,
+}
+
+/// The sending end of a data channel: bounded by a shared length, allocated as it fills.
+pub(crate) struct DataTx<C> {
+    tx: Sender<C>,
+    len: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl<C> Clone for DataTx<C> {
+    fn clone(&self) -> Self {
+        DataTx {
+            tx: self.tx.clone(),
+            len: self.len.clone(),
+            cap: self.cap,
+        }
+    }
+}
+
+impl<C> DataTx<C> {
+    /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
+    pub fn try_send(&self, msg: C) -> Result<(), C> {
+        // Reserve a place first: the bound holds however many threads send at once.
+        if self.len.fetch_add(1, Relaxed) >= self.cap {
+            self.len.fetch_sub(1, Relaxed);
+            return Err(msg);
+        }
+        self.tx.send(msg).map_err(|e| {
+            self.len.fetch_sub(1, Relaxed);
+            e.into_inner()
+        })
+    }
+}
+
+/// The receiving end of a data channel.
+pub(crate) struct DataRx<C> {
+    rx: Receiver<C>,
+    len: Arc<AtomicUsize>,
+}
+
+impl<C> DataRx<C> {
+    pub fn try_recv(&self) -> Option<C> {
+        // Empty and disconnected alike: nothing to handle now.
+        self.rx.try_recv().ok()
+    }
+
+    /// Gives back the places of `n` received messages (once per batch, not per message).
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.len.fetch_sub(n, Relaxed);
+        }
+    }
+}
+
+/// A data channel bounded at `cap` messages.
+pub(crate) fn data_channel<C>(cap: usize) -> (DataTx<C>, DataRx<C>) {
+    let (tx, rx) = unbounded();
+    let len = Arc::new(AtomicUsize::new(0));
+    (
+        DataTx {
+            tx,
+            len: len.clone(),
+            cap,
+        },
+        DataRx { rx, len },
+    )
+}
+
+/// Every channel of one shard: its port (control and connections), its data sender, its inbox.
+pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, DataTx<C>, Inbox<C>) {
+    let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
+    let (conn_tx, conn_rx) = bounded(CONN_QUEUE);
+    let (data_tx, data_rx) = data_channel(DATA_QUEUE);
+    (
+        ShardPort {
+            control: control_tx,
+            conns: conn_tx,
+            waker,
+        },
+        data_tx,
+        Inbox {
+            control: control_rx,
+            conns: conn_rx,
+            data: data_rx,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_channel_keeps_its_bound_and_gives_places_back() {
+        let (tx, rx) = data_channel::<u32>(3);
+        assert!(tx.try_send(1).is_ok());
+        assert!(tx.try_send(2).is_ok());
+        assert!(tx.try_send(3).is_ok());
+        assert_eq!(tx.try_send(4), Err(4), "full at the bound");
+        assert_eq!(rx.try_recv(), Some(1));
+        assert_eq!(
+            tx.try_send(5),
+            Err(5),
+            "a place is given back by release, not by recv"
+        );
+        rx.release(1);
+        assert!(tx.try_send(6).is_ok());
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![2, 3, 6]);
+        rx.release(3);
+        drop(rx);
+        assert_eq!(tx.try_send(7), Err(7), "a gone shard refuses");
+        assert_eq!(tx.len.load(Relaxed), 0);
+    }
+}

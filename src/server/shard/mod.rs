@@ -1,0 +1,459 @@
+//! One shard: a pinned thread that owns an epoll instance, a slab of connections, a timer wheel,
+//! one read buffer and one output staging buffer, and drives one service instance.
+//!
+//! Ownership: everything under `shard/` is touched by the shard's own thread only. Other threads
+//! reach a shard through its channels (see [`crate::server::port`]) followed by a wake of its
+//! eventfd, and read its counters.
+//!
+//! This file holds the run loop and what enters the shard from outside: control messages, new
+//! connections, data commands for the service, and its own listeners (`balance = "reuseport"`).
+//! [`state`] is a connection's lifecycle, [`lifecycle`] the callback helper and the close and
+//! deadline rules, [`io`] the read and write paths. One loop turn, in order:
+//!
+//! 1. `epoll_wait`, for no longer than the next timer, a paused listener's retry or the drain
+//!    deadline (zero while work is left over from the last turn);
+//! 2. the clock (read once per turn), then **control** (drain, new limits), each message applied
+//!    and acknowledged before anything else is looked at;
+//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
+//! 4. the events: the waker (control again, new connections, then at most 4096 data commands,
+//!    with control looked at every 64 of them), reads and writes;
+//! 5. connections whose read budget ran out, then the shard's own listeners;
+//! 6. once draining and empty (or past `shutdown_timeout`), the end.
+//!
+//! Per event in the steady state the shard makes the same system calls as a minimal epoll loop
+//! (one `recv`, one `send`) and allocates nothing.
+
+pub(crate) mod io;
+pub(crate) mod lifecycle;
+pub(crate) mod state;
+
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conn::{BufferPool, Slab, Token, TokenKind};
+use crate::server::api::{CloseReason, Ctx, Service};
+use crate::server::listener::{AcceptCounters, Listener, Step};
+use crate::server::port::{Control, Inbox, NewConn};
+use crate::server::{Limits, Tuning};
+use crate::stats::{ShardCounters, Stats};
+use crate::sys::poller::{Events, Interest, Poller};
+use crate::sys::waker::Waker;
+use crate::timer::TimerWheel;
+pub use state::TICK;
+use state::{Ctl, Env};
+
+/// Wheel slots: 8192 ticks of 10 ms span 82 s; longer deadlines wait for their round.
+const WHEEL_SLOTS: usize = 8192;
+/// Commands (and new connections) handled per wake; the waker is re-armed when more are left,
+/// so a flood of commands cannot stall I/O.
+const WAKE_BATCH: usize = 4096;
+/// Within a batch of data commands, control is looked at again after this many.
+const CONTROL_EVERY: usize = 64;
+/// Accepts per own listener per loop turn (the connections already open get their turn too).
+const ACCEPT_BATCH: usize = 64;
+
+/// A connection: the engine's part and the service's.
+pub(crate) struct Entry<St> {
+    pub ctl: Ctl,
+    pub state: St,
+}
+
+/// Everything a shard owns except its service (kept apart so the service can be called while
+/// the core is borrowed).
+pub(crate) struct Core<St> {
+    pub(crate) poller: Poller,
+    pub(crate) conns: Slab<Entry<St>>,
+    pub(crate) wheel: TimerWheel,
+    pub(crate) read_buf: Box<[u8]>,
+    /// Where a callback's output is staged before one `send`.
+    pub(crate) scratch: Vec<u8>,
+    pub(crate) pool: BufferPool,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) env: Env,
+    pub(crate) tuning: Tuning,
+    /// Connections to read again after everyone else had a turn (budget spent, resumed).
+    pub(crate) ready: Vec<Token>,
+    /// Connections to close at the end of the current event.
+    pub(crate) doomed: Vec<(Token, CloseReason)>,
+}
+
+impl<St> Core<St> {
+    pub(crate) fn counters(&self) -> &ShardCounters {
+        self.stats.shard(self.env.shard)
+    }
+}
+
+/// A shard: its core, its service, and the channels other threads reach it through.
+pub(crate) struct Shard<S: Service> {
+    pub(crate) core: Core<S::State>,
+    pub(crate) service: S,
+    inbox: Inbox<S::Command>,
+    waker: Waker,
+    drain_deadline: Option<Instant>,
+    expired: Vec<usize>,
+    /// `balance = "reuseport"`: this shard's own listeners (no acceptor thread).
+    listeners: Vec<Listener>,
+    max_connections: usize,
+    /// `shard N`, for log lines.
+    name: String,
+}
+
+/// What a shard is started with.
+pub(crate) struct ShardSetup<C> {
+    pub shard: usize,
+    pub limits: Limits,
+    pub tuning: Tuning,
+    pub stats: Arc<Stats>,
+    pub waker: Waker,
+    pub inbox: Inbox<C>,
+    pub start: Instant,
+    pub listeners: Vec<Listener>,
+    pub max_connections: usize,
+}
+
+impl<S: Service> Shard<S> {
+    pub fn new(service: S, setup: ShardSetup<S::Command>) -> std::io::Result<Self> {
+        let poller = Poller::new()?;
+        poller.add(
+            setup.waker.fd(),
+            Token::WAKER.0,
+            Interest {
+                read: true,
+                write: false,
+                edge: false,
+            },
+        )?;
+        for (i, l) in setup.listeners.iter().enumerate() {
+            let interest = Interest {
+                read: true,
+                write: false,
+                edge: true,
+            };
+            poller.add(l.fd(), Token::listener(i).0, interest)?;
+        }
+        let tuning = setup.tuning;
+        Ok(Shard {
+            core: Core {
+                poller,
+                conns: Slab::default(),
+                wheel: TimerWheel::new(setup.start, TICK, WHEEL_SLOTS),
+                read_buf: vec![0u8; tuning.read_buffer.max(512)].into_boxed_slice(),
+                scratch: Vec::with_capacity(16 * 1024),
+                pool: BufferPool::new(256, 256 * 1024),
+                stats: setup.stats,
+                env: Env::new(setup.shard, setup.start, setup.limits),
+                tuning,
+                ready: Vec::new(),
+                doomed: Vec::new(),
+            },
+            service,
+            inbox: setup.inbox,
+            waker: setup.waker,
+            drain_deadline: None,
+            expired: Vec::new(),
+            listeners: setup.listeners,
+            max_connections: setup.max_connections,
+            name: format!("shard {}", setup.shard),
+        })
+    }
+
+    /// Runs until drained. Consumes the shard.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(self.core.tuning.events_per_wait);
+        let mut ready = Vec::new();
+        loop {
+            let timeout = self.timeout();
+            if let Err(e) = self.core.poller.wait(&mut events, timeout) {
+                // The event array is empty after an error: nothing stale is handled below.
+                log::error!("{}: epoll_wait failed: {e}; retrying", self.name);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.core.counters().epoll_waits.inc();
+            let new_tick = self.update_clock();
+            self.on_control();
+            if new_tick {
+                self.fire_timers();
+            }
+
+            let n = events.len();
+            self.core.counters().events.add(n as u64);
+            for i in 0..n {
+                let ev = events.get(i);
+                let token = Token(ev.token);
+                match token.kind() {
+                    TokenKind::Waker => self.on_wake(),
+                    TokenKind::Listener(l) => {
+                        if let Some(l) = self.listeners.get_mut(l) {
+                            l.mark_ready();
+                        }
+                    }
+                    TokenKind::Conn => {
+                        if self.core.conns.get(token).is_none() {
+                            self.core.counters().stale_tokens.inc();
+                            continue;
+                        }
+                        if ev.writable || ev.error {
+                            self.on_writable(token);
+                        }
+                        if ev.readable || ev.error {
+                            self.on_readable(token, ev.read_closed);
+                        }
+                    }
+                }
+                self.reap();
+            }
+            // Continue connections whose budget ran out, after everyone else had a turn.
+            std::mem::swap(&mut ready, &mut self.core.ready);
+            for token in ready.drain(..) {
+                self.on_readable(token, false);
+                self.reap();
+            }
+            self.accept_ready();
+
+            if let Some(deadline) = self.drain_deadline {
+                if self.core.conns.is_empty() {
+                    break;
+                }
+                if self.core.env.now >= deadline {
+                    log::warn!(
+                        "{}: shutdown_timeout reached, closing {} connections",
+                        self.name,
+                        self.core.conns.len()
+                    );
+                    for token in self.core.conns.tokens() {
+                        self.core.doom(token, CloseReason::Drain);
+                    }
+                    self.reap();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// How long the next `epoll_wait` may sleep.
+    fn timeout(&self) -> Option<Duration> {
+        if !self.core.ready.is_empty() || self.listeners.iter().any(Listener::is_ready) {
+            return Some(Duration::ZERO);
+        }
+        let mut wake = self.core.wheel.next_wake();
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+        for t in self.listeners.iter().filter_map(Listener::paused_until) {
+            consider(t);
+        }
+        if self.service.wants_ticks() {
+            consider(self.core.wheel.instant_of(self.core.env.tick + 1));
+        }
+        if let Some(d) = self.drain_deadline {
+            consider(d);
+        }
+        wake.map(|w| w.saturating_duration_since(Instant::now()))
+    }
+
+    /// Reads the clock; true if a new tick began.
+    fn update_clock(&mut self) -> bool {
+        let now = Instant::now();
+        self.core.env.now = now;
+        let tick = self.core.wheel.tick_of(now);
+        if tick == self.core.env.tick {
+            return false;
+        }
+        self.core.env.tick = tick;
+        true
+    }
+
+    /// A new tick: the service's `on_tick`, then every connection whose deadline came.
+    fn fire_timers(&mut self) {
+        self.with_ctx("on_tick", |service, ctx| service.on_tick(ctx));
+        let mut expired = std::mem::take(&mut self.expired);
+        self.core.wheel.advance(self.core.env.tick, &mut expired);
+        for &index in &expired {
+            if let Some(token) = self.core.conns.token_at(index) {
+                self.on_deadline(token);
+            }
+        }
+        expired.clear();
+        self.expired = expired;
+        self.reap();
+    }
+
+    /// Runs a service callback that gets the shard's [`Ctx`] rather than one connection. A panic
+    /// in it is caught, counted and logged; the shard carries on (a panic inside
+    /// `Ctx::with_conn` has already closed that connection).
+    fn with_ctx(&mut self, what: &str, f: impl FnOnce(&mut S, &mut Ctx<'_, S::State>)) {
+        let service = &mut self.service;
+        let mut ctx = Ctx {
+            core: &mut self.core,
+        };
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(service, &mut ctx))) {
+            self.core.scratch.clear();
+            self.core.counters().service_panics.inc();
+            log::error!(
+                "{}: the service panicked in {what}: {}",
+                self.name,
+                lifecycle::panic_message(&*payload)
+            );
+        }
+        self.reap();
+    }
+
+    /// Control first: applies and acknowledges every pending control message.
+    fn on_control(&mut self) {
+        while let Ok(msg) = self.inbox.control.try_recv() {
+            match msg.control {
+                Control::Drain => self.start_drain(),
+                Control::Limits(limits) => {
+                    self.core.env.limits = limits;
+                    // A shorter timeout must take effect for connections already waiting.
+                    for token in self.core.conns.tokens() {
+                        self.core.rearm(token, true);
+                    }
+                }
+            }
+            self.core.counters().controls.inc();
+            // The sender may have stopped waiting; it has counted that already.
+            let _ = msg.ack.send(self.core.env.shard);
+        }
+    }
+
+    fn on_wake(&mut self) {
+        self.core.counters().wakeups.inc();
+        // Reset before draining the channels: a message sent after the drain wakes again.
+        self.waker.reset();
+        self.on_control();
+        let mut adopted = 0;
+        while adopted < WAKE_BATCH {
+            match self.inbox.conns.try_recv() {
+                Ok(nc) => self.adopt(nc),
+                Err(_) => break,
+            }
+            adopted += 1;
+        }
+        let mut commands = 0;
+        while commands < WAKE_BATCH {
+            let Some(cmd) = self.inbox.data.try_recv() else {
+                break;
+            };
+            commands += 1;
+            self.with_ctx("on_command", |service, ctx| service.on_command(cmd, ctx));
+            if commands % CONTROL_EVERY == 0 {
+                // Control does not wait for the rest of a batch of slow commands either.
+                self.on_control();
+            }
+        }
+        self.inbox.data.release(commands);
+        if commands > 0 {
+            self.core.counters().commands.add(commands as u64);
+            self.with_ctx("on_commands_done", |service, ctx| {
+                service.on_commands_done(ctx)
+            });
+        }
+        if commands == WAKE_BATCH || adopted == WAKE_BATCH || !self.inbox.conns.is_empty() {
+            self.waker.wake();
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.core.env.draining = true;
+        self.drain_deadline = Some(self.core.env.now + self.core.tuning.shutdown_timeout);
+        // Reuseport mode: stop accepting; closing the sockets hands their queues to any other
+        // process on the port (net.ipv4.tcp_migrate_req).
+        self.listeners.clear();
+        // Sockets still in the channel were accepted: serve what they sent, then close them.
+        while let Ok(nc) = self.inbox.conns.try_recv() {
+            self.adopt(nc);
+        }
+        // Serve what each client already sent; each connection then closes once it has been
+        // quiet for a while (see `lifecycle::drain_quiet`), or at shutdown_timeout.
+        for token in self.core.conns.tokens() {
+            self.on_readable(token, false);
+            self.core.rearm(token, true);
+        }
+        self.reap();
+    }
+
+    /// Accepts on this shard's own listeners (reuseport mode), one batch per ready listener.
+    fn accept_ready(&mut self) {
+        let now = self.core.env.now;
+        for i in 0..self.listeners.len() {
+            if !self.listeners[i].wants_accept(now) {
+                continue;
+            }
+            for _ in 0..ACCEPT_BATCH {
+                let step = {
+                    let counters = AcceptCounters::shard(self.core.counters());
+                    self.listeners[i].accept(&self.name, &counters)
+                };
+                match step {
+                    Step::Conn(fd) => {
+                        let stats = &self.core.stats;
+                        let open: u64 = (0..stats.shard_count())
+                            .map(|s| stats.shard(s).open.get())
+                            .sum();
+                        if open >= self.max_connections as u64 {
+                            self.core.counters().rejected.inc();
+                            continue; // dropping `fd` closes it
+                        }
+                        let listener = self.listeners[i].index;
+                        self.adopt(NewConn { fd, listener });
+                        self.reap();
+                    }
+                    Step::Skipped => {}
+                    Step::Drained | Step::Paused => break,
+                }
+            }
+        }
+    }
+
+    /// Takes a connected socket into the slab and epoll, then tells the service.
+    fn adopt(&mut self, nc: NewConn) {
+        let core = &mut self.core;
+        let edge = core.tuning.edge;
+        let token = core.conns.insert(Entry {
+            ctl: Ctl::new(nc.fd, nc.listener, core.env.stamp()),
+            state: S::State::default(),
+        });
+        let e = core.conns.get_mut(token).expect("just inserted");
+        let interest = Interest {
+            read: true,
+            write: false,
+            edge,
+        };
+        if let Err(err) = core.poller.add(e.ctl.fd.as_fd(), token.0, interest) {
+            log::warn!("{}: cannot register a connection: {err}", self.name);
+            core.conns.remove(token);
+            core.counters().errors.inc();
+            return;
+        }
+        let counters = core.counters();
+        counters.accepted.inc();
+        counters.open.inc();
+        core.call(token, |conn| self.service.on_open(conn));
+        core.rearm(token, false);
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slab crate's own entry around each slot (`Vacant(next free)` or the value).
+    #[allow(dead_code)]
+    enum SlabEntry<T> {
+        Vacant(usize),
+        Occupied(T),
+    }
+
+    #[test]
+    fn an_idle_connection_costs_at_most_64_bytes_of_engine_state() {
+        // The engine's part of an idle connection: its slab entry (generation, Ctl, a stateless
+        // service's nothing) and its timer link. The goal is 100 bytes with the service's state.
+        let slab_entry = std::mem::size_of::<SlabEntry<crate::conn::Slot<Entry<()>>>>();
+        let total = slab_entry + crate::timer::LINK_BYTES;
+        assert!(slab_entry <= 48, "slab entry {slab_entry} bytes");
+        assert!(total <= 64, "{total} bytes per idle connection");
+    }
+}
