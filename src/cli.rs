@@ -173,7 +173,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
+    let mut server = crate::app::start(&config).context("cannot start the server")?;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,

@@ -5,14 +5,19 @@
 //! Per-connection state ([`WsConn`]) is 16 bytes and holds a heap buffer only while a fragmented
 //! message is being assembled; an unfragmented message is delivered straight from the input.
 //!
-//! Rules enforced (close code in brackets): client frames must be masked [1002]; RSV bits need an
-//! extension and none is negotiated (permessage-deflate offers are declined by not answering
-//! them) [1002]; unknown opcodes [1002]; control frames must be final and carry ≤ 125 bytes [1002];
-//! continuation without a message in progress, or a new data frame inside one [1002]; a message
-//! (all fragments) over `max_message` [1009]; text that is not UTF-8, checked as each fragment
-//! arrives so a bad fragment fails fast [1007]; close payloads of one byte or with an invalid code
-//! [1002] or a non-UTF-8 reason [1007]. Non-minimal length encodings are accepted, as most
-//! implementations do (the RFC's "MUST" binds the sender; rejecting them protects nothing).
+//! Rules enforced (close code in brackets), each as soon as the bytes that break it arrive: client
+//! frames must be masked [1002]; RSV bits need an extension and none is negotiated
+//! (permessage-deflate offers are declined by not answering them) [1002]; unknown opcodes [1002];
+//! control frames must be final and carry ≤ 125 bytes [1002]; continuation without a message in
+//! progress, or a new data frame inside one [1002, from the frame header]; a message (all
+//! fragments) over the caller's limit [1009, from the frame header, so a frame announcing more
+//! than the connection could ever buffer is answered before its payload arrives]; text that is
+//! not UTF-8 [1007]: the payload of an incomplete text frame is unmasked and validated in place as
+//! it arrives (the engine keeps unconsumed input, so the connection remembers how much of the
+//! frame at the start of its input is already unmasked), so a bad byte fails fast even inside a
+//! frame that never completes; close payloads of one byte or with an invalid code [1002] or a
+//! non-UTF-8 reason [1007]. Non-minimal length encodings are accepted, as most implementations do
+//! (the RFC's "MUST" binds the sender; rejecting them protects nothing).
 
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -68,6 +73,12 @@ struct Assembly {
 #[derive(Default)]
 pub struct WsConn {
     assembly: Option<Box<Assembly>>,
+    /// Payload bytes of the incomplete text frame at the start of the input that are already
+    /// unmasked and validated (0 when the input starts with no such frame).
+    unmasked: u32,
+    /// Of the text validated so far (the assembly, then those `unmasked` bytes), how many trailing
+    /// bytes are an incomplete UTF-8 sequence (0 to 3) awaiting the next bytes.
+    tail: u8,
     /// We sent a close frame: only a close reply is still expected.
     pub close_sent: bool,
 }
@@ -171,8 +182,12 @@ impl WsConn {
         self.assembly.as_ref().map_or(0, |a| a.data.capacity())
     }
 
-    /// Handles every complete frame at the start of `input`. Responses (pongs, close replies,
-    /// and what `on_message` appends) go to `out`.
+    /// Handles every complete frame at the start of `input`, and checks what has arrived of an
+    /// incomplete text frame after them. Responses (pongs, close replies, and what `on_message`
+    /// appends) go to `out`. `max_message` bounds a message, all fragments together; a caller
+    /// whose input buffer is bounded passes the smaller of its message limit and what that buffer
+    /// can hold of one frame, so an announced frame that could never be buffered is refused
+    /// (1009) from its header.
     pub fn process(
         &mut self,
         input: &mut [u8],
@@ -241,15 +256,45 @@ impl WsConn {
                 );
                 break;
             }
+            if !control && !self.close_sent {
+                match (opcode, self.assembly.is_some()) {
+                    (OP_CONT, false) => {
+                        fail(
+                            out,
+                            &mut p,
+                            CLOSE_PROTOCOL,
+                            "continuation without a message",
+                        );
+                        break;
+                    }
+                    (OP_TEXT | OP_BINARY, true) => {
+                        fail(
+                            out,
+                            &mut p,
+                            CLOSE_PROTOCOL,
+                            "new message inside a fragmented one",
+                        );
+                        break;
+                    }
+                    _ => {}
+                }
+            }
             let len = len as usize;
             if buf.len() < hdr + len {
+                if buf.len() > hdr && !self.close_sent && self.is_text(opcode) {
+                    let avail = buf.len() - hdr;
+                    if let Err(why) = self.check_prefix(buf, hdr, avail) {
+                        fail(out, &mut p, CLOSE_INVALID_DATA, why);
+                    }
+                }
                 break;
             }
             let mask = [buf[hdr - 4], buf[hdr - 3], buf[hdr - 2], buf[hdr - 1]];
             let payload = &mut buf[hdr..hdr + len];
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= mask[i & 3];
-            }
+            // A prefix may have been unmasked while the frame was incomplete.
+            let done = std::mem::take(&mut self.unmasked) as usize;
+            self.tail = 0;
+            unmask(&mut payload[done..], mask, done);
             p.consumed += hdr + len;
             p.frames += 1;
             if self.close_sent && opcode != OP_CLOSE {
@@ -286,15 +331,6 @@ impl WsConn {
                     break;
                 }
                 OP_TEXT | OP_BINARY => {
-                    if self.assembly.is_some() {
-                        fail(
-                            out,
-                            &mut p,
-                            CLOSE_PROTOCOL,
-                            "new message inside a fragmented one",
-                        );
-                        break;
-                    }
                     if fin {
                         if opcode == OP_TEXT {
                             match std::str::from_utf8(payload) {
@@ -322,7 +358,7 @@ impl WsConn {
                     }
                 }
                 _ => {
-                    // Continuation.
+                    // Continuation (one without a message is refused from its header).
                     let Some(a) = self.assembly.as_mut() else {
                         fail(
                             out,
@@ -353,8 +389,121 @@ impl WsConn {
         if p.close.is_some() {
             self.assembly = None;
             self.close_sent = true;
+            self.unmasked = 0;
+            self.tail = 0;
         }
         p
+    }
+
+    /// Whether a data frame with this opcode carries text (a continuation, of a text message).
+    fn is_text(&self, opcode: u8) -> bool {
+        match opcode {
+            OP_TEXT => true,
+            OP_CONT => self.assembly.as_ref().is_some_and(|a| a.opcode == OP_TEXT),
+            _ => false,
+        }
+    }
+
+    /// Unmasks the bytes of an incomplete text frame that arrived since the last call (`avail`
+    /// of its payload are here, after a header of `hdr` bytes) and validates them as the
+    /// continuation of the text before them. Kept out of line: only a frame split across reads
+    /// takes this path, and the per-frame loop stays small.
+    #[cold]
+    #[inline(never)]
+    fn check_prefix(
+        &mut self,
+        frame: &mut [u8],
+        hdr: usize,
+        avail: usize,
+    ) -> Result<(), &'static str> {
+        let Ok(avail32) = u32::try_from(avail) else {
+            return Ok(()); // beyond 4 GiB in one read: validated when complete
+        };
+        let mask = [
+            frame[hdr - 4],
+            frame[hdr - 3],
+            frame[hdr - 2],
+            frame[hdr - 1],
+        ];
+        let payload = &mut frame[hdr..hdr + avail];
+        let done = self.unmasked as usize;
+        unmask(&mut payload[done..], mask, done);
+        // What the assembled fragments before this frame left open (a continuation only).
+        let carry = self
+            .assembly
+            .as_ref()
+            .map_or(&[][..], |a| &a.data[a.validated..]);
+        let tail = if done == 0 {
+            carry.len()
+        } else {
+            self.tail as usize
+        };
+        let new_tail = if tail <= done {
+            // The sequence left open (if any) started inside this frame.
+            utf8_continue(&[], &payload[done - tail..])
+        } else {
+            // It started in the fragments before this frame and is still open.
+            utf8_continue(carry, payload)
+        }
+        .ok_or("text is not UTF-8")?;
+        self.unmasked = avail32;
+        self.tail = new_tail as u8;
+        Ok(())
+    }
+}
+
+/// XORs `data`, which starts `offset` bytes into a payload, with the payload's mask. Eight
+/// bytes at a time (a multiple of the mask's period, so the phase holds), then the tail.
+#[inline]
+fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let m = [
+        mask[offset & 3],
+        mask[(offset + 1) & 3],
+        mask[(offset + 2) & 3],
+        mask[(offset + 3) & 3],
+    ];
+    let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut words = data.chunks_exact_mut(8);
+    for w in &mut words {
+        let v = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) ^ wide;
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
+    }
+}
+
+/// Validates `data` as UTF-8 text following `carry`, the incomplete sequence (0 to 3 bytes) that
+/// ended the text before it. Returns how many trailing bytes of `carry ++ data` are an
+/// incomplete sequence (0 to 3), or `None` if the bytes cannot be UTF-8 whatever follows.
+fn utf8_continue(carry: &[u8], data: &[u8]) -> Option<usize> {
+    let mut rest = data;
+    if !carry.is_empty() {
+        let width: usize = match carry[0] {
+            0xc2..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf4 => 4,
+            _ => return None,
+        };
+        let take = width.saturating_sub(carry.len()).min(data.len());
+        let mut seq = [0u8; 4];
+        let n = carry.len() + take;
+        if n > 4 {
+            return None;
+        }
+        seq[..carry.len()].copy_from_slice(carry);
+        seq[carry.len()..n].copy_from_slice(&data[..take]);
+        match std::str::from_utf8(&seq[..n]) {
+            Ok(_) => {}
+            Err(e) if e.error_len().is_none() && n < width => return Some(n),
+            Err(_) => return None,
+        }
+        rest = &data[take..];
+    }
+    match std::str::from_utf8(rest) {
+        Ok(_) => Some(0),
+        Err(e) if e.error_len().is_none() => Some(rest.len() - e.valid_up_to()),
+        Err(_) => None,
     }
 }
 
@@ -557,6 +706,108 @@ mod tests {
             }
             assert_eq!(got, vec![payload], "len {len}");
             assert!(held.is_empty());
+        }
+    }
+
+    /// Feeds `stream` in pieces of `step` bytes, keeping unconsumed input as the engine does.
+    fn feed(stream: &[u8], step: usize, max: usize) -> (Vec<String>, Option<u16>, usize) {
+        let mut c = WsConn::default();
+        let mut held: Vec<u8> = Vec::new();
+        let mut msgs = Vec::new();
+        for (i, chunk) in stream.chunks(step).enumerate() {
+            held.extend_from_slice(chunk);
+            let mut out = Vec::new();
+            let p = c.process(&mut held, max, &mut out, &mut |m, _| match m {
+                Message::Text(s) => msgs.push(s.to_string()),
+                Message::Binary(b) => msgs.push(format!("b:{}", b.len())),
+            });
+            held.drain(..p.consumed);
+            if p.close.is_some() {
+                return (msgs, p.close, (i + 1) * step);
+            }
+        }
+        (msgs, None, stream.len())
+    }
+
+    #[test]
+    fn text_fed_in_pieces_is_unmasked_once_and_validated() {
+        let text = "aé😀€b".repeat(40);
+        let mut one = masked(OP_TEXT, true, text.as_bytes());
+        let b = text.as_bytes();
+        let mut frags = masked(OP_TEXT, false, &b[..5]);
+        frags.extend(masked(OP_PING, true, b"p"));
+        frags.extend(masked(OP_CONT, false, &b[5..7]));
+        frags.extend(masked(OP_CONT, false, &b[7..150]));
+        frags.extend(masked(OP_CONT, true, &b[150..]));
+        one.extend(frags);
+        for step in [1, 2, 3, 5, 7, 64, 1000] {
+            let (msgs, close, _) = feed(&one, step, 1 << 20);
+            assert_eq!(close, None, "step {step}");
+            assert_eq!(msgs, vec![text.clone(), text.clone()], "step {step}");
+        }
+    }
+
+    #[test]
+    fn bad_utf8_fails_before_the_frame_completes() {
+        // A 100 KB text frame whose third byte is invalid: closed after the first piece.
+        let mut payload = vec![b'a'; 100_000];
+        payload[2] = 0xff;
+        let frame = masked(OP_TEXT, true, &payload);
+        let (msgs, close, fed) = feed(&frame, 1000, 1 << 20);
+        assert_eq!((close, fed), (Some(CLOSE_INVALID_DATA), 1000));
+        assert!(msgs.is_empty());
+        // A sequence broken across two reads: a lead byte, then an ASCII byte.
+        let frame = masked(OP_TEXT, true, &[b'x', 0xe2, b'y', b'z', b'z', b'z']);
+        let (_, close, fed) = feed(&frame, 8, 1 << 20);
+        assert_eq!((close, fed), (Some(CLOSE_INVALID_DATA), 16));
+        // Inside a continuation, completing a sequence the first fragment left open is fine,
+        // breaking it is not.
+        let mut ok = masked(OP_TEXT, false, &[b'a', 0xf0, 0x9f]);
+        ok.extend(masked(OP_CONT, true, &[0x98, 0x80, b'b']));
+        assert_eq!(feed(&ok, 1, 1 << 20).0, vec!["a😀b"]);
+        let mut bad = masked(OP_TEXT, false, &[b'a', 0xf0, 0x9f]);
+        let cont = masked(OP_CONT, true, &[b'b'; 50]);
+        bad.extend(&cont);
+        let first = bad.len() - cont.len();
+        let (_, close, fed) = feed(&bad, 1, 1 << 20);
+        assert_eq!(close, Some(CLOSE_INVALID_DATA));
+        assert_eq!(fed, first + 7, "on the continuation's first payload byte");
+    }
+
+    #[test]
+    fn structure_and_size_are_checked_from_the_header() {
+        // 2^62 bytes announced: 1009 from the 10 header bytes.
+        let mut h = vec![0x82, 0x80 | 127];
+        h.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        h.extend_from_slice(&MASK);
+        let (_, close, fed) = feed(&h, 14, 1 << 20);
+        assert_eq!((close, fed), (Some(CLOSE_TOO_BIG), 14));
+        // A new message inside a fragmented one: 1002 before its payload.
+        let mut input = masked(OP_TEXT, false, b"a");
+        let start = input.len();
+        input.extend(masked(OP_BINARY, true, &[0; 1000]));
+        let mut c = WsConn::default();
+        let (p, _, _) = run(&mut c, &input[..start + 8], 1 << 20);
+        assert_eq!(p.close, Some(CLOSE_PROTOCOL));
+    }
+
+    #[test]
+    fn unmask_keeps_the_phase_at_any_offset_and_length() {
+        let mask = [0x11, 0x22, 0x44, 0x88];
+        for len in 0..40 {
+            let plain: Vec<u8> = (0..len as u8).collect();
+            let masked: Vec<u8> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i & 3])
+                .collect();
+            for split in 0..=len {
+                let mut buf = masked.clone();
+                let (a, b) = buf.split_at_mut(split);
+                unmask(a, mask, 0);
+                unmask(b, mask, split);
+                assert_eq!(buf, plain, "len {len} split {split}");
+            }
         }
     }
 

@@ -5,9 +5,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use shardnet::app::engine;
 use shardnet::config::Config;
 use shardnet::server::Server;
-use shardnet::service::router::engine;
 
 /// Every blocking client call gives up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -411,7 +411,7 @@ pub fn read_response(s: &mut TcpStream, head: bool) -> (u16, String, Vec<u8>) {
 
 /// A server running the product router with `toml`.
 pub fn start_router(toml: &str) -> Server {
-    shardnet::service::start_default(&config(toml)).expect("server starts")
+    shardnet::app::start(&config(toml)).expect("server starts")
 }
 
 pub fn http_toml(shards: usize, listener_extra: &str) -> String {
