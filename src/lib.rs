@@ -18,7 +18,6 @@ compile_error!("shardnet uses epoll and eventfd: it builds on Linux only");
 
 pub mod app;
 pub mod bench;
-pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod conn;

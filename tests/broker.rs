@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use shardnet::broker::{Broker, Outcome, Refusal, ShardSet, Sink, Ticket};
+use shardnet::app::broker::{Broker, Outcome, Refusal, ShardSet, Sink, Source, Ticket};
 use shardnet::config::{BrokerConfig, BrokerKind, BrokerUrl};
 
 const SECRET: &str = "hunter2-secret";
@@ -272,7 +272,7 @@ impl Server for Nats {
         }
     }
     fn name_of(&self, topic: &str) -> String {
-        shardnet::broker::subject_for_nats(PREFIX, topic)
+        shardnet::app::broker::subject_for_nats(PREFIX, topic)
     }
 }
 
@@ -291,12 +291,15 @@ fn shards_of(s: &ShardSet) -> Vec<usize> {
 }
 
 impl Sink for TestSink {
-    fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet) {
-        let _ = self.0.send(Ev::Message(
-            topic.to_string(),
-            data.to_vec(),
-            shards_of(shards),
-        ));
+    fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet, source: Source) {
+        // Publishes of this test carry shardnet's header; only publish_raw's do not.
+        let data = match source {
+            Source::Shardnet => data.to_vec(),
+            Source::Other => [&b"raw:"[..], data].concat(),
+        };
+        let _ = self
+            .0
+            .send(Ev::Message(topic.to_string(), data, shards_of(shards)));
     }
     fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
         let _ = self.0.send(Ev::Gap(topic.to_string(), shards_of(shards)));
@@ -397,7 +400,11 @@ impl Under {
 
     /// Publishes and returns the outcome, however it comes (at once or through the sink).
     fn publish(&mut self, id: u64, topic: &str, data: &[u8]) -> Outcome {
-        let ticket = Ticket { shard: 0, id };
+        let ticket = Ticket {
+            shard: 0,
+            token: 0,
+            id,
+        };
         match self.broker.handle().publish(ticket, topic, data.to_vec()) {
             Err(r) => Err(r),
             Ok(()) => self.outcome(id),
@@ -474,7 +481,7 @@ fn interest(server: &mut dyn Server) {
     }
     // Another program's message, without shardnet's header, arrives as its data.
     server.publish_raw(&server.name_of("room.1"), b"{\"from\":\"outside\"}");
-    assert_eq!(u.message("room.1", b"{\"from\":\"outside\"}"), vec![1]);
+    assert_eq!(u.message("room.1", b"raw:{\"from\":\"outside\"}"), vec![1]);
     // Topics that NATS would take as wildcards or tokens still work.
     s0.set("a b.*", true);
     wait_subscribed(server, "a b.*", true);
@@ -516,7 +523,15 @@ fn outcomes(server: &mut dyn Server) {
     let mut queued = Vec::new();
     for id in 0..total {
         let data = format!("{id}").into_bytes();
-        match h.publish(Ticket { shard: 0, id }, "burst", data) {
+        match h.publish(
+            Ticket {
+                shard: 0,
+                token: 0,
+                id,
+            },
+            "burst",
+            data,
+        ) {
             Ok(()) => queued.push(id),
             Err(Refusal::QueueFull) => refused_at_once += 1,
             Err(e) => panic!("publish {id}: unexpected refusal {e}"),
@@ -557,6 +572,7 @@ fn outcomes(server: &mut dyn Server) {
     let r = h.publish(
         Ticket {
             shard: 0,
+            token: 0,
             id: 99_999,
         },
         "burst",

@@ -14,6 +14,7 @@
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
 //! `router` → `routes` → `pubsub` → `metrics`.
 
+pub mod broker;
 mod metrics;
 mod pubsub;
 mod router;

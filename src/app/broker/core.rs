@@ -16,7 +16,7 @@ use crossbeam_channel::Receiver;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{wire, Notice, ShardSet, Shared};
+use super::{wire, Notice, ShardSet, Shared, Source};
 
 pub(super) struct Core {
     shards: usize,
@@ -164,7 +164,12 @@ impl Core {
         };
         let (header, data) = wire::decode(payload);
         self.shared.metrics.count_received();
-        self.shared.sink.message(topic, data, set);
+        let source = if header.is_some() {
+            Source::Shardnet
+        } else {
+            Source::Other
+        };
+        self.shared.sink.message(topic, data, set, source);
         if let Some((origin, at)) = header {
             if origin == self.shared.origin {
                 let now = self.shared.epoch.elapsed().as_nanos() as u64;
@@ -224,7 +229,7 @@ mod tests {
         assert_eq!(sub.iter().map(|t| &**t).collect::<Vec<_>>(), vec!["c"]);
         assert_eq!(
             *rec.0.lock(),
-            vec!["message a 1 {1}".to_string(), "gap c {2}".to_string()]
+            vec!["message a 1 {1} Other".to_string(), "gap c {2}".to_string()]
         );
         let m = c.shared.metrics.snapshot();
         assert_eq!((m.received, m.unwanted, m.gaps), (1, 1, 1));

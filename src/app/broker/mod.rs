@@ -124,11 +124,21 @@ impl fmt::Debug for ShardSet {
 }
 
 /// Who is waiting for a publish's outcome: opaque to the broker, handed back with it (the
-/// product puts the shard and the connection's token there).
+/// product puts there the shard, the connection's token and which of its requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ticket {
     pub shard: usize,
+    pub token: u64,
     pub id: u64,
+}
+
+/// Who published a message that came from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A shardnet process: the data is what that process handed to [`BrokerHandle::publish`].
+    Shardnet,
+    /// Another program (no shardnet header): the data is the message as published.
+    Other,
 }
 
 /// The broker took the message.
@@ -198,9 +208,10 @@ pub type Outcome = Result<Accepted, Refusal>;
 /// implementation must not block (the product's sends a command on each shard's bounded
 /// channel and wakes it).
 pub trait Sink: Send + Sync + 'static {
-    /// A message for `topic` from the broker, for the shards in `shards` (never empty). `data`
-    /// is the publish's data as published (JSON when shardnet published it).
-    fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet);
+    /// A message for `topic` from the broker, for the shards in `shards` (never empty): `data`
+    /// as [`BrokerHandle::publish`] took it when `source` is [`Source::Shardnet`], else the
+    /// message as another program published it.
+    fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet, source: Source);
     /// The connection to the broker was (re)established after `topic` had local subscribers
     /// without one: messages may have been missed. Once per topic per reconnection.
     fn gap(&self, topic: &Arc<str>, shards: &ShardSet);
@@ -311,7 +322,8 @@ pub struct BrokerHandle {
 }
 
 impl BrokerHandle {
-    /// Queues `data` (the JSON a subscriber gets as `data`) for `topic`. `Ok`: the outcome comes
+    /// Queues `data` for `topic` (the product hands the encoded message a subscriber gets, so a
+    /// receiving process only frames it). `Ok`: the outcome comes
     /// later through [`Sink::outcome`], exactly once. `Err`: refused at once (broker down, queue
     /// full, shutting down); no outcome follows.
     pub fn publish(&self, ticket: Ticket, topic: &str, data: Vec<u8>) -> Result<(), Refusal> {
@@ -583,11 +595,11 @@ mod tests {
     pub(super) struct Recorder(pub parking_lot::Mutex<Vec<String>>);
 
     impl Sink for Recorder {
-        fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet) {
+        fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet, source: Source) {
             let d = String::from_utf8_lossy(data);
             self.0
                 .lock()
-                .push(format!("message {topic} {d} {shards:?}"));
+                .push(format!("message {topic} {d} {shards:?} {source:?}"));
         }
         fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
             self.0.lock().push(format!("gap {topic} {shards:?}"));
@@ -654,7 +666,11 @@ mod tests {
         let (s, _n, prx) = shared(rec.clone(), 1, 2);
         s.metrics.set_pub_up(true);
         let h = BrokerHandle { shared: s.clone() };
-        let t = |id| Ticket { shard: 0, id };
+        let t = |id| Ticket {
+            shard: 0,
+            token: 0,
+            id,
+        };
         assert_eq!(
             h.publish(t(1), "x", vec![0; 2000]),
             Err(Refusal::QueueFull),
