@@ -173,7 +173,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server = crate::app::start(&config).context("cannot start the server")?;
+    let app = crate::app::start_app(&config).context("cannot start the server")?;
+    let (mut server, broker) = (app.server, app.broker);
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -200,7 +201,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             recv(ticker) -> _ => {
                 let snap = server.snapshot();
-                log::info!("{}", snap.log_line(last.as_ref()));
+                match &broker {
+                    Some(b) => log::info!(
+                        "{} {}",
+                        snap.log_line(last.as_ref()),
+                        broker_line(&b.metrics().snapshot())
+                    ),
+                    None => log::info!("{}", snap.log_line(last.as_ref())),
+                }
                 last = Some(snap);
             }
         }
@@ -230,6 +238,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(128 + sig.unwrap_or(SIGTERM));
         }
     }
+}
+
+/// The broker's part of the periodic log line (totals since start).
+fn broker_line(b: &crate::app::broker::BrokerStats) -> String {
+    let latency = match (b.latency_quantile_us(0.5), b.latency_quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => format!(" latency_p50<={p50}us p99<={p99}us"),
+        _ => String::new(),
+    };
+    format!(
+        "broker={} up={} reconnects={} published={} refused={} received={} topics={} gaps={}{latency}",
+        b.kind,
+        u8::from(b.up),
+        b.reconnects,
+        b.published,
+        b.refused_total(),
+        b.received,
+        b.topics,
+        b.gaps,
+    )
 }
 
 fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
@@ -357,6 +384,16 @@ fn log_summary(config: &Config, server: &Server) {
         .collect();
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");
+    }
+    let b = &config.broker;
+    if b.kind != crate::config::BrokerKind::None {
+        // The url as Display shows it: any password or token is `***`.
+        log::info!(
+            "broker: {} at {}, prefix `{}`: publishes go through the broker",
+            b.kind.as_str(),
+            b.url,
+            b.prefix
+        );
     }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \

@@ -304,7 +304,7 @@ impl Sink for TestSink {
     fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
         let _ = self.0.send(Ev::Gap(topic.to_string(), shards_of(shards)));
     }
-    fn outcome(&self, ticket: Ticket, outcome: Outcome) {
+    fn outcome(&self, ticket: Ticket, _topic: &str, outcome: Outcome) {
         let _ = self.0.send(Ev::Outcome(ticket, outcome));
     }
 }

@@ -29,6 +29,9 @@ pub struct BrokerMetrics {
     unwanted: AtomicU64,
     topics: AtomicU64,
     gaps: AtomicU64,
+    handoff_lost: AtomicU64,
+    outcomes_lost: AtomicU64,
+    undeliverable: AtomicU64,
     latency: [AtomicU64; 13],
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
@@ -58,6 +61,14 @@ pub struct BrokerStats {
     /// Gap notices: topics told "messages may have been missed", once per topic per
     /// reconnection.
     pub gaps: u64,
+    /// Messages (or gap notices) not handed to a shard because its command queue was full.
+    pub handoff_lost: u64,
+    /// Publish outcomes not handed back to the publisher's shard (its queue was full): the HTTP
+    /// request then times out with 503.
+    pub outcomes_lost: u64,
+    /// Messages from the broker that cannot be sent to a subscriber (not text, or larger than
+    /// the largest max_message).
+    pub undeliverable: u64,
     /// Latency histogram counts per bucket of [`LATENCY_BOUNDS_US`] (and one above).
     pub latency_buckets: [u64; 13],
     pub latency_sum_us: u64,
@@ -110,6 +121,9 @@ impl BrokerMetrics {
             unwanted: AtomicU64::new(0),
             topics: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            handoff_lost: AtomicU64::new(0),
+            outcomes_lost: AtomicU64::new(0),
+            undeliverable: AtomicU64::new(0),
             latency: Default::default(),
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
@@ -166,6 +180,21 @@ impl BrokerMetrics {
         self.gaps.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// For the sink (the product's side): a message or gap notice a shard's queue refused.
+    pub fn count_handoff_lost(&self) {
+        self.handoff_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// For the sink: an outcome a shard's queue refused.
+    pub fn count_outcome_lost(&self) {
+        self.outcomes_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// For the sink: a message that cannot be framed for subscribers.
+    pub fn count_undeliverable(&self) {
+        self.undeliverable.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn record_latency_us(&self, us: u64) {
         let i = LATENCY_BOUNDS_US
             .iter()
@@ -189,6 +218,9 @@ impl BrokerMetrics {
             unwanted: r(&self.unwanted),
             topics: r(&self.topics),
             gaps: r(&self.gaps),
+            handoff_lost: r(&self.handoff_lost),
+            outcomes_lost: r(&self.outcomes_lost),
+            undeliverable: r(&self.undeliverable),
             latency_buckets: std::array::from_fn(|i| r(&self.latency[i])),
             latency_sum_us: r(&self.latency_sum_us),
             latency_count: r(&self.latency_count),

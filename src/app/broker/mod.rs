@@ -215,8 +215,9 @@ pub trait Sink: Send + Sync + 'static {
     /// The connection to the broker was (re)established after `topic` had local subscribers
     /// without one: messages may have been missed. Once per topic per reconnection.
     fn gap(&self, topic: &Arc<str>, shards: &ShardSet);
-    /// The outcome of a publish [`BrokerHandle::publish`] queued; exactly once per publish.
-    fn outcome(&self, ticket: Ticket, outcome: Outcome);
+    /// The outcome of a publish [`BrokerHandle::publish`] queued (on `topic`); exactly once per
+    /// publish.
+    fn outcome(&self, ticket: Ticket, topic: &str, outcome: Outcome);
 }
 
 /// A shard's report: `shard` has (`wanted`) or no longer has local subscribers of `topic`.
@@ -253,7 +254,7 @@ impl Publish {
             Ok(_) => self.shared.metrics.count_published(),
             Err(r) => self.shared.metrics.count_refused(r.index()),
         }
-        self.shared.sink.outcome(self.ticket, outcome);
+        self.shared.sink.outcome(self.ticket, &self.topic, outcome);
     }
 
     /// What goes to the broker: header (this process, the publish's time) and data.
@@ -604,7 +605,7 @@ mod tests {
         fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
             self.0.lock().push(format!("gap {topic} {shards:?}"));
         }
-        fn outcome(&self, ticket: Ticket, outcome: Outcome) {
+        fn outcome(&self, ticket: Ticket, _topic: &str, outcome: Outcome) {
             self.0
                 .lock()
                 .push(format!("outcome {} {outcome:?}", ticket.id));
