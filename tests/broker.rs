@@ -46,6 +46,10 @@ trait Server {
     fn publish_raw(&self, name: &str, data: &[u8]);
     /// The broker's name for `topic`.
     fn name_of(&self, topic: &str) -> String;
+    /// How many connections (one per shardnet process) are subscribed to `name`.
+    fn subscribers_of(&self, name: &str) -> usize {
+        self.subscriptions().iter().filter(|s| *s == name).count()
+    }
 }
 
 struct Proc {
@@ -169,6 +173,14 @@ impl Server for Redis {
             .arg("CHANNELS")
             .query(&mut self.admin())
             .unwrap()
+    }
+    fn subscribers_of(&self, name: &str) -> usize {
+        let (_, n): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(name)
+            .query(&mut self.admin())
+            .unwrap();
+        n
     }
     fn publish_raw(&self, name: &str, data: &[u8]) {
         let _: i64 = redis::cmd("PUBLISH")
@@ -487,6 +499,18 @@ fn interest(server: &mut dyn Server) {
     wait_subscribed(server, "a b.*", true);
     u.publish(3, "a b.*", b"3").expect("accepted");
     assert_eq!(u.message("a b.*", b"3"), vec![0]);
+    // Quiet for longer than the idle ping: the connections stay as they are (no reconnection,
+    // no gap notice), and delivery goes on.
+    std::thread::sleep(Duration::from_millis(1300));
+    u.publish(4, "a b.*", b"4")
+        .expect("accepted after a quiet second");
+    assert_eq!(u.message("a b.*", b"4"), vec![0]);
+    assert_eq!(u.broker.metrics().snapshot().reconnects, 0);
+    assert!(
+        u.seen.iter().all(|e| !matches!(e, Ev::Gap(..))),
+        "{:?}",
+        u.seen
+    );
     s1.set("room.1", false);
     wait_subscribed(server, "room.1", false);
     let stats = u.broker.metrics().snapshot();
@@ -706,7 +730,11 @@ macro_rules! for_both {
     };
 }
 
-for_both!(interest outcomes outage never_started);
+for_both!(
+    interest outcomes outage never_started
+    cluster_delivers_every_message_once_in_one_order processes_follow_interest
+    processes_ride_out_an_outage processes_wait_for_a_broker_that_is_not_there
+);
 
 /// `config check` prints the effective configuration with the password as `***`.
 #[test]
@@ -756,4 +784,401 @@ fn config_check_never_prints_the_password() {
     );
     assert!(!err.contains(SECRET), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- shardnet processes on one broker ------------------------------------------------------
+
+/// A shardnet process's configuration: 2 shards, one HTTP listener with a pub/sub route.
+fn process_toml(url: &str, kind: BrokerKind) -> String {
+    format!(
+        "[server]\nshards = 2\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\
+         [broker]\nkind = \"{}\"\nurl = \"{url}\"\nprefix = \"{PREFIX}\"\n\
+         reconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\npublish_timeout = \"1s\"\n\
+         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\n",
+        kind.as_str()
+    )
+}
+
+/// A process connected to the broker (its /healthz says ok): a client that subscribes before
+/// the first connection would rightly get a gap notice when it comes.
+fn spawn_process(server: &dyn Server) -> common::Child {
+    let p = spawn_unconnected(server);
+    let addr = p.addr("http");
+    wait_for("the process connected to the broker", || {
+        http_get(addr, "/healthz").1 == "ok\n"
+    });
+    p
+}
+
+fn spawn_unconnected(server: &dyn Server) -> common::Child {
+    common::Child::spawn(&process_toml(&server.url(), server.kind()), "")
+}
+
+/// A WebSocket client of the pub/sub route, reading frames out of its own buffer.
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Ws {
+    fn connect(addr: std::net::SocketAddr) -> Ws {
+        let mut s = common::connect(addr);
+        let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let (status, head, _) = common::http_exchange(&mut s, req.as_bytes());
+        assert_eq!(status, 101, "{head}");
+        Ws { s, buf: Vec::new() }
+    }
+
+    fn send(&mut self, v: serde_json::Value) {
+        let mut f = Vec::new();
+        shardnet::service::ws::write_masked(
+            &mut f,
+            shardnet::service::ws::OP_TEXT,
+            true,
+            v.to_string().as_bytes(),
+            [1, 2, 3, 4],
+        );
+        self.s.write_all(&f).unwrap();
+    }
+
+    /// The next text message, or `None` if none comes within `within`.
+    fn recv_within(&mut self, within: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((op, _, range, used)) =
+                shardnet::service::ws::decode_server_frame(&self.buf).unwrap()
+            {
+                let payload = self.buf[range].to_vec();
+                self.buf.drain(..used);
+                if op != shardnet::service::ws::OP_TEXT {
+                    continue; // pings
+                }
+                return Some(serde_json::from_slice(&payload).unwrap());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 16384];
+            match self.s.read(&mut chunk) {
+                Ok(0) => panic!("the server closed a WebSocket client"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("WebSocket read: {e}"),
+            }
+        }
+    }
+
+    #[track_caller]
+    fn recv(&mut self) -> serde_json::Value {
+        self.recv_within(WAIT).expect("a message within the wait")
+    }
+
+    fn subscribe(&mut self, topic: &str) {
+        self.send(serde_json::json!({"op": "subscribe", "topic": topic}));
+        let ack = self.recv();
+        assert_eq!(ack["ok"], "subscribe", "{ack}");
+    }
+}
+
+/// `POST /publish/{topic}` on a keep-alive connection: (status, body).
+fn http_publish(s: &mut TcpStream, topic: &str, body: &str) -> (u16, String) {
+    let req = format!(
+        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, _, body) = common::http_exchange(s, req.as_bytes());
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = common::connect(addr);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = common::http_exchange(&mut s, req.as_bytes());
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+/// The value of the metric family `name` (summed over its samples) in `/metrics`.
+fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let (_, text) = http_get(addr, "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[track_caller]
+fn assert_no_secret_in(procs: &[common::Child]) {
+    for p in procs {
+        let log = p.log();
+        assert!(
+            !log.contains(SECRET),
+            "a secret reached a process log:\n{log}"
+        );
+    }
+}
+
+/// Three processes of 2 shards on one broker, 300 subscribers spread over them, publishes from
+/// every process over WebSocket and HTTP at once: every subscriber gets every message of its
+/// topics exactly once, and all subscribers of a topic see them in the same order.
+fn cluster_delivers_every_message_once_in_one_order(server: &mut dyn Server) {
+    server.start();
+    let procs: Vec<common::Child> = (0..3).map(|_| spawn_process(server)).collect();
+    let addrs: Vec<_> = procs.iter().map(|p| p.addr("http")).collect();
+    let topics = ["a", "b", "c"];
+    // Subscriber i: process i % 3, topic i % 3 (and every fifth the next topic too).
+    let mut subs: Vec<(Ws, Vec<&str>)> = (0..300)
+        .map(|i| {
+            let mut ws = Ws::connect(addrs[i % 3]);
+            let mut mine = vec![topics[(i / 3) % 3]];
+            if i % 5 == 0 {
+                mine.push(topics[(i / 3 + 1) % 3]);
+            }
+            for t in &mine {
+                ws.subscribe(t);
+            }
+            (ws, mine)
+        })
+        .collect();
+    for t in topics {
+        let name = server.name_of(t);
+        wait_for(&format!("3 processes subscribed to {name}"), || {
+            server.subscribers_of(&name) == 3
+        });
+    }
+    // Each process publishes every topic 4 times over WebSocket and 4 times over HTTP, all
+    // processes at once.
+    let per = 4;
+    std::thread::scope(|scope| {
+        for (p, &addr) in addrs.iter().enumerate() {
+            let kind = server.kind();
+            scope.spawn(move || {
+                let mut ws = Ws::connect(addr);
+                let mut http = common::connect(addr);
+                for n in 0..per {
+                    for t in topics {
+                        ws.send(serde_json::json!({
+                            "op": "publish", "topic": t, "data": {"p": p, "via": "ws", "n": n}
+                        }));
+                        let body = serde_json::json!({"p": p, "via": "http", "n": n}).to_string();
+                        let (status, answer) = http_publish(&mut http, t, &body);
+                        assert_eq!(status, 200, "{answer}");
+                        let a: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                        assert_eq!(a["topic"], t);
+                        assert_eq!(a["broker"], kind.as_str());
+                        if kind == BrokerKind::Redis {
+                            assert_eq!(a["processes"], 3, "{answer}");
+                        } else {
+                            assert!(a["processes"].is_null(), "{answer}");
+                        }
+                    }
+                }
+                // No refusal came back to the WebSocket publisher.
+                assert_eq!(ws.recv_within(Duration::from_millis(200)), None);
+            });
+        }
+    });
+    let expected_per_topic = 3 * per * 2;
+    let mut order: std::collections::HashMap<&str, Vec<serde_json::Value>> = Default::default();
+    for (i, (ws, mine)) in subs.iter_mut().enumerate() {
+        let mut got: std::collections::HashMap<&str, Vec<serde_json::Value>> = Default::default();
+        for _ in 0..expected_per_topic * mine.len() {
+            let m = ws.recv();
+            let t = topics
+                .iter()
+                .find(|t| m["topic"] == **t)
+                .unwrap_or_else(|| panic!("subscriber {i}: unexpected {m}"));
+            assert!(
+                mine.contains(t),
+                "subscriber {i} got {m} for a topic it did not want"
+            );
+            got.entry(*t).or_default().push(m["data"].clone());
+        }
+        for t in mine.iter() {
+            let seq = &got[t];
+            let unique: std::collections::HashSet<String> =
+                seq.iter().map(|v| v.to_string()).collect();
+            assert_eq!(
+                unique.len(),
+                expected_per_topic,
+                "subscriber {i}: duplicates on {t}"
+            );
+            match order.get(t) {
+                Some(first) => assert_eq!(first, seq, "subscriber {i}: another order on {t}"),
+                None => {
+                    order.insert(t, seq.clone());
+                }
+            }
+        }
+    }
+    // Nothing more than that: after a pause for stragglers, no subscriber has anything left.
+    std::thread::sleep(Duration::from_millis(200));
+    for (i, (ws, _)) in subs.iter_mut().enumerate() {
+        let extra = ws.recv_within(Duration::from_millis(1));
+        assert_eq!(extra, None, "subscriber {i}: more than expected");
+    }
+    assert_no_secret_in(&procs);
+    let received: u64 = addrs
+        .iter()
+        .map(|&a| metric(a, "shardnet_broker_received_total"))
+        .sum();
+    assert_eq!(
+        received,
+        3 * (3 * expected_per_topic) as u64,
+        "each process got each message once"
+    );
+}
+
+/// A process is subscribed to a topic on the broker while it has local subscribers of it,
+/// whichever shard they are on, and no longer once the last leaves (unsubscribe or close).
+fn processes_follow_interest(server: &mut dyn Server) {
+    server.start();
+    let procs = [spawn_process(server)];
+    let addr = procs[0].addr("http");
+    let name = server.name_of("x");
+    // Two subscribers: round-robin puts them on the two shards.
+    let (mut one, mut two) = (Ws::connect(addr), Ws::connect(addr));
+    one.subscribe("x");
+    wait_for("subscribed on the broker", || {
+        server.subscribers_of(&name) == 1
+    });
+    two.subscribe("x");
+    one.send(serde_json::json!({"op": "unsubscribe", "topic": "x"}));
+    assert_eq!(one.recv()["ok"], "unsubscribe");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        server.subscribers_of(&name),
+        1,
+        "the other shard still wants it"
+    );
+    drop(two); // closing is leaving
+    wait_for("unsubscribed on the broker", || {
+        server.subscribers_of(&name) == 0
+    });
+    wait_for("the topics gauge at 0", || {
+        metric(addr, "shardnet_broker_topics") == 0
+    });
+    assert_no_secret_in(&procs);
+}
+
+/// The broker killed and restarted in the middle of a publish stream: no process exits, clients
+/// stay connected, publishes meanwhile get the clear error, every subscriber gets the gap
+/// notice, delivery resumes and the metrics count the outage.
+fn processes_ride_out_an_outage(server: &mut dyn Server) {
+    server.start();
+    let mut procs = vec![spawn_process(server), spawn_process(server)];
+    let addrs: Vec<_> = procs.iter().map(|p| p.addr("http")).collect();
+    let mut subs: Vec<Ws> = (0..10).map(|i| Ws::connect(addrs[i % 2])).collect();
+    for s in &mut subs {
+        s.subscribe("live");
+    }
+    let name = server.name_of("live");
+    wait_for("both processes subscribed", || {
+        server.subscribers_of(&name) == 2
+    });
+    let mut http = common::connect(addrs[0]);
+    let mut publisher = Ws::connect(addrs[1]);
+    for n in 0..5 {
+        let (status, body) = http_publish(&mut http, "live", &format!("{{\"n\":{n}}}"));
+        assert_eq!(status, 200, "{body}");
+    }
+    for s in &mut subs {
+        for n in 0..5 {
+            assert_eq!(s.recv()["data"]["n"], n);
+        }
+    }
+    server.kill();
+    wait_for("/healthz says the broker is down", || {
+        http_get(addrs[0], "/healthz") == (200, "degraded: broker unavailable (publishes are refused; subscriptions resume when it is back)\n".into())
+    });
+    // Publishes during the outage: 503 with the reason, an error message on WebSocket.
+    let (status, body) = http_publish(&mut http, "live", "{\"n\":-1}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("broker: "), "{body}");
+    wait_for("the second process sees the outage", || {
+        http_get(addrs[1], "/healthz").1.starts_with("degraded")
+    });
+    publisher.send(serde_json::json!({"op": "publish", "topic": "live", "data": -2}));
+    let e = publisher.recv();
+    assert_eq!(
+        (e["op"].as_str(), e["topic"].as_str()),
+        (Some("publish"), Some("live")),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("broker"), "{e}");
+    for p in &mut procs {
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "a process exited: {}",
+            p.log()
+        );
+    }
+    server.start();
+    // Every subscriber: the gap notice, and nothing of the outage.
+    for s in &mut subs {
+        let g = s.recv();
+        assert_eq!(g, serde_json::json!({"topic": "live", "gap": true}));
+    }
+    wait_for("both processes subscribed again", || {
+        server.subscribers_of(&name) == 2
+    });
+    wait_for("/healthz ok again", || {
+        http_get(addrs[1], "/healthz").1 == "ok\n"
+    });
+    let (status, body) = http_publish(&mut http, "live", "{\"n\":100}");
+    assert_eq!(status, 200, "{body}");
+    for s in &mut subs {
+        assert_eq!(s.recv()["data"]["n"], 100);
+    }
+    for &a in &addrs {
+        assert!(metric(a, "shardnet_broker_reconnects_total") >= 1);
+        assert!(metric(a, "shardnet_broker_gaps_total") >= 1);
+        assert_eq!(metric(a, "shardnet_broker_up"), 1);
+    }
+    assert!(metric(addrs[0], "shardnet_broker_refused_total") >= 1);
+    assert!(metric(addrs[1], "shardnet_broker_refused_total") >= 1);
+    assert_no_secret_in(&procs);
+}
+
+/// No broker at first: the process starts, says so, refuses publishes; when the broker
+/// appears, it subscribes what its clients want and delivers.
+fn processes_wait_for_a_broker_that_is_not_there(server: &mut dyn Server) {
+    let procs = [spawn_unconnected(server)];
+    let addr = procs[0].addr("http");
+    assert!(http_get(addr, "/healthz").1.starts_with("degraded"));
+    let mut sub = Ws::connect(addr);
+    sub.subscribe("early");
+    let mut http = common::connect(addr);
+    let (status, body) = http_publish(&mut http, "early", "1");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "broker: broker unavailable\n")
+    );
+    server.start();
+    wait_for("/healthz ok once the broker is there", || {
+        http_get(addr, "/healthz").1 == "ok\n"
+    });
+    assert_eq!(
+        sub.recv(),
+        serde_json::json!({"topic": "early", "gap": true})
+    );
+    let name = server.name_of("early");
+    wait_for("subscribed on the broker", || {
+        server.subscribers_of(&name) == 1
+    });
+    let (status, body) = http_publish(&mut http, "early", "2");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sub.recv(), serde_json::json!({"topic": "early", "data": 2}));
+    assert!(metric(addr, "shardnet_broker_connect_failures_total") >= 1);
+    assert_no_secret_in(&procs);
 }

@@ -218,7 +218,8 @@ impl Subscriber {
                 }
                 Err(e) if e.is_timeout() => {
                     if last_traffic.elapsed() >= PING_IDLE {
-                        if let Err(e) = self.confirmed(&mut ps, |ps| ps.ping::<String>().map(drop))
+                        if let Err(e) =
+                            self.confirmed(&mut ps, |ps| ps.ping::<redis::Value>().map(drop))
                         {
                             return End::Lost(e);
                         }
