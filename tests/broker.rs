@@ -791,7 +791,7 @@ fn config_check_never_prints_the_password() {
 /// A shardnet process's configuration: 2 shards, one HTTP listener with a pub/sub route.
 fn process_toml(url: &str, kind: BrokerKind) -> String {
     format!(
-        "[server]\nshards = 2\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\
+        "[server]\nshards = 2\npin = false\nstats_interval = \"300ms\"\nshutdown_timeout = \"2s\"\n\
          [broker]\nkind = \"{}\"\nurl = \"{url}\"\nprefix = \"{PREFIX}\"\n\
          reconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\npublish_timeout = \"1s\"\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
@@ -1067,6 +1067,11 @@ fn processes_follow_interest(server: &mut dyn Server) {
     });
     wait_for("the topics gauge at 0", || {
         metric(addr, "shardnet_broker_topics") == 0
+    });
+    // The periodic log line carries the broker's part.
+    let line = format!("broker={} up=1 reconnects=0", server.kind().as_str());
+    wait_for("the broker in the stats log line", || {
+        procs[0].log().contains(&line)
     });
     assert_no_secret_in(&procs);
 }
