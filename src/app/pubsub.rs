@@ -247,13 +247,14 @@ impl Fanout {
             Ok(Some((_, _, range, _))) => frame[range].to_vec(),
             _ => frame.to_vec(),
         };
-        counters.ws_published.inc();
         let ticket = Ticket {
             shard: self.shard,
             token: token.0,
             id,
         };
-        broker.publish(ticket, topic, payload)
+        broker.publish(ticket, topic, payload)?;
+        counters.ws_published.inc();
+        Ok(())
     }
 
     /// Sends an encoded frame to every shard (this one included, through its channel, so that
