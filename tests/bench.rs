@@ -10,28 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn bench(args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin())
-        .arg("bench")
-        .args([
-            "--duration",
-            "600ms",
-            "--warmup",
-            "100ms",
-            "--client-cores",
-            "0",
-        ])
-        .args(args)
-        .output()
-        .expect("run bench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn requests_of(text: &str) -> f64 {
     // The table row after the header: the req/s column.
     let row = text

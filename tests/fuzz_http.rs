@@ -6,12 +6,19 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
+use shardnet::service::deflate;
 use shardnet::service::http::{
     DateCache, Handler, Http, HttpConn, HttpSettings, Request, Response, Sent,
 };
 
-/// Routes shaped like the product's: a fixed body, a body's length, an upgrade path, 404.
+/// Routes shaped like the product's: a fixed body, a body's length, an upgrade path (with
+/// permessage-deflate negotiation), 404.
 struct Fake;
+
+const DEFLATE: deflate::Settings = deflate::Settings {
+    mode: shardnet::config::Compression::Dedicated,
+    window_bits: 12,
+};
 
 impl Handler for Fake {
     fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
@@ -21,7 +28,7 @@ impl Handler for Fake {
                 let n = req.body().len().to_string();
                 resp.send(200, "text/plain", n.as_bytes(), "")
             }
-            "/ws" => resp.upgrade(req, &[], 0),
+            "/ws" => resp.upgrade(req, &[], DEFLATE, 0),
             _ => resp.send(404, "text/plain", b"not found\n", ""),
         }
     }
@@ -77,6 +84,7 @@ const VALID: &[&[u8]] = &[
     b"GET /plaintext HTTP/1.1\r\nHost: a\r\n\r\n",
     b"POST /publish/t HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
     b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: x; y=\"z\", permessage-deflate; server_max_window_bits=10; client_max_window_bits\r\n\r\n",
     b"HEAD /json HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"GET http://a/plaintext HTTP/1.1\r\nHost: a\r\n\r\n",
     b"POST /publish/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",

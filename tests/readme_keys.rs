@@ -18,6 +18,10 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    ("server_no_context_takeover", "RFC 7692 extension parameter"),
+    ("client_no_context_takeover", "RFC 7692 extension parameter"),
+    ("server_max_window_bits", "RFC 7692 extension parameter"),
+    ("client_max_window_bits", "RFC 7692 extension parameter"),
     (
         "reload",
         "the `[reload]` marker in config/shardnet.toml's comments",
@@ -32,8 +36,10 @@ fn not_config(name: &str) -> bool {
 fn is_counter(name: &str) -> bool {
     let shard = shardnet::stats::ShardSnapshot::default();
     let acceptor = shardnet::stats::AcceptorSnapshot::default();
+    let deflate = shardnet::service::deflate::DeflateSnapshot::default();
     shard.fields().iter().any(|f| f.0 == name)
         || acceptor.fields().iter().any(|f| f.0 == name)
+        || deflate.fields().iter().any(|f| f.0 == name)
         || matches!(name, "dead_shards" | "control_failures")
 }
 

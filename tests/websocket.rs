@@ -528,14 +528,5 @@ async def main(base):
 
 asyncio.run(main(sys.argv[1]))
 "#;
-    let out = std::process::Command::new(py)
-        .args(["-c", script, &format!("ws://{addr}")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "python websockets client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&py, script, &[&format!("ws://{addr}")]);
 }

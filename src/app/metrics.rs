@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 
 use super::broker::{BrokerMetrics, BrokerStats, LATENCY_BOUNDS_US};
-
+use crate::service::deflate::{DeflateCounters, DeflateSnapshot};
 use crate::stats::{Kind, StatsView};
 
 crate::stats::counters! {
@@ -46,6 +46,8 @@ crate::stats::counters! {
 pub struct Metrics {
     stats: StatsView,
     counters: Box<[CachePadded<ServiceCounters>]>,
+    /// permessage-deflate's counters, per shard (declared beside the codec that counts them).
+    deflate: Box<[CachePadded<DeflateCounters>]>,
     started: Instant,
     /// The broker's counters, with `[broker] kind` other than `"none"`.
     broker: Option<Arc<BrokerMetrics>>,
@@ -63,6 +65,9 @@ impl Metrics {
             counters: (0..shards)
                 .map(|_| CachePadded::new(ServiceCounters::default()))
                 .collect(),
+            deflate: (0..shards)
+                .map(|_| CachePadded::new(DeflateCounters::default()))
+                .collect(),
             started,
             broker: None,
         }
@@ -77,6 +82,11 @@ impl Metrics {
     /// The counters of `shard` (written by that shard only).
     pub fn shard(&self, shard: usize) -> &ServiceCounters {
         &self.counters[shard]
+    }
+
+    /// The permessage-deflate counters of `shard` (written by that shard only).
+    pub fn deflate(&self, shard: usize) -> &DeflateCounters {
+        &self.deflate[shard]
     }
 
     /// Renders every counter and the process gauges.
@@ -127,6 +137,7 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
             }
         }
     }
+    render_deflate(m, &mut out);
     for (field, kind, help, value) in snap.acceptor.fields() {
         if field == "paused_micros" {
             let name = "shardnet_acceptor_paused_seconds_total";
@@ -198,6 +209,44 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
     buf.extend_from_slice(out.as_bytes());
 }
 
+/// permessage-deflate's counters, per shard: times in seconds (`*_nanos` becomes
+/// `*_seconds_total`), and the compression ratio of what was sent compressed.
+fn render_deflate(m: &Metrics, out: &mut String) {
+    let snaps: Vec<DeflateSnapshot> = m.deflate.iter().map(|c| c.snapshot()).collect();
+    let per_shard: Vec<_> = snaps.iter().map(|s| s.fields()).collect();
+    if let Some(first) = per_shard.first() {
+        for (i, (field, kind, help, _)) in first.iter().enumerate() {
+            let seconds = field.strip_suffix("_nanos");
+            let name = match seconds {
+                Some(stem) => format!("shardnet_{stem}_seconds_total"),
+                None => metric_name("shardnet_", field, *kind),
+            };
+            header(out, &name, kind_str(*kind), help);
+            for (shard, fields) in per_shard.iter().enumerate() {
+                let v = fields[i].3;
+                let _ = match seconds {
+                    Some(_) => writeln!(out, "{name}{{shard=\"{shard}\"}} {}", v as f64 / 1e9),
+                    None => writeln!(out, "{name}{{shard=\"{shard}\"}} {v}"),
+                };
+            }
+        }
+    }
+    let name = "shardnet_ws_deflate_ratio";
+    header(
+        out,
+        name,
+        "gauge",
+        "bytes before compression per byte after, of the messages sent compressed (0: none yet)",
+    );
+    for (shard, s) in snaps.iter().enumerate() {
+        let ratio = match s.ws_deflate_bytes_out {
+            0 => 0.0,
+            after => s.ws_deflate_bytes_in as f64 / after as f64,
+        };
+        let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {ratio:.3}");
+    }
+}
+
 fn kind_str(kind: Kind) -> &'static str {
     match kind {
         Kind::Counter => "counter",
@@ -232,6 +281,11 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
     for s in &services {
         services_total.accumulate(s);
     }
+    let deflate: Vec<_> = m.deflate.iter().map(|c| c.snapshot()).collect();
+    let mut deflate_total = DeflateSnapshot::default();
+    for s in &deflate {
+        deflate_total.accumulate(s);
+    }
     let p = process();
     let v = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -242,6 +296,8 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
         "per_shard": snap.shards,
         "services": services,
         "services_total": services_total,
+        "deflate": deflate,
+        "deflate_total": deflate_total,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },
         "broker": m.broker.as_ref().map(|b| broker_json(&b.snapshot())),
     });

@@ -8,16 +8,20 @@
 //! - `routes`: the HTTP routes (`/plaintext`, `/json`, `/healthz`, `/metrics`, `/stats`,
 //!   `POST /publish/{topic}`, the WebSocket paths);
 //! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
+//! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
+//!   messages go through;
 //! - `metrics`: the services' counters and their Prometheus and JSON renderings;
 //! - `broker`: pub/sub across processes and hosts through Redis/Valkey or NATS (with
 //!   `[broker] kind` other than `"none"`): its own threads, reached from `pubsub`.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
-//! `router` → `routes` → `pubsub` → `metrics`, and `pubsub` → `broker` (which knows nothing of
-//! the others: it hands what comes from the broker to a `Sink`, `pubsub::BrokerSink`).
+//! `router` → `routes` → `pubsub` → `compression` → `metrics`, and `pubsub` → `broker` (which
+//! knows nothing of the others: it hands what comes from the broker to a `Sink`,
+//! `pubsub::BrokerSink`).
 
 pub mod broker;
+mod compression;
 mod metrics;
 mod pubsub;
 mod router;

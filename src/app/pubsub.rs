@@ -40,19 +40,19 @@
 //!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
 use super::broker::{
     BrokerHandle, BrokerMetrics, Outcome, Refusal, ShardInterest, ShardSet, Sink, Source, Ticket,
 };
+use super::compression::{Compression, Delivery};
 use super::metrics::ServiceCounters;
 use crate::config::SlowConsumer;
 use crate::server::Peers;
+use crate::service::deflate::{DeflateCounters, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 use crate::service::ws::{self, Message};
 use crate::service::{Ctx, Token};
 
@@ -281,6 +281,35 @@ impl Fanout {
     }
 }
 
+/// A batch's messages as frames compressed for one window size, built for the first subscriber
+/// that takes them and written as they are to every other (the buffers are kept for the next
+/// batch).
+#[derive(Default)]
+struct Packed {
+    built: bool,
+    data: Vec<u8>,
+    /// Where each message's frame ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl Packed {
+    fn frame(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
+    }
+}
+
+const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
+
+/// Capacity a compressed batch's buffer keeps between batches.
+const PACKED_KEEP: usize = 1 << 20;
+
+/// What delivery needs of the shard's permessage-deflate state.
+pub struct Deflate<'a> {
+    pub compression: &'a mut Compression,
+    pub counters: &'a DeflateCounters,
+}
+
 /// A topic's publishes waiting for delivery, in arrival order.
 struct Batch {
     topic: Arc<str>,
@@ -306,6 +335,8 @@ pub struct Hub {
     messages: usize,
     /// Emptied batch vectors kept for the next wake.
     spare: Vec<Vec<Arc<[u8]>>>,
+    /// The batch being delivered, compressed once per window size its subscribers agreed to.
+    packed: [Packed; WINDOW_SIZES],
     /// A `Continue` is on its way to this shard.
     continuing: bool,
 }
@@ -449,13 +480,16 @@ impl Hub {
 
     /// Delivers waiting batches, in order, until the wake's budget is spent; asks for another
     /// wake through `fanout` if some are left. `policy` gives a connection's slow-consumer
-    /// policy, or `None` if it is not a pub/sub connection.
+    /// policy and how its messages are written (compressed or not), or `None` if it is not a
+    /// pub/sub connection. A batch is compressed at most once per window size, for all the
+    /// subscribers that share it; a `dedicated` subscriber's compressor compresses for it alone.
     pub fn deliver<S>(
         &mut self,
         ctx: &mut Ctx<'_, S>,
         fanout: &Fanout,
         counters: &ServiceCounters,
-        policy: impl Fn(&mut S) -> Option<SlowConsumer>,
+        deflate: &mut Deflate<'_>,
+        policy: impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
     ) {
         let mut work = 0;
         while work < DELIVERY_BUDGET {
@@ -466,10 +500,24 @@ impl Hub {
             self.index.remove(&batch.topic);
             self.messages -= batch.frames.len();
             work += batch.frames.len();
+            for p in self.packed.iter_mut().filter(|p| p.built) {
+                p.built = false;
+                p.data.clear();
+                p.ends.clear();
+                // A burst's large buffer goes back to the allocator.
+                if p.data.capacity() > PACKED_KEEP {
+                    *p = Packed::default();
+                }
+            }
             if let Some(set) = self.topics.get(&batch.topic) {
                 work += set.len();
                 for &token in set {
-                    deliver_to(ctx, token, &batch.frames, counters, &policy);
+                    let to = Subscriber {
+                        token,
+                        frames: &batch.frames,
+                        packed: &mut self.packed,
+                    };
+                    deliver_to(ctx, to, counters, deflate, &policy);
                 }
             }
             batch.frames.clear();
@@ -484,24 +532,61 @@ impl Hub {
     }
 }
 
+/// One subscriber of the batch being delivered.
+struct Subscriber<'a> {
+    token: Token,
+    frames: &'a [Arc<[u8]>],
+    packed: &'a mut [Packed; WINDOW_SIZES],
+}
+
 /// Writes the messages of one batch that fit under the subscriber's bound. A message is staged
 /// only while the subscriber's queued output (staged bytes included) is under
 /// `max_write_buffer`; what was staged is then written, and if the socket took it the next
 /// messages get their turn, so only a subscriber that is really not reading loses messages.
+/// A `dedicated` subscriber's compressor sees only the messages written to it; for `shared`
+/// subscribers the batch is compressed whole, once, for all of them.
 fn deliver_to<S>(
     ctx: &mut Ctx<'_, S>,
-    token: Token,
-    frames: &[Arc<[u8]>],
+    to: Subscriber<'_>,
     counters: &ServiceCounters,
-    policy: &impl Fn(&mut S) -> Option<SlowConsumer>,
+    deflate: &mut Deflate<'_>,
+    policy: &impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
 ) {
+    let Subscriber {
+        token,
+        frames,
+        packed,
+    } = to;
     let mut next = 0;
     while next < frames.len() {
         let round = ctx.with_conn(token, |conn| {
-            let policy = policy(conn.state())?;
+            let (policy, delivery) = policy(conn.state())?;
+            if let Delivery::Shared(bits) = delivery {
+                let p = &mut packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
+                if !p.built {
+                    let Deflate {
+                        compression,
+                        counters,
+                    } = deflate;
+                    compression.pack_fanout(bits, frames, &mut p.data, &mut p.ends, counters);
+                    p.built = true;
+                }
+            }
             let mut i = next;
             while i < frames.len() && !conn.over_limit() {
-                conn.write(&frames[i]);
+                match delivery {
+                    Delivery::Plain => conn.write(&frames[i]),
+                    Delivery::Shared(bits) => {
+                        let p = &packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
+                        conn.write(p.frame(i));
+                    }
+                    Delivery::Dedicated => deflate.compression.write_dedicated_frame(
+                        token,
+                        conn.out(),
+                        &frames[i],
+                        deflate.counters,
+                    ),
+                }
                 i += 1;
             }
             if i == next && policy == SlowConsumer::Disconnect {

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::broker::{Broker, BrokerHandle, Outcome, Ticket};
+use super::compression::{Compression, Delivery};
 use super::metrics::{Metrics, ServiceCounters};
-use super::pubsub::{self, Client, Cmd, Fanout, Hub, Registry, TopicLimits};
-use super::routes::{self, ListenerRoutes, Routes};
+use super::pubsub::{self, Client, Cmd, Deflate, Fanout, Hub, Registry, TopicLimits};
+use super::routes::{self, ListenerRoutes, Routes, WsPath};
 use crate::config::{Config, ListenerConfig, ServiceKind, SlowConsumer, WsMode, WsRouteConfig};
 use crate::server::Peers;
+use crate::service::deflate::{self, Agreed, Inflate, ShardInflater};
 use crate::service::http::{DateCache, HeaderTimer, Http, HttpConn, HttpSettings};
 use crate::service::ws::{self, Message, WsConn};
 use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
@@ -49,12 +51,16 @@ pub enum ConnState {
     Ws(Box<WsState>),
 }
 
-/// An upgraded connection.
+/// An upgraded connection. Compression adds two bytes, which fit in the padding: a compressed
+/// connection's state is as large as a plain one's (a `dedicated` one's compressor is kept by
+/// [`Compression`], not here).
 pub struct WsState {
     conn: WsConn,
     listener: u16,
     route: u16,
     awaiting_pong: bool,
+    /// permessage-deflate as agreed in the upgrade (`None`: uncompressed).
+    deflate: Option<Agreed>,
 }
 
 /// A WebSocket route, with the limits derived from the configuration.
@@ -120,6 +126,8 @@ pub struct Router {
     shared: Arc<Shared>,
     fanout: Fanout,
     hub: Hub,
+    compression: Compression,
+    inflater: ShardInflater,
     draining: bool,
     /// Numbers requests answered later (`POST /publish` through the broker).
     next_request: Cell<u64>,
@@ -142,7 +150,14 @@ impl Router {
                         websocket: l
                             .websocket
                             .iter()
-                            .map(|w| (w.path.clone(), w.allowed_origins.clone()))
+                            .map(|w| WsPath {
+                                path: w.path.clone(),
+                                allowed_origins: w.allowed_origins.clone(),
+                                compression: deflate::Settings {
+                                    mode: w.compression,
+                                    window_bits: w.compression_window_bits,
+                                },
+                            })
                             .collect(),
                         publish,
                     },
@@ -172,6 +187,8 @@ impl Router {
             ),
             hub: Hub::with_interest(shared.broker.as_ref().map(|b| b.interest(info.shard))),
             shared,
+            compression: Compression::default(),
+            inflater: ShardInflater::default(),
             draining: false,
             next_request: Cell::new(1),
         }
@@ -237,7 +254,12 @@ impl Router {
                 listener: listener as u16,
                 route: route as u16,
                 awaiting_pong: false,
+                deflate: o.deflate,
             }));
+            if let Some(agreed) = o.deflate {
+                let deflate = self.shared.metrics.deflate(self.shard);
+                self.compression.open(conn.token(), agreed, deflate);
+            }
             let ping = self
                 .route(listener as u16, route as u16)
                 .config
@@ -265,7 +287,7 @@ impl Router {
         let ConnState::Ws(ws_state) = conn.state() else {
             return 0;
         };
-        let (listener, route) = (ws_state.listener, ws_state.route);
+        let (listener, route, agreed) = (ws_state.listener, ws_state.route, ws_state.deflate);
         let mut wsc = std::mem::take(&mut ws_state.conn);
         let token = conn.token();
         let Router {
@@ -274,10 +296,13 @@ impl Router {
             hub,
             fanout,
             shard,
+            compression,
+            inflater,
             ..
         } = self;
         let r = route_of(kinds, listener, route);
         let counters = shared.metrics.shard(*shard);
+        let deflate_counters = shared.metrics.deflate(*shard);
         let client = Client {
             token,
             limits: &r.topics,
@@ -285,19 +310,38 @@ impl Router {
             counters,
         };
         let mode = r.config.mode;
-        let p = wsc.process(input, r.frame_limit, conn.out(), &mut |msg, out| {
-            counters.ws_messages_in.inc();
-            match mode {
-                WsMode::Echo => {
-                    counters.ws_messages_out.inc();
-                    match msg {
-                        Message::Text(s) => ws::write_frame(out, ws::OP_TEXT, s.as_bytes()),
-                        Message::Binary(b) => ws::write_frame(out, ws::OP_BINARY, b),
-                    }
-                }
-                WsMode::Pubsub => hub.on_message(&client, &msg, out),
-            }
+        let inflate = agreed.map(|_| Inflate {
+            shard: inflater,
+            counters: deflate_counters,
+            max_message: r.config.max_message,
         });
+        let p = wsc.process_with(
+            input,
+            r.frame_limit,
+            conn.out(),
+            inflate,
+            &mut |msg, out| {
+                counters.ws_messages_in.inc();
+                match mode {
+                    WsMode::Echo => {
+                        counters.ws_messages_out.inc();
+                        let (opcode, payload) = match msg {
+                            Message::Text(s) => (ws::OP_TEXT, s.as_bytes()),
+                            Message::Binary(b) => (ws::OP_BINARY, b),
+                        };
+                        compression.write_message(
+                            token,
+                            agreed,
+                            out,
+                            opcode,
+                            payload,
+                            deflate_counters,
+                        );
+                    }
+                    WsMode::Pubsub => hub.on_message(&client, &msg, out),
+                }
+            },
+        );
         let ping = r.config.ping_interval;
         if let ConnState::Ws(s) = conn.state() {
             s.conn = wsc;
@@ -386,9 +430,13 @@ impl Service for Router {
     }
 
     fn on_close(&mut self, token: Token, state: &mut ConnState, _reason: CloseReason) {
-        if let ConnState::Ws(_) = state {
+        if let ConnState::Ws(s) = state {
             self.counters().ws_open.sub(1);
             self.hub.on_close(token, &self.shared.registry);
+            if s.deflate.is_some() {
+                let deflate = self.shared.metrics.deflate(self.shard);
+                self.compression.close(token, deflate);
+            }
         }
     }
 
@@ -433,11 +481,20 @@ impl Service for Router {
         }
         let kinds = &self.kinds;
         let counters = self.shared.metrics.shard(self.shard);
-        self.hub
-            .deliver(ctx, &self.fanout, counters, |state| match state {
-                ConnState::Ws(s) => Some(slow_consumer(kinds, s)),
+        let mut deflate = Deflate {
+            compression: &mut self.compression,
+            counters: self.shared.metrics.deflate(self.shard),
+        };
+        self.hub.deliver(
+            ctx,
+            &self.fanout,
+            counters,
+            &mut deflate,
+            |state| match state {
+                ConnState::Ws(s) => Some((slow_consumer(kinds, s), Delivery::of(s.deflate))),
                 _ => None,
-            });
+            },
+        );
     }
 }
 
@@ -496,4 +553,21 @@ impl Router {
 
 fn slow_consumer(kinds: &[Kind], s: &WsState) -> SlowConsumer {
     route_of(kinds, s.listener, s.route).config.slow_consumer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle WebSocket connection holds besides the engine's slot: its boxed state.
+    /// Compression must not make it larger (the agreed parameters fit in its padding).
+    #[test]
+    fn websocket_state_is_as_small_with_compression() {
+        assert_eq!(std::mem::size_of::<Option<Agreed>>(), 2);
+        assert!(
+            std::mem::size_of::<WsState>() <= 24,
+            "{}",
+            std::mem::size_of::<WsState>()
+        );
+    }
 }

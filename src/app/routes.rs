@@ -10,6 +10,7 @@ use std::cell::Cell;
 use super::broker::{Outcome, Refusal};
 use super::metrics::{Metrics, ServiceCounters};
 use super::pubsub::{self, Fanout, Refused, TopicLimits};
+use crate::service::deflate;
 use crate::service::http::{Handler, Request, Response, Sent};
 use crate::service::Token;
 
@@ -17,11 +18,19 @@ use crate::service::Token;
 pub struct ListenerRoutes {
     /// Serve `/metrics` and `/stats`.
     pub admin_routes: bool,
-    /// WebSocket paths and their allowed origins (empty: any), by route index.
-    pub websocket: Vec<(String, Vec<String>)>,
+    /// WebSocket paths, by route index.
+    pub websocket: Vec<WsPath>,
     /// What `POST /publish` accepts: the largest topic and message any pub/sub route of the
     /// configuration could carry (a subscriber on any listener may receive it).
     pub publish: TopicLimits,
+}
+
+/// What the upgrade of one WebSocket path checks and negotiates.
+pub struct WsPath {
+    pub path: String,
+    /// Origin values accepted (empty: any).
+    pub allowed_origins: Vec<String>,
+    pub compression: deflate::Settings,
 }
 
 /// One shard's routes for one call.
@@ -41,8 +50,9 @@ impl Handler for Routes<'_> {
     fn request(&mut self, r: &Request<'_>, resp: Response<'_>) -> Sent {
         let path = r.path();
         let get = matches!(r.method(), "GET" | "HEAD");
-        if let Some(i) = self.listener.websocket.iter().position(|(p, _)| p == path) {
-            return resp.upgrade(r, &self.listener.websocket[i].1, i);
+        if let Some(i) = self.listener.websocket.iter().position(|w| w.path == path) {
+            let w = &self.listener.websocket[i];
+            return resp.upgrade(r, &w.allowed_origins, w.compression, i);
         }
         match path {
             "/metrics" | "/stats" if !self.listener.admin_routes => {

@@ -143,6 +143,12 @@ pub fn measure(
         if args.idle_ws {
             cmd.arg("--idle-ws");
         }
+        if args.deflate {
+            cmd.arg("--deflate");
+        }
+        if args.payload == super::client::Payload::Json {
+            cmd.arg("--payload").arg("json");
+        }
         // Source addresses dealt out: child i takes every n-th one.
         let mine: Vec<String> = sources
             .iter()

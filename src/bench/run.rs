@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::args::{parse_cores, parse_sources, BenchArgs};
-use super::client::{Client, ClientCmd, Mode, ShardResult};
+use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 use super::{fanout, multi, procfs, wrk};
 use crate::server::{Limits, PoolSpec, ShardPool, Tuning};
@@ -152,6 +152,7 @@ pub fn measure_on(
             plan.base,
             args.rate.unwrap_or(1000.0),
             plan.window_after.clone(),
+            (args.payload == Payload::Json).then_some(args.size),
         )
     });
     let bar = progress(args.warmup + args.duration, label);

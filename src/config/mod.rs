@@ -272,6 +272,10 @@ pub struct WsRouteConfig {
     /// Longest topic name accepted, in bytes.
     #[serde(with = "size")]
     pub max_topic_length: usize,
+    /// permessage-deflate (RFC 7692) on this route.
+    pub compression: Compression,
+    /// The largest window a `dedicated` connection's compressor uses, as a power of two (9..=15).
+    pub compression_window_bits: u8,
 }
 
 impl Default for WsRouteConfig {
@@ -286,6 +290,8 @@ impl Default for WsRouteConfig {
             allowed_origins: Vec::new(),
             max_topics: 64,
             max_topic_length: 256,
+            compression: Compression::Shared,
+            compression_window_bits: 12,
         }
     }
 }
@@ -462,6 +468,18 @@ pub enum ServiceKind {
 pub enum WsMode {
     Echo,
     Pubsub,
+}
+
+/// permessage-deflate on a WebSocket route; `service::deflate` says what each mode agrees to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Offers are declined.
+    Off,
+    /// Without context takeover, one compressor per shard: no memory per connection.
+    Shared,
+    /// A compressor per connection, with context takeover.
+    Dedicated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -651,6 +669,50 @@ mod tests {
         );
         let src = format!("{L}service = \"http\"\n[[listener.websocket]]\nbogus = 1\n");
         assert_eq!(err(&src).2, "listener[0].websocket[0].bogus");
+    }
+
+    #[test]
+    fn websocket_compression() {
+        let route = |extra: &str| {
+            format!("{L}service = \"http\"\n[[listener.websocket]]\npath = \"/ws\"\n{extra}")
+        };
+        let c = Config::parse(&route(""), "t").unwrap();
+        assert_eq!(c.listeners[0].websocket[0].compression, Compression::Shared);
+        assert_eq!(c.listeners[0].websocket[0].compression_window_bits, 12);
+        for (v, mode) in [
+            ("off", Compression::Off),
+            ("shared", Compression::Shared),
+            ("dedicated", Compression::Dedicated),
+        ] {
+            let src = route(&format!(
+                "compression = \"{v}\"\ncompression_window_bits = 9\n"
+            ));
+            let c = Config::parse(&src, "t").unwrap();
+            assert_eq!(c.listeners[0].websocket[0].compression, mode);
+            assert_eq!(Config::parse(&c.to_toml(), "again").unwrap(), c);
+        }
+        let (line, _, key, reason) = err(&route("compression = \"zlib\"\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression"),
+            "{reason}"
+        );
+        assert!(reason.contains("shared"), "{reason}");
+        for bits in ["8", "16", "0"] {
+            let (line, col, key, reason) =
+                err(&route(&format!("compression_window_bits = {bits}\n")));
+            assert_eq!(
+                (line, col, key.as_str()),
+                (7, 1, "listener[0].websocket[0].compression_window_bits"),
+                "{reason}"
+            );
+            assert!(reason.contains("between 9 and 15"), "{reason}");
+        }
+        let (line, _, key, _) = err(&route("compression_window_bits = 300\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression_window_bits")
+        );
     }
 
     #[test]

@@ -121,6 +121,16 @@ impl Config {
                 if w.max_message == 0 {
                     return fail(&key("max_message"), "must be positive".into());
                 }
+                // 8 is in RFC 7692's range, but zlib cannot compress raw deflate with it.
+                if !(9..=15).contains(&w.compression_window_bits) {
+                    return fail(
+                        &key("compression_window_bits"),
+                        format!(
+                            "must be between 9 and 15 (a window of 512 bytes to 32KiB), found {}",
+                            w.compression_window_bits
+                        ),
+                    );
+                }
                 // A frame is parsed only once it is whole in the read buffer, so a message
                 // limit the buffer cannot hold would never be reached: the connection would hit
                 // max_read_buffer first. Refused, so the limit configured is the limit enforced.

@@ -40,6 +40,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::deflate::{self, Agreed};
+
 /// Headers parsed per request; more → 431.
 const MAX_HEADERS: usize = 32;
 
@@ -140,6 +142,8 @@ pub struct Outcome {
     pub stopped: bool,
     /// A valid WebSocket upgrade for route `.0` was answered with 101 at `consumed`.
     pub upgrade: Option<usize>,
+    /// The permessage-deflate parameters that upgrade agreed to (`None`: uncompressed).
+    pub deflate: Option<Agreed>,
     /// Final responses written (error responses and a 101 included; `100 Continue` not).
     pub responses: u32,
     /// Of those, responses with a 4xx or 5xx status.
@@ -161,6 +165,7 @@ impl Outcome {
             partial: false,
             stopped: false,
             upgrade: None,
+            deflate: None,
             responses: 0,
             errors: 0,
             status: 0,
@@ -302,6 +307,7 @@ pub struct Sent {
     status: u16,
     upgrade: Option<usize>,
     deferred: Option<Pending>,
+    deflate: Option<Agreed>,
 }
 
 impl Sent {
@@ -338,6 +344,7 @@ impl Response<'_> {
             status,
             upgrade: None,
             deferred: None,
+            deflate: None,
         }
     }
 
@@ -353,15 +360,24 @@ impl Response<'_> {
                 keep_alive: self.keep_alive,
                 version: self.version,
             }),
+            deflate: None,
         }
     }
 
     /// Completes a WebSocket handshake for the route numbered `route` (the caller's numbering,
     /// handed back in [`Outcome::upgrade`]), or answers why not: 405 for a method other than
     /// GET, 426 without `Upgrade: websocket` and `Connection: Upgrade` or with a version other
-    /// than 13, 400 for a missing or malformed key, 403 for an origin not in `allowed_origins`
-    /// (empty: any origin).
-    pub fn upgrade(self, req: &Request<'_>, allowed_origins: &[String], route: usize) -> Sent {
+    /// than 13, 400 for a missing or malformed key or a malformed `Sec-WebSocket-Extensions`,
+    /// 403 for an origin not in `allowed_origins` (empty: any origin). A permessage-deflate
+    /// offer the route's `compression` accepts is answered in the 101 and handed back in
+    /// [`Outcome::deflate`].
+    pub fn upgrade(
+        self,
+        req: &Request<'_>,
+        allowed_origins: &[String],
+        compression: deflate::Settings,
+        route: usize,
+    ) -> Sent {
         if req.method != "GET" {
             return self.send(405, "text/plain", b"method not allowed\n", "Allow: GET\r\n");
         }
@@ -393,6 +409,19 @@ impl Response<'_> {
                 )
             }
         };
+        let offers = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .map(|h| h.value);
+        let answer = match deflate::negotiate(offers, compression) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut body = e.to_string().into_bytes();
+                body.push(b'\n');
+                return self.send(400, "text/plain", &body, "");
+            }
+        };
         if !allowed_origins.is_empty()
             && !req
                 .origin
@@ -403,11 +432,16 @@ impl Response<'_> {
         let out = self.out;
         out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
         out.extend_from_slice(super::ws::accept_key(key).as_bytes());
-        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(b"\r\n");
+        if let Some(a) = &answer {
+            a.write_header(out);
+        }
+        out.extend_from_slice(b"\r\n");
         Sent {
             status: 101,
             upgrade: Some(route),
             deferred: None,
+            deflate: answer.map(|a| a.agreed),
         }
     }
 }
@@ -814,6 +848,7 @@ impl Http {
             o.count(sent.status);
             if let Some(route) = sent.upgrade {
                 o.upgrade = Some(route);
+                o.deflate = sent.deflate;
                 return;
             }
             if !keep_alive {
@@ -891,14 +926,25 @@ fn reason(status: u16) -> &'static str {
 mod tests {
     use super::*;
 
-    /// Routes `/ok` (200, echoing the body length), `/ws` (upgrade), anything else 404.
+    /// Routes `/ok` (200, echoing the body length), `/ws` (upgrade, compression shared),
+    /// `/ws/plain` (upgrade, compression off), anything else 404.
     struct Echo;
+
+    const SHARED: deflate::Settings = deflate::Settings {
+        mode: crate::config::Compression::Shared,
+        window_bits: 12,
+    };
+    const OFF: deflate::Settings = deflate::Settings {
+        mode: crate::config::Compression::Off,
+        window_bits: 12,
+    };
 
     impl Handler for Echo {
         fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
             match req.path() {
                 "/ok" => resp.send(200, "text/plain", req.body(), ""),
-                "/ws" => resp.upgrade(req, &[], 0),
+                "/ws" => resp.upgrade(req, &[], SHARED, 0),
+                "/ws/plain" => resp.upgrade(req, &[], OFF, 1),
                 "/later" => resp.defer(7),
                 _ => resp.send(404, "text/plain", b"", ""),
             }
@@ -1206,5 +1252,72 @@ mod tests {
             ),
             405
         );
+    }
+
+    #[test]
+    fn upgrade_negotiates_permessage_deflate() {
+        let up = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let ask = |path: &str, ext: &str| {
+            run(format!("GET {path} HTTP/1.1\r\nHost: a\r\n{up}{ext}\r\n").as_bytes())
+        };
+        let (o, out) = ask(
+            "/ws",
+            "Sec-WebSocket-Extensions: x-foo, permessage-deflate; client_max_window_bits\r\n",
+        );
+        assert_eq!((o.status, o.upgrade), (101, Some(0)));
+        assert_eq!(
+            o.deflate,
+            Some(Agreed {
+                window_bits: 15,
+                takeover: false
+            })
+        );
+        assert!(
+            out.ends_with(
+                "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+                 client_no_context_takeover\r\n\r\n"
+            ),
+            "{out}"
+        );
+        // Offers spread over two header lines count as one list.
+        let (o, out) = ask(
+            "/ws",
+            "Sec-WebSocket-Extensions: x-foo\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\n",
+        );
+        assert_eq!(o.deflate.map(|a| a.window_bits), Some(10));
+        assert!(out.contains("; server_max_window_bits=10\r\n"), "{out}");
+        // Declined: no extension header, an uncompressed connection.
+        for (path, ext) in [
+            ("/ws", ""),
+            (
+                "/ws",
+                "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n",
+            ),
+            (
+                "/ws",
+                "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8\r\n",
+            ),
+            (
+                "/ws/plain",
+                "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+            ),
+        ] {
+            let (o, out) = ask(path, ext);
+            assert_eq!((o.status, o.deflate), (101, None), "{ext}");
+            assert!(!out.contains("Sec-WebSocket-Extensions"), "{out}");
+        }
+        // Malformed: 400, on every route.
+        for path in ["/ws", "/ws/plain"] {
+            let (o, out) = ask(
+                path,
+                "Sec-WebSocket-Extensions: permessage-deflate; a=\"b\r\n",
+            );
+            assert_eq!((o.status, o.upgrade), (400, None), "{out}");
+            assert!(
+                out.contains("malformed Sec-WebSocket-Extensions header"),
+                "{out}"
+            );
+        }
     }
 }

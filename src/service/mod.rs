@@ -6,6 +6,7 @@
 //! The service trait and its handles live in the engine ([`crate::server::api`]); they are
 //! re-exported here so `crate::service::{Service, Conn, Ctx, Token, ShardInfo}` keeps working.
 
+pub mod deflate;
 pub mod echo;
 pub mod http;
 pub mod ws;

@@ -6,8 +6,8 @@
 //! message is being assembled; an unfragmented message is delivered straight from the input.
 //!
 //! Rules enforced (close code in brackets), each as soon as the bytes that break it arrive: client
-//! frames must be masked [1002]; RSV bits need an extension and none is negotiated
-//! (permessage-deflate offers are declined by not answering them) [1002]; unknown opcodes [1002];
+//! frames must be masked [1002]; RSV2 and RSV3 are refused, and RSV1 unless permessage-deflate
+//! was negotiated, and then on control frames and continuations [1002]; unknown opcodes [1002];
 //! control frames must be final and carry ≤ 125 bytes [1002]; continuation without a message in
 //! progress, or a new data frame inside one [1002, from the frame header]; a message (all
 //! fragments) over the caller's limit [1009, from the frame header, so a frame announcing more
@@ -18,9 +18,16 @@
 //! frame that never completes; close payloads of one byte or with an invalid code [1002] or a
 //! non-UTF-8 reason [1007]. Non-minimal length encodings are accepted, as most implementations do
 //! (the RFC's "MUST" binds the sender; rejecting them protects nothing).
+//!
+//! With permessage-deflate negotiated ([`WsConn::process_with`]), RSV1 on a data message's first
+//! frame marks it compressed: its fragments are assembled compressed, and the whole message is
+//! inflated by the shard's inflater at its last fragment; inflating past the message limit is a
+//! 1009, a corrupt stream a 1007, and text is validated once inflated.
 
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
+
+use super::deflate::{Inflate, InflateError};
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -64,8 +71,12 @@ pub enum Message<'a> {
 /// A fragmented message being assembled.
 struct Assembly {
     opcode: u8,
+    /// The first frame had RSV1 (permessage-deflate): `data` is compressed, inflated and
+    /// validated once the last fragment is in.
+    compressed: bool,
     data: Vec<u8>,
-    /// Bytes of `data` known to be valid UTF-8 (text only); the rest is an incomplete tail.
+    /// Bytes of `data` known to be valid UTF-8 (uncompressed text only); the rest is an
+    /// incomplete tail.
     validated: usize,
 }
 
@@ -96,9 +107,20 @@ pub struct Progress {
     pub frames: usize,
 }
 
+/// The frame header bit that marks a compressed message (permessage-deflate, RFC 7692 §6).
+pub const RSV1: u8 = 0x40;
+
 /// Appends a server (unmasked) frame.
 pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     let (h, n) = frame_header(opcode, payload.len());
+    out.extend_from_slice(&h[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// Appends a server frame whose payload is compressed (RSV1 set).
+pub fn write_frame_compressed(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let (mut h, n) = frame_header(opcode, payload.len());
+    h[0] |= RSV1;
     out.extend_from_slice(&h[..n]);
     out.extend_from_slice(payload);
 }
@@ -195,6 +217,22 @@ impl WsConn {
         out: &mut Vec<u8>,
         on_message: &mut dyn FnMut(Message<'_>, &mut Vec<u8>),
     ) -> Progress {
+        self.process_with(input, max_message, out, None, on_message)
+    }
+
+    /// [`WsConn::process`] on a connection that negotiated permessage-deflate when `inflate` is
+    /// given: a data message whose first frame has RSV1 is compressed, and is inflated (up to
+    /// `inflate.max_message`: 1009 past it, 1007 if corrupt) before `on_message` sees it.
+    /// `max_message` still bounds what arrives on the wire. RSV1 is refused (1002) on a control
+    /// frame, on a continuation, and on any frame when `inflate` is `None`.
+    pub fn process_with(
+        &mut self,
+        input: &mut [u8],
+        max_message: usize,
+        out: &mut Vec<u8>,
+        mut inflate: Option<Inflate<'_>>,
+        on_message: &mut dyn FnMut(Message<'_>, &mut Vec<u8>),
+    ) -> Progress {
         let mut p = Progress::default();
         loop {
             let buf = &mut input[p.consumed..];
@@ -210,7 +248,8 @@ impl WsConn {
                 write_close(out, code, why);
                 p.close = Some(code);
             };
-            if b0 & 0x70 != 0 {
+            let rsv1 = b0 & RSV1 != 0;
+            if b0 & 0x30 != 0 || (rsv1 && inflate.is_none()) {
                 fail(out, &mut p, CLOSE_PROTOCOL, "reserved bits set");
                 break;
             }
@@ -231,6 +270,15 @@ impl WsConn {
                     &mut p,
                     CLOSE_PROTOCOL,
                     "control frames must be final and at most 125 bytes",
+                );
+                break;
+            }
+            if rsv1 && (control || opcode == OP_CONT) {
+                fail(
+                    out,
+                    &mut p,
+                    CLOSE_PROTOCOL,
+                    "RSV1 is set only on the first frame of a data message",
                 );
                 break;
             }
@@ -281,7 +329,7 @@ impl WsConn {
             }
             let len = len as usize;
             if buf.len() < hdr + len {
-                if buf.len() > hdr && !self.close_sent && self.is_text(opcode) {
+                if buf.len() > hdr && !self.close_sent && self.checks_in_place(opcode, rsv1) {
                     let avail = buf.len() - hdr;
                     if let Err(why) = self.check_prefix(buf, hdr, avail) {
                         fail(out, &mut p, CLOSE_INVALID_DATA, why);
@@ -332,20 +380,18 @@ impl WsConn {
                 }
                 OP_TEXT | OP_BINARY => {
                     if fin {
-                        if opcode == OP_TEXT {
-                            match std::str::from_utf8(payload) {
-                                Ok(s) => on_message(Message::Text(s), out),
-                                Err(_) => {
-                                    fail(out, &mut p, CLOSE_INVALID_DATA, "text is not UTF-8");
-                                    break;
-                                }
-                            }
-                        } else {
-                            on_message(Message::Binary(payload), out);
+                        let delivered = match inflate.as_mut().filter(|_| rsv1) {
+                            Some(inf) => deliver_compressed(inf, opcode, payload, out, on_message),
+                            None => deliver(opcode, payload, out, on_message),
+                        };
+                        if let Err((code, why)) = delivered {
+                            fail(out, &mut p, code, why);
+                            break;
                         }
                     } else {
                         let mut a = Box::new(Assembly {
                             opcode,
+                            compressed: rsv1,
                             data: Vec::with_capacity(len.max(64)),
                             validated: 0,
                         });
@@ -375,12 +421,25 @@ impl WsConn {
                     }
                     if fin {
                         let a = self.assembly.take().expect("some");
-                        if a.opcode == OP_TEXT {
-                            // check_utf8(true) validated all of it.
-                            let s = std::str::from_utf8(&a.data).unwrap_or_default();
-                            on_message(Message::Text(s), out);
-                        } else {
-                            on_message(Message::Binary(&a.data), out);
+                        let delivered = match (a.compressed, inflate.as_mut()) {
+                            (true, Some(inf)) => {
+                                deliver_compressed(inf, a.opcode, &a.data, out, on_message)
+                            }
+                            (true, None) => Err((CLOSE_PROTOCOL, "reserved bits set")),
+                            (false, _) if a.opcode == OP_TEXT => {
+                                // check_utf8(true) validated all of it.
+                                let s = std::str::from_utf8(&a.data).unwrap_or_default();
+                                on_message(Message::Text(s), out);
+                                Ok(())
+                            }
+                            (false, _) => {
+                                on_message(Message::Binary(&a.data), out);
+                                Ok(())
+                            }
+                        };
+                        if let Err((code, why)) = delivered {
+                            fail(out, &mut p, code, why);
+                            break;
                         }
                     }
                 }
@@ -395,11 +454,16 @@ impl WsConn {
         p
     }
 
-    /// Whether a data frame with this opcode carries text (a continuation, of a text message).
-    fn is_text(&self, opcode: u8) -> bool {
+    /// Whether a data frame with this opcode (and RSV1 bit) carries text that can be validated
+    /// as it arrives: uncompressed text, or a continuation of it. Compressed text is validated
+    /// once inflated.
+    fn checks_in_place(&self, opcode: u8, rsv1: bool) -> bool {
         match opcode {
-            OP_TEXT => true,
-            OP_CONT => self.assembly.as_ref().is_some_and(|a| a.opcode == OP_TEXT),
+            OP_TEXT => !rsv1,
+            OP_CONT => self
+                .assembly
+                .as_ref()
+                .is_some_and(|a| a.opcode == OP_TEXT && !a.compressed),
             _ => false,
         }
     }
@@ -507,11 +571,48 @@ fn utf8_continue(carry: &[u8], data: &[u8]) -> Option<usize> {
     }
 }
 
+/// A protocol failure: the close code and its reason.
+type Failure = (u16, &'static str);
+
+/// Hands a complete message to `on_message`, text validated as UTF-8 first.
+fn deliver(
+    opcode: u8,
+    data: &[u8],
+    out: &mut Vec<u8>,
+    on_message: &mut dyn FnMut(Message<'_>, &mut Vec<u8>),
+) -> Result<(), Failure> {
+    if opcode == OP_TEXT {
+        let s = std::str::from_utf8(data).map_err(|_| (CLOSE_INVALID_DATA, "text is not UTF-8"))?;
+        on_message(Message::Text(s), out);
+    } else {
+        on_message(Message::Binary(data), out);
+    }
+    Ok(())
+}
+
+/// Inflates a complete compressed message and hands it on.
+fn deliver_compressed(
+    inf: &mut Inflate<'_>,
+    opcode: u8,
+    compressed: &[u8],
+    out: &mut Vec<u8>,
+    on_message: &mut dyn FnMut(Message<'_>, &mut Vec<u8>),
+) -> Result<(), Failure> {
+    match inf.shard.inflate(compressed, inf.max_message, inf.counters) {
+        Ok(data) => deliver(opcode, data, out, on_message),
+        Err(InflateError::TooBig) => Err((
+            CLOSE_TOO_BIG,
+            "message larger than max_message once inflated",
+        )),
+        Err(InflateError::Invalid) => Err((CLOSE_INVALID_DATA, "invalid compressed data")),
+    }
+}
+
 impl Assembly {
     /// Validates the new bytes of a text message; an incomplete sequence may end a non-final
-    /// fragment but not the message.
+    /// fragment but not the message. Compressed data is checked once inflated.
     fn check_utf8(&mut self, last: bool) -> bool {
-        if self.opcode != OP_TEXT {
+        if self.opcode != OP_TEXT || self.compressed {
             return true;
         }
         match std::str::from_utf8(&self.data[self.validated..]) {
@@ -808,6 +909,160 @@ mod tests {
                 unmask(b, mask, split);
                 assert_eq!(buf, plain, "len {len} split {split}");
             }
+        }
+    }
+
+    mod compressed {
+        use super::*;
+        use crate::service::deflate::{
+            Agreed, DeflateCounters, Deflater, ShardInflater, LEVEL_THOROUGH,
+        };
+
+        fn deflate(data: &[u8]) -> Vec<u8> {
+            let agreed = Agreed {
+                window_bits: 15,
+                takeover: false,
+            };
+            let mut out = Vec::new();
+            Deflater::new(agreed, LEVEL_THOROUGH)
+                .compress(data, &mut out)
+                .unwrap();
+            out
+        }
+
+        /// A client frame with RSV1 set.
+        fn rsv1(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+            let mut v = masked(opcode, fin, payload);
+            v[0] |= RSV1;
+            v
+        }
+
+        /// Feeds `stream` in pieces of `step` bytes on a connection that negotiated
+        /// permessage-deflate, with messages inflated up to `max`.
+        fn feed(stream: &[u8], step: usize, max: usize) -> (Vec<String>, Option<u16>, Vec<u8>) {
+            let mut c = WsConn::default();
+            let mut shard = ShardInflater::default();
+            let counters = DeflateCounters::default();
+            let mut held: Vec<u8> = Vec::new();
+            let mut msgs = Vec::new();
+            let mut out = Vec::new();
+            for chunk in stream.chunks(step) {
+                held.extend_from_slice(chunk);
+                let inflate = Inflate {
+                    shard: &mut shard,
+                    counters: &counters,
+                    max_message: max,
+                };
+                let p =
+                    c.process_with(
+                        &mut held,
+                        1 << 20,
+                        &mut out,
+                        Some(inflate),
+                        &mut |m, _| match m {
+                            Message::Text(s) => msgs.push(s.to_string()),
+                            Message::Binary(b) => msgs.push(format!("b:{}", b.len())),
+                        },
+                    );
+                held.drain(..p.consumed);
+                if p.close.is_some() {
+                    return (msgs, p.close, out);
+                }
+            }
+            (msgs, None, out)
+        }
+
+        #[test]
+        fn compressed_and_plain_messages_are_delivered() {
+            let text = "héllo wörld, ".repeat(50);
+            let mut input = rsv1(OP_TEXT, true, &deflate(text.as_bytes()));
+            input.extend(rsv1(OP_BINARY, true, &deflate(&[7u8; 3000])));
+            input.extend(masked(OP_TEXT, true, b"plain is still fine"));
+            input.extend(rsv1(OP_TEXT, true, &deflate(b"")));
+            for step in [1, 7, 4096] {
+                let (msgs, close, _) = feed(&input, step, 1 << 20);
+                assert_eq!(close, None, "step {step}");
+                assert_eq!(
+                    msgs,
+                    vec![
+                        text.clone(),
+                        "b:3000".into(),
+                        "plain is still fine".into(),
+                        "".into()
+                    ],
+                    "step {step}"
+                );
+            }
+        }
+
+        #[test]
+        fn fragmented_compressed_messages_are_inflated_whole() {
+            let text = "a😀b".repeat(300);
+            let z = deflate(text.as_bytes());
+            let (a, rest) = z.split_at(z.len() / 3);
+            let (b, c) = rest.split_at(rest.len() / 2);
+            let mut input = rsv1(OP_TEXT, false, a);
+            input.extend(masked(OP_PING, true, b"p"));
+            input.extend(masked(OP_CONT, false, b));
+            input.extend(masked(OP_CONT, true, c));
+            for step in [1, 5, 1000] {
+                let (msgs, close, out) = feed(&input, step, 1 << 20);
+                assert_eq!((msgs, close), (vec![text.clone()], None), "step {step}");
+                assert_eq!(decode_server_frame(&out).unwrap().unwrap().0, OP_PONG);
+            }
+            // A compressed fragment is not UTF-8 and is not checked as such.
+            let mut input = rsv1(OP_TEXT, false, &[0xff, 0xfe]);
+            input.extend(masked(OP_CONT, false, &[0xff]));
+            assert_eq!(feed(&input, 1, 1 << 20).1, None);
+        }
+
+        #[test]
+        fn rsv1_is_refused_where_it_cannot_be() {
+            let z = deflate(b"hello hello hello hello hello hello");
+            let mut on_cont = rsv1(OP_TEXT, false, &z[..3]);
+            on_cont.extend(rsv1(OP_CONT, true, &z[3..]));
+            let mut rsv2 = masked(OP_TEXT, true, b"x");
+            rsv2[0] |= 0x20;
+            for (name, frame) in [
+                ("ping", rsv1(OP_PING, true, b"p")),
+                ("close", rsv1(OP_CLOSE, true, &1000u16.to_be_bytes())),
+                ("continuation", on_cont),
+                ("rsv2", rsv2),
+            ] {
+                let (msgs, close, out) = feed(&frame, 1 << 16, 1 << 20);
+                assert_eq!(close, Some(CLOSE_PROTOCOL), "{name}");
+                assert_eq!(close_code(&out), CLOSE_PROTOCOL, "{name}");
+                assert!(msgs.is_empty(), "{name}");
+            }
+            // Without permessage-deflate, RSV1 on a data frame is refused too.
+            let mut c = WsConn::default();
+            let (p, _, _) = run(&mut c, &rsv1(OP_TEXT, true, &z), 1 << 20);
+            assert_eq!(p.close, Some(CLOSE_PROTOCOL));
+        }
+
+        #[test]
+        fn bad_compressed_input_closes_with_1007_or_1009() {
+            // Compressed bytes that inflate to invalid UTF-8 text.
+            let (_, close, out) = feed(&rsv1(OP_TEXT, true, &deflate(&[0xff; 100])), 64, 1 << 20);
+            assert_eq!(close, Some(CLOSE_INVALID_DATA));
+            assert_eq!(close_code(&out), CLOSE_INVALID_DATA);
+            // Not a deflate stream.
+            let (_, close, _) = feed(&rsv1(OP_BINARY, true, &[0x07, 1, 2, 3]), 64, 1 << 20);
+            assert_eq!(close, Some(CLOSE_INVALID_DATA));
+            // Small on the wire, larger than the limit once inflated, fragmented or not.
+            let z = deflate(&[b'a'; 100_000]);
+            assert!(z.len() < 1000);
+            let (msgs, close, out) = feed(&rsv1(OP_TEXT, true, &z), 4096, 10_000);
+            assert_eq!((msgs.len(), close), (0, Some(CLOSE_TOO_BIG)));
+            assert_eq!(close_code(&out), CLOSE_TOO_BIG);
+            let mut frags = rsv1(OP_TEXT, false, &z[..10]);
+            frags.extend(masked(OP_CONT, true, &z[10..]));
+            assert_eq!(feed(&frags, 4096, 10_000).1, Some(CLOSE_TOO_BIG));
+            assert_eq!(
+                feed(&frags, 4096, 100_000).0.len(),
+                1,
+                "at the limit it passes"
+            );
         }
     }
 

@@ -420,3 +420,43 @@ pub fn http_toml(shards: usize, listener_extra: &str) -> String {
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n{listener_extra}\n"
     )
 }
+
+/// `shardnet bench` with `args`, short (600 ms measured after a 100 ms warm-up) and on client
+/// core 0: its exit code and everything it printed.
+pub fn bench(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .arg("bench")
+        .args([
+            "--duration",
+            "600ms",
+            "--warmup",
+            "100ms",
+            "--client-cores",
+            "0",
+        ])
+        .args(args)
+        .output()
+        .expect("run bench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Runs a Python client `script` with `args`; panics, with its output, unless it prints `ok`.
+#[track_caller]
+pub fn run_python(py: &std::path::Path, script: &str, args: &[&str]) {
+    let out = std::process::Command::new(py)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
