@@ -1137,8 +1137,8 @@ fn processes_ride_out_an_outage(server: &mut dyn Server) {
     wait_for("both processes subscribed again", || {
         server.subscribers_of(&name) == 2
     });
-    wait_for("/healthz ok again", || {
-        http_get(addrs[1], "/healthz").1 == "ok\n"
+    wait_for("/healthz ok again on both processes", || {
+        addrs.iter().all(|&a| http_get(a, "/healthz").1 == "ok\n")
     });
     let (status, body) = http_publish(&mut http, "live", "{\"n\":100}");
     assert_eq!(status, 200, "{body}");
