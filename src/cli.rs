@@ -216,8 +216,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     log_auth(&config, &auth);
     let auth = Arc::new(Reloadable::new(auth));
-    let mut server =
-        crate::app::start_with(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let app =
+        crate::app::start_app(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let (mut server, broker) = (app.server, app.broker);
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -244,7 +245,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             recv(ticker) -> _ => {
                 let snap = server.snapshot();
-                log::info!("{}", snap.log_line(last.as_ref()));
+                match &broker {
+                    Some(b) => log::info!(
+                        "{} {}",
+                        snap.log_line(last.as_ref()),
+                        broker_line(&b.metrics().snapshot())
+                    ),
+                    None => log::info!("{}", snap.log_line(last.as_ref())),
+                }
                 last = Some(snap);
             }
         }
@@ -274,6 +282,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(128 + sig.unwrap_or(SIGTERM));
         }
     }
+}
+
+/// The broker's part of the periodic log line (totals since start).
+fn broker_line(b: &crate::app::broker::BrokerStats) -> String {
+    let latency = match (b.latency_quantile_us(0.5), b.latency_quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => format!(" latency_p50<={p50}us p99<={p99}us"),
+        _ => String::new(),
+    };
+    format!(
+        "broker={} up={} reconnects={} published={} refused={} received={} topics={} gaps={}{latency}",
+        b.kind,
+        u8::from(b.up),
+        b.reconnects,
+        b.published,
+        b.refused_total(),
+        b.received,
+        b.topics,
+        b.gaps,
+    )
 }
 
 fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
@@ -325,6 +352,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    // The broker thread's connections and bounds are set up once, at start.
+    let (a, b) = (&old.broker, &new.broker);
+    macro_rules! check_broker {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("broker.", stringify!($f))); })* };
+    }
+    check_broker!(kind url prefix reconnect_min reconnect_max reconnect_jitter connect_timeout max_pending max_pending_bytes publish_timeout);
     // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
     // it has TLS at all, and its handshake timeout, need a restart like its other keys.
     let restart_part = |c: &Config| -> Vec<ListenerConfig> {
@@ -458,6 +491,16 @@ fn log_summary(config: &Config, server: &Server) {
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");
     }
+    let b = &config.broker;
+    if b.kind != crate::config::BrokerKind::None {
+        // The url as Display shows it: any password or token is `***`.
+        log::info!(
+            "broker: {} at {}, prefix `{}`: publishes go through the broker",
+            b.kind.as_str(),
+            b.url,
+            b.prefix
+        );
+    }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
          max_connections={}, idle_timeout={}, max_write_buffer={}, write_timeout={}",
@@ -472,4 +515,30 @@ fn log_summary(config: &Config, server: &Server) {
         size::format(config.limits.max_write_buffer),
         duration::format(config.limits.write_timeout),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn broker_keys_are_restart_only() {
+        let parse = |broker: &str| Config::parse(&format!("{broker}{L}"), "t").unwrap();
+        let none = parse("");
+        let redis = parse("[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\n");
+        assert_eq!(
+            restart_only_changes(&none, &redis),
+            vec!["broker.kind", "broker.url"]
+        );
+        let slower = parse(
+            "[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\npublish_timeout = \"9s\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&redis, &slower),
+            vec!["broker.publish_timeout"]
+        );
+        assert!(restart_only_changes(&redis, &redis).is_empty());
+    }
 }

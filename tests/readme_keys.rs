@@ -90,6 +90,12 @@ impl Schema {
                 public_keys: vec![PublicKeyConfig::default()],
                 ..AuthConfig::default()
             },
+            // A broker kind other than "none", so that every [broker] key is printed.
+            broker: shardnet::config::BrokerConfig {
+                kind: shardnet::config::BrokerKind::Redis,
+                url: shardnet::config::BrokerUrl::new("redis://127.0.0.1:6379").unwrap(),
+                ..Default::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -101,6 +107,7 @@ impl Schema {
         assert!(schema.keys.contains("listener.websocket.max_topics"));
         assert!(schema.keys.contains("listener.tls.client_ca"));
         assert!(schema.keys.contains("auth.public_key.kid"));
+        assert!(schema.keys.contains("broker.publish_timeout"));
         schema
     }
 

@@ -161,6 +161,22 @@ pub struct BenchArgs {
     /// The name the server's certificate must carry (--tls).
     #[arg(long, default_value = "localhost")]
     pub tls_name: String,
+    /// With --spawn: start this many shardnet processes (all on --server-cores); connections
+    /// are spread over them round-robin, the fan-out publisher talks to the first.
+    #[arg(long, default_value_t = 1, requires = "spawn")]
+    pub server_processes: usize,
+    /// With --spawn: start this broker (redis-server or nats-server, on a free port, no
+    /// persistence) and run the spawned processes against it (`[broker]`), so a fan-out crosses
+    /// processes through it.
+    #[arg(long, value_enum, requires = "spawn", conflicts_with = "config")]
+    pub broker: Option<BrokerArg>,
+}
+
+/// The brokers `--broker` can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerArg {
+    Redis,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -316,6 +332,12 @@ impl BenchArgs {
             self.balance
                 .as_deref()
                 .map_or(String::new(), |b| format!(" balance {b}"))
-        )
+        ) + &match (self.server_processes, self.broker) {
+            (1, None) => String::new(),
+            (n, b) => format!(
+                " server processes {n}{}",
+                b.map_or(String::new(), |b| format!(" broker {b:?}").to_lowercase())
+            ),
+        }
     }
 }

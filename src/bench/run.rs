@@ -40,6 +40,24 @@ pub fn measure(
     pid: Option<u32>,
     label: &str,
 ) -> anyhow::Result<Measurement> {
+    measure_on(args, &[target], pid, label)
+}
+
+/// [`measure`] against several server processes (`--server-processes`): connection `i` goes to
+/// `targets[i % n]`, the fan-out publisher to the first, the servers' drop counts are summed;
+/// CPU and RSS are the first process's (`pid`).
+pub fn measure_on(
+    args: &BenchArgs,
+    targets: &[SocketAddr],
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    let Some(&target) = targets.first() else {
+        bail!("no server to measure");
+    };
+    if targets.len() > 1 && (args.processes > 1 || args.wrk || matches!(args.mode, Mode::Connect)) {
+        bail!("--server-processes works with the built-in client in one process (not --processes, --wrk or --mode connect)");
+    }
     if args.processes > 1 && args.child_report.is_none() {
         return multi::measure(args, target, pid, label);
     }
@@ -92,6 +110,7 @@ pub fn measure(
     let rss_before = pid.and_then(procfs::rss_bytes);
     for i in 0..args.connections {
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+        let target = targets[i % targets.len()];
         let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
             .with_context(|| {
                 format!(
@@ -193,7 +212,10 @@ pub fn measure(
     // Fan-out rates are over the window of publishes; the wait for the backlog is not in it.
     let seconds = window.map_or(cpu.window, |w| w.3);
     let fanout = window.map(|(first, last, publish_errors, _)| fanout::FanoutReport {
-        dropped_by_server: fanout::server_dropped(target),
+        dropped_by_server: targets
+            .iter()
+            .map(|&t| fanout::server_dropped(t))
+            .sum::<Option<u64>>(),
         ..fanout::FanoutReport::new(&results, first, last, publish_errors)
     });
     if let Some(f) = &fanout {

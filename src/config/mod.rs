@@ -13,6 +13,7 @@
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
 mod auth;
+mod broker;
 mod spans;
 mod tls;
 mod units;
@@ -29,6 +30,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
 pub use auth::{AuthConfig, KeyAlg, PublicKeyConfig, RouteAuth};
+pub use broker::{BrokerConfig, BrokerKind, BrokerUrl};
 pub use tls::ListenerTls;
 pub use units::{duration, size};
 
@@ -78,6 +80,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    /// Pub/sub across processes and hosts (`kind = "none"`: in-process only).
+    pub broker: BrokerConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }

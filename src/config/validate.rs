@@ -7,7 +7,7 @@
 
 use super::auth::{bounds, REGISTERED_CLAIMS};
 use super::spans::Spans;
-use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards};
+use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards, WsMode};
 
 /// The longest WebSocket frame header a client sends (2 bytes, an 8-byte length, a 4-byte mask):
 /// a frame of `max_message` bytes occupies this much more in the read buffer.
@@ -65,6 +65,7 @@ impl Config {
         if limits.max_read_buffer < 1024 {
             return fail("limits.max_read_buffer", "must be at least 1KiB".into());
         }
+        self.check_broker(spans, &fail)?;
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             if l.name.is_empty() {
@@ -281,5 +282,37 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[broker]`: its own checks, and its byte bound against the largest pub/sub message.
+    fn check_broker(
+        &self,
+        spans: &Spans,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let largest = self
+            .listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.websocket
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.mode == WsMode::Pubsub)
+                    .map(move |(j, w)| {
+                        (
+                            format!("listener[{i}].websocket[{j}].max_message"),
+                            w.max_message,
+                        )
+                    })
+            })
+            .max_by_key(|(_, m)| *m);
+        match self
+            .broker
+            .check(|k| spans.contains(&format!("broker.{k}")), largest)
+        {
+            Ok(()) => Ok(()),
+            Err((key, reason)) => fail(&format!("broker.{key}"), reason),
+        }
     }
 }
