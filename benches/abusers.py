@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import select
 import socket
 import struct
@@ -756,6 +757,7 @@ def descriptor_exhaustion(ctx, state):
     out = []
     with ctx.lock:
         ctx.emfile_epoch += 1  # odd: a phase is on
+    began = time.time()
     held = []
     try:
         for _ in range(ctx.fd_limit + 200):
@@ -796,8 +798,10 @@ def descriptor_exhaustion(ctx, state):
     waiting = len(held) - len(served)
     what = "limit reached, recovered" if waiting > 0 else "limit not reached"
     out.append(timed(what, recovered, 0, 5))
+    # Wall-clock times, to line up with the probe's slow answers.
     state.setdefault("detail", []).append(
-        {"held": len(held), "served": len(served), "recovered_seconds": round(recovered, 3)})
+        {"held": len(held), "served": len(served), "recovered_seconds": round(recovered, 3),
+         "began": round(began, 3), "released": round(time.time() - (now() - released), 3)})
     return out
 
 
@@ -902,7 +906,7 @@ def summary(kind):
         "unexpected": unexpected,
         "during_emfile": dict(kind.overlapped),
         "seconds": seconds,
-        **({"detail": kind.state["detail"][-10:]} if "detail" in kind.state else {}),
+        **({"detail": kind.state["detail"]} if "detail" in kind.state else {}),
     }
 
 
@@ -942,7 +946,9 @@ def main():
     report = {k.name: summary(k) for k in chosen}
     late = [t.name for t in threads if t.is_alive()]
     with open(ctx.json, "w") as f:
-        json.dump({"seconds": ctx.seconds, "kinds": report, "unfinished": late}, f, indent=1)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        json.dump({"seconds": ctx.seconds, "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
+                   "kinds": report, "unfinished": late}, f, indent=1)
     bad = sum(sum(k["unexpected"].values()) for k in report.values())
     print(f"abusers: {sum(k['attempts'] for k in report.values())} attempts, {bad} unexpected"
           f" outcomes{', unfinished: ' + ','.join(late) if late else ''}")

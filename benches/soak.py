@@ -115,6 +115,9 @@ def probe(a):
     intended send time (a late answer delays the next sends, and they are charged for it)."""
     host, _, port = a.http.rpartition(":")
     lat, errors, first_error = [], 0, None
+    # Answers slower than 20 ms, with the wall-clock time of their intended send (to line up
+    # with the abusers' EMFILE phases): the first 1000.
+    slow = []
     s = None
     start = now()
     i = 0
@@ -147,6 +150,8 @@ def probe(a):
             if status != 200:
                 raise ValueError(f"status {status}")
             lat.append(now() - intended)
+            if lat[-1] > 0.02:
+                slow.append((round(time.time() - (now() - intended), 3), round(lat[-1] * 1e6)))
         except (OSError, EOFError, ValueError, StopIteration) as e:
             errors += 1
             first_error = first_error or f"{type(e).__name__}: {e}"
@@ -159,7 +164,7 @@ def probe(a):
     pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6) if lat else None
     with open(a.out, "w") as f:
         json.dump({"requests": len(lat), "errors": errors, "first_error": first_error,
-                   "interval_s": a.interval,
+                   "interval_s": a.interval, "slow_over_20ms": slow[:1000],
                    "latency_us": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
                                   "p999": pct(0.999), "max": pct(1.0)}}, f)
     return 0
@@ -220,7 +225,9 @@ def report(a):
                 "connections": r["connections"], "requests": r["requests"],
                 "requests_per_second": round(r["requests_per_second"], 1),
                 "latency_us": r["latency_us"], "errors": r["errors"],
-                "first_error": r["first_error"]}
+                "first_error": r["first_error"],
+                "server_cpu_share": (round(r["server_cpu_seconds"] / r["seconds"], 3)
+                                     if r.get("server_cpu_seconds") and r["seconds"] else None)}
         ph["probe"] = load(os.path.join(d, f"{p}-probe.json"))
         ph["samples"] = load(os.path.join(d, f"{p}-samples.json"), {})
         stats = load(os.path.join(d, f"{p}-stats.json"), {})
@@ -282,6 +289,13 @@ def report(a):
                      f"{r:.2f}" if r else "n/a", f"{bp['errors']} / {xp['errors']}",
                      f"{bp['requests']} / {xp['requests']} requests"))
     out["p99_ratio_worst_bench"] = round(worst, 3)
+    # Which of the probe's slow answers (over 20 ms) fell in a descriptor-exhaustion phase.
+    phases_emfile = [(p["began"], p["released"] + 1) for p in
+                     abusers.get("kinds", {}).get("descriptor_exhaustion", {}).get("detail", [])]
+    slow = (xp or {}).get("slow_over_20ms", [])
+    in_emfile = sum(1 for t, _ in slow if any(b <= t <= e for b, e in phases_emfile))
+    out["probe_slow_in_emfile_phases"] = {"slow": len(slow), "in_phases": in_emfile,
+                                          "phases": len(phases_emfile)}
 
     lines = []
     w = max(len(r[0]) for r in rows)
@@ -295,6 +309,14 @@ def report(a):
                  f"{mib(m['abuse_peak_rss'])}; bound {mib(m['bound'])} "
                  f"({'under' if m['under_bound'] else 'OVER'}); peak gauges with abusers: "
                  + ", ".join(f"{k} {v}" for k, v in m["abuse_gauge_peaks"].items()))
+    cpu = [(ph["load"].get("http") or {}).get("server_cpu_share") for ph in (base, ab)]
+    lines.append("server CPU (all threads, over the measured window): "
+                 + " / ".join("n/a" if c is None else f"{c * 100:.0f}% of a core" for c in cpu)
+                 + " (baseline / with abusers)")
+    if xp:
+        lines.append(f"probe answers over 20 ms: baseline {len((bp or {}).get('slow_over_20ms', []))}, "
+                     f"with abusers {len(slow)} ({in_emfile} of them during the "
+                     f"{len(phases_emfile)} descriptor-exhaustion phases)")
     lines.append(f"crashes: {crashes} (baseline: health {base['health']}, exit {base['exit']};"
                  f" abusers: health {ab['health']}, exit {ab['exit']})")
     lines.append("closed by each limit (baseline / with abusers):")
@@ -317,7 +339,8 @@ def report(a):
             lines.append(f"  {name}: {k['attempts']} attempts: {outs}{emf}{flag}")
         unexpected = sum(sum(k["unexpected"].values()) for k in kinds.values())
         out["abusers_unexpected"] = unexpected
-        lines.append(f"abuser outcomes not expected: {unexpected}"
+        lines.append(f"abuser outcomes not expected: {unexpected}; the abusers used "
+                     f"{abusers.get('cpu_seconds')} CPU-seconds of core 1"
                      + (f"; unfinished: {abusers['unfinished']}" if abusers.get("unfinished")
                         else ""))
     text = "\n".join(lines)
