@@ -709,7 +709,7 @@ impl Service for Client {
             .now()
             .saturating_duration_since(self.start)
             .as_secs_f64();
-        let due_total = (elapsed * rate) as u64;
+        let due_total = due(elapsed, rate);
         let start = self.start;
         for i in 0..self.conns.len() {
             let token = self.conns[i];
@@ -753,5 +753,27 @@ impl Service for Client {
                 let _ = tx.send(r);
             }
         }
+    }
+}
+
+/// Requests of one open-loop connection due `elapsed` seconds after the start at `rate` per
+/// second. Request k (from 0) is due at k / rate, so the first is due at once: counting only
+/// whole intervals (`elapsed * rate`) would send each request one interval after its intended
+/// time and charge that interval to the server as latency.
+fn due(elapsed: f64, rate: f64) -> u64 {
+    (elapsed * rate) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn a_request_is_due_at_its_intended_time_not_one_interval_later() {
+        // 40 requests/s: one every 25 ms, the first at 0.
+        assert_eq!(due(0.0, 40.0), 1);
+        assert_eq!(due(0.024, 40.0), 1);
+        assert_eq!(due(0.0251, 40.0), 2);
+        assert_eq!(due(1.0, 40.0), 41);
     }
 }
