@@ -284,6 +284,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.listeners != new.listeners {
         keys.push("listener");
     }
+    if old.offload != new.offload {
+        keys.push("offload");
+    }
     keys
 }
 

@@ -73,6 +73,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub offload: OffloadConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -136,6 +137,38 @@ impl Default for LimitsConfig {
             max_write_buffer: 1 << 20,
             write_timeout: Duration::from_secs(30),
             max_read_buffer: 2 << 20,
+        }
+    }
+}
+
+/// `[offload]`: the pool of threads a service hands blocking work to
+/// ([`crate::server::Peers::offload`]). It exists only once a service offloads something; the
+/// built-in services do not, so these keys matter to services built on the library that load
+/// this configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// Threads that run jobs.
+    pub threads: usize,
+    /// Jobs that may wait for a thread; one more (beyond the running ones) is refused.
+    pub queue: usize,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        let spec = crate::server::OffloadSpec::default();
+        OffloadConfig {
+            threads: spec.threads,
+            queue: spec.queue,
+        }
+    }
+}
+
+impl From<&OffloadConfig> for crate::server::OffloadSpec {
+    fn from(c: &OffloadConfig) -> Self {
+        crate::server::OffloadSpec {
+            threads: c.threads,
+            queue: c.queue,
         }
     }
 }
@@ -884,6 +917,28 @@ mod tests {
             "[limits]\nmax_read_buffer = \"64KiB\"\n",
         );
         assert_eq!(err(&over).2, "listener[0].websocket[0].max_message");
+    }
+
+    #[test]
+    fn offload_takes_bounded_threads_and_queue() {
+        let c = Config::parse(L, "t").unwrap();
+        assert_eq!((c.offload.threads, c.offload.queue), (8, 1024));
+        let c = Config::parse(&format!("[offload]\nthreads = 2\nqueue = 10\n{L}"), "t").unwrap();
+        let spec = crate::server::OffloadSpec::from(&c.offload);
+        assert_eq!((spec.threads, spec.queue), (2, 10));
+        for (k, v) in [
+            ("threads", "0"),
+            ("threads", "1025"),
+            ("queue", "0"),
+            ("queue", "1000001"),
+        ] {
+            let (line, col, key, reason) = err(&format!("[offload]\n{k} = {v}\n{L}"));
+            assert_eq!((line, col), (2, 1), "{k} = {v}: {reason}");
+            assert_eq!(key, format!("offload.{k}"));
+            assert!(reason.contains("between"), "{reason}");
+        }
+        let (line, _, key, _) = err(&format!("[offload]\nthreads = \"many\"\n{L}"));
+        assert_eq!((line, key.as_str()), (2, "offload.threads"));
     }
 
     #[test]

@@ -59,10 +59,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::conn::Token;
+use crate::server::offload::{Offload, OffloadError};
 use crate::server::port::DataTx;
 use crate::server::shard::state::{Ctl, Env, Flags};
 use crate::server::shard::Core;
-use crate::stats::StatsView;
+use crate::stats::{Registry, StatsView};
 use crate::sys::{socket, waker::Waker};
 
 /// Why a connection closed.
@@ -134,12 +135,22 @@ pub trait Service: 'static {
     /// `on_command`, so a service can coalesce their work: pub/sub writes every message queued
     /// for a subscriber in one write instead of one write per message.
     fn on_commands_done(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
+
+    // --- Offloaded work ([`Peers::offload`]) ---
+
+    /// The result of a job this connection handed to the offload pool with
+    /// [`Peers::offload`], back on the connection's own shard. Results come in the order the
+    /// jobs finish, not the order they were submitted. Not called when the connection closed
+    /// (or began closing) meanwhile: that result is dropped and counted. The default drops it.
+    fn on_offload(&mut self, _conn: &mut Conn<'_, Self::State>, _result: Self::Command) {}
 }
 
 /// What a service's constructor gets, on the shard's own thread.
 pub struct ShardInfo {
     /// The pool's counters, read-only (for `/metrics` and health checks).
     pub stats: StatsView,
+    /// Where this shard's service registers counters of its own.
+    pub counters: Registry,
     pub shard: usize,
     pub shards: usize,
     pub started: Instant,
@@ -226,6 +237,32 @@ impl<St> Conn<'_, St> {
         self.ctl.flags.set(Flags::RESUME);
     }
 
+    /// Stops reading from this connection (and offering it input) until [`Conn::resume_reading`]:
+    /// for a service waiting on something (an offloaded job, another shard) before it takes the
+    /// next request. Input already received stays buffered; the socket's buffers then fill and
+    /// TCP holds the client back. While paused a reset from the peer is noticed, its FIN only
+    /// once reading resumes (so a half-closed client still gets its answers). Timeouts run as
+    /// usual.
+    pub fn pause_reading(&mut self) {
+        self.ctl.flags.set(Flags::HELD);
+    }
+
+    /// Undoes [`Conn::pause_reading`]: the input left unconsumed is offered again (without
+    /// waiting for new bytes) and the socket is read again.
+    pub fn resume_reading(&mut self) {
+        if self.ctl.flags.has(Flags::HELD) {
+            self.ctl.flags.clear(Flags::HELD);
+            if self.ctl.input.is_some() {
+                self.ctl.flags.set(Flags::RESUME);
+            }
+        }
+    }
+
+    /// Whether reading is paused by [`Conn::pause_reading`].
+    pub fn reading_paused(&self) -> bool {
+        self.ctl.flags.has(Flags::HELD)
+    }
+
     /// Whether the connection is closing (asked to, or already on its way out).
     pub fn is_closing(&self) -> bool {
         !self.ctl.is_open()
@@ -286,10 +323,12 @@ impl<St> Ctx<'_, St> {
     }
 }
 
-/// A service's way to reach every shard (pub/sub fan-out): each shard's bounded data channel,
-/// followed by a wake of its eventfd.
+/// A service's way to reach other threads: every shard (pub/sub fan-out, requests to the shard
+/// that owns some data), through each shard's bounded data channel followed by a wake of its
+/// eventfd; and the offload pool ([`Peers::offload`]), whose results come back the same way.
 pub struct Peers<C> {
     pub(crate) ports: Arc<[PeerPort<C>]>,
+    pub(crate) offload: Arc<Offload<C>>,
 }
 
 pub(crate) struct PeerPort<C> {
@@ -301,6 +340,7 @@ impl<C> Clone for Peers<C> {
     fn clone(&self) -> Self {
         Peers {
             ports: self.ports.clone(),
+            offload: self.offload.clone(),
         }
     }
 }
@@ -312,6 +352,28 @@ impl<C: Send + 'static> Peers<C> {
 
     pub fn is_empty(&self) -> bool {
         self.ports.is_empty()
+    }
+
+    /// How many commands each shard's data channel holds before [`Peers::send`] refuses: a
+    /// service that must never lose a reply keeps its messages in flight under it.
+    pub fn capacity(&self) -> usize {
+        self.ports.first().map_or(0, |p| p.data.capacity())
+    }
+
+    /// Runs `job` on a thread of the offload pool (started by the first job), and hands its
+    /// result to [`Service::on_offload`] with this connection, on this connection's shard. Never
+    /// blocks: a full pool (`threads + queue` jobs in flight) refuses at once, and the job is
+    /// dropped without running.
+    ///
+    /// The job must not borrow from the connection or the service (it runs on another thread):
+    /// move what it needs into it, and the result carries what comes back.
+    pub fn offload<St>(
+        &self,
+        conn: &Conn<'_, St>,
+        job: impl FnOnce() -> C + Send + 'static,
+    ) -> Result<(), OffloadError> {
+        self.offload
+            .submit(conn.env.shard, conn.token, Box::new(job))
     }
 
     /// Sends to one shard without blocking; false if its queue is full or the shard is gone

@@ -26,6 +26,7 @@
 pub(crate) mod acceptor;
 pub mod api;
 pub(crate) mod listener;
+pub(crate) mod offload;
 mod pool;
 pub(crate) mod port;
 pub(crate) mod shard;
@@ -35,6 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use api::{CloseReason, Conn, Ctx, Peers, Service, ShardInfo, Token};
+pub use offload::{OffloadError, OffloadSpec};
 pub use pool::{ControlError, PoolSpec, ShardPool};
 pub use shard::TICK;
 
@@ -169,6 +171,7 @@ pub struct ServerBuilder {
     max_connections: Option<usize>,
     limits: Limits,
     tuning: Tuning,
+    offload: OffloadSpec,
 }
 
 impl ServerBuilder {
@@ -213,6 +216,13 @@ impl ServerBuilder {
         self
     }
 
+    /// The size of the offload pool ([`Peers::offload`]); default [`OffloadSpec::default`]. The
+    /// pool's threads start with the first job: a server whose service never offloads has none.
+    pub fn offload(mut self, spec: OffloadSpec) -> Self {
+        self.offload = spec;
+        self
+    }
+
     /// The pool layout this builder asks for, resolved on this host: shard count and the core
     /// of each shard.
     pub fn pool_spec(&self) -> PoolSpec {
@@ -240,6 +250,7 @@ impl ServerBuilder {
             cores,
             limits: self.limits,
             tuning: self.tuning,
+            offload: self.offload,
         }
     }
 

@@ -3,13 +3,16 @@
 //! Generated from the counter lists in [`crate::stats`] and [`super::router`]: each counter
 //! becomes `shardnet_<name>_total{shard="N"}` (gauges lose the `_total`), acceptor counters
 //! `shardnet_acceptor_<name>_total`; times are exposed in seconds. Process gauges follow the
-//! Prometheus client conventions (`process_open_fds`, `process_resident_memory_bytes`).
+//! Prometheus client conventions (`process_open_fds`, `process_resident_memory_bytes`). The
+//! offload pool, once it exists, shows as `shardnet_offload_<name>` with its latency as the
+//! histogram `shardnet_offload_latency_seconds`; counters a service registered for itself as
+//! `shardnet_service_<name>_total{shard="N"}`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 
 use super::router::Shared;
-use crate::stats::Kind;
+use crate::stats::{Kind, Snapshot};
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -53,6 +56,7 @@ pub fn render(shared: &Shared, buf: &mut Vec<u8>) {
             }
         }
     }
+    render_offload_and_registered(&snap, &mut out);
     for (field, kind, help, value) in snap.acceptor.fields() {
         if field == "paused_micros" {
             let name = "shardnet_acceptor_paused_seconds_total";
@@ -121,6 +125,40 @@ pub fn render(shared: &Shared, buf: &mut Vec<u8>) {
     buf.extend_from_slice(out.as_bytes());
 }
 
+/// The offload pool's families (when there is a pool) and the services' registered counters.
+fn render_offload_and_registered(snap: &Snapshot, out: &mut String) {
+    if let Some(o) = &snap.offload {
+        for (field, kind, help, value) in o.fields() {
+            let name = metric_name("shardnet_offload_", field, kind);
+            header(out, &name, kind_str(kind), help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        let name = "shardnet_offload_latency_seconds";
+        header(
+            out,
+            name,
+            "histogram",
+            "time from an offloaded job's submission to its result's delivery",
+        );
+        let h = &o.latency;
+        for (bound, count) in h.bounds_seconds.iter().zip(&h.cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count());
+        let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count {}", h.count());
+    }
+    for family in &snap.registered {
+        let name = metric_name("shardnet_service_", &family.name, family.kind);
+        header(out, &name, kind_str(family.kind), &family.help);
+        for (shard, value) in family.values.iter().enumerate() {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {v}");
+            }
+        }
+    }
+}
+
 fn kind_str(kind: Kind) -> &'static str {
     match kind {
         Kind::Counter => "counter",
@@ -161,8 +199,89 @@ pub fn render_json(shared: &Shared, buf: &mut Vec<u8>) {
         "acceptor": snap.acceptor,
         "per_shard": snap.shards,
         "services": services,
+        "offload": snap.offload,
+        "service_counters": snap.registered,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },
     });
     let _ = serde_json::to_writer(&mut *buf, &v);
     let _ = buf.write_all(b"\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ListenerSpec, Peers, Server, Service};
+
+    /// A service that registers a counter and offloads one job per connection.
+    struct Counting {
+        peers: Peers<u8>,
+        opened: crate::stats::CounterHandle,
+    }
+
+    impl Service for Counting {
+        type State = ();
+        type Command = u8;
+
+        fn on_open(&mut self, conn: &mut crate::server::Conn<'_, ()>) {
+            self.opened.inc();
+            self.peers.offload(conn, || 7).expect("room in the pool");
+        }
+
+        fn on_data(&mut self, _conn: &mut crate::server::Conn<'_, ()>, input: &mut [u8]) -> usize {
+            input.len()
+        }
+
+        fn on_offload(&mut self, conn: &mut crate::server::Conn<'_, ()>, result: u8) {
+            conn.write(&[result]);
+        }
+    }
+
+    #[test]
+    fn offload_and_registered_counters_are_rendered() {
+        let server = Server::builder()
+            .listener(ListenerSpec::new("t", "127.0.0.1:0".parse().unwrap()))
+            .shards(1)
+            .pinning(crate::server::Pinning::Off)
+            .start(|info, peers| Counting {
+                peers,
+                opened: info
+                    .counters
+                    .counter("opened", "connections opened")
+                    .unwrap(),
+            })
+            .unwrap();
+        let empty = server.snapshot();
+        assert!(empty.offload.is_none(), "no job yet, no pool");
+        let mut client = std::net::TcpStream::connect(server.addr("t").unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut client, &mut byte).unwrap();
+        assert_eq!(byte[0], 7);
+        let snap = server.snapshot();
+        let mut out = String::new();
+        render_offload_and_registered(&snap, &mut out);
+        assert!(out.contains("shardnet_offload_done_total 1\n"), "{out}");
+        assert!(
+            out.contains("# TYPE shardnet_offload_queued gauge\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_count 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("# HELP shardnet_service_opened_total connections opened\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_service_opened_total{shard=\"0\"} 1\n"),
+            "{out}"
+        );
+    }
 }

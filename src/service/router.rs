@@ -22,7 +22,8 @@ use crate::config::{
     WsMode, WsRouteConfig,
 };
 use crate::server::{
-    Balance, Limits, ListenerSpec, Peers, Pinning, Server, ServerBuilder, ServerError, Tuning,
+    Balance, Limits, ListenerSpec, OffloadSpec, Peers, Pinning, Server, ServerBuilder, ServerError,
+    Tuning,
 };
 use crate::stats::StatsView;
 
@@ -637,6 +638,7 @@ pub fn engine(config: &Config) -> ServerBuilder {
         })
         .max_connections(max_connections)
         .limits(Limits::from(&config.limits))
+        .offload(OffloadSpec::from(&config.offload))
         .tuning(Tuning {
             edge: sc.trigger == Trigger::Edge,
             read_buffer: sc.read_buffer,

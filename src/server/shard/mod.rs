@@ -16,7 +16,8 @@
 //!    and acknowledged before anything else is looked at;
 //! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
 //! 4. the events: the waker (control again, new connections, then at most 4096 data commands,
-//!    with control looked at every 64 of them), reads and writes;
+//!    with control looked at every 64 of them, then at most 4096 results of offloaded jobs),
+//!    reads and writes;
 //! 5. connections whose read budget ran out, then the shard's own listeners;
 //! 6. once draining and empty (or past `shutdown_timeout`), the end.
 //!
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 use crate::conn::{BufferPool, Slab, Token, TokenKind};
 use crate::server::api::{CloseReason, Ctx, Service};
 use crate::server::listener::{AcceptCounters, Listener, Step};
+use crate::server::offload::{Done, Outcome};
 use crate::server::port::{Control, Inbox, NewConn};
 use crate::server::{Limits, Tuning};
 use crate::stats::{ShardCounters, Stats};
@@ -200,6 +202,9 @@ impl<S: Service> Shard<S> {
                         if ev.readable || ev.error {
                             self.on_readable(token, ev.read_closed);
                         }
+                        if ev.error {
+                            self.on_error_unread(token);
+                        }
                     }
                 }
                 self.reap();
@@ -349,8 +354,65 @@ impl<S: Service> Shard<S> {
                 service.on_commands_done(ctx)
             });
         }
-        if commands == WAKE_BATCH || adopted == WAKE_BATCH || !self.inbox.conns.is_empty() {
+        let mut results = 0;
+        while results < WAKE_BATCH {
+            let Ok(done) = self.inbox.results.try_recv() else {
+                break;
+            };
+            results += 1;
+            self.on_result(done);
+        }
+        if commands == WAKE_BATCH
+            || adopted == WAKE_BATCH
+            || results == WAKE_BATCH
+            || !self.inbox.conns.is_empty()
+        {
             self.waker.wake();
+        }
+    }
+
+    /// An offloaded job's result: to its connection if that is still open, else dropped.
+    fn on_result(&mut self, done: Done<S::Command>) {
+        let offload = self.core.stats.offload();
+        // The place this job held in the pool's bound is free once its result is taken.
+        offload
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let open = self
+            .core
+            .conns
+            .get(done.token)
+            .is_some_and(|e| e.ctl.is_open());
+        match done.outcome {
+            Outcome::Ok(result) if open => {
+                offload.done.inc();
+                offload.record_latency(done.queued_at.elapsed());
+                let service = &mut self.service;
+                self.core
+                    .call(done.token, |conn| service.on_offload(conn, result));
+            }
+            Outcome::Ok(_) => offload.dropped.inc(),
+            Outcome::Panicked(message) => {
+                offload.panicked.inc();
+                log::error!(
+                    "{}: an offloaded job panicked: {message}; closing its connection",
+                    self.name
+                );
+                self.core.doom(done.token, CloseReason::Panic);
+            }
+        }
+        self.reap();
+    }
+
+    /// An error or hang-up event for a connection the read path did not look at (its service
+    /// paused reading) and the write path had nothing for: the peer is gone (a reset), so
+    /// the connection is closed now rather than when reading resumes.
+    fn on_error_unread(&mut self, token: Token) {
+        let Some(e) = self.core.conns.get(token) else {
+            return;
+        };
+        if e.ctl.is_open() && !e.ctl.reading() && e.ctl.output.is_none() {
+            self.core.doom(token, CloseReason::Error);
         }
     }
 
