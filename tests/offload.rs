@@ -46,14 +46,16 @@ fn read_line(r: &mut BufReader<TcpStream>) -> String {
 }
 
 /// Echo round trips while the jobs run. A shard that ran the jobs itself would hold every echo
-/// behind them: with 1,000 jobs of 20 ms the typical echo would wait several milliseconds and
-/// the worst a whole job. Measured here with another copy of this test and other builds running
-/// (load average 3 on 2 cores): worst 3.5 to 12 ms, 99th percentile 50 to 320 µs, over 40,000
-/// to 120,000 round trips. The worst is the scheduler's (the client and the shard share two
-/// cores with eight pool threads), hence its bound at one job's duration; the 99th percentile
-/// is the shard's, bounded at a tenth of a job.
-const ECHO_WORST: Duration = Duration::from_millis(20);
-const ECHO_P99: Duration = Duration::from_millis(2);
+/// behind them: with 1,000 jobs of 20 ms, most echoes would wait on a job (the 99th percentile
+/// at a whole job, 20 ms) and the worst behind a whole batch of them (100 job connections are
+/// ready at once: seconds). Measured here (2 cores shared with other builds): at load average
+/// 3, worst 3.5 to 12 ms and 99th percentile 50 to 320 µs over 40,000 to 120,000 round trips; at
+/// load average 16, worst 15 to 53 ms and 99th percentile 60 µs to 2.5 ms. The worst is the
+/// scheduler's (the client, the shard and eight pool threads share two cores with whatever else
+/// runs), so it is bounded well above what was measured and far below what a stalled shard
+/// shows; the 99th percentile is the shard's, bounded at half a job.
+const ECHO_WORST: Duration = Duration::from_millis(200);
+const ECHO_P99: Duration = Duration::from_millis(10);
 
 #[test]
 fn a_thousand_slow_jobs_leave_the_shard_answering_other_connections() {
@@ -110,6 +112,12 @@ fn a_thousand_slow_jobs_leave_the_shard_answering_other_connections() {
     let worst = times.last().copied().unwrap_or_default();
     let p99 = times[rounds * 99 / 100];
     assert!(wrong.is_empty(), "wrong answers: {wrong:?}");
+    assert!(rounds >= ECHO_CONNS, "echoes ran: {rounds}");
+    assert!(
+        worst < ECHO_WORST && p99 < ECHO_P99,
+        "echo round trips while the jobs ran: worst {worst:?}, 99th percentile {p99:?} over \
+         {rounds}"
+    );
     let snap = server.snapshot();
     let offload = snap.offload.expect("the pool exists");
     assert_eq!(
@@ -130,12 +138,6 @@ fn a_thousand_slow_jobs_leave_the_shard_answering_other_connections() {
     assert!(
         elapsed >= WORK * 1000 / 8 && elapsed < Duration::from_secs(10),
         "1,000 jobs of 20 ms on 8 threads took {elapsed:?}"
-    );
-    assert!(rounds >= ECHO_CONNS, "echoes ran: {rounds}");
-    assert!(
-        worst < ECHO_WORST && p99 < ECHO_P99,
-        "echo round trips while the jobs ran: worst {worst:?}, 99th percentile {p99:?} over \
-         {rounds}"
     );
     let registered = snap
         .registered

@@ -40,6 +40,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    // The engine logs through `log` (a shard that dies, a pool that cannot start): to stderr.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let limits = service::KvLimits {
         max_value: args.max_value,
         max_memory: args.max_memory,

@@ -2,9 +2,11 @@
 //! `INCR`, `MGET`), pipelined, with the keyspace partitioned across the shards by key hash.
 //!
 //! Shared nothing: each shard owns the keys that hash to it, in a map only its thread touches.
-//! A command for a key another shard owns goes to that shard as a message ([`Msg::Request`],
+//! A command for a key another shard owns goes to that shard as a message ([`Msg::Requests`],
 //! over [`Peers::send`]: its bounded data channel and an eventfd wake), runs there, and its
-//! reply comes back the same way ([`Msg::Reply`]). No lock, no shared map.
+//! reply comes back the same way ([`Msg::Replies`]). No lock, no shared map. What one read of a
+//! connection asks of one shard travels as one message, and its replies as one, so a pipelined
+//! client costs a message each way per shard and read, not one per command.
 //!
 //! Order: a connection's replies go out in the order of its requests, whatever shard answers.
 //! Each request gets the connection's next sequence number; while nothing is outstanding a
@@ -14,7 +16,7 @@
 //! fill their slots, and the finished front of the queue is written.
 //!
 //! Bounds: a connection holds at most [`MAX_PENDING`] replies in its queue, and a shard at most
-//! `Peers::capacity() / (2 × shards)` requests out on other shards, so the replies coming back
+//! `Peers::capacity() / (2 × shards)` messages out on other shards, so the replies coming back
 //! (plus the requests other shards send) always fit in its data channel and no reply is ever
 //! lost. At either bound the connection stops reading (`Conn::pause_reading`) until replies
 //! come back; TCP then holds the client. Keys and values are bounded in size, a command names
@@ -196,18 +198,17 @@ pub enum Reply {
 
 /// Messages between shards.
 pub enum Msg {
-    /// Run `op` and send the reply to shard `from`, for its connection `token`'s request `seq`.
-    Request {
+    /// Run each operation and send the replies to shard `from`, for its connection `token`;
+    /// each operation comes with the sequence number of the reply it fills.
+    Requests {
         from: usize,
         token: Token,
-        seq: u64,
-        op: Op,
+        ops: Vec<(u64, Op)>,
     },
-    /// The answer to a request.
-    Reply {
+    /// The replies to one `Requests`, in its order.
+    Replies {
         token: Token,
-        seq: u64,
-        reply: Reply,
+        replies: Vec<(u64, Reply)>,
     },
 }
 
@@ -311,9 +312,11 @@ pub struct Kv {
     max_value: usize,
     /// Argument ranges of the command being handled (reused: no allocation per command).
     args: Vec<(usize, usize)>,
-    /// Requests this shard has out on other shards, and their bound.
+    /// Messages this shard has out on other shards (each answered by one), and their bound.
     outstanding: usize,
     max_outstanding: usize,
+    /// What the connection being read asks of each shard, sent when its read is handled.
+    outbox: Vec<Vec<(u64, Op)>>,
     /// Connections paused because `outstanding` reached its bound.
     blocked: Vec<Token>,
     commands: CounterHandle,
@@ -349,6 +352,7 @@ impl Kv {
             args: Vec::with_capacity(8),
             outstanding: 0,
             max_outstanding,
+            outbox: (0..info.shards).map(|_| Vec::new()).collect(),
             blocked: Vec::new(),
             commands: counter(
                 "kv_commands",
@@ -415,10 +419,10 @@ impl Kv {
             .iter()
             .filter(|&&(a, b)| owner(&input[a..b], self.shards) != self.shard)
             .count();
-        if keys.len() >= MAX_PENDING || remote > self.max_outstanding {
+        if keys.len() >= MAX_PENDING {
             let text = format!(
                 "ERR too many keys in one command (at most {})",
-                (MAX_PENDING - 1).min(self.max_outstanding)
+                MAX_PENDING - 1
             );
             self.error(conn, &text);
             return Step::Done;
@@ -428,7 +432,8 @@ impl Kv {
         if queued > 0 && queued + slots > MAX_PENDING {
             return Step::Wait;
         }
-        if self.outstanding + remote > self.max_outstanding {
+        // This read's messages (at most one per other shard) must fit under the bound.
+        if remote > 0 && self.outstanding + self.shards > self.max_outstanding {
             self.blocked.push(conn.token());
             return Step::Wait;
         }
@@ -536,7 +541,7 @@ impl Kv {
                         let key = &input[a..b];
                         let owner = owner(key, self.shards);
                         if owner != self.shard {
-                            self.request(conn, seq, owner, Op::Del(key.into()));
+                            self.request(seq, owner, Op::Del(key.into()));
                         }
                     }
                 }
@@ -562,25 +567,42 @@ impl Kv {
     fn send(&mut self, conn: &mut Conn<'_, KvConn>, owner: usize, op: Op, slot: Slot) {
         let seq = conn.state().next_seq();
         conn.state().pending.push_back(slot);
-        self.request(conn, seq, owner, op);
+        self.request(seq, owner, op);
     }
 
-    /// Sends `op` to `owner` for the connection's reply `seq`.
-    fn request(&mut self, conn: &mut Conn<'_, KvConn>, seq: u64, owner: usize, op: Op) {
+    /// Puts `op` in the outbox for `owner`, for the connection's reply `seq`.
+    fn request(&mut self, seq: u64, owner: usize, op: Op) {
         self.remote.inc();
-        let msg = Msg::Request {
-            from: self.shard,
-            token: conn.token(),
-            seq,
-            op,
-        };
-        if self.peers.send(owner, msg) {
-            self.outstanding += 1;
-        } else {
-            // Only a shard that is gone refuses (the bound keeps its channel from filling):
-            // the reply is an error.
-            self.errors.inc();
-            fill(conn, seq, Reply::Error(UNAVAILABLE));
+        self.outbox[owner].push((seq, op));
+    }
+
+    /// Sends what this read of the connection asked of other shards: one message per shard.
+    fn send_outbox(&mut self, conn: &mut Conn<'_, KvConn>) {
+        for owner in 0..self.shards {
+            if self.outbox[owner].is_empty() {
+                continue;
+            }
+            let ops = std::mem::take(&mut self.outbox[owner]);
+            let msg = Msg::Requests {
+                from: self.shard,
+                token: conn.token(),
+                ops,
+            };
+            match self.peers.try_send(owner, msg) {
+                Ok(()) => self.outstanding += 1,
+                Err(msg) => {
+                    // Only a shard that is gone refuses (the bound keeps its channel from
+                    // filling): each reply it owed is an error.
+                    log::error!("kv: shard {owner} is gone");
+                    self.errors.inc();
+                    if let Msg::Requests { ops, .. } = msg {
+                        let replies = ops
+                            .into_iter()
+                            .map(|(seq, _)| (seq, Reply::Error(UNAVAILABLE)));
+                        fill(conn, replies);
+                    }
+                }
+            }
         }
     }
 
@@ -599,35 +621,38 @@ impl Kv {
     }
 }
 
-/// A reply from another shard: into its slot, then the finished front of the queue out.
-fn fill(conn: &mut Conn<'_, KvConn>, seq: u64, reply: Reply) {
+/// Replies from another shard: each into its slot, then the finished front of the queue out
+/// (one write for them all).
+fn fill(conn: &mut Conn<'_, KvConn>, replies: impl IntoIterator<Item = (u64, Reply)>) {
     let st = conn.state();
-    let Some(slot) = seq
-        .checked_sub(st.base)
-        .and_then(|i| st.pending.get_mut(i as usize))
-    else {
-        return;
-    };
-    let mut encoded = Vec::new();
-    match (&mut *slot, reply) {
-        (Slot::Sum { left, total }, Reply::Int(n)) => {
-            *total += n;
-            *left -= 1;
-            if *left == 0 {
-                resp::integer(&mut encoded, *total);
+    for (seq, reply) in replies {
+        let Some(slot) = seq
+            .checked_sub(st.base)
+            .and_then(|i| st.pending.get_mut(i as usize))
+        else {
+            continue;
+        };
+        let mut encoded = Vec::new();
+        match (&mut *slot, reply) {
+            (Slot::Sum { left, total }, Reply::Int(n)) => {
+                *total += n;
+                *left -= 1;
+                if *left == 0 {
+                    resp::integer(&mut encoded, *total);
+                    *slot = Slot::Ready(encoded);
+                }
+            }
+            // A slot already answered (a DEL whose other part failed) keeps its answer.
+            (Slot::Ready(_), _) => {}
+            (_, reply) => {
+                match reply {
+                    Reply::Value(v) => resp::bulk(&mut encoded, v.as_deref()),
+                    Reply::Ok => encoded.extend_from_slice(b"+OK\r\n"),
+                    Reply::Int(n) => resp::integer(&mut encoded, n),
+                    Reply::Error(e) => resp::error(&mut encoded, e),
+                }
                 *slot = Slot::Ready(encoded);
             }
-        }
-        // A slot already answered (a DEL whose other part failed) keeps its answer.
-        (Slot::Ready(_), _) => {}
-        (_, reply) => {
-            match reply {
-                Reply::Value(v) => resp::bulk(&mut encoded, v.as_deref()),
-                Reply::Ok => encoded.extend_from_slice(b"+OK\r\n"),
-                Reply::Int(n) => resp::integer(&mut encoded, n),
-                Reply::Error(e) => resp::error(&mut encoded, e),
-            }
-            *slot = Slot::Ready(encoded);
         }
     }
     let mut out = std::mem::take(conn.out());
@@ -705,34 +730,35 @@ impl Service for Kv {
             }
         }
         self.args = args;
+        self.send_outbox(conn);
         used
     }
 
     fn on_command(&mut self, msg: Msg, ctx: &mut Ctx<'_, KvConn>) {
         match msg {
-            Msg::Request {
-                from,
-                token,
-                seq,
-                op,
-            } => {
+            Msg::Requests { from, token, ops } => {
                 let before = self.store.map.len();
-                let reply = self.store.run(op);
+                let replies: Vec<(u64, Reply)> = ops
+                    .into_iter()
+                    .map(|(seq, op)| (seq, self.store.run(op)))
+                    .collect();
                 self.count_keys(before);
-                if matches!(reply, Reply::Error(_)) {
-                    // Counted where it is decided, like every other error.
-                    self.errors.inc();
-                }
-                // Cannot fail while `from` runs: its requests out are bounded so that every
+                let errors = replies
+                    .iter()
+                    .filter(|(_, r)| matches!(r, Reply::Error(_)))
+                    .count();
+                // Counted where they are decided, like every other error.
+                self.errors.add(errors as u64);
+                // Cannot fail while `from` runs: its messages out are bounded so that every
                 // reply fits in its channel.
-                if !self.peers.send(from, Msg::Reply { token, seq, reply }) {
-                    log::error!("kv: shard {from} is gone; a reply is lost");
+                if !self.peers.send(from, Msg::Replies { token, replies }) {
+                    log::error!("kv: shard {from} is gone; its replies are lost");
                 }
             }
-            Msg::Reply { token, seq, reply } => {
+            Msg::Replies { token, replies } => {
                 self.outstanding -= 1;
-                // None: the connection closed meanwhile; its reply goes nowhere.
-                let _ = ctx.with_conn(token, |conn| fill(conn, seq, reply));
+                // None: the connection closed meanwhile; its replies go nowhere.
+                let _ = ctx.with_conn(token, |conn| fill(conn, replies));
             }
         }
     }

@@ -379,13 +379,15 @@ impl<C: Send + 'static> Peers<C> {
     /// Sends to one shard without blocking; false if its queue is full or the shard is gone
     /// (the caller counts it).
     pub fn send(&self, shard: usize, msg: C) -> bool {
+        self.try_send(shard, msg).is_ok()
+    }
+
+    /// [`Peers::send`], giving the message back when it is refused.
+    pub fn try_send(&self, shard: usize, msg: C) -> Result<(), C> {
         let port = &self.ports[shard];
-        if port.data.try_send(msg).is_ok() {
-            port.waker.wake();
-            true
-        } else {
-            false
-        }
+        port.data.try_send(msg)?;
+        port.waker.wake();
+        Ok(())
     }
 
     /// Sends a clone to every shard; returns how many queues accepted it.
