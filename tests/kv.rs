@@ -379,3 +379,27 @@ fn bad_input_gets_a_redis_error() {
         "-ERR Protocol error: invalid bulk length\r\n",
     );
 }
+
+#[test]
+fn a_protocol_error_comes_after_the_replies_owed_from_other_shards() {
+    let server = start(2, KvLimits::default());
+    let mut s = connect(addr(&server));
+    let keys = [key_on(0, 2, "e"), key_on(1, 2, "f")];
+    let mut request = String::new();
+    let mut expected = String::new();
+    for k in &keys {
+        request += &array(&["SET", k, "v"]);
+        expected += "+OK\r\n";
+    }
+    // Whichever shard this connection is on, one GET crosses to the other.
+    for k in &keys {
+        request += &array(&["GET", k]);
+        expected += &bulk("v");
+    }
+    request += "*1\r\n+PING\r\n";
+    expected += "-ERR Protocol error: expected '$'\r\n";
+    s.write_all(request.as_bytes()).unwrap();
+    let (got, clean) = common::read_to_end(&mut s);
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    assert!(clean, "closed after the error");
+}

@@ -12,8 +12,6 @@
 pub const MAX_ARGS: usize = 1024 * 1024;
 /// An inline command line, at most.
 pub const MAX_INLINE: usize = 64 * 1024;
-/// Digits of a length line (`*123\r\n`, `$45\r\n`), at most.
-const MAX_LENGTH_LINE: usize = 32;
 
 /// What the input holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,60 +36,67 @@ pub fn parse(input: &[u8], args: &mut Vec<(usize, usize)>, max_bulk: usize) -> P
     }
 }
 
-/// A `\r\n`-terminated line starting at `from`: the end of its content, or `None` if the line
-/// is not complete within `max` bytes (`Err` when it is already longer).
-fn line_end(input: &[u8], from: usize, max: usize) -> Result<Option<usize>, ()> {
-    let window = &input[from..input.len().min(from + max + 2)];
-    match window.windows(2).position(|w| w == b"\r\n") {
-        Some(i) => Ok(Some(from + i)),
-        None if window.len() >= max + 2 => Err(()),
-        None => Ok(None),
+/// The number of a length line (`123\r\n` after its `*` or `$`) starting at `at`, and where the
+/// line ends; `Ok(None)` if the line is not complete yet. One pass over the digits (this runs
+/// once per argument): an optional `-`, at most 18 digits, then `\r\n`.
+fn length(
+    input: &[u8],
+    at: usize,
+    long: &'static str,
+) -> Result<Option<(i64, usize)>, &'static str> {
+    let mut i = at;
+    let neg = input.get(i) == Some(&b'-');
+    if neg {
+        i += 1;
     }
-}
-
-/// A decimal number, as Redis reads lengths: optional `-`, digits only.
-fn number(digits: &[u8]) -> Option<i64> {
-    let (neg, digits) = match digits.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, digits),
-    };
-    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
+    let start = i;
+    let mut n: i64 = 0;
+    while let Some(&d) = input.get(i) {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        if i - start == 18 {
+            return Err(long);
+        }
+        n = n * 10 + i64::from(d - b'0');
+        i += 1;
     }
-    let n = digits
-        .iter()
-        .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
-    Some(if neg { -n } else { n })
+    match (input.get(i), input.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) if i > start => Ok(Some((if neg { -n } else { n }, i + 2))),
+        _ => Err("invalid length"),
+    }
 }
 
 fn parse_array(input: &[u8], args: &mut Vec<(usize, usize)>, max_bulk: usize) -> Parsed {
-    let end = match line_end(input, 1, MAX_LENGTH_LINE) {
-        Ok(Some(end)) => end,
+    let (count, mut at) = match length(input, 1, "too big mbulk count string") {
+        Ok(Some(v)) => v,
         Ok(None) => return Parsed::Incomplete,
-        Err(()) => return Parsed::Invalid("too big mbulk count string"),
+        Err("invalid length") => return Parsed::Invalid("invalid multibulk length"),
+        Err(e) => return Parsed::Invalid(e),
     };
-    let count = match number(&input[1..end]) {
-        Some(n) if n <= 0 => return Parsed::Command { used: end + 2 },
-        Some(n) if n as u64 <= MAX_ARGS as u64 => n as usize,
-        _ => return Parsed::Invalid("invalid multibulk length"),
-    };
-    let mut at = end + 2;
+    if count <= 0 {
+        return Parsed::Command { used: at };
+    }
+    if count as u64 > MAX_ARGS as u64 {
+        return Parsed::Invalid("invalid multibulk length");
+    }
     for _ in 0..count {
         match input.get(at) {
             None => return Parsed::Incomplete,
             Some(b'$') => {}
             Some(_) => return Parsed::Invalid("expected '$'"),
         }
-        let end = match line_end(input, at + 1, MAX_LENGTH_LINE) {
-            Ok(Some(end)) => end,
+        let (len, start) = match length(input, at + 1, "too big bulk count string") {
+            Ok(Some(v)) => v,
             Ok(None) => return Parsed::Incomplete,
-            Err(()) => return Parsed::Invalid("too big bulk count string"),
+            Err("invalid length") => return Parsed::Invalid("invalid bulk length"),
+            Err(e) => return Parsed::Invalid(e),
         };
-        let len = match number(&input[at + 1..end]) {
-            Some(n) if n >= 0 && n as u64 <= max_bulk as u64 => n as usize,
-            _ => return Parsed::Invalid("invalid bulk length"),
-        };
-        let start = end + 2;
+        if len < 0 || len as u64 > max_bulk as u64 {
+            return Parsed::Invalid("invalid bulk length");
+        }
+        let len = len as usize;
         if input.len() < start + len + 2 {
             return Parsed::Incomplete;
         }

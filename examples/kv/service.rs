@@ -232,11 +232,14 @@ pub struct KvConn {
     base: u64,
     /// Reading is paused until replies come back.
     held: bool,
+    /// Close once the queue is written (a protocol error behind replies still coming).
+    close_when_answered: bool,
 }
 
 impl KvConn {
+    /// Sequence numbers wrap (the queue may also grow at the front, see `on_data`).
     fn next_seq(&self) -> u64 {
-        self.base + self.pending.len() as u64
+        self.base.wrapping_add(self.pending.len() as u64)
     }
 
     /// Writes the finished front of the queue.
@@ -245,7 +248,7 @@ impl KvConn {
             if let Some(Slot::Ready(bytes)) = self.pending.pop_front() {
                 out.extend_from_slice(&bytes);
             }
-            self.base += 1;
+            self.base = self.base.wrapping_add(1);
         }
     }
 }
@@ -621,50 +624,63 @@ impl Kv {
     }
 }
 
-/// Replies from another shard: each into its slot, then the finished front of the queue out
-/// (one write for them all).
+/// Replies from another shard: each into its slot (or, for the front slot, straight to the
+/// output), then the finished front of the queue out: one write for them all.
 fn fill(conn: &mut Conn<'_, KvConn>, replies: impl IntoIterator<Item = (u64, Reply)>) {
+    let mut out = std::mem::take(conn.out());
     let st = conn.state();
     for (seq, reply) in replies {
-        let Some(slot) = seq
-            .checked_sub(st.base)
-            .and_then(|i| st.pending.get_mut(i as usize))
-        else {
+        let i = seq.wrapping_sub(st.base) as usize;
+        if i >= st.pending.len() {
             continue;
-        };
-        let mut encoded = Vec::new();
+        }
+        if i == 0 && matches!(st.pending[0], Slot::Waiting) {
+            // Replies mostly come back in order: the front one needs no buffer of its own.
+            encode(&mut out, reply);
+            st.pending.pop_front();
+            st.base = st.base.wrapping_add(1);
+            st.flush(&mut out);
+            continue;
+        }
+        let slot = &mut st.pending[i];
         match (&mut *slot, reply) {
             (Slot::Sum { left, total }, Reply::Int(n)) => {
                 *total += n;
                 *left -= 1;
                 if *left == 0 {
-                    resp::integer(&mut encoded, *total);
-                    *slot = Slot::Ready(encoded);
+                    let mut bytes = Vec::new();
+                    resp::integer(&mut bytes, *total);
+                    *slot = Slot::Ready(bytes);
                 }
             }
             // A slot already answered (a DEL whose other part failed) keeps its answer.
             (Slot::Ready(_), _) => {}
             (_, reply) => {
-                match reply {
-                    Reply::Value(v) => resp::bulk(&mut encoded, v.as_deref()),
-                    Reply::Ok => encoded.extend_from_slice(b"+OK\r\n"),
-                    Reply::Int(n) => resp::integer(&mut encoded, n),
-                    Reply::Error(e) => resp::error(&mut encoded, e),
-                }
-                *slot = Slot::Ready(encoded);
+                let mut bytes = Vec::new();
+                encode(&mut bytes, reply);
+                *slot = Slot::Ready(bytes);
             }
         }
     }
-    let mut out = std::mem::take(conn.out());
-    conn.state().flush(&mut out);
+    st.flush(&mut out);
     *conn.out() = out;
     let st = conn.state();
     if st.held && st.pending.len() < MAX_PENDING / 2 {
         st.held = false;
         conn.resume_reading();
     }
-    if conn.draining() && conn.state().pending.is_empty() {
+    let st = conn.state();
+    if st.pending.is_empty() && (st.close_when_answered || conn.draining()) {
         conn.close();
+    }
+}
+
+fn encode(out: &mut Vec<u8>, reply: Reply) {
+    match reply {
+        Reply::Value(v) => resp::bulk(out, v.as_deref()),
+        Reply::Ok => out.extend_from_slice(b"+OK\r\n"),
+        Reply::Int(n) => resp::integer(out, n),
+        Reply::Error(e) => resp::error(out, e),
     }
 }
 
@@ -706,10 +722,16 @@ impl Service for Kv {
             match resp::parse(rest, &mut args, self.max_value) {
                 Parsed::Incomplete => break,
                 Parsed::Invalid(why) => {
+                    // As Redis: the replies owed first, then the error, then the close.
                     self.errors.inc();
                     let text = format!("ERR Protocol error: {why}");
                     reply(conn, |out| resp::error(out, &text));
-                    conn.close();
+                    if conn.state().pending.is_empty() {
+                        conn.close();
+                    } else {
+                        conn.state().close_when_answered = true;
+                        conn.pause_reading();
+                    }
                     used = input.len();
                     break;
                 }
@@ -731,6 +753,16 @@ impl Service for Kv {
         }
         self.args = args;
         self.send_outbox(conn);
+        // Replies written straight out (before the first that waits for another shard) would
+        // go in a write of their own now and the rest in another when the replies come back:
+        // they wait in a slot at the front instead, so the whole read is answered in one write.
+        if !conn.out().is_empty() && !conn.state().pending.is_empty() {
+            let bytes = conn.out().to_vec();
+            conn.out().clear();
+            let st = conn.state();
+            st.pending.push_front(Slot::Ready(bytes));
+            st.base = st.base.wrapping_sub(1);
+        }
         used
     }
 

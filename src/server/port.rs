@@ -119,6 +119,10 @@ impl<C> DataRx<C> {
         self.rx.try_recv().ok()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Gives back the places of `n` received messages (once per batch, not per message).
     pub fn release(&self, n: usize) {
         if n > 0 {
