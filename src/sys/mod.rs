@@ -5,6 +5,7 @@
 
 pub mod affinity;
 pub mod notify;
+pub mod page;
 pub mod poller;
 pub mod rlimit;
 pub mod socket;
