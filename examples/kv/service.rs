@@ -163,53 +163,122 @@ impl Store {
         Ok(next)
     }
 
-    /// Runs an operation sent by another shard.
-    fn run(&mut self, op: Op) -> Reply {
-        match op {
-            Op::Get(k) => Reply::Value(self.get(&k).map(Box::from)),
-            Op::Set(k, v) => match self.set(&k, &v) {
-                Ok(()) => Reply::Ok,
-                Err(e) => Reply::Error(e),
+    /// Runs one operation of a batch another shard sent, appending its answer. Returns whether
+    /// the answer is an error.
+    fn answer(&mut self, op: &BatchOp, bytes: &[u8], answers: &mut Answers) -> bool {
+        let key = &bytes[op.key.0 as usize..op.key.1 as usize];
+        let start = answers.bytes.len();
+        let out = &mut answers.bytes;
+        let mut error = false;
+        let mut fail = |out: &mut Vec<u8>, e: &str| {
+            error = true;
+            resp::error(out, e);
+        };
+        match op.kind {
+            OpKind::Get => resp::bulk(out, self.get(key)),
+            OpKind::Set => {
+                let value = &bytes[op.value.0 as usize..op.value.1 as usize];
+                match self.set(key, value) {
+                    Ok(()) => out.extend_from_slice(b"+OK\r\n"),
+                    Err(e) => fail(out, e),
+                }
+            }
+            OpKind::Incr => match self.incr(key) {
+                Ok(n) => resp::integer(out, n),
+                Err(e) => fail(out, e),
             },
-            Op::Del(k) => Reply::Int(i64::from(self.del(&k))),
-            Op::Incr(k) => match self.incr(&k) {
-                Ok(n) => Reply::Int(n),
-                Err(e) => Reply::Error(e),
-            },
+            OpKind::Del => {
+                let n = i64::from(self.del(key));
+                answers.list.push(Answer {
+                    seq: op.seq,
+                    what: AnswerKind::Count(n),
+                });
+                return false;
+            }
         }
+        let end = answers.bytes.len();
+        answers.list.push(Answer {
+            seq: op.seq,
+            what: AnswerKind::Encoded(start as u32, end as u32),
+        });
+        error
     }
 }
 
-/// An operation on one key, run by the shard that owns it.
-pub enum Op {
-    Get(Box<[u8]>),
-    Set(Box<[u8]>, Box<[u8]>),
-    Del(Box<[u8]>),
-    Incr(Box<[u8]>),
+/// What an operation on another shard's key does.
+#[derive(Clone, Copy)]
+enum OpKind {
+    Get,
+    Set,
+    Del,
+    Incr,
 }
 
-/// The owner's answer to an [`Op`].
-pub enum Reply {
-    Value(Option<Box<[u8]>>),
-    Ok,
-    Int(i64),
-    Error(&'static str),
+/// One operation of a [`Batch`]: its kind, the reply it fills, and where its key (and value)
+/// lie in the batch's bytes.
+struct BatchOp {
+    seq: u64,
+    kind: OpKind,
+    key: (u32, u32),
+    value: (u32, u32),
+}
+
+/// What one read of a connection asks of one shard: the operations, with every key and value
+/// in one buffer (a message is a few cache lines to move between cores, not one allocation per
+/// key).
+#[derive(Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    ops: Vec<BatchOp>,
+}
+
+impl Batch {
+    fn push(&mut self, seq: u64, kind: OpKind, key: &[u8], value: &[u8]) {
+        let at = |b: &Vec<u8>| b.len() as u32;
+        let k0 = at(&self.bytes);
+        self.bytes.extend_from_slice(key);
+        let k1 = at(&self.bytes);
+        self.bytes.extend_from_slice(value);
+        let v1 = at(&self.bytes);
+        self.ops.push(BatchOp {
+            seq,
+            kind,
+            key: (k0, k1),
+            value: (k1, v1),
+        });
+    }
+}
+
+/// How one operation was answered.
+enum AnswerKind {
+    /// The reply, encoded, at this range of the answers' bytes.
+    Encoded(u32, u32),
+    /// Keys deleted (a `DEL` sums them over the shards).
+    Count(i64),
+}
+
+struct Answer {
+    seq: u64,
+    what: AnswerKind,
+}
+
+/// The owner's answers to one [`Batch`], in its order, encoded in one buffer.
+#[derive(Default)]
+pub struct Answers {
+    bytes: Vec<u8>,
+    list: Vec<Answer>,
 }
 
 /// Messages between shards.
 pub enum Msg {
-    /// Run each operation and send the replies to shard `from`, for its connection `token`;
-    /// each operation comes with the sequence number of the reply it fills.
+    /// Run the batch and send the answers to shard `from`, for its connection `token`.
     Requests {
         from: usize,
         token: Token,
-        ops: Vec<(u64, Op)>,
+        batch: Batch,
     },
-    /// The replies to one `Requests`, in its order.
-    Replies {
-        token: Token,
-        replies: Vec<(u64, Reply)>,
-    },
+    /// The answers to one `Requests`.
+    Replies { token: Token, answers: Answers },
 }
 
 /// One reply in a connection's queue.
@@ -319,7 +388,7 @@ pub struct Kv {
     outstanding: usize,
     max_outstanding: usize,
     /// What the connection being read asks of each shard, sent when its read is handled.
-    outbox: Vec<Vec<(u64, Op)>>,
+    outbox: Vec<Batch>,
     /// Connections paused because `outstanding` reached its bound.
     blocked: Vec<Token>,
     commands: CounterHandle,
@@ -355,7 +424,7 @@ impl Kv {
             args: Vec::with_capacity(8),
             outstanding: 0,
             max_outstanding,
-            outbox: (0..info.shards).map(|_| Vec::new()).collect(),
+            outbox: (0..info.shards).map(|_| Batch::default()).collect(),
             blocked: Vec::new(),
             commands: counter(
                 "kv_commands",
@@ -478,11 +547,11 @@ impl Kv {
                 let key = arg(1);
                 let owner = owner(key, self.shards);
                 if owner != self.shard {
-                    let op = match cmd {
-                        Cmd::Get => Op::Get(key.into()),
-                        _ => Op::Incr(key.into()),
+                    let kind = match cmd {
+                        Cmd::Get => OpKind::Get,
+                        _ => OpKind::Incr,
                     };
-                    self.send(conn, owner, op, Slot::Waiting);
+                    self.send(conn, owner, kind, key, b"");
                 } else if cmd == Cmd::Get {
                     let value = self.store.get(key);
                     reply(conn, |out| resp::bulk(out, value));
@@ -505,12 +574,7 @@ impl Kv {
                 let (key, value) = (arg(1), arg(2));
                 let owner = owner(key, self.shards);
                 if owner != self.shard {
-                    self.send(
-                        conn,
-                        owner,
-                        Op::Set(key.into(), value.into()),
-                        Slot::Waiting,
-                    );
+                    self.send(conn, owner, OpKind::Set, key, value);
                 } else {
                     let before = self.store.map.len();
                     let result = self.store.set(key, value);
@@ -544,7 +608,8 @@ impl Kv {
                         let key = &input[a..b];
                         let owner = owner(key, self.shards);
                         if owner != self.shard {
-                            self.request(seq, owner, Op::Del(key.into()));
+                            self.remote.inc();
+                            self.outbox[owner].push(seq, OpKind::Del, key, b"");
                         }
                     }
                 }
@@ -558,7 +623,7 @@ impl Kv {
                         let value = self.store.get(key);
                         reply(conn, |out| resp::bulk(out, value));
                     } else {
-                        self.send(conn, owner, Op::Get(key.into()), Slot::Waiting);
+                        self.send(conn, owner, OpKind::Get, key, b"");
                     }
                 }
             }
@@ -566,30 +631,33 @@ impl Kv {
         Step::Done
     }
 
-    /// Queues a slot for the connection's next reply and sends its operation to `owner`.
-    fn send(&mut self, conn: &mut Conn<'_, KvConn>, owner: usize, op: Op, slot: Slot) {
+    /// Queues a slot for the connection's next reply and puts its operation in the outbox for
+    /// `owner`.
+    fn send(
+        &mut self,
+        conn: &mut Conn<'_, KvConn>,
+        owner: usize,
+        kind: OpKind,
+        key: &[u8],
+        value: &[u8],
+    ) {
         let seq = conn.state().next_seq();
-        conn.state().pending.push_back(slot);
-        self.request(seq, owner, op);
-    }
-
-    /// Puts `op` in the outbox for `owner`, for the connection's reply `seq`.
-    fn request(&mut self, seq: u64, owner: usize, op: Op) {
+        conn.state().pending.push_back(Slot::Waiting);
         self.remote.inc();
-        self.outbox[owner].push((seq, op));
+        self.outbox[owner].push(seq, kind, key, value);
     }
 
     /// Sends what this read of the connection asked of other shards: one message per shard.
     fn send_outbox(&mut self, conn: &mut Conn<'_, KvConn>) {
         for owner in 0..self.shards {
-            if self.outbox[owner].is_empty() {
+            if self.outbox[owner].ops.is_empty() {
                 continue;
             }
-            let ops = std::mem::take(&mut self.outbox[owner]);
+            let batch = std::mem::take(&mut self.outbox[owner]);
             let msg = Msg::Requests {
                 from: self.shard,
                 token: conn.token(),
-                ops,
+                batch,
             };
             match self.peers.try_send(owner, msg) {
                 Ok(()) => self.outstanding += 1,
@@ -598,11 +666,27 @@ impl Kv {
                     // filling): each reply it owed is an error.
                     log::error!("kv: shard {owner} is gone");
                     self.errors.inc();
-                    if let Msg::Requests { ops, .. } = msg {
-                        let replies = ops
-                            .into_iter()
-                            .map(|(seq, _)| (seq, Reply::Error(UNAVAILABLE)));
-                        fill(conn, replies);
+                    if let Msg::Requests { batch, .. } = msg {
+                        let mut answers = Answers::default();
+                        for op in &batch.ops {
+                            let start = answers.bytes.len() as u32;
+                            match op.kind {
+                                // A DEL counts what it can: nothing deleted there.
+                                OpKind::Del => answers.list.push(Answer {
+                                    seq: op.seq,
+                                    what: AnswerKind::Count(0),
+                                }),
+                                _ => {
+                                    resp::error(&mut answers.bytes, UNAVAILABLE);
+                                    let end = answers.bytes.len() as u32;
+                                    answers.list.push(Answer {
+                                        seq: op.seq,
+                                        what: AnswerKind::Encoded(start, end),
+                                    });
+                                }
+                            }
+                        }
+                        fill(conn, &answers);
                     }
                 }
             }
@@ -624,42 +708,41 @@ impl Kv {
     }
 }
 
-/// Replies from another shard: each into its slot (or, for the front slot, straight to the
+/// Answers from another shard: each into its slot (or, for the front slot, straight to the
 /// output), then the finished front of the queue out: one write for them all.
-fn fill(conn: &mut Conn<'_, KvConn>, replies: impl IntoIterator<Item = (u64, Reply)>) {
+fn fill(conn: &mut Conn<'_, KvConn>, answers: &Answers) {
     let mut out = std::mem::take(conn.out());
     let st = conn.state();
-    for (seq, reply) in replies {
-        let i = seq.wrapping_sub(st.base) as usize;
+    for answer in &answers.list {
+        let i = answer.seq.wrapping_sub(st.base) as usize;
         if i >= st.pending.len() {
             continue;
         }
-        if i == 0 && matches!(st.pending[0], Slot::Waiting) {
-            // Replies mostly come back in order: the front one needs no buffer of its own.
-            encode(&mut out, reply);
-            st.pending.pop_front();
-            st.base = st.base.wrapping_add(1);
-            st.flush(&mut out);
-            continue;
-        }
-        let slot = &mut st.pending[i];
-        match (&mut *slot, reply) {
-            (Slot::Sum { left, total }, Reply::Int(n)) => {
+        match (&mut st.pending[i], &answer.what) {
+            (Slot::Sum { left, total }, &AnswerKind::Count(n)) => {
                 *total += n;
                 *left -= 1;
                 if *left == 0 {
                     let mut bytes = Vec::new();
                     resp::integer(&mut bytes, *total);
-                    *slot = Slot::Ready(bytes);
+                    st.pending[i] = Slot::Ready(bytes);
                 }
             }
-            // A slot already answered (a DEL whose other part failed) keeps its answer.
-            (Slot::Ready(_), _) => {}
-            (_, reply) => {
-                let mut bytes = Vec::new();
-                encode(&mut bytes, reply);
-                *slot = Slot::Ready(bytes);
+            (Slot::Waiting, &AnswerKind::Encoded(a, b)) => {
+                let reply = &answers.bytes[a as usize..b as usize];
+                if i == 0 {
+                    // Answers mostly come back in order: the front one needs no buffer of its
+                    // own.
+                    out.extend_from_slice(reply);
+                    st.pending.pop_front();
+                    st.base = st.base.wrapping_add(1);
+                    st.flush(&mut out);
+                } else {
+                    st.pending[i] = Slot::Ready(reply.to_vec());
+                }
             }
+            // A slot answered already, or an answer of the other kind: nothing to fill.
+            _ => {}
         }
     }
     st.flush(&mut out);
@@ -672,15 +755,6 @@ fn fill(conn: &mut Conn<'_, KvConn>, replies: impl IntoIterator<Item = (u64, Rep
     let st = conn.state();
     if st.pending.is_empty() && (st.close_when_answered || conn.draining()) {
         conn.close();
-    }
-}
-
-fn encode(out: &mut Vec<u8>, reply: Reply) {
-    match reply {
-        Reply::Value(v) => resp::bulk(out, v.as_deref()),
-        Reply::Ok => out.extend_from_slice(b"+OK\r\n"),
-        Reply::Int(n) => resp::integer(out, n),
-        Reply::Error(e) => resp::error(out, e),
     }
 }
 
@@ -768,29 +842,29 @@ impl Service for Kv {
 
     fn on_command(&mut self, msg: Msg, ctx: &mut Ctx<'_, KvConn>) {
         match msg {
-            Msg::Requests { from, token, ops } => {
+            Msg::Requests { from, token, batch } => {
                 let before = self.store.map.len();
-                let replies: Vec<(u64, Reply)> = ops
-                    .into_iter()
-                    .map(|(seq, op)| (seq, self.store.run(op)))
-                    .collect();
+                let mut answers = Answers {
+                    bytes: Vec::with_capacity(batch.bytes.len() + 16 * batch.ops.len()),
+                    list: Vec::with_capacity(batch.ops.len()),
+                };
+                let mut errors = 0;
+                for op in &batch.ops {
+                    errors += u64::from(self.store.answer(op, &batch.bytes, &mut answers));
+                }
                 self.count_keys(before);
-                let errors = replies
-                    .iter()
-                    .filter(|(_, r)| matches!(r, Reply::Error(_)))
-                    .count();
                 // Counted where they are decided, like every other error.
-                self.errors.add(errors as u64);
+                self.errors.add(errors);
                 // Cannot fail while `from` runs: its messages out are bounded so that every
-                // reply fits in its channel.
-                if !self.peers.send(from, Msg::Replies { token, replies }) {
-                    log::error!("kv: shard {from} is gone; its replies are lost");
+                // answer fits in its channel.
+                if !self.peers.send(from, Msg::Replies { token, answers }) {
+                    log::error!("kv: shard {from} is gone; its answers are lost");
                 }
             }
-            Msg::Replies { token, replies } => {
+            Msg::Replies { token, answers } => {
                 self.outstanding -= 1;
-                // None: the connection closed meanwhile; its replies go nowhere.
-                let _ = ctx.with_conn(token, |conn| fill(conn, replies));
+                // None: the connection closed meanwhile; its answers go nowhere.
+                let _ = ctx.with_conn(token, |conn| fill(conn, &answers));
             }
         }
     }
