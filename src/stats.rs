@@ -5,7 +5,7 @@
 //! readers (the stats logger, `/metrics`, the bench) take relaxed snapshots, which are exact per
 //! counter and approximately consistent across counters: good enough for monitoring.
 //!
-//! Writing is crate-private and only the engine holds a [`Stats`]: services and library users get
+//! Writing is crate-private and only the engine holds a `Stats`: services and library users get
 //! a [`StatsView`], which reads snapshots and nothing else, so a single-writer counter cannot get
 //! a second writer.
 //!
@@ -13,7 +13,7 @@
 //! and the Prometheus exposition are all generated from that one list.
 //!
 //! Two kinds of counters are not the engine's single-writer ones:
-//! - the offload pool's ([`OffloadCounters`]): written by its threads and by every shard, so
+//! - the offload pool's ([`OffloadSnapshot`]): written by its threads and by every shard, so
 //!   they use atomic read-modify-write (once per job, never per event);
 //! - the ones a service registers for itself through its shard's [`Registry`]: single-writer
 //!   like the engine's (a handle cannot leave the shard thread that registered it), listed by
@@ -28,7 +28,9 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-/// A counter written by one thread only.
+/// A counter written by one thread only (the engine's; services register theirs with a
+/// [`Registry`]).
+#[doc(hidden)]
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
 
@@ -54,6 +56,7 @@ impl Counter {
         self.0.store(v, Relaxed);
     }
 
+    /// The current value.
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
@@ -63,7 +66,9 @@ impl Counter {
 /// Whether a field is a monotonically increasing counter or a gauge (Prometheus type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Kind {
+    /// Only grows (a count of events).
     Counter,
+    /// Goes up and down (a number of things now).
     Gauge,
 }
 
@@ -73,22 +78,24 @@ macro_rules! counters {
         #[derive(Default, Debug)]
         pub struct $name { $(#[doc = $help] pub $field: $crate::stats::Counter,)* }
 
+        #[doc = concat!("A copy of `", stringify!($name), "` at one moment.")]
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, ::serde::Serialize)]
         pub struct $snap { $(#[doc = $help] pub $field: u64,)* }
 
         impl $name {
+            /// Every counter's value now.
             pub fn snapshot(&self) -> $snap {
                 $snap { $($field: self.$field.get(),)* }
             }
         }
 
         impl $snap {
-            /// (name, kind, help, value) for every field, in declaration order.
             /// Adds every field of `other` (sums over shards).
             pub fn accumulate(&mut self, other: &Self) {
                 $(self.$field = self.$field.wrapping_add(other.$field);)*
             }
 
+            /// (name, kind, help, value) for every field, in declaration order.
             pub fn fields(&self) -> [(&'static str, $crate::stats::Kind, &'static str, u64); $crate::stats::counters!(@count $($field)*)] {
                 [$((stringify!($field), $crate::stats::Kind::$kind, $help, self.$field),)*]
             }
@@ -100,7 +107,8 @@ macro_rules! counters {
 pub(crate) use counters;
 
 counters! {
-    /// Counters of one shard.
+    /// Counters of one shard (written by the engine; read them in a [`Snapshot`]).
+    #[doc(hidden)]
     ShardCounters, ShardSnapshot {
         accepted: Counter, "connections taken over from the acceptor";
         open: Gauge, "connections currently open";
@@ -136,7 +144,8 @@ counters! {
 }
 
 counters! {
-    /// Counters of the acceptor thread.
+    /// Counters of the acceptor thread (written by the engine; read them in a [`Snapshot`]).
+    #[doc(hidden)]
     AcceptorCounters, AcceptorSnapshot {
         accepted: Counter, "connections accepted";
         rejected_max_connections: Counter, "connections closed at once because max_connections was reached";
@@ -148,7 +157,7 @@ counters! {
 }
 
 /// All of a server's counters.
-pub struct Stats {
+pub(crate) struct Stats {
     shards: Box<[CachePadded<ShardCounters>]>,
     acceptor: CachePadded<AcceptorCounters>,
     started: Instant,
@@ -165,13 +174,13 @@ pub struct Stats {
 
 /// Upper bounds of the offload latency histogram's buckets, in seconds (a last bucket takes
 /// everything slower).
-pub const OFFLOAD_LATENCY_BOUNDS: [f64; 13] = [
+pub(crate) const OFFLOAD_LATENCY_BOUNDS: [f64; 13] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
 /// A counter any thread may write (atomic read-modify-write): the offload pool's.
 #[derive(Default, Debug)]
-pub struct SharedCounter(AtomicU64);
+pub(crate) struct SharedCounter(AtomicU64);
 
 impl SharedCounter {
     #[inline]
@@ -562,10 +571,12 @@ impl StatsView {
         StatsView(stats)
     }
 
+    /// Every counter now.
     pub fn snapshot(&self) -> Snapshot {
         self.0.snapshot()
     }
 
+    /// How many shards the server runs.
     pub fn shard_count(&self) -> usize {
         self.0.shard_count()
     }
@@ -580,8 +591,11 @@ impl StatsView {
 /// A point-in-time copy of every counter.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
+    /// Seconds since the server started.
     pub uptime_seconds: f64,
+    /// The acceptor thread's counters (all zero with `balance = "reuseport"`).
     pub acceptor: AcceptorSnapshot,
+    /// Each shard's counters, by shard index.
     pub shards: Vec<ShardSnapshot>,
     /// Control messages (drain, new limits) that could not be sent to a shard or were not
     /// acknowledged in time.
@@ -699,15 +713,15 @@ impl Stats {
         self.dead.fetch_add(1, Relaxed);
     }
 
-    pub fn shard_count(&self) -> usize {
+    pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    pub fn dead_shards(&self) -> usize {
+    pub(crate) fn dead_shards(&self) -> usize {
         self.dead.load(Relaxed)
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             acceptor: self.acceptor.snapshot(),

@@ -20,6 +20,10 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    (
+        "service_counters",
+        "the key of /stats that lists services' own counters",
+    ),
     ("server_no_context_takeover", "RFC 7692 extension parameter"),
     ("client_no_context_takeover", "RFC 7692 extension parameter"),
     ("server_max_window_bits", "RFC 7692 extension parameter"),

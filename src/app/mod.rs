@@ -1,7 +1,7 @@
 //! The product: what `shardnet serve` runs on top of the engine.
 //!
 //! [`start`] is the composition root: it binds the configuration's listeners through the engine
-//! ([`crate::server::Server`]) and gives every shard a [`router::Router`], which decides per
+//! ([`crate::server::Server`]) and gives every shard a `router::Router`, which decides per
 //! listener which protocol a connection speaks (echo, HTTP/1.1, WebSocket after an upgrade) and
 //! binds the protocol codecs of [`crate::service`] to the product's parts:
 //!

@@ -154,9 +154,13 @@ pub struct ShardInfo {
     pub stats: StatsView,
     /// Where this shard's service registers counters of its own.
     pub counters: Registry,
+    /// This shard's index (0-based).
     pub shard: usize,
+    /// How many shards the server runs.
     pub shards: usize,
+    /// When the server started.
     pub started: Instant,
+    /// The timer tick: timers and timeouts are rounded up to it.
     pub tick: Duration,
 }
 
@@ -170,6 +174,8 @@ pub struct Conn<'a, St> {
 }
 
 impl<St> Conn<'_, St> {
+    /// The connection's token: its name on this shard for its whole life (for
+    /// [`Ctx::with_conn`] and [`Service::on_close`]), never reused by a later connection.
     pub fn token(&self) -> Token {
         self.token
     }
@@ -179,10 +185,12 @@ impl<St> Conn<'_, St> {
         self.ctl.listener as usize
     }
 
+    /// The shard the connection lives on.
     pub fn shard(&self) -> usize {
         self.env.shard
     }
 
+    /// The service's state for this connection.
     pub fn state(&mut self) -> &mut St {
         self.state
     }
@@ -278,6 +286,7 @@ impl<St> Conn<'_, St> {
         self.ctl.flags.set(Flags::TIMER.union(Flags::TIMER_SET));
     }
 
+    /// Disarms the timer set with [`Conn::set_timer`].
     pub fn clear_timer(&mut self) {
         self.ctl.flags.clear(Flags::TIMER);
     }
@@ -309,18 +318,22 @@ impl<St> Ctx<'_, St> {
         self.core.call(token, f)
     }
 
+    /// The time of the current wake-up (read once per loop, not per call).
     pub fn now(&self) -> Instant {
         self.core.env.now
     }
 
+    /// The shard this runs on.
     pub fn shard(&self) -> usize {
         self.core.env.shard
     }
 
+    /// The server is shutting down.
     pub fn draining(&self) -> bool {
         self.core.env.draining
     }
 
+    /// Connections open on this shard.
     pub fn connections(&self) -> usize {
         self.core.conns.len()
     }
@@ -349,10 +362,12 @@ impl<C> Clone for Peers<C> {
 }
 
 impl<C: Send + 'static> Peers<C> {
+    /// How many shards there are (the valid indexes of [`Peers::send`]).
     pub fn len(&self) -> usize {
         self.ports.len()
     }
 
+    /// Whether there are no shards (never, for a running server).
     pub fn is_empty(&self) -> bool {
         self.ports.is_empty()
     }

@@ -25,55 +25,7 @@
 //! gauges, accepted, done, rejected, dropped and panicked counts, and the time from submission
 //! to the result's delivery as a histogram.
 //!
-//! A service that hashes each line on the pool, end to end:
-//!
-//! ```
-//! use shardnet::server::{Conn, ListenerSpec, OffloadSpec, Peers, Server, Service};
-//! use std::io::{BufRead, BufReader, Write};
-//!
-//! struct Hasher {
-//!     peers: Peers<u64>,
-//! }
-//!
-//! impl Service for Hasher {
-//!     type State = ();
-//!     /// What a job sends back (and what other shards could send: nothing here).
-//!     type Command = u64;
-//!
-//!     fn on_data(&mut self, conn: &mut Conn<'_, ()>, input: &mut [u8]) -> usize {
-//!         let Some(end) = input.iter().position(|&b| b == b'\n') else {
-//!             return 0;
-//!         };
-//!         let line = input[..end].to_vec();
-//!         // Runs on a pool thread: the shard goes on serving its other connections.
-//!         let job = move || line.iter().fold(7u64, |h, &b| h.wrapping_mul(31) ^ u64::from(b));
-//!         if self.peers.offload(conn, job).is_err() {
-//!             conn.write(b"busy\n"); // the pool is full: answer now, never queue more
-//!         }
-//!         end + 1
-//!     }
-//!
-//!     fn on_offload(&mut self, conn: &mut Conn<'_, ()>, hash: u64) {
-//!         conn.write(format!("{hash:x}\n").as_bytes());
-//!     }
-//! }
-//!
-//! let server = Server::builder()
-//!     .listener(ListenerSpec::new("hash", "127.0.0.1:0".parse().unwrap()))
-//!     .shards(1)
-//!     .offload(OffloadSpec { threads: 2, queue: 16 })
-//!     .start(|_info, peers| Hasher { peers })
-//!     .unwrap();
-//! let mut client = std::net::TcpStream::connect(server.addr("hash").unwrap()).unwrap();
-//! client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-//! client.write_all(b"abc\n").unwrap();
-//! let mut answer = String::new();
-//! BufReader::new(&client).read_line(&mut answer).unwrap();
-//! let expected = b"abc".iter().fold(7u64, |h, &b| h.wrapping_mul(31) ^ u64::from(b));
-//! assert_eq!(answer, format!("{expected:x}\n"));
-//! assert_eq!(server.snapshot().offload.unwrap().done, 1);
-//! drop(client); // the server drains quickly once its clients are gone
-//! ```
+//! The crate documentation (`src/lib.rs`) has a service that offloads, end to end.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;

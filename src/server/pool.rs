@@ -41,13 +41,15 @@ const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct ControlError {
     /// What was asked (`new limits`, `drain`).
     pub what: &'static str,
+    /// How many shards did not.
     pub missing: usize,
+    /// How many shards there are.
     pub shards: usize,
 }
 
 /// How to run a pool's shards.
 #[derive(Debug, Clone)]
-pub struct PoolSpec {
+pub(crate) struct PoolSpec {
     pub shards: usize,
     /// Core for each shard (`None`: not pinned).
     pub cores: Vec<Option<usize>>,
@@ -60,7 +62,7 @@ pub struct PoolSpec {
 }
 
 /// A set of running shards with their channels.
-pub struct ShardPool {
+pub(crate) struct ShardPool {
     stats: Arc<Stats>,
     /// Stopped after the shards.
     offload: Arc<dyn Stop>,
@@ -249,10 +251,6 @@ impl ShardPool {
 
     pub fn len(&self) -> usize {
         self.ports.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
     }
 
     pub fn cores(&self) -> &[Option<usize>] {
