@@ -504,8 +504,12 @@ impl Kv {
         if queued > 0 && queued + slots > MAX_PENDING {
             return Step::Wait;
         }
-        // This read's messages (at most one per other shard) must fit under the bound.
-        if remote > 0 && self.outstanding + self.shards > self.max_outstanding {
+        // This read's messages (at most one per other shard) must fit under the bound. With
+        // nothing out, a read always goes (else more shards than the bound would never start).
+        if remote > 0
+            && self.outstanding > 0
+            && self.outstanding + self.shards > self.max_outstanding
+        {
             self.blocked.push(conn.token());
             return Step::Wait;
         }
