@@ -25,13 +25,13 @@ use crate::stats::Snapshot;
     version,
     about = "A sharded epoll server for a million connections: TCP echo, HTTP/1.1, WebSocket pub/sub"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the server (without --config: the embedded default configuration).
     Serve(ServeArgs),
     /// Inspect configuration files.
@@ -45,7 +45,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TOML configuration file; see `shardnet config default` for every key.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -55,7 +55,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Check a configuration file: print the effective configuration (exit 0), or the error with
     /// its file:line:column and key (exit 2).
     Check { file: PathBuf },
@@ -130,7 +130,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
-pub fn init_logging(level: log::LevelFilter) {
+pub(crate) fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level).format_timestamp_millis();
     if let Ok(spec) = std::env::var("SHARDNET_LOG") {
@@ -374,6 +374,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     if restart_part(old) != restart_part(new) {
         keys.push("listener");
+    }
+    if old.offload != new.offload {
+        keys.push("offload");
     }
     keys
 }

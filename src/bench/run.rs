@@ -19,7 +19,7 @@ use super::args::{parse_cores, parse_sources, BenchArgs};
 use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 use super::{fanout, multi, procfs, wrk};
-use crate::server::{Limits, PoolSpec, ShardPool, TlsSpec, Tuning};
+use crate::server::{Limits, OffloadSpec, PoolSpec, ShardPool, TlsSpec, Tuning};
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
@@ -100,6 +100,7 @@ pub fn measure_on(
             events_per_wait: 1024,
             shutdown_timeout: Duration::from_secs(2),
         },
+        offload: OffloadSpec::default(),
     };
     let p = plan.clone();
     let (mut pool, peers) = ShardPool::start(&spec, move |info, peers| {
