@@ -20,8 +20,8 @@
 //! the shards directly: its encoded message (the frame's payload) goes to the broker, and every
 //! process subscribed to the topic, this one included, gets it back and frames it once; the
 //! broker's [`BrokerSink`] hands the frame to the shards with subscribers of the topic only. So
-//! every subscriber of a topic, on any host, sees its messages in the broker's one order. The
-//! hub tells the broker when a topic gets its first local subscriber on this shard and when it
+//! every subscriber of a topic, on any host, sees its messages in the broker's order (Redis:
+//! one order for all; NATS: each publishing process's order). The hub tells the broker when a topic gets its first local subscriber on this shard and when it
 //! loses its last ([`ShardInterest`]); after a broker outage each local subscriber of a topic
 //! gets `{"topic":T,"gap":true}`: messages may have been missed (at-most-once delivery). A
 //! refused publish answers the publisher: `POST /publish` with 503 and the reason, a WebSocket
