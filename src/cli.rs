@@ -4,12 +4,14 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::app::auth::{self, Auth, Reloadable};
 use crate::config::{
     duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
     TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
@@ -23,13 +25,13 @@ use crate::stats::Snapshot;
     version,
     about = "A sharded epoll server for a million connections: TCP echo, HTTP/1.1, WebSocket pub/sub"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the server (without --config: the embedded default configuration).
     Serve(ServeArgs),
     /// Inspect configuration files.
@@ -43,7 +45,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TOML configuration file; see `shardnet config default` for every key.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -53,7 +55,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Check a configuration file: print the effective configuration (exit 0), or the error with
     /// its file:line:column and key (exit 2).
     Check { file: PathBuf },
@@ -92,9 +94,14 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_tls(&file) {
-            Ok((config, _tls)) => {
+        // The files `[auth]` and `tls` name are read too: a missing or malformed key file is an
+        // error at its key, like any other.
+        Command::Config(ConfigCommand::Check { file }) => match load(Some(&file)) {
+            Ok((config, auth, _tls)) => {
                 print!("{}", config.to_toml());
+                for note in auth.notes() {
+                    eprintln!("warning: {note}");
+                }
                 0
             }
             Err(e) => {
@@ -123,7 +130,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
-pub fn init_logging(level: log::LevelFilter) {
+pub(crate) fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level).format_timestamp_millis();
     if let Ok(spec) = std::env::var("SHARDNET_LOG") {
@@ -133,21 +140,46 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-/// The configuration to serve, with its TLS files read (a file that cannot be used stops the
-/// start as a configuration error, like a bad key).
-fn load(path: Option<&PathBuf>) -> Result<(Config, ListenerTls), ConfigError> {
+/// The configuration to serve, with the files it names read: `[auth]`'s keys and every
+/// listener's TLS files (a file that cannot be used stops the start as a configuration error at
+/// its key, like a bad value).
+fn load(path: Option<&PathBuf>) -> Result<(Config, Auth, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load_with_tls(p),
+        Some(p) => {
+            let (config, auth, src) = auth::read_config(p)?;
+            let tls = config.load_tls(&src, &p.display().to_string())?;
+            Ok((config, auth, tls))
+        }
         None => {
             let config = Config::embedded_default();
             let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
-            Ok((config, tls))
+            Ok((config, Auth::disabled(), tls))
         }
     }
 }
 
+/// `[auth]` in one line at start and reload (kids and counts, never a secret), what loading
+/// passed over, and a warning when tokens guard the WebSocket routes but anyone may publish.
+fn log_auth(config: &Config, auth: &Auth) {
+    log::info!("auth: {}", auth.summary());
+    for note in auth.notes() {
+        log::warn!("auth: {note}");
+    }
+    let guarded = config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .any(|w| w.auth != crate::config::RouteAuth::Off);
+    if guarded && !auth.publish_needs_key() {
+        log::warn!(
+            "auth: WebSocket routes check tokens, but POST /publish needs no key: set [auth] \
+             api_keys_file"
+        );
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (mut config, mut tls) = load(args.config.as_ref())?;
+    let (mut config, auth, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -182,8 +214,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server =
-        crate::app::start_with_tls(&config, &tls).context("cannot start the server")?;
+    log_auth(&config, &auth);
+    let auth = Arc::new(Reloadable::new(auth));
+    let app =
+        crate::app::start_app(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let (mut server, broker) = (app.server, app.broker);
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -196,7 +231,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &mut tls, &server) {
+                    if reload(args.config.as_ref(), &mut config, &mut tls, &server, &auth) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -210,7 +245,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             recv(ticker) -> _ => {
                 let snap = server.snapshot();
-                log::info!("{}", snap.log_line(last.as_ref()));
+                match &broker {
+                    Some(b) => log::info!(
+                        "{} {}",
+                        snap.log_line(last.as_ref()),
+                        broker_line(&b.metrics().snapshot())
+                    ),
+                    None => log::info!("{}", snap.log_line(last.as_ref())),
+                }
                 last = Some(snap);
             }
         }
@@ -240,6 +282,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(128 + sig.unwrap_or(SIGTERM));
         }
     }
+}
+
+/// The broker's part of the periodic log line (totals since start).
+fn broker_line(b: &crate::app::broker::BrokerStats) -> String {
+    let latency = match (b.latency_quantile_us(0.5), b.latency_quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => format!(" latency_p50<={p50}us p99<={p99}us"),
+        _ => String::new(),
+    };
+    format!(
+        "broker={} up={} reconnects={} published={} refused={} received={} topics={} gaps={}{latency}",
+        b.kind,
+        u8::from(b.up),
+        b.reconnects,
+        b.published,
+        b.refused_total(),
+        b.received,
+        b.topics,
+        b.gaps,
+    )
 }
 
 fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
@@ -291,6 +352,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    // The broker thread's connections and bounds are set up once, at start.
+    let (a, b) = (&old.broker, &new.broker);
+    macro_rules! check_broker {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("broker.", stringify!($f))); })* };
+    }
+    check_broker!(kind url prefix reconnect_min reconnect_max reconnect_jitter connect_timeout max_pending max_pending_bytes publish_timeout);
     // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
     // it has TLS at all, and its handshake timeout, need a restart like its other keys.
     let restart_part = |c: &Config| -> Vec<ListenerConfig> {
@@ -308,18 +375,23 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if restart_part(old) != restart_part(new) {
         keys.push("listener");
     }
+    if old.offload != new.offload {
+        keys.push("offload");
+    }
     keys
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level, and TLS listeners' certificates, keys, client CAs and minimum versions)
-/// in every shard; refuses the rest with a log line. A file that does not parse, or a TLS file
-/// that cannot be used, changes nothing. Returns whether anything was applied.
+/// interval, log level, all of `[auth]` with the key files it names, and TLS listeners'
+/// certificates, keys, client CAs and minimum versions) in every shard; refuses the rest with a
+/// log line. A file that does not parse, or whose key or TLS files cannot be used, changes
+/// nothing. Returns whether anything was applied.
 fn reload(
     path: Option<&PathBuf>,
     config: &mut Config,
     tls: &mut ListenerTls,
     server: &Server,
+    auth: &Reloadable<Auth>,
 ) -> bool {
     let Some(path) = path else {
         log::warn!(
@@ -328,11 +400,11 @@ fn reload(
         return false;
     };
     let file = path.display().to_string();
-    let loaded = Config::read(path).and_then(|(new, src)| {
+    let loaded = auth::read_config(path).and_then(|(new, new_auth, src)| {
         let new_tls = new.reload_tls(&src, &file, tls)?;
-        Ok((new, new_tls))
+        Ok((new, new_auth, new_tls))
     });
-    let (new, new_tls) = match loaded {
+    let (new, new_auth, new_tls) = match loaded {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -345,6 +417,11 @@ fn reload(
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
+    // New keys verify from the next upgrade or refresh on; connections keep the grants their
+    // tokens gave them until those tokens expire.
+    log_auth(config, &new_auth);
+    config.auth = new.auth;
+    auth.replace(new_auth);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
@@ -417,6 +494,16 @@ fn log_summary(config: &Config, server: &Server) {
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");
     }
+    let b = &config.broker;
+    if b.kind != crate::config::BrokerKind::None {
+        // The url as Display shows it: any password or token is `***`.
+        log::info!(
+            "broker: {} at {}, prefix `{}`: publishes go through the broker",
+            b.kind.as_str(),
+            b.url,
+            b.prefix
+        );
+    }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
          max_connections={}, idle_timeout={}, max_write_buffer={}, write_timeout={}",
@@ -431,4 +518,30 @@ fn log_summary(config: &Config, server: &Server) {
         size::format(config.limits.max_write_buffer),
         duration::format(config.limits.write_timeout),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn broker_keys_are_restart_only() {
+        let parse = |broker: &str| Config::parse(&format!("{broker}{L}"), "t").unwrap();
+        let none = parse("");
+        let redis = parse("[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\n");
+        assert_eq!(
+            restart_only_changes(&none, &redis),
+            vec!["broker.kind", "broker.url"]
+        );
+        let slower = parse(
+            "[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\npublish_timeout = \"9s\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&redis, &slower),
+            vec!["broker.publish_timeout"]
+        );
+        assert!(restart_only_changes(&redis, &redis).is_empty());
+    }
 }

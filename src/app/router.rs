@@ -4,16 +4,35 @@
 //! One `Router` per shard, on that shard's thread. A connection starts as echo or HTTP after its
 //! listener; an HTTP connection that completes a WebSocket handshake becomes a WebSocket one and
 //! runs its route's mode (echo or pub/sub). The router owns the timers a protocol needs (HTTP's
-//! header timer, WebSocket's heartbeat) through the connection's one service timer.
+//! header timer, WebSocket's heartbeat and token expiry) through the connection's one service
+//! timer.
+//!
+//! Authentication (routes with `auth = "optional"` or `"required"`): the upgrade's token is
+//! verified by the routes; the connection then keeps a [`ConnAuth`] (its grant in this shard's
+//! [`PermTable`] and its rate-limit bucket, 16 bytes) and never the token. Every command on a
+//! pub/sub route passes the rate limit, then (on those routes) the permissions, before the hub
+//! sees it; `refresh` swaps the grant here. The one timer fires at the earlier of the next
+//! heartbeat and the token's expiry plus leeway, where the connection is closed with
+//! [`CLOSE_TOKEN_EXPIRED`]: no timer of its own, nothing allocated while idle. A connection
+//! that needs none of this (a route without auth, no rate limit when it upgraded) keeps the
+//! plain [`WsState`], so that it costs what it did before.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
+use super::auth::{
+    Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Reloadable, Verdict,
+    CLOSE_TOKEN_EXPIRED,
+};
+use super::broker::{Broker, BrokerHandle, Outcome, Ticket};
 use super::compression::{Compression, Delivery};
 use super::metrics::{Metrics, ServiceCounters};
-use super::pubsub::{Client, Cmd, Deflate, Fanout, Hub, Registry, TopicLimits};
-use super::routes::{ListenerRoutes, Routes, WsPath};
-use crate::config::{Config, ListenerConfig, ServiceKind, SlowConsumer, WsMode, WsRouteConfig};
+use super::pubsub::{self, Client, Cmd, Deflate, Fanout, Hub, Op, Registry, TopicLimits};
+use super::routes::{self, ListenerRoutes, Routes, WsPath};
+use crate::config::{
+    Config, ListenerConfig, RouteAuth, ServiceKind, SlowConsumer, WsMode, WsRouteConfig,
+};
 use crate::server::Peers;
 use crate::service::deflate::{self, Agreed, Inflate, ShardInflater};
 use crate::service::http::{DateCache, HeaderTimer, Http, HttpConn, HttpSettings};
@@ -24,11 +43,21 @@ use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 /// beyond its payload.
 const MAX_FRAME_HEADER: usize = 14;
 
+/// How long past `broker.publish_timeout` a `POST /publish` waits for the broker's outcome before
+/// it answers 503 itself (the outcome may have been lost to a full shard queue).
+const OUTCOME_GRACE: Duration = Duration::from_secs(1);
+
 /// State shared by every shard's router (off the hot path).
 pub struct Shared {
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
     pub config: Config,
+    /// `[auth]`, replaced on SIGHUP; each router keeps a [`Local`] copy.
+    pub auth: Arc<Reloadable<Auth>>,
+    /// The broker, when `[broker]` names one.
+    pub broker: Option<BrokerHandle>,
+    /// Its threads: stopped when the last router goes (the server has shut down).
+    pub _broker_threads: Option<Broker>,
 }
 
 /// Per-connection state.
@@ -39,6 +68,40 @@ pub enum ConnState {
     Echo,
     Http(HttpConn),
     Ws(Box<WsState>),
+    /// A WebSocket connection with a grant and a rate-limit bucket: on a route with `auth`, or
+    /// upgraded while `[auth]` limits the command rate.
+    WsAuth(Box<WsAuthState>),
+}
+
+impl ConnState {
+    fn ws(&mut self) -> Option<&mut WsState> {
+        match self {
+            ConnState::Ws(s) => Some(s),
+            ConnState::WsAuth(a) => Some(&mut a.ws),
+            _ => None,
+        }
+    }
+
+    fn ws_ref(&self) -> Option<&WsState> {
+        match self {
+            ConnState::Ws(s) => Some(s),
+            ConnState::WsAuth(a) => Some(&a.ws),
+            _ => None,
+        }
+    }
+
+    fn conn_auth(&self) -> Option<ConnAuth> {
+        match self {
+            ConnState::WsAuth(a) => Some(a.auth),
+            _ => None,
+        }
+    }
+}
+
+/// [`WsState`] with what authentication and the rate limit keep: 16 bytes more.
+pub struct WsAuthState {
+    ws: WsState,
+    auth: ConnAuth,
 }
 
 /// An upgraded connection. Compression adds two bytes, which fit in the padding: a compressed
@@ -119,6 +182,15 @@ pub struct Router {
     compression: Compression,
     inflater: ShardInflater,
     draining: bool,
+    /// This shard's copy of `[auth]`, and the one whose `anonymous_subscribe` `perms` holds.
+    auth: Local<Auth>,
+    anonymous_of: Arc<Auth>,
+    /// The permissions of this shard's authenticated connections, interned.
+    perms: PermTable,
+    /// The origin of the rate-limit buckets' clock.
+    epoch: Instant,
+    /// Numbers requests answered later (`POST /publish` through the broker).
+    next_request: Cell<u64>,
 }
 
 impl Router {
@@ -145,6 +217,7 @@ impl Router {
                                     mode: w.compression,
                                     window_bits: w.compression_window_bits,
                                 },
+                                auth: w.auth,
                             })
                             .collect(),
                         publish,
@@ -164,16 +237,38 @@ impl Router {
                 },
             })
             .collect();
+        let auth = shared.auth.local();
+        let anonymous_of = auth.cached().clone();
         Router {
             shard: info.shard,
             kinds,
             date: DateCache::default(),
-            fanout: Fanout::new(peers, info.shard, shared.registry.clone()),
-            shared,
-            hub: Hub::default(),
+            fanout: Fanout::new(
+                peers,
+                info.shard,
+                shared.registry.clone(),
+                shared.broker.clone(),
+            ),
+            hub: Hub::with_interest(shared.broker.as_ref().map(|b| b.interest(info.shard))),
             compression: Compression::default(),
             inflater: ShardInflater::default(),
             draining: false,
+            next_request: Cell::new(1),
+            perms: PermTable::new(anonymous_of.anonymous_subscribe()),
+            auth,
+            anonymous_of,
+            epoch: info.started,
+            shared,
+        }
+    }
+
+    /// Picks up a reloaded `[auth]` (one atomic load when there is none), and with it the
+    /// anonymous permissions.
+    fn sync_auth(&mut self) {
+        let current = self.auth.get(&self.shared.auth);
+        if !Arc::ptr_eq(current, &self.anonymous_of) {
+            self.perms.set_anonymous(current.anonymous_subscribe());
+            self.anonymous_of = current.clone();
         }
     }
 
@@ -182,6 +277,7 @@ impl Router {
     }
 
     fn on_http(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
+        self.sync_auth();
         let listener = conn.listener();
         let budget = conn.room();
         let Kind::Http { http, routes, .. } = &self.kinds[listener] else {
@@ -197,6 +293,11 @@ impl Router {
             counters,
             fanout: &self.fanout,
             draining: self.draining,
+            auth: self.auth.cached(),
+            auth_failures: self.shared.metrics.auth_failures(self.shard),
+            verified: None,
+            token: conn.token(),
+            next_request: &self.next_request,
         };
         let before = conn.out().len();
         let o = http.handle(
@@ -214,6 +315,10 @@ impl Router {
             HeaderTimer::Stop => conn.clear_timer(),
             HeaderTimer::Keep => {}
         }
+        if o.deferred {
+            // The answer waits for the broker; this timer answers 503 if it never comes.
+            conn.set_timer(self.shared.config.broker.publish_timeout + OUTCOME_GRACE);
+        }
         *conn.state() = ConnState::Http(hc);
         if o.close {
             conn.close();
@@ -222,27 +327,45 @@ impl Router {
         if o.stopped {
             conn.resume_later();
         }
+        let verified = handler.verified.take();
         if let Some(route) = o.upgrade {
             counters.ws_upgrades.inc();
             counters.ws_open.inc();
             conn.clear_timer();
-            *conn.state() = ConnState::Ws(Box::new(WsState {
+            let cfg = &self.route(listener as u16, route as u16).config;
+            let (ping, gated) = (cfg.ping_interval, cfg.auth != RouteAuth::Off);
+            let current = self.auth.cached();
+            let leeway = current.leeway();
+            let mut auth = ConnAuth::default();
+            match verified {
+                Some(v) => {
+                    auth.grant = Grant {
+                        perms: self.perms.acquire(&v.perms),
+                        expires: Grant::expiry(v.exp),
+                    };
+                    counters.ws_authenticated.inc();
+                }
+                None if gated => counters.ws_anonymous.inc(),
+                None => {}
+            }
+            let ws = WsState {
                 conn: WsConn::default(),
                 listener: listener as u16,
                 route: route as u16,
                 awaiting_pong: false,
                 deflate: o.deflate,
-            }));
+            };
+            *conn.state() = if gated || current.rate_limit().is_some() {
+                ConnState::WsAuth(Box::new(WsAuthState { ws, auth }))
+            } else {
+                ConnState::Ws(Box::new(ws))
+            };
             if let Some(agreed) = o.deflate {
                 let deflate = self.shared.metrics.deflate(self.shard);
                 self.compression.open(conn.token(), agreed, deflate);
             }
-            let ping = self
-                .route(listener as u16, route as u16)
-                .config
-                .ping_interval;
-            if !ping.is_zero() {
-                conn.set_timer(ping);
+            if let Some(after) = ws_timer(ping, &auth.grant, leeway, SystemTime::now()) {
+                conn.set_timer(after);
             }
             // Frames sent right behind the upgrade request are in this same input.
             let rest = &mut input[o.consumed..];
@@ -261,11 +384,16 @@ impl Router {
     }
 
     fn on_ws(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
-        let ConnState::Ws(ws_state) = conn.state() else {
+        self.sync_auth();
+        let now_us = conn.now().saturating_duration_since(self.epoch).as_micros() as u64;
+        // A plain connection has no grant and no bucket: it passes as ungated and unlimited.
+        let has_auth = conn.state().conn_auth();
+        let Some(ws_state) = conn.state().ws() else {
             return 0;
         };
         let (listener, route, agreed) = (ws_state.listener, ws_state.route, ws_state.deflate);
         let mut wsc = std::mem::take(&mut ws_state.conn);
+        let mut ca = has_auth.unwrap_or_default();
         let token = conn.token();
         let Router {
             kinds,
@@ -275,18 +403,25 @@ impl Router {
             shard,
             compression,
             inflater,
+            auth,
+            perms,
             ..
         } = self;
         let r = route_of(kinds, listener, route);
         let counters = shared.metrics.shard(*shard);
         let deflate_counters = shared.metrics.deflate(*shard);
+        let failures = shared.metrics.auth_failures(*shard);
+        let current: &Auth = auth.cached();
+        let rate = has_auth.and(current.rate_limit());
         let client = Client {
             token,
             limits: &r.topics,
             fanout,
             counters,
         };
-        let mode = r.config.mode;
+        let (mode, gated) = (r.config.mode, r.config.auth != RouteAuth::Off);
+        let before = ca.grant;
+        let mut closing = false;
         let inflate = agreed.map(|_| Inflate {
             shard: inflater,
             counters: deflate_counters,
@@ -316,24 +451,92 @@ impl Router {
                     ),
                 }
             }),
-            WsMode::Pubsub => wsc.process_with(input, limit, conn.out(), inflate, &mut |msg, out| {
-                messages += 1;
-                hub.on_message(&client, &msg, out);
-            }),
+            WsMode::Pubsub => {
+                wsc.process_with(input, limit, conn.out(), inflate, &mut |msg, out| {
+                    messages += 1;
+                    // A client that goes on past the rate limit is being closed: the rest of what
+                    // it sent is not read.
+                    if closing {
+                        return;
+                    }
+                    if let Some(limit) = rate {
+                        match ca.bucket.take(limit, now_us) {
+                            Verdict::Allow => {}
+                            Verdict::Refuse => {
+                                counters.rate_limited.inc();
+                                return pubsub::reply(
+                                    out,
+                                    &serde_json::json!({
+                                        "error": "rate limit: too many commands, slow down \
+                                                  (going on closes the connection)",
+                                    }),
+                                );
+                            }
+                            Verdict::Close => {
+                                counters.rate_limit_closes.inc();
+                                closing = true;
+                                return;
+                            }
+                        }
+                    }
+                    let op = match pubsub::parse_op(&msg) {
+                        Ok(op) => op,
+                        Err(why) => {
+                            return pubsub::reply(out, &serde_json::json!({ "error": why }))
+                        }
+                    };
+                    match op {
+                        Op::Refresh(t) if gated => {
+                            let cx = Refresh {
+                                auth: current,
+                                perms: &mut *perms,
+                                hub: &mut *hub,
+                                client: &client,
+                                registry: &shared.registry,
+                                failures,
+                            };
+                            cx.run(&mut ca.grant, t.as_bytes(), out);
+                        }
+                        Op::Subscribe(t) if gated && !perms.may_subscribe(ca.grant.perms, &t) => {
+                            counters.auth_denied.inc();
+                            deny(out, "subscribe", &t, &ca.grant);
+                        }
+                        Op::Publish(t, _) if gated && !perms.may_publish(ca.grant.perms, &t) => {
+                            counters.auth_denied.inc();
+                            deny(out, "publish", &t, &ca.grant);
+                        }
+                        op => hub.on_op(&client, op, out),
+                    }
+                })
+            }
         };
         counters.ws_messages_in.add(messages);
         if mode == WsMode::Echo {
             counters.ws_messages_out.add(messages);
         }
         let ping = r.config.ping_interval;
-        if let ConnState::Ws(s) = conn.state() {
+        let leeway = current.leeway();
+        if let ConnState::WsAuth(a) = conn.state() {
+            a.auth = ca;
+        }
+        if let Some(s) = conn.state().ws() {
             s.conn = wsc;
             if p.frames > 0 {
                 s.awaiting_pong = false;
             }
         }
-        if p.frames > 0 && !ping.is_zero() {
-            conn.set_timer(ping);
+        if p.frames > 0 || ca.grant != before {
+            if let Some(after) = ws_timer(ping, &ca.grant, leeway, SystemTime::now()) {
+                conn.set_timer(after);
+            }
+        }
+        if closing && p.close.is_none() {
+            if let Some(s) = conn.state().ws() {
+                s.conn.close_sent = true;
+            }
+            ws::write_close(conn.out(), ws::CLOSE_POLICY, "rate limit");
+            conn.close();
+            return input.len();
         }
         if let Some(code) = p.close {
             if matches!(
@@ -345,6 +548,112 @@ impl Router {
             conn.close();
         }
         p.consumed
+    }
+}
+
+/// When a WebSocket connection's one timer is due: the next heartbeat (`ping`, zero = none) or
+/// the token's expiry plus leeway, whichever comes first; `None` when neither applies.
+fn ws_timer(ping: Duration, grant: &Grant, leeway: Duration, now: SystemTime) -> Option<Duration> {
+    let expiry = grant.remaining(leeway, now);
+    match (ping.is_zero(), expiry) {
+        (true, e) => e,
+        (false, None) => Some(ping),
+        (false, Some(e)) => Some(ping.min(e)),
+    }
+}
+
+/// Refuses a subscribe or publish outside the connection's permissions: the topic and the
+/// reason in the error, nothing acknowledged.
+fn deny(out: &mut Vec<u8>, op: &str, topic: &str, grant: &Grant) {
+    let why = if grant.is_anonymous() {
+        "an anonymous connection may subscribe only to anonymous_subscribe topics: send a token"
+    } else if op == "publish" {
+        "the token's publish claim does not allow this topic"
+    } else {
+        "the token's subscribe claim does not allow this topic"
+    };
+    pubsub::reply(
+        out,
+        &serde_json::json!({
+            "error": format!("{op} to `{topic}` refused: {why}"),
+            "op": op,
+            "topic": topic,
+            "reason": "forbidden",
+        }),
+    );
+}
+
+/// What a `refresh` needs: the verifier, the permissions, and the hub to drop what the new
+/// token no longer allows.
+struct Refresh<'a, 'c> {
+    auth: &'a Auth,
+    perms: &'a mut PermTable,
+    hub: &'a mut Hub,
+    client: &'a Client<'c>,
+    registry: &'a Registry,
+    failures: &'a FailureCounters,
+}
+
+impl Refresh<'_, '_> {
+    /// Verifies `token` and, if it is good and for the same subject (an anonymous connection
+    /// may take any), replaces `grant`; subscriptions the new permissions do not allow are
+    /// dropped and listed in the answer. A refused refresh changes nothing: the connection
+    /// still ends at its current token's expiry.
+    fn run(self, grant: &mut Grant, token: &[u8], out: &mut Vec<u8>) {
+        let counters = self.client.counters;
+        let refuse = |out: &mut Vec<u8>, reason: &str, message: &str| {
+            counters.auth_refresh_refused.inc();
+            pubsub::reply(
+                out,
+                &serde_json::json!({
+                    "error": format!("refresh refused: {message}"),
+                    "op": "refresh",
+                    "reason": reason,
+                }),
+            );
+        };
+        let v = match self.auth.verify(token) {
+            Ok(v) => v,
+            Err(f) => {
+                self.failures.inc(f);
+                return refuse(out, f.as_str(), f.message());
+            }
+        };
+        if !grant.is_anonymous() && self.perms.sub(grant.perms) != &*v.perms.sub {
+            return refuse(
+                out,
+                "subject",
+                "the token is for another subject than this connection's",
+            );
+        }
+        let new = Grant {
+            perms: self.perms.acquire(&v.perms),
+            expires: Grant::expiry(v.exp),
+        };
+        if grant.is_anonymous() {
+            counters.ws_anonymous.sub(1);
+            counters.ws_authenticated.inc();
+        }
+        self.perms.release(grant.perms);
+        *grant = new;
+        let registry = self.registry;
+        let dropped: Vec<Arc<str>> = self
+            .hub
+            .topics_of(self.client.token)
+            .iter()
+            .filter(|t| !self.perms.may_subscribe(new.perms, t))
+            .cloned()
+            .collect();
+        for t in &dropped {
+            self.hub.unsubscribe(self.client.token, t, registry);
+        }
+        counters.auth_refreshed.inc();
+        counters.auth_unsubscribed.add(dropped.len() as u64);
+        let dropped: Vec<&str> = dropped.iter().map(|t| &**t).collect();
+        pubsub::reply(
+            out,
+            &serde_json::json!({ "ok": "refresh", "exp": v.exp, "unsubscribed": dropped }),
+        );
     }
 }
 
@@ -373,12 +682,16 @@ impl Service for Router {
                 input.len()
             }
             ConnState::Http(_) => self.on_http(conn, input),
-            ConnState::Ws(_) => self.on_ws(conn, input),
+            ConnState::Ws(_) | ConnState::WsAuth(_) => self.on_ws(conn, input),
         }
     }
 
     fn on_timer(&mut self, conn: &mut Conn<'_, ConnState>) {
         match conn.state() {
+            ConnState::Http(hc) if hc.pending().is_some() => {
+                let outcome = Err(super::broker::Refusal::Timeout);
+                self.answer_publish(conn, None, "", &outcome);
+            }
             ConnState::Http(hc) => {
                 hc.timer_fired();
                 Http::timeout_response(conn.out(), &self.date);
@@ -387,30 +700,69 @@ impl Service for Router {
                 counters.http_errors.inc();
                 conn.close();
             }
-            ConnState::Ws(s) => {
+            ConnState::Ws(_) | ConnState::WsAuth(_) => {
+                let grant = conn.state().conn_auth().unwrap_or_default().grant;
+                let Some(s) = conn.state().ws() else {
+                    return;
+                };
                 let (l, r, awaiting) = (s.listener, s.route, s.awaiting_pong);
                 let cfg = &self.route(l, r).config;
                 let (ping, pong) = (cfg.ping_interval, cfg.pong_timeout);
-                if awaiting {
+                let leeway = self.auth.cached().leeway();
+                let now = SystemTime::now();
+                // The timer never fires early, so a grant with nothing left is past its time.
+                if grant.remaining(leeway, now) == Some(Duration::ZERO) {
+                    self.counters().auth_expired.inc();
+                    if let Some(s) = conn.state().ws() {
+                        s.conn.close_sent = true;
+                    }
+                    ws::write_close(
+                        conn.out(),
+                        CLOSE_TOKEN_EXPIRED,
+                        "token expired, refresh and reconnect",
+                    );
+                    conn.close();
+                } else if awaiting {
                     self.counters().ws_reaped.inc();
                     ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, "no pong");
                     conn.close();
                 } else if !ping.is_zero() {
-                    if let ConnState::Ws(s) = conn.state() {
+                    if let Some(s) = conn.state().ws() {
                         s.awaiting_pong = true;
                     }
                     self.counters().ws_pings.inc();
                     ws::write_frame(conn.out(), ws::OP_PING, b"");
-                    conn.set_timer(pong);
+                    let expiry = grant.remaining(leeway, now).unwrap_or(pong);
+                    conn.set_timer(pong.min(expiry));
+                } else if let Some(after) = grant.remaining(leeway, now) {
+                    // No heartbeat and time left: every change of the grant re-arms the timer,
+                    // so this is only a guard that the expiry is never lost.
+                    conn.set_timer(after);
                 }
             }
             _ => {}
         }
     }
 
-    fn on_close(&mut self, token: Token, state: &mut ConnState, _reason: CloseReason) {
-        if let ConnState::Ws(s) = state {
-            self.counters().ws_open.sub(1);
+    fn on_close(&mut self, token: Token, state: &mut ConnState, reason: CloseReason) {
+        let grant = state.conn_auth().map(|a| a.grant);
+        if let Some(s) = state.ws() {
+            let counters = self.shared.metrics.shard(self.shard);
+            counters.ws_open.sub(1);
+            let gated = route_of(&self.kinds, s.listener, s.route).config.auth != RouteAuth::Off;
+            match grant {
+                Some(g) if !g.is_anonymous() => {
+                    // The subject at debug level only (it identifies a user); never the token.
+                    log::debug!(
+                        "WebSocket connection of sub {:?} closed ({reason:?})",
+                        self.perms.sub(g.perms)
+                    );
+                    self.perms.release(g.perms);
+                    counters.ws_authenticated.sub(1);
+                }
+                _ if gated => counters.ws_anonymous.sub(1),
+                _ => {}
+            }
             self.hub.on_close(token, &self.shared.registry);
             if s.deflate.is_some() {
                 let deflate = self.shared.metrics.deflate(self.shard);
@@ -421,7 +773,7 @@ impl Service for Router {
 
     fn on_drain(&mut self, conn: &mut Conn<'_, ConnState>) {
         self.draining = true;
-        if let ConnState::Ws(s) = conn.state() {
+        if let Some(s) = conn.state().ws() {
             if !s.conn.close_sent {
                 s.conn.close_sent = true;
                 ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, "server shutting down");
@@ -433,9 +785,21 @@ impl Service for Router {
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ConnState>) {
         self.draining |= ctx.draining();
         self.date.update(SystemTime::now());
+        self.hub.flush_interest();
     }
 
-    fn on_command(&mut self, cmd: Cmd, _ctx: &mut Ctx<'_, ConnState>) {
+    fn on_command(&mut self, cmd: Cmd, ctx: &mut Ctx<'_, ConnState>) {
+        if let Cmd::Outcome {
+            ticket,
+            topic,
+            outcome,
+        } = cmd
+        {
+            ctx.with_conn(Token(ticket.token), |conn| {
+                self.answer_publish(conn, Some(ticket), &topic, &outcome)
+            });
+            return;
+        }
         // Queued per topic and delivered in on_commands_done: a subscriber then gets all of a
         // topic's messages of this wake in one write (one syscall, not one per message).
         let counters = self.shared.metrics.shard(self.shard);
@@ -452,16 +816,65 @@ impl Service for Router {
             compression: &mut self.compression,
             counters: self.shared.metrics.deflate(self.shard),
         };
-        self.hub.deliver(
-            ctx,
-            &self.fanout,
-            counters,
-            &mut deflate,
-            |state| match state {
-                ConnState::Ws(s) => Some((slow_consumer(kinds, s), Delivery::of(s.deflate))),
-                _ => None,
+        self.hub
+            .deliver(ctx, &self.fanout, counters, &mut deflate, |state| {
+                state
+                    .ws_ref()
+                    .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
+            });
+    }
+}
+
+impl Router {
+    /// The broker's outcome for a publish of `conn` (`ticket`; `None`: the wait for it ran out).
+    /// A `POST /publish` waiting for it is answered (200 or 503), then the requests pipelined
+    /// behind it are read; a WebSocket publisher is told of a refusal. An outcome for a request
+    /// the connection no longer waits for (answered by the timer) is dropped.
+    fn answer_publish(
+        &self,
+        conn: &mut Conn<'_, ConnState>,
+        ticket: Option<Ticket>,
+        topic: &str,
+        outcome: &Outcome,
+    ) {
+        let pending = match conn.state() {
+            ConnState::Http(hc) => match hc.pending() {
+                Some(p) if ticket.is_none_or(|t| t.id == p.id) => {
+                    hc.take_pending();
+                    p
+                }
+                _ => return,
             },
+            ConnState::Ws(_) => {
+                if let (Some(t), Err(refusal)) = (ticket, outcome) {
+                    if t.id == 0 {
+                        pubsub::publish_refused(conn.out(), topic, refusal);
+                    }
+                }
+                return;
+            }
+            _ => return,
+        };
+        let kind = self.shared.config.broker.kind.as_str();
+        // Without a ticket (the timer), the topic is not at hand: the answer says the reason.
+        let sent = routes::publish_answer(
+            pending.respond(conn.out(), &self.date),
+            topic,
+            outcome,
+            kind,
         );
+        let counters = self.counters();
+        counters.http_requests.inc();
+        if sent.status() >= 400 {
+            counters.http_errors.inc();
+        }
+        if pending.keep_alive() {
+            conn.clear_timer();
+            // The requests that came behind it wait in the input: read them now.
+            conn.resume_later();
+        } else {
+            conn.close();
+        }
     }
 }
 
@@ -472,6 +885,8 @@ fn slow_consumer(kinds: &[Kind], s: &WsState) -> SlowConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::auth::PermId;
+    use std::time::UNIX_EPOCH;
 
     /// What an idle WebSocket connection holds besides the engine's slot: its boxed state.
     /// Compression must not make it larger (the agreed parameters fit in its padding).
@@ -482,6 +897,45 @@ mod tests {
             std::mem::size_of::<WsState>() <= 24,
             "{}",
             std::mem::size_of::<WsState>()
+        );
+    }
+
+    /// A connection with a grant and a bucket (on a route with auth, or rate-limited) holds
+    /// 16 bytes more; an authenticated one and an anonymous one hold the same.
+    #[test]
+    fn authentication_costs_a_connection_16_bytes() {
+        assert_eq!(
+            std::mem::size_of::<WsAuthState>(),
+            std::mem::size_of::<WsState>() + 16
+        );
+    }
+
+    #[test]
+    fn one_timer_for_the_heartbeat_and_the_expiry() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let s = Duration::from_secs;
+        let grant = |expires| Grant {
+            perms: PermId::ANONYMOUS,
+            expires,
+        };
+        let leeway = s(5);
+        // No token: the heartbeat alone, or nothing.
+        assert_eq!(ws_timer(s(30), &Grant::ANONYMOUS, leeway, now), Some(s(30)));
+        assert_eq!(
+            ws_timer(Duration::ZERO, &Grant::ANONYMOUS, leeway, now),
+            None
+        );
+        // The earlier of the two, the leeway counted.
+        assert_eq!(ws_timer(s(30), &grant(1_010), leeway, now), Some(s(15)));
+        assert_eq!(ws_timer(s(30), &grant(2_000), leeway, now), Some(s(30)));
+        assert_eq!(
+            ws_timer(Duration::ZERO, &grant(1_010), leeway, now),
+            Some(s(15))
+        );
+        // Past the expiry: due now.
+        assert_eq!(
+            ws_timer(s(30), &grant(900), leeway, now),
+            Some(Duration::ZERO)
         );
     }
 }

@@ -9,7 +9,10 @@
 //! 3. **data**: the service's commands from other shards (pub/sub fan-out). Bounded at
 //!    [`DATA_QUEUE`] messages, but allocated as it fills (a list channel guarded by an atomic
 //!    length) rather than a preallocated ring of 65,536 slots per shard that an idle process
-//!    would carry for nothing.
+//!    would carry for nothing;
+//! 4. **results** of offloaded jobs, from the offload pool's threads: bounded by the pool's
+//!    admission (a job holds its place until the shard takes its result), so the channel itself
+//!    needs no bound of its own.
 //!
 //! Senders live on any thread; the receivers ([`Inbox`]) belong to the shard.
 
@@ -19,6 +22,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use crate::server::offload::Done;
 use crate::server::Limits;
 use crate::sys::waker::Waker;
 use crate::tls::TlsAcceptor;
@@ -66,6 +70,7 @@ pub(crate) struct Inbox<C> {
     pub control: Receiver<ControlMsg>,
     pub conns: Receiver<NewConn>,
     pub data: DataRx<C>,
+    pub results: Receiver<Done<C>>,
 }
 
 /// The sending end of a data channel: bounded by a shared length, allocated as it fills.
@@ -86,6 +91,11 @@ impl<C> Clone for DataTx<C> {
 }
 
 impl<C> DataTx<C> {
+    /// The channel's bound.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
     pub fn try_send(&self, msg: C) -> Result<(), C> {
         // Reserve a place first: the bound holds however many threads send at once.
@@ -112,6 +122,10 @@ impl<C> DataRx<C> {
         self.rx.try_recv().ok()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Gives back the places of `n` received messages (once per batch, not per message).
     pub fn release(&self, n: usize) {
         if n > 0 {
@@ -134,22 +148,34 @@ pub(crate) fn data_channel<C>(cap: usize) -> (DataTx<C>, DataRx<C>) {
     )
 }
 
-/// Every channel of one shard: its port (control and connections), its data sender, its inbox.
-pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, DataTx<C>, Inbox<C>) {
+/// The senders other threads use to reach one shard, besides its [`ShardPort`].
+pub(crate) struct ShardSenders<C> {
+    pub data: DataTx<C>,
+    pub results: Sender<Done<C>>,
+}
+
+/// Every channel of one shard: its port (control and connections), its data and result
+/// senders, its inbox.
+pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, ShardSenders<C>, Inbox<C>) {
     let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = bounded(CONN_QUEUE);
     let (data_tx, data_rx) = data_channel(DATA_QUEUE);
+    let (results_tx, results_rx) = unbounded();
     (
         ShardPort {
             control: control_tx,
             conns: conn_tx,
             waker,
         },
-        data_tx,
+        ShardSenders {
+            data: data_tx,
+            results: results_tx,
+        },
         Inbox {
             control: control_rx,
             conns: conn_rx,
             data: data_rx,
+            results: results_rx,
         },
     )
 }

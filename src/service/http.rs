@@ -33,6 +33,10 @@
 //! - The header timer belongs to each request from its first byte: [`Outcome::timer`] says when
 //!   to start, keep or stop it, so a pipelining client whose reads end inside the next request is
 //!   timed per request, not from its first one.
+//! - A handler may answer later ([`Response::defer`]: `POST /publish` waits for the broker). The
+//!   connection then holds a [`Pending`] and reads nothing more (pipelined requests wait in the
+//!   input, bounded by the engine's `max_read_buffer`) until the caller answers it with
+//!   [`HttpConn::take_pending`] and [`Pending::respond`], so responses stay in request order.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -64,19 +68,59 @@ impl HttpSettings {
     }
 }
 
-/// Per-connection state: two flags.
+/// Per-connection state: two flags, and the request waiting for its answer, if any.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HttpConn {
     /// `100 Continue` was sent for the request being received.
     continue_sent: bool,
     /// The header timer runs for the request being received.
     timer_armed: bool,
+    /// A request answered later ([`Response::defer`]); nothing is read while it waits.
+    pending: Option<Pending>,
 }
 
 impl HttpConn {
     /// The header timer fired (the caller answers 408 and closes).
     pub fn timer_fired(&mut self) {
         self.timer_armed = false;
+    }
+
+    /// The request waiting for its answer.
+    pub fn pending(&self) -> Option<Pending> {
+        self.pending
+    }
+
+    /// Takes the waiting request to answer it ([`Pending::respond`]); the caller then offers
+    /// the input left behind it again.
+    pub fn take_pending(&mut self) -> Option<Pending> {
+        self.pending.take()
+    }
+}
+
+/// A request whose answer comes later: what its response needs, and the caller's id for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub id: u64,
+    head: bool,
+    keep_alive: bool,
+    version: u8,
+}
+
+impl Pending {
+    /// The request's one answer, appended to `out`.
+    pub fn respond<'a>(self, out: &'a mut Vec<u8>, date: &'a DateCache) -> Response<'a> {
+        Response {
+            out,
+            date,
+            head: self.head,
+            keep_alive: self.keep_alive,
+            version: self.version,
+        }
+    }
+
+    /// Whether the connection stays open after the answer.
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
     }
 }
 
@@ -114,6 +158,9 @@ pub struct Outcome {
     pub status: u16,
     /// What to do with the header timer.
     pub timer: HeaderTimer,
+    /// The last request handled is answered later ([`Response::defer`]): nothing after it is
+    /// read until [`HttpConn::take_pending`].
+    pub deferred: bool,
 }
 
 impl Outcome {
@@ -129,6 +176,7 @@ impl Outcome {
             errors: 0,
             status: 0,
             timer: HeaderTimer::Keep,
+            deferred: false,
         }
     }
 
@@ -287,6 +335,7 @@ pub struct Response<'a> {
 pub struct Sent {
     status: u16,
     upgrade: Option<usize>,
+    deferred: Option<Pending>,
     deflate: Option<Agreed>,
 }
 
@@ -376,6 +425,23 @@ impl Response<'_> {
         Sent {
             status,
             upgrade: None,
+            deferred: None,
+            deflate: None,
+        }
+    }
+
+    /// Answers later: the connection keeps a [`Pending`] with `id` and reads no further request
+    /// until the caller answers it. Nothing is written now.
+    pub fn defer(self, id: u64) -> Sent {
+        Sent {
+            status: 0,
+            upgrade: None,
+            deferred: Some(Pending {
+                id,
+                head: self.head,
+                keep_alive: self.keep_alive,
+                version: self.version,
+            }),
             deflate: None,
         }
     }
@@ -396,6 +462,7 @@ impl Response<'_> {
         Sent {
             status: p.status,
             upgrade: None,
+            deferred: None,
             deflate: None,
         }
     }
@@ -476,6 +543,7 @@ impl Response<'_> {
         Sent {
             status: 101,
             upgrade: Some(route),
+            deferred: None,
             deflate: answer.map(|a| a.agreed),
         }
     }
@@ -487,7 +555,12 @@ impl Response<'_> {
 /// compared have the length already, and are short).
 #[inline]
 fn named(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len() && name.iter().zip(lower).fold(0, |d, (&a, &b)| d | ((a | 0x20) ^ b)) == 0
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0, |d, (&a, &b)| d | ((a | 0x20) ^ b))
+            == 0
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
@@ -669,6 +742,10 @@ impl Http {
         handler: &mut H,
     ) -> Outcome {
         let mut o = Outcome::new();
+        if conn.pending.is_some() {
+            // Behind a request still waiting for its answer: read nothing yet.
+            return o;
+        }
         self.handle_requests(conn, input, out, budget, date, handler, &mut o);
         // The timer runs from a request's first byte: a request left partial after others
         // completed in this call began here, and gets a timer of its own.
@@ -717,28 +794,28 @@ impl Http {
             #[cfg(test)]
             let quick = quick.filter(|_| !tests::SLOW_ONLY.get());
             let (method, target, split, version, fields, hlen, crlf) = match quick {
-                    Some(h) => {
-                        // An origin-form target splits at its first `?` (as `route_path` does).
-                        let split = match h.query {
-                            _ if !h.target.starts_with('/') => None,
-                            Some(q) => Some((&h.target[..q], Some(&h.target[q + 1..]))),
-                            None => Some((h.target, None)),
-                        };
-                        let fields = &fast[..h.fields];
-                        // Every line of this form ends in CRLF.
-                        (h.method, h.target, split, h.version, fields, h.len, true)
-                    }
-                    None => {
-                        let Some(slow) = self.parse_slow(buf, out, date, o) else {
-                            return;
-                        };
-                        slow_fields = slow.fields;
-                        let fields = &slow_fields[..slow.count];
-                        let (m, t, v, len, crlf) =
-                            (slow.method, slow.target, slow.version, slow.len, slow.crlf);
-                        (m, t, None, v, fields, len, crlf)
-                    }
-                };
+                Some(h) => {
+                    // An origin-form target splits at its first `?` (as `route_path` does).
+                    let split = match h.query {
+                        _ if !h.target.starts_with('/') => None,
+                        Some(q) => Some((&h.target[..q], Some(&h.target[q + 1..]))),
+                        None => Some((h.target, None)),
+                    };
+                    let fields = &fast[..h.fields];
+                    // Every line of this form ends in CRLF.
+                    (h.method, h.target, split, h.version, fields, h.len, true)
+                }
+                None => {
+                    let Some(slow) = self.parse_slow(buf, out, date, o) else {
+                        return;
+                    };
+                    slow_fields = slow.fields;
+                    let fields = &slow_fields[..slow.count];
+                    let (m, t, v, len, crlf) =
+                        (slow.method, slow.target, slow.version, slow.len, slow.crlf);
+                    (m, t, None, v, fields, len, crlf)
+                }
+            };
             if target.len() > max_target {
                 o.fail(out, date, 414, "request target too long");
                 return;
@@ -812,9 +889,7 @@ impl Http {
                     21 if named(name, b"sec-websocket-version") => {
                         ws.version_13 = v.trim_ascii() == b"13";
                     }
-                    17 if named(name, b"sec-websocket-key") => {
-                        ws_key = Some(v.trim_ascii())
-                    }
+                    17 if named(name, b"sec-websocket-key") => ws_key = Some(v.trim_ascii()),
                     _ => {}
                 }
             }
@@ -897,6 +972,11 @@ impl Http {
                 version,
             };
             let sent = handler.request(&request, resp);
+            if let Some(p) = sent.deferred {
+                conn.pending = Some(p);
+                o.deferred = true;
+                return;
+            }
             o.count(sent.status);
             if let Some(route) = sent.upgrade {
                 o.upgrade = Some(route);
@@ -954,8 +1034,7 @@ impl Http {
                 return None;
             }
         };
-        let crlf =
-            ends_in_crlf(buf, len) && req.headers.iter().all(|h| after_crlf(buf, h.name));
+        let crlf = ends_in_crlf(buf, len) && req.headers.iter().all(|h| after_crlf(buf, h.name));
         let mut fields = [Field::EMPTY; MAX_HEADERS];
         for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
             *f = Field {
@@ -1039,6 +1118,7 @@ fn reason(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -1079,6 +1159,7 @@ mod tests {
                 "/ok" => resp.send(200, "text/plain", req.body(), ""),
                 "/ws" => resp.upgrade(req, &[], SHARED, 0),
                 "/ws/plain" => resp.upgrade(req, &[], OFF, 1),
+                "/later" => resp.defer(7),
                 _ => resp.send(404, "text/plain", b"", ""),
             }
         }
@@ -1112,6 +1193,48 @@ mod tests {
         assert!(o.responses >= 1, "no response to {input:?}");
         assert_eq!(out[9..12].parse::<u16>().unwrap(), o.status);
         o.status
+    }
+
+    #[test]
+    fn a_deferred_answer_holds_back_the_pipeline() {
+        let h = http();
+        let date = DateCache::default();
+        let mut conn = HttpConn::default();
+        let mut out = Vec::new();
+        let input = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPOST /later HTTP/1.1\r\nHost: a\r\n\
+                      Content-Length: 2\r\n\r\nhiGET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
+        let o = h.handle(&mut conn, input, &mut out, usize::MAX, &date, &mut Echo);
+        let first = input.windows(4).position(|w| w == b"hiGE").unwrap() + 2;
+        assert_eq!((o.consumed, o.responses, o.deferred), (first, 1, true));
+        assert_eq!(conn.pending().map(|p| p.id), Some(7));
+        // While it waits, nothing more is read.
+        let o = h.handle(
+            &mut conn,
+            &input[first..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses), (0, 0));
+        let p = conn.take_pending().unwrap();
+        assert!(p.keep_alive());
+        let _ = p
+            .respond(&mut out, &date)
+            .send(503, "text/plain", b"later\n", "");
+        let o = h.handle(
+            &mut conn,
+            &input[first..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses), (input.len() - first, 1));
+        let text = String::from_utf8(out).unwrap();
+        let statuses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+        assert_eq!(statuses, ["200", "503", "200"], "in request order: {text}");
+        assert!(text.contains("later\n"));
     }
 
     #[test]
@@ -1419,7 +1542,7 @@ mod tests {
 
     /// Answers with everything the codec parsed (method, target, path, query, version, the
     /// fields the codec reads, the body) so that two parses compare through the response;
-    /// `/ws` upgrades, `/fixed` and `/fixed404` answer prepared.
+    /// `/ws` upgrades, `/fixed` and `/fixed404` answer prepared, `/later` answers later.
     struct Mirror {
         ok: Prepared,
         missing: Prepared,
@@ -1440,6 +1563,7 @@ mod tests {
                 "/ws" => return resp.upgrade(req, &[], SHARED, 0),
                 "/fixed" => return resp.send_prepared(&self.ok),
                 "/fixed404" => return resp.send_prepared(&self.missing),
+                "/later" => return resp.defer(7),
                 _ => {}
             }
             let mut body = format!(
@@ -1451,7 +1575,13 @@ mod tests {
                 req.version()
             )
             .into_bytes();
-            for name in ["host", "X-A", "content-length", "transfer-encoding", "origin"] {
+            for name in [
+                "host",
+                "X-A",
+                "content-length",
+                "transfer-encoding",
+                "origin",
+            ] {
                 body.extend_from_slice(req.header(name).unwrap_or(b"-"));
                 body.push(b'|');
             }
@@ -1586,6 +1716,7 @@ mod tests {
             b"GET /ws HTTP/1.1\r\nHost: a\r\nupgrade: WebSocket\r\nconnection: keep-alive, upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 12\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             b"GET /x HTTP/1.1\r\nHost: a\r\nOrigin: http://o\r\n\r\n",
+            b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET /x HTTP/1.1\r\n\r\n",
         ]
         .iter()
         .map(|r| r.to_vec())
@@ -1606,7 +1737,13 @@ mod tests {
         c.push(format!("GET /{long}").into_bytes());
         let big = "v".repeat(16 * 1024);
         c.push(format!("GET /x HTTP/1.1\r\nHost: a\r\nX-A: {big}\r\n\r\n").into_bytes());
-        c.push(format!("GET /x HTTP/1.1\r\nHost: a\r\nX-A: {}\r\n\r\n", &big[..16000]).into_bytes());
+        c.push(
+            format!(
+                "GET /x HTTP/1.1\r\nHost: a\r\nX-A: {}\r\n\r\n",
+                &big[..16000]
+            )
+            .into_bytes(),
+        );
         c
     }
 

@@ -259,8 +259,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Method, target, version, fields (name, value) and head length.
+    type Parsed = (String, String, u8, Vec<(Vec<u8>, Vec<u8>)>, usize);
+
     /// httparse's answer in the same shape, when it parses a complete head.
-    fn reference(buf: &[u8]) -> Option<(String, String, u8, Vec<(Vec<u8>, Vec<u8>)>, usize)> {
+    fn reference(buf: &[u8]) -> Option<Parsed> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(buf) {
