@@ -10,8 +10,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
-
 use crate::conn::{Token, TokenKind};
 use crate::server::listener::{AcceptCounters, Listener, Step};
 use crate::server::port::{NewConn, ShardPort};
@@ -183,7 +181,7 @@ impl Dispatch {
                     self.next = shard + 1;
                     return;
                 }
-                Err(TrySendError::Full(back)) | Err(TrySendError::Disconnected(back)) => nc = back,
+                Err(back) => nc = back,
             }
         }
         self.stats.acceptor().rejected_busy.inc();

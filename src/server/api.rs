@@ -59,7 +59,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::conn::Token;
-use crate::server::port::DataTx;
+use crate::server::port::QueueTx;
 use crate::server::shard::state::{Ctl, Env, Flags};
 use crate::server::shard::Core;
 use crate::stats::StatsView;
@@ -293,7 +293,7 @@ pub struct Peers<C> {
 }
 
 pub(crate) struct PeerPort<C> {
-    pub(crate) data: DataTx<C>,
+    pub(crate) data: QueueTx<C>,
     pub(crate) waker: Waker,
 }
 

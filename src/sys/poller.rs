@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use super::io_err;
+use super::mem::Zeroed;
 
 /// What a registration waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,16 +52,22 @@ pub struct Event {
     pub read_closed: bool,
 }
 
-/// The reusable array `epoll_wait` fills.
+/// The reusable array `epoll_wait` fills. Its memory comes from [`Zeroed`]: the kernel writes
+/// only as many entries as it returns, so an idle shard's 1024 slots (12 KiB) stay
+/// non-resident, and a busy one's only up to its largest batch.
 pub struct Events {
-    buf: Vec<EpollEvent>,
+    buf: Zeroed<EpollEvent>,
+    /// Slots offered to `epoll_wait` (the whole array, except in a test).
+    cap: usize,
     len: usize,
 }
 
 impl Events {
     pub fn with_capacity(n: usize) -> Self {
+        let n = n.max(1);
         Events {
-            buf: vec![EpollEvent::empty(); n.max(1)],
+            buf: Zeroed::new(n),
+            cap: n,
             len: 0,
         }
     }
@@ -116,7 +123,7 @@ impl Poller {
                 EpollTimeout::try_from(ms as u32).unwrap_or(EpollTimeout::MAX)
             }
         };
-        match self.epoll.wait(&mut events.buf, timeout) {
+        match self.epoll.wait(&mut events.buf[..events.cap], timeout) {
             Ok(n) => {
                 events.len = n;
                 Ok(n)
@@ -180,7 +187,7 @@ mod tests {
             1
         );
         // An array epoll_wait refuses (EINVAL for zero slots) makes the next wait fail.
-        events.buf.clear();
+        events.cap = 0;
         assert!(poller.wait(&mut events, Some(Duration::ZERO)).is_err());
         assert_eq!(
             events.len(),

@@ -38,6 +38,7 @@ use crate::server::listener::{AcceptCounters, Listener, Step};
 use crate::server::port::{Control, Inbox, NewConn};
 use crate::server::{Limits, Tuning};
 use crate::stats::{ShardCounters, Stats};
+use crate::sys::mem::Zeroed;
 use crate::sys::poller::{Events, Interest, Poller};
 use crate::sys::waker::Waker;
 use crate::timer::TimerWheel;
@@ -66,7 +67,8 @@ pub(crate) struct Core<St> {
     pub(crate) poller: Poller,
     pub(crate) conns: Slab<Entry<St>>,
     pub(crate) wheel: TimerWheel,
-    pub(crate) read_buf: Box<[u8]>,
+    /// Resident only as far as reads have reached (see [`crate::sys::mem`]).
+    pub(crate) read_buf: Zeroed<u8>,
     /// Where a callback's output is staged before one `send`.
     pub(crate) scratch: Vec<u8>,
     pub(crate) pool: BufferPool,
@@ -139,7 +141,7 @@ impl<S: Service> Shard<S> {
                 poller,
                 conns: Slab::default(),
                 wheel: TimerWheel::new(setup.start, TICK, WHEEL_SLOTS),
-                read_buf: vec![0u8; tuning.read_buffer.max(512)].into_boxed_slice(),
+                read_buf: Zeroed::new(tuning.read_buffer.max(512)),
                 scratch: Vec::with_capacity(16 * 1024),
                 pool: BufferPool::new(256, 256 * 1024),
                 stats: setup.stats,
@@ -324,12 +326,13 @@ impl<S: Service> Shard<S> {
         self.on_control();
         let mut adopted = 0;
         while adopted < WAKE_BATCH {
-            match self.inbox.conns.try_recv() {
-                Ok(nc) => self.adopt(nc),
-                Err(_) => break,
-            }
+            let Some(nc) = self.inbox.conns.try_recv() else {
+                break;
+            };
+            self.adopt(nc);
             adopted += 1;
         }
+        self.inbox.conns.release(adopted);
         let mut commands = 0;
         while commands < WAKE_BATCH {
             let Some(cmd) = self.inbox.data.try_recv() else {
@@ -364,7 +367,8 @@ impl<S: Service> Shard<S> {
         // process on the port (net.ipv4.tcp_migrate_req).
         self.listeners.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
-        while let Ok(nc) = self.inbox.conns.try_recv() {
+        while let Some(nc) = self.inbox.conns.try_recv() {
+            self.inbox.conns.release(1);
             self.adopt(nc);
         }
         // Serve what each client already sent; each connection then closes once it has been
