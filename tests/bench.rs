@@ -415,14 +415,27 @@ fn idle_mode_reports_server_rss_and_fails_when_the_server_closes_idle_connection
         "500",
     ]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("bytes per connection"), "{text}");
+    assert!(
+        text.contains("user memory: server PSS (sum over 1 process)")
+            && text.contains("bytes per connection"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kernel memory (this host, both ends"),
+        "{text}"
+    );
+    // Every connection was still open at the end: each echoed its probe.
+    assert!(
+        text.contains("500 of them answered a final probe"),
+        "{text}"
+    );
     // Memory, not throughput: no table of zeros.
     assert!(!text.contains("req/s"), "{text}");
     // Without the server's pid the memory is unknown, not "0 bytes per connection".
     let (code, text) = bench(&["--target", &addr, "--mode", "idle", "-c", "20"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("server memory unknown"), "{text}");
-    assert!(!text.contains("bytes per connection"), "{text}");
+    assert!(!text.contains("server PSS"), "{text}");
     // The same over two client processes: the parent reads the server's RSS while both hold
     // their share.
     let (code, text) = bench(&[

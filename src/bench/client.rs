@@ -5,9 +5,16 @@
 //! Each client shard keeps its own latency histogram and counters; the controller collects them
 //! with a command. Every response is verified: echo bytes are compared one by one with what was
 //! sent, HTTP statuses and body lengths checked, WebSocket frames decoded and compared.
+//!
+//! The open loop (`--rate`) is a schedule per client shard, not per connection: the shard's
+//! share of the rate, each request sent at its intended time (the shard asks the engine to wake
+//! it then, [`Service::next_wake`]) on a connection chosen at random. So the cost per request
+//! does not grow with the connections held, and a million connections can carry 20,000
+//! requests per second spread over all of them. Idle connections are checked at the end of a
+//! run with one probe each ([`ClientCmd::Verify`]): a byte (or a one-byte WebSocket message)
+//! that must come back.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,17 +51,18 @@ pub struct Plan {
     pub size: usize,
     /// HTTP path.
     pub path: String,
-    /// Open loop: requests per second per connection (0: closed loop).
-    pub rate_per_conn: f64,
+    /// Open loop: requests per second this client shard sends, over connections chosen at
+    /// random (0: closed loop).
+    pub rate_per_shard: f64,
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
     pub host: String,
-    /// Fan-out: the topic, and the clock origin of the publish timestamps.
+    /// Fan-out: the topic (the same in every client process of a run).
     pub topic: String,
-    pub base: Instant,
-    /// Fan-out: the measured window is every publish after this sequence number (set by the
-    /// publisher between two publishes; `u64::MAX` until then: nothing is counted in warm-up).
-    pub window_after: Arc<AtomicU64>,
+    /// Fan-out: the measured window is every publish after this sequence number (the warm-up's
+    /// publishes are not counted). Publish timestamps are CLOCK_MONOTONIC microseconds, the
+    /// same clock in every process.
+    pub window_after: u64,
 }
 
 /// Results of one client shard.
@@ -71,6 +79,8 @@ pub struct ShardResult {
     /// number each subscriber saw (filled by Collect).
     pub gaps: u64,
     pub last_seqs: Vec<u64>,
+    /// Idle: connections that answered the final probe.
+    pub verified: u64,
 }
 
 impl ShardResult {
@@ -85,6 +95,7 @@ impl ShardResult {
             ready: 0,
             gaps: 0,
             last_seqs: Vec::new(),
+            verified: 0,
         }
     }
 }
@@ -96,6 +107,9 @@ pub enum ClientCmd {
     Reset,
     /// Send a copy of the results.
     Collect(Sender<ShardResult>),
+    /// Idle: send every connection one probe that must come back (counted in `verified`);
+    /// answers how many were sent.
+    Verify(Sender<u64>),
 }
 
 /// Per-connection state.
@@ -106,8 +120,9 @@ pub struct ClientConn {
     recv_bytes: u64,
     /// Send (or, open loop, intended send) time of each request in flight.
     inflight: VecDeque<Instant>,
-    scheduled: u64,
     upgraded: bool,
+    /// Idle: the final probe was sent (and not yet answered).
+    probing: bool,
     started: Option<Instant>,
     /// Fan-out: subscribed (ack seen), and the last sequence number received.
     subscribed: bool,
@@ -119,9 +134,18 @@ pub struct Client {
     result: ShardResult,
     conns: Vec<Token>,
     next_seed: u32,
+    /// Open loop: the schedule's origin, requests scheduled so far, and whether it has stopped
+    /// (draining).
     start: Instant,
+    scheduled: u64,
+    stopped: bool,
+    /// xorshift64 state: which connection the next open-loop request goes to.
+    rng: u64,
     request: Vec<u8>,
 }
+
+/// The one byte of an idle connection's final probe.
+const PROBE: u8 = b'?';
 
 /// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
 /// a misplaced, dropped or corrupted byte show.
@@ -146,6 +170,9 @@ impl Client {
             conns: Vec::new(),
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
             start: Instant::now(),
+            scheduled: 0,
+            stopped: false,
+            rng: (info.shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             request,
         }
     }
@@ -190,7 +217,7 @@ impl Client {
         self.result.requests += 1;
         if self.plan.mode == Mode::Connect {
             conn.close();
-        } else if self.plan.rate_per_conn == 0.0 {
+        } else if self.plan.rate_per_shard == 0.0 {
             self.send(conn, now);
         }
     }
@@ -289,7 +316,7 @@ impl Client {
             } else {
                 self.result.ready += 1;
             }
-            if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
+            if self.plan.mode == Mode::Ws && self.plan.rate_per_shard == 0.0 {
                 let now = conn.now();
                 for _ in 0..self.plan.depth {
                     self.send(conn, now);
@@ -309,6 +336,12 @@ impl Client {
             let payload = &input[pos + range.start..pos + range.end];
             pos += total;
             match op {
+                ws::OP_BINARY if self.plan.mode == Mode::Idle => {
+                    if !self.probe_answered(conn, payload) {
+                        conn.close();
+                        return input.len();
+                    }
+                }
                 ws::OP_BINARY => {
                     let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
                     if payload.len() != self.plan.size
@@ -343,6 +376,48 @@ impl Client {
             }
         }
         pos
+    }
+}
+
+impl Client {
+    /// A uniformly chosen index below `n` (xorshift64, multiply-shift: no modulo bias).
+    fn pick(&mut self, n: usize) -> usize {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        ((x as u128 * n as u128) >> 64) as usize
+    }
+
+    /// Sends an idle connection its final probe (once); false if it cannot take one (a
+    /// WebSocket not upgraded yet, or a probe already out).
+    fn probe(&mut self, conn: &mut Conn<'_, ClientConn>) -> bool {
+        let st = conn.state();
+        if st.probing || (self.plan.idle_ws.is_some() && !st.upgraded) {
+            return false;
+        }
+        st.probing = true;
+        if self.plan.idle_ws.is_some() {
+            ws::write_masked(conn.out(), ws::OP_BINARY, true, &[PROBE], MASK);
+        } else {
+            conn.write(&[PROBE]);
+        }
+        true
+    }
+
+    /// What an idle connection received: only the echo of its probe is expected.
+    fn probe_answered(&mut self, conn: &mut Conn<'_, ClientConn>, data: &[u8]) -> bool {
+        if !conn.state().probing || data != [PROBE] {
+            self.error(format!(
+                "unexpected data on an idle connection: {:?}",
+                String::from_utf8_lossy(&data[..data.len().min(40)])
+            ));
+            return false;
+        }
+        conn.state().probing = false;
+        self.result.verified += 1;
+        true
     }
 }
 
@@ -383,7 +458,7 @@ impl Client {
             ));
             return false;
         }
-        let window_after = self.plan.window_after.load(Ordering::SeqCst);
+        let window_after = self.plan.window_after;
         let before = st.last_seq;
         st.last_seq = seq;
         if seq <= window_after {
@@ -391,13 +466,10 @@ impl Client {
         }
         // Messages of the window this subscriber skipped (seq > window_after, seq > before).
         self.result.gaps += seq - 1 - before.max(window_after);
-        let intended = self.plan.base + Duration::from_micros(t);
-        let micros = conn
-            .now()
-            .max(Instant::now())
-            .saturating_duration_since(intended)
-            .as_micros()
-            .max(1) as u64;
+        // `t` is the publish's intended time on CLOCK_MONOTONIC, which every process shares.
+        let micros = crate::sys::process::monotonic_micros()
+            .saturating_sub(t)
+            .max(1);
         let _ = self.result.hist.record(micros.min(MAX_LATENCY_US));
         self.result.requests += 1;
         true
@@ -415,7 +487,7 @@ impl Service for Client {
         st.seed = self.next_seed;
         st.started = Some(now);
         self.conns.push(conn.token());
-        let closed_loop = self.plan.rate_per_conn == 0.0;
+        let closed_loop = self.plan.rate_per_shard == 0.0;
         match self.plan.mode {
             Mode::Echo | Mode::Http if closed_loop => {
                 for _ in 0..self.plan.depth {
@@ -463,7 +535,9 @@ impl Service for Client {
                 if self.plan.idle_ws.is_some() {
                     self.on_ws(conn, input)
                 } else {
-                    self.error("unexpected data on an idle connection".into());
+                    if !self.probe_answered(conn, input) {
+                        conn.close();
+                    }
                     input.len()
                 }
             }
@@ -491,37 +565,47 @@ impl Service for Client {
     }
 
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ClientConn>) {
-        let rate = self.plan.rate_per_conn;
-        if rate == 0.0 || ctx.draining() {
+        let rate = self.plan.rate_per_shard;
+        if rate == 0.0 || self.stopped {
             return;
         }
-        // Open loop: send every request whose intended time has come; latency counts from that
-        // intended time, so a stalled server cannot hide its stall.
+        if ctx.draining() {
+            self.stopped = true;
+            return;
+        }
+        // Open loop: send every request whose intended time has come, each on a connection
+        // chosen at random; latency counts from the intended time, so a stalled server (or a
+        // late client) cannot hide its stall. Requests 0..=k are due once start + k/rate has
+        // passed.
         let elapsed = ctx
             .now()
             .saturating_duration_since(self.start)
             .as_secs_f64();
-        let due_total = (elapsed * rate) as u64;
+        let due = (elapsed * rate) as u64 + 1;
         let start = self.start;
-        for i in 0..self.conns.len() {
+        while self.scheduled < due {
+            let k = self.scheduled;
+            self.scheduled += 1;
+            if self.conns.is_empty() {
+                continue; // not connected yet (warm-up)
+            }
+            let i = self.pick(self.conns.len());
             let token = self.conns[i];
+            let at = start + Duration::from_secs_f64(k as f64 / rate);
             ctx.with_conn(token, |conn| {
                 let ready = self.plan.mode != Mode::Ws || conn.state().upgraded;
-                while ready && conn.state().scheduled < due_total {
-                    let k = conn.state().scheduled;
-                    conn.state().scheduled += 1;
-                    if conn.state().inflight.len() >= 100_000 {
-                        continue; // the server is this far behind: the latency shows it
-                    }
-                    let at = start + Duration::from_secs_f64(k as f64 / rate);
+                // A connection this far behind shows in the latency already.
+                if ready && conn.state().inflight.len() < 100_000 {
                     self.send(conn, at);
                 }
             });
         }
     }
 
-    fn wants_ticks(&self) -> bool {
-        self.plan.rate_per_conn > 0.0
+    fn next_wake(&self) -> Option<Instant> {
+        let rate = self.plan.rate_per_shard;
+        (rate > 0.0 && !self.stopped)
+            .then(|| self.start + Duration::from_secs_f64(self.scheduled as f64 / rate))
     }
 
     fn on_command(&mut self, cmd: ClientCmd, ctx: &mut Ctx<'_, ClientConn>) {
@@ -534,6 +618,14 @@ impl Service for Client {
                 // Errors during warm-up still fail the run.
                 self.result.errors = errors.0;
                 self.result.first_error = errors.1;
+            }
+            ClientCmd::Verify(tx) => {
+                let mut sent = 0;
+                for i in 0..self.conns.len() {
+                    let token = self.conns[i];
+                    ctx.with_conn(token, |conn| sent += u64::from(self.probe(conn)));
+                }
+                let _ = tx.send(sent);
             }
             ClientCmd::Collect(tx) => {
                 let mut r = self.result.clone();

@@ -7,12 +7,14 @@
 //! reads the server's CPU time per thread from /proc, which gives the per-core throughput:
 //! requests per server CPU-second.
 //!
-//! Files by concern: [`args`] (the flags), [`run`] (one measured run), [`report`] (the
-//! histogram, the one [`Measurement`] builder, table and JSON), [`compare`] (alternating
-//! servers), [`sweep`] and [`plot`] (shard counts), [`spawn`] (the servers the bench starts,
-//! owned by guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out
-//! subscribers on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`]
-//! (`--processes`), and [`procfs`] (what the bench reads about a server from /proc).
+//! Files by concern: [`args`] (the flags), [`scale`] (server and client processes and source
+//! addresses picked for `-c`), [`run`] (one measured run), [`report`] (the histogram, the one
+//! [`Measurement`] builder, table and JSON), [`memory`] (the servers' PSS and the kernel's
+//! memory per connection), [`compare`] (alternating servers), [`sweep`] and [`plot`] (shard
+//! counts), [`spawn`] (the servers the bench starts, one or a group on one port, owned by
+//! guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out subscribers
+//! on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`] (`--processes`), and
+//! [`procfs`] (what the bench reads about a server from /proc).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -21,11 +23,13 @@ pub mod args;
 pub mod client;
 mod compare;
 pub mod fanout;
+pub mod memory;
 pub mod multi;
 mod plot;
 pub mod procfs;
 pub mod report;
 pub mod run;
+pub mod scale;
 pub mod spawn;
 mod sweep;
 pub mod wrk;
@@ -36,14 +40,14 @@ use anyhow::{bail, Context};
 
 pub use args::{parse_cores, parse_sources, BenchArgs, TriggerArg};
 pub use report::{print_table, IdleReport, Latency, Measurement, Report};
-pub use run::measure;
+pub use run::{measure, Servers};
 
 /// Runs `shardnet bench`. Returns the process exit code.
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     if let Some(path) = &args.child_report {
         run::CHILD.store(true, Ordering::Relaxed);
         let target = args.target.context("a child needs --target")?;
-        let m = measure(&args, target, None, "child")?;
+        let m = measure(&args, &Servers::one(target, None), "child")?;
         let report = multi::ChildReport {
             requests: m.requests,
             seconds: m.seconds,
@@ -51,6 +55,8 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
             errors: m.errors,
             first_error: m.first_error.clone(),
             histogram: multi::encode_histogram(m.histogram.as_ref().context("no histogram")?),
+            verified: m.idle.as_ref().map(|i| i.verified),
+            fanout: m.fanout.clone(),
         };
         std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -62,16 +68,23 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     if !args.compare.is_empty() {
         return compare::compare(&args);
     }
-    let (target, pid, _server) = if args.spawn {
-        let s = spawn::shardnet(&args, args.shards)?;
-        (s.addr(args.listener())?, Some(s.pid()), Some(s))
+    let args = scale::fill_in(&args)?;
+    let (servers, _group) = if args.spawn {
+        let k = args.server_processes.unwrap_or(1);
+        let group = spawn::shardnet_group(&args, args.shards, k)?;
+        let servers = Servers {
+            target: group.addr(args.listener())?,
+            pids: group.pids(),
+            publish: group.own_http()?,
+        };
+        (servers, Some(group))
     } else {
         let Some(t) = args.target else {
             bail!("give --target ADDR or --spawn")
         };
-        (t, args.server_pid, None)
+        (Servers::one(t, args.server_pid), None)
     };
-    let m = measure(&args, target, pid, "shardnet")?;
+    let m = measure(&args, &servers, "shardnet")?;
     print_table(std::slice::from_ref(&m));
     report::write_json(&args, vec![m.clone()], None, None)?;
     Ok(if m.errors > 0 { 1 } else { 0 })

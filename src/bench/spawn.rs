@@ -2,11 +2,17 @@
 //! `taskset` and optionally held to a CPU quota in a cgroup of their own.
 //!
 //! Every process is owned by a [`Spawned`] guard from the moment it exists, so any error after
-//! that (no readiness, no cgroup, a server that exits) stops it: the guard kills and reaps it on
-//! drop, then removes its cgroup. The quota's cgroup is created before the process, so a host
-//! where it cannot be (not root) fails before anything starts. A spawned shardnet announces its
-//! listeners over the sd_notify socket ([`crate::ready`]); another command is ready when its
-//! port accepts.
+//! that (no readiness, no cgroup, a server that exits) stops it: the guard kills it by pid and
+//! reaps it on drop, then removes its cgroup. If the bench itself is killed, the kernel kills
+//! every child with it (the parent-death signal, [`crate::sys::process::die_with_parent`]). The
+//! quota's cgroup is created before the process, so a host where it cannot be (not root) fails
+//! before anything starts. A spawned shardnet announces its listeners over the sd_notify socket
+//! ([`crate::ready`]); another command is ready when its port accepts.
+//!
+//! Past one process's descriptor limit, a [`ServerGroup`] of shardnet processes shares the
+//! ports with `reuse_port` (the kernel spreads connections over them by a hash of the
+//! addresses); each also has an HTTP listener of its own (`admin`) for what must reach one
+//! process: a publish, /metrics.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -267,33 +273,145 @@ impl StderrTail {
 }
 
 /// The configuration of a bench-spawned shardnet: echo and http listeners on free ports,
-/// timeouts off (the load decides when connections end).
+/// timeouts off (the load decides when connections end). With `--server-processes` above one,
+/// see [`group_config`].
 pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
+    match args.server_processes {
+        Some(k) if k > 1 => group_config(args, shards, 0, 0),
+        _ => config_text(args, shards, None),
+    }
+}
+
+/// The configuration of each process of a [`ServerGroup`]: the echo and http listeners on the
+/// given ports (0 for the first process, which picks them) with `reuse_port`, and an `admin`
+/// HTTP listener of the process's own on a free port.
+pub fn group_config(args: &BenchArgs, shards: usize, echo: u16, http: u16) -> String {
+    config_text(args, shards, Some((echo, http)))
+}
+
+fn config_text(args: &BenchArgs, shards: usize, shared: Option<(u16, u16)>) -> String {
     let trigger = match args.trigger {
         Some(TriggerArg::Level) => "level",
         _ => "edge",
     };
     let balance = args.balance.as_deref().unwrap_or("round-robin");
+    let (echo, http) = shared.unwrap_or((0, 0));
+    let reuse = if shared.is_some() {
+        "reuse_port = true\n"
+    } else {
+        ""
+    };
+    let admin = if shared.is_some() {
+        "\n[[listener]]\nname = \"admin\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n"
+    } else {
+        ""
+    };
     format!(
         "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
          [limits]\nidle_timeout = \"0s\"\n\n\
-         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\nbacklog = 65535\n\n\
-         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\nbacklog = 65535\n\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:{echo}\"\nservice = \"echo\"\nbacklog = 65535\n{reuse}\n\
+         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:{http}\"\nservice = \"http\"\nbacklog = 65535\n{reuse}\n\
          [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n\n\
-         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n"
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{admin}"
     )
+}
+
+/// Connections one spawned shardnet process of `shards` shards holds under the descriptor limit
+/// `nofile` (its `max_connections = "auto"`).
+pub fn capacity(args: &BenchArgs, shards: usize, nofile: u64) -> usize {
+    let text = group_config(args, shards, 0, 0);
+    crate::config::Config::parse(&text, "generated")
+        .map(|c| c.max_connections_for(shards, Some(nofile)))
+        .unwrap_or(nofile.saturating_sub(64) as usize)
+}
+
+/// `K` shardnet processes on the same ports (`reuse_port`); each stopped by its own guard on
+/// drop, then the configuration file removed.
+pub struct ServerGroup {
+    procs: Vec<Spawned>,
+    _config: Option<TempPath>,
+}
+
+impl ServerGroup {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Spawned::pid).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// The listener `name` (the same port in every process).
+    pub fn addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        self.procs.first().context("no server process")?.addr(name)
+    }
+
+    /// Every process's own HTTP listener: where a publish or a /metrics read reaches that
+    /// process (`admin` in a group, the `http` listener of a single process).
+    pub fn own_http(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let name = if self.procs.len() > 1 {
+            "admin"
+        } else {
+            "http"
+        };
+        self.procs.iter().map(|p| p.addr(name)).collect()
+    }
+}
+
+/// Starts `k` shardnet processes of `shards` shards one after another, each confirmed ready by
+/// its announcement before the next starts. The first picks the ports; the others bind the same
+/// ones.
+pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Result<ServerGroup> {
+    if k <= 1 {
+        return Ok(ServerGroup {
+            procs: vec![shardnet(args, shards)?],
+            _config: None,
+        });
+    }
+    if args.config.is_some() {
+        bail!(
+            "--server-processes {k} runs the generated configuration (shared ports with \
+             reuse_port, an admin listener per process): leave out --config"
+        );
+    }
+    if args.server_quota.is_some() {
+        bail!(
+            "--server-quota holds one process: it cannot be combined with --server-processes {k}"
+        );
+    }
+    let started = Instant::now();
+    let first = shardnet(args, shards)?;
+    let (echo, http) = (first.addr("echo")?.port(), first.addr("http")?.port());
+    let path = std::env::temp_dir().join(format!(
+        "shardnet-bench-{}-{shards}-group.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, group_config(args, shards, echo, http))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut group = ServerGroup {
+        procs: vec![first],
+        _config: Some(TempPath(path.clone())),
+    };
+    for i in 1..k {
+        let p = start(args, shards, &path, None)
+            .with_context(|| format!("server process {} of {k}", i + 1))?;
+        group.procs.push(p);
+    }
+    eprintln!(
+        "bench: {k} server processes of {shards} shard{} ready on ports {echo} (echo) and {http} (http) in {:.1}s",
+        if shards == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(group)
 }
 
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
-    let cores = parse_cores(&args.server_cores)?;
-    let taskset = taskset()?;
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let cgroup = args
-        .server_quota
-        .map(|q| CpuCgroup::create(Quota::percent(q)))
-        .transpose()?;
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
@@ -306,9 +424,27 @@ pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
             (p.clone(), Some(TempPath(p)))
         }
     };
+    start(args, shards, &config_path, temp)
+}
+
+/// Starts one shardnet process on `config_path` (removed with it when `temp` is given).
+fn start(
+    args: &BenchArgs,
+    shards: usize,
+    config_path: &Path,
+    temp: Option<TempPath>,
+) -> anyhow::Result<Spawned> {
+    let cores = parse_cores(&args.server_cores)?;
+    let taskset = taskset()?;
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let cgroup = args
+        .server_quota
+        .map(|q| CpuCgroup::create(Quota::percent(q)))
+        .transpose()?;
     let ready = ReadyListener::bind().context("cannot open the readiness socket")?;
     let mut cmd = pinned(&taskset, &cores);
-    cmd.arg(exe).arg("serve").arg("--config").arg(&config_path);
+    crate::sys::process::die_with_parent(&mut cmd);
+    cmd.arg(exe).arg("serve").arg("--config").arg(config_path);
     if args.config.is_some() {
         cmd.arg("--shards").arg(shards.to_string());
     }
@@ -373,6 +509,7 @@ pub fn command(template: &str, cores: &[usize], quota: Option<Quota>) -> anyhow:
     let line = template.replace("{port}", &port.to_string());
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut cmd = pinned(&taskset, cores);
+    crate::sys::process::die_with_parent(&mut cmd);
     cmd.arg("sh").arg("-c").arg(format!("exec {line}"));
     let mut server = Spawned {
         child: cmd

@@ -118,13 +118,16 @@ pub trait Service: 'static {
         conn.close();
     }
 
-    /// Called once per timer tick (10 ms) while the shard is awake, before its events.
+    /// Called once per timer tick (10 ms) while the shard is awake, before its events, and at
+    /// the instant [`Service::next_wake`] asked for.
     fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
-    /// Whether the shard must wake every tick even with nothing else to do (the load
-    /// generator's open loop). Otherwise an idle shard sleeps until an event or a timer.
-    fn wants_ticks(&self) -> bool {
-        false
+    /// An instant at which the shard must wake and call [`Service::on_tick`] even with nothing
+    /// else to do, to the microsecond rather than at the next 10 ms tick (the load generator's
+    /// open loop sends each request at its intended time). `None` (the default): an idle shard
+    /// sleeps until an event or a timer. Asked once per loop turn.
+    fn next_wake(&self) -> Option<std::time::Instant> {
+        None
     }
 
     /// A message from another thread.

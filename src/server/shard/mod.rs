@@ -10,11 +10,12 @@
 //! [`state`] is a connection's lifecycle, [`lifecycle`] the callback helper and the close and
 //! deadline rules, [`io`] the read and write paths. One loop turn, in order:
 //!
-//! 1. `epoll_wait`, for no longer than the next timer, a paused listener's retry or the drain
-//!    deadline (zero while work is left over from the last turn);
+//! 1. `epoll_wait`, for no longer than the next timer, the service's `next_wake`, a paused
+//!    listener's retry or the drain deadline (zero while work is left over from the last turn);
 //! 2. the clock (read once per turn), then **control** (drain, new limits), each message applied
 //!    and acknowledged before anything else is looked at;
-//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
+//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came (or, between
+//!    ticks, `on_tick` alone at the instant the service's `next_wake` asked for);
 //! 4. the events: the waker (control again, new connections, then at most 4096 data commands,
 //!    with control looked at every 64 of them), reads and writes;
 //! 5. connections whose read budget ran out, then the shard's own listeners;
@@ -177,6 +178,12 @@ impl<S: Service> Shard<S> {
             self.on_control();
             if new_tick {
                 self.fire_timers();
+            } else if self
+                .service
+                .next_wake()
+                .is_some_and(|t| t <= self.core.env.now)
+            {
+                self.with_ctx("on_tick", |service, ctx| service.on_tick(ctx));
             }
 
             let n = events.len();
@@ -244,8 +251,8 @@ impl<S: Service> Shard<S> {
         for t in self.listeners.iter().filter_map(Listener::paused_until) {
             consider(t);
         }
-        if self.service.wants_ticks() {
-            consider(self.core.wheel.instant_of(self.core.env.tick + 1));
+        if let Some(t) = self.service.next_wake() {
+            consider(t);
         }
         if let Some(d) = self.drain_deadline {
             consider(d);
