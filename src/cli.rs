@@ -74,7 +74,7 @@ pub fn main() -> i32 {
                 code
             }
         },
-        Command::Bench(args) => match crate::bench::main(*args) {
+        Command::Bench(args) => match bench(*args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("shardnet bench: {e:#}");
@@ -117,6 +117,13 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     out
+}
+
+/// `shardnet bench`. The client shards run on the engine: its warnings and errors are the
+/// bench's too, so they are logged.
+fn bench(args: crate::bench::BenchArgs) -> anyhow::Result<i32> {
+    init_logging(log::LevelFilter::Warn);
+    crate::bench::main(args)
 }
 
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.

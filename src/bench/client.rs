@@ -103,6 +103,10 @@ impl ShardResult {
 /// Controller → client shard.
 #[derive(Clone)]
 pub enum ClientCmd {
+    /// Every connection is up: start the open loop's schedule (nothing is sent on a schedule
+    /// before, so opening connections is not slowed by, nor crowded with, a backlog of
+    /// requests).
+    Start,
     /// Start counting (end of warm-up): clear everything measured so far.
     Reset,
     /// Send a copy of the results.
@@ -134,9 +138,9 @@ pub struct Client {
     result: ShardResult,
     conns: Vec<Token>,
     next_seed: u32,
-    /// Open loop: the schedule's origin, requests scheduled so far, and whether it has stopped
-    /// (draining).
-    start: Instant,
+    /// Open loop: the schedule's origin (set by [`ClientCmd::Start`]), requests scheduled so
+    /// far, and whether it has stopped (draining).
+    start: Option<Instant>,
     scheduled: u64,
     stopped: bool,
     /// xorshift64 state: which connection the next open-loop request goes to.
@@ -169,7 +173,7 @@ impl Client {
             result: ShardResult::new(),
             conns: Vec::new(),
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
-            start: Instant::now(),
+            start: None,
             scheduled: 0,
             stopped: false,
             rng: (info.shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
@@ -337,7 +341,8 @@ impl Client {
             pos += total;
             match op {
                 ws::OP_BINARY if self.plan.mode == Mode::Idle => {
-                    if !self.probe_answered(conn, payload) {
+                    let answered = self.probe_answered(conn, payload);
+                    if !answered {
                         conn.close();
                         return input.len();
                     }
@@ -566,9 +571,9 @@ impl Service for Client {
 
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ClientConn>) {
         let rate = self.plan.rate_per_shard;
-        if rate == 0.0 || self.stopped {
+        let Some(start) = self.start.filter(|_| rate > 0.0 && !self.stopped) else {
             return;
-        }
+        };
         if ctx.draining() {
             self.stopped = true;
             return;
@@ -577,12 +582,8 @@ impl Service for Client {
         // chosen at random; latency counts from the intended time, so a stalled server (or a
         // late client) cannot hide its stall. Requests 0..=k are due once start + k/rate has
         // passed.
-        let elapsed = ctx
-            .now()
-            .saturating_duration_since(self.start)
-            .as_secs_f64();
+        let elapsed = ctx.now().saturating_duration_since(start).as_secs_f64();
         let due = (elapsed * rate) as u64 + 1;
-        let start = self.start;
         while self.scheduled < due {
             let k = self.scheduled;
             self.scheduled += 1;
@@ -604,12 +605,17 @@ impl Service for Client {
 
     fn next_wake(&self) -> Option<Instant> {
         let rate = self.plan.rate_per_shard;
-        (rate > 0.0 && !self.stopped)
-            .then(|| self.start + Duration::from_secs_f64(self.scheduled as f64 / rate))
+        let start = self.start.filter(|_| rate > 0.0 && !self.stopped)?;
+        Some(start + Duration::from_secs_f64(self.scheduled as f64 / rate))
     }
 
     fn on_command(&mut self, cmd: ClientCmd, ctx: &mut Ctx<'_, ClientConn>) {
         match cmd {
+            ClientCmd::Start => {
+                if self.start.is_none() {
+                    self.start = Some(ctx.now());
+                }
+            }
             ClientCmd::Reset => {
                 let ready = self.result.ready;
                 let errors = (self.result.errors, self.result.first_error.take());

@@ -112,14 +112,16 @@ pub fn tail_missing(results: &[ShardResult], first: u64, last: u64) -> u64 {
 /// socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
 /// `collect` asks every client shard for its results; `shards` is how many must answer. The
 /// measured window is the publishes after `first`; the line printed counts those only, like the
-/// report.
+/// report. `quiet` (a client process of several): only what is missing is printed, the parent
+/// prints the summary. Returns how long the backlog took.
 pub fn settle(
     collect: impl Fn() -> Vec<ShardResult>,
     shards: usize,
     first: u64,
     last: u64,
     label: &str,
-) {
+    quiet: bool,
+) -> Duration {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
     let (mut before, mut still_since) = (u64::MAX, Instant::now());
@@ -139,7 +141,7 @@ pub fn settle(
         }
         if Instant::now() > deadline {
             eprintln!("{label}: the backlog did not settle within 60 s");
-            return;
+            return start.elapsed();
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -161,10 +163,22 @@ pub fn settle(
         );
     }
     let subscribers = r.iter().map(|x| x.last_seqs.len() as u64).sum::<u64>();
+    if !quiet {
+        backlog_line(
+            label,
+            start.elapsed(),
+            missing,
+            subscribers * last.saturating_sub(first),
+        );
+    }
+    start.elapsed()
+}
+
+/// The summary of a backlog: how long it took and what did not arrive.
+pub fn backlog_line(label: &str, took: Duration, missing: u64, expected: u64) {
     eprintln!(
-        "{label}: backlog after the last publish: {:.1} s; {missing} of the {} deliveries of the measured publishes not arrived{}",
-        start.elapsed().as_secs_f64(),
-        subscribers * last.saturating_sub(first),
+        "{label}: backlog after the last publish: {:.1} s; {missing} of the {expected} deliveries of the measured publishes not arrived{}",
+        took.as_secs_f64(),
         if missing == 0 {
             ""
         } else {

@@ -267,7 +267,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
             c.say(&format!("done {last}"))?;
         }
         cpu = meter.stop();
-        published = Some((errors, seconds));
+        published = Some((errors, seconds, Instant::now()));
     } else {
         // Every child now warms up, then measures for `duration`: read the servers then.
         std::thread::sleep(args.warmup + Duration::from_millis(100));
@@ -309,15 +309,17 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
             tally.fail(1, || format!("client process {} failed", i + 1));
         }
     }
-    let fanout = published.map(|(errors, window)| {
+    let fanout = published.map(|(errors, window, done)| {
         seconds = window;
         let mut f = FanoutReport::merge(&fanouts, errors);
+        // Every child has settled (exited): the backlog took at most this long.
+        fanout::backlog_line(label, done.elapsed(), f.tail_missing, f.expected);
         f.dropped_by_server = fanout::servers_dropped(&servers.publish);
         tally.fail(errors, || "a publish failed".into());
         fanout::fail_uncounted(&mut tally, &f);
         f
     });
-    let idle = (args.mode == Mode::Idle).then(|| IdleReport {
+    let idle = (args.mode == Mode::Idle).then_some(IdleReport {
         connections: args.connections,
         held_seconds: seconds,
         verified,
@@ -340,6 +342,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         .fanout(fanout)
         .memory(Some(memory))
         .server_processes(servers.processes())
+        .client_processes(n)
         .connected_in(Some(connect_seconds))
         .build())
 }

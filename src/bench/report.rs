@@ -94,8 +94,10 @@ pub struct Measurement {
     pub fanout: Option<fanout::FanoutReport>,
     /// What the connections cost the servers and the host's kernel (measured while held).
     pub memory: Option<MemoryReport>,
-    /// Server processes loaded (several share the port with --server-processes).
+    /// Server processes loaded (several share the port with --server-processes), and the
+    /// client processes the load came from (--processes).
     pub server_processes: usize,
+    pub client_processes: usize,
     /// Seconds from the first connect until every connection was ready, and the rate.
     pub connect_seconds: Option<f64>,
     pub connects_per_second: Option<f64>,
@@ -222,6 +224,7 @@ impl Measurement {
                 fanout: None,
                 memory: None,
                 server_processes: 1,
+                client_processes: 1,
                 connect_seconds: None,
                 connects_per_second: None,
                 histogram: None,
@@ -292,6 +295,11 @@ impl MeasurementBuilder {
 
     pub fn server_processes(mut self, k: usize) -> Self {
         self.m.server_processes = k.max(1);
+        self
+    }
+
+    pub fn client_processes(mut self, n: usize) -> Self {
+        self.m.client_processes = n.max(1);
         self
     }
 
@@ -479,13 +487,16 @@ pub fn print_table(runs: &[Measurement]) {
 fn print_idle(m: &Measurement) {
     let Some(i) = &m.idle else { return };
     println!(
-        "{}: idle: {} connections held {:.1}s{}; {} of them answered a final probe; {} errors",
+        "{}: idle: {} connections held {:.1}s{}; {} of them answered a final probe; {} errors ({} client and {} server process{})",
         m.label,
         i.connections,
         i.held_seconds,
         connect_note(m),
         i.verified,
-        m.errors
+        m.errors,
+        m.client_processes,
+        m.server_processes,
+        if m.server_processes == 1 { "" } else { "es" }
     );
 }
 
@@ -500,9 +511,11 @@ fn connect_note(m: &Measurement) -> String {
 fn print_details(m: &Measurement) {
     if m.mode != Mode::Idle && m.connect_seconds.is_some() {
         println!(
-            "    {} connections{} over {} server process{}",
+            "    {} connections{} from {} client process{} to {} server process{}",
             m.connections,
             connect_note(m),
+            m.client_processes,
+            if m.client_processes == 1 { "" } else { "es" },
             m.server_processes,
             if m.server_processes == 1 { "" } else { "es" }
         );

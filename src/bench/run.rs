@@ -191,6 +191,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
     if child {
         child_handshake();
     }
+    peers.broadcast(ClientCmd::Start);
 
     let fanout_mode = args.mode == Mode::Fanout;
     let window_after = plan.window_after;
@@ -234,12 +235,12 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         }
         let (last, publish_errors) = p.stop()?;
         window = Some((last, publish_errors, t0.elapsed().as_secs_f64()));
-        fanout::settle(|| collect(&peers), shards, window_after, last, label);
+        fanout::settle(|| collect(&peers), shards, window_after, last, label, false);
     } else if fanout_mode {
         // A fan-out child: the parent publishes, then says which was the last.
         let last = child_wait_done()?;
         window = Some((last, 0, 0.0));
-        fanout::settle(|| collect(&peers), shards, window_after, last, label);
+        fanout::settle(|| collect(&peers), shards, window_after, last, label, true);
     } else {
         sleep_with(&bar, args.duration / 2);
         if !child {

@@ -14,7 +14,7 @@
 //! - Output that makes no progress for `write_timeout` closes the connection, whatever its size;
 //!   reading pauses while `max_write_buffer` or more is queued.
 //! - A callback that panics closes that connection only ([`CloseReason::Panic`], counted in
-//!   `service_panics`); the shard carries on. `wants_ticks` and `State::default` must not panic:
+//!   `service_panics`); the shard carries on. `next_wake` and `State::default` must not panic:
 //!   a panic there ends the shard, which the server then reports (`dead_shards`).
 //!
 //! ```

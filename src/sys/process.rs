@@ -57,7 +57,7 @@ mod tests {
     fn a_child_dies_with_its_parent_thread() {
         // A thread starts `sleep 30` and ends: the child is killed at once.
         let child = std::thread::spawn(|| {
-            die_with_parent(&mut Command::new("sleep").arg("30"))
+            die_with_parent(Command::new("sleep").arg("30"))
                 .spawn()
                 .expect("spawn sleep")
         })
