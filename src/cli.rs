@@ -120,9 +120,18 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 /// `shardnet bench`. The client shards run on the engine: its warnings and errors are the
-/// bench's too, so they are logged.
+/// bench's too, so they are logged; except a shard's warning that it closed its connections at
+/// `shutdown_timeout`, which is how the bench's clients end a run.
 fn bench(args: crate::bench::BenchArgs) -> anyhow::Result<i32> {
-    init_logging(log::LevelFilter::Warn);
+    let mut builder = env_logger::Builder::new();
+    builder
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("shardnet::server::shard", log::LevelFilter::Error)
+        .format_timestamp_millis();
+    if let Ok(spec) = std::env::var("SHARDNET_LOG") {
+        builder.parse_filters(&spec);
+    }
+    let _ = builder.try_init();
     crate::bench::main(args)
 }
 

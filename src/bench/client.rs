@@ -109,6 +109,9 @@ pub enum ClientCmd {
     Start,
     /// Start counting (end of warm-up): clear everything measured so far.
     Reset,
+    /// End of the measured window: the open loop sends nothing more (what is in flight is
+    /// still answered and counted).
+    Stop,
     /// Send a copy of the results.
     Collect(Sender<ShardResult>),
     /// Idle: send every connection one probe that must come back (counted in `verified`);
@@ -616,6 +619,7 @@ impl Service for Client {
                     self.start = Some(ctx.now());
                 }
             }
+            ClientCmd::Stop => self.stopped = true,
             ClientCmd::Reset => {
                 let ready = self.result.ready;
                 let errors = (self.result.errors, self.result.first_error.take());
