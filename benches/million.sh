@@ -20,7 +20,10 @@
 #   BASELINE [1000]        the busy scenario's comparison connection count
 #   PUBLISHES [10]         the broadcast scenario's publishes, at PUBLISH_RATE [0.25] per second
 #   SHARDS [1]             shards per server process
-#   SERVER_CORES [0] CLIENT_CORES [1]   taskset cores of the server and client processes
+#   SERVER_CORES [0] CLIENT_CORES [1]   taskset cores of the server and client processes (the
+#                          server processes take theirs in turn)
+#   BROADCAST_SERVER_CORES [0,1] BROADCAST_CLIENT_CORES [0,1]   the same for broadcast: a publish
+#                          is a million writes, spread over every core
 #   OUT [bench-out/million]            JSON and text reports
 #   BIN [target/release/shardnet]      built with `cargo build --release` when missing
 #   TUNE [0]               1 (as root): raise the sysctls below for the run; they are restored on
@@ -44,6 +47,8 @@ PUBLISH_RATE=${PUBLISH_RATE:-0.25}
 SHARDS=${SHARDS:-1}
 SERVER_CORES=${SERVER_CORES:-0}
 CLIENT_CORES=${CLIENT_CORES:-1}
+BROADCAST_SERVER_CORES=${BROADCAST_SERVER_CORES:-0,1}
+BROADCAST_CLIENT_CORES=${BROADCAST_CLIENT_CORES:-0,1}
 OUT=${OUT:-bench-out/million}
 BIN=${BIN:-target/release/shardnet}
 TUNE=${TUNE:-0}
@@ -194,7 +199,8 @@ busy() {
 broadcast() {
     local publish_s
     publish_s=$(python3 -c "import sys; print(int(float(sys.argv[1]) / float(sys.argv[2])) + 1)" "$PUBLISHES" "$PUBLISH_RATE")
-    run broadcast $(($(connect_budget) * 2 + publish_s + 180)) "${common[@]}" \
+    run broadcast $(($(connect_budget) * 2 + publish_s + 180)) --spawn --shards "$SHARDS" \
+        --server-cores "$BROADCAST_SERVER_CORES" --client-cores "$BROADCAST_CLIENT_CORES" \
         --mode fanout -c "$CONNECTIONS" --rate "$PUBLISH_RATE" --publishes "$PUBLISHES" --warmup 0s
 }
 

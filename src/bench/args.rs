@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
     /// Spawned server processes sharing each port (`reuse_port`, as nginx workers do), started
-    /// one after another, each confirmed ready. Default: one, or as many as -c needs when one
+    /// one after another, each confirmed ready, taking --server-cores in turn. Default: one, or as many as -c needs when one
     /// process cannot hold them under RLIMIT_NOFILE (the bench says how many it picked). Each
     /// process also gets an HTTP listener of its own (`admin`), where fan-out publishes.
     #[arg(long)]

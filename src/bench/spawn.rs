@@ -364,7 +364,7 @@ impl ServerGroup {
 
 /// Starts `k` shardnet processes of `shards` shards one after another, each confirmed ready by
 /// its announcement before the next starts. The first picks the ports; the others bind the same
-/// ones.
+/// ones. They take `--server-cores` in turn ([`group_cores`]).
 pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Result<ServerGroup> {
     if k <= 1 {
         return Ok(ServerGroup {
@@ -384,7 +384,7 @@ pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Resu
         );
     }
     let started = Instant::now();
-    let first = shardnet(args, shards)?;
+    let first = shardnet_at(args, shards, Some(0))?;
     let (echo, http) = (first.addr("echo")?.port(), first.addr("http")?.port());
     let path = std::env::temp_dir().join(format!(
         "shardnet-bench-{}-{shards}-group.toml",
@@ -397,7 +397,7 @@ pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Resu
         _config: Some(TempPath(path.clone())),
     };
     for i in 1..k {
-        let p = start(args, shards, &path, None)
+        let p = start(args, shards, &path, None, Some(i))
             .with_context(|| format!("server process {} of {k}", i + 1))?;
         group.procs.push(p);
     }
@@ -412,6 +412,11 @@ pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Resu
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
+    shardnet_at(args, shards, None)
+}
+
+/// [`shardnet`], as process `index` of a group.
+fn shardnet_at(args: &BenchArgs, shards: usize, index: Option<usize>) -> anyhow::Result<Spawned> {
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
@@ -424,17 +429,33 @@ pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
             (p.clone(), Some(TempPath(p)))
         }
     };
-    start(args, shards, &config_path, temp)
+    start(args, shards, &config_path, temp, index)
 }
 
-/// Starts one shardnet process on `config_path` (removed with it when `temp` is given).
+/// The cores of process `i` of a group: its `shards` cores taken in turn from `cores`, so the
+/// processes spread over all of them (a single process gets them all).
+pub fn group_cores(cores: &[usize], shards: usize, i: Option<usize>) -> Vec<usize> {
+    let Some(i) = i.filter(|_| !cores.is_empty()) else {
+        return cores.to_vec();
+    };
+    let mut mine: Vec<usize> = (0..shards.max(1))
+        .map(|j| cores[(i * shards.max(1) + j) % cores.len()])
+        .collect();
+    mine.sort_unstable();
+    mine.dedup();
+    mine
+}
+
+/// Starts one shardnet process on `config_path` (removed with it when `temp` is given);
+/// `index` is its place in a group (its cores: [`group_cores`]).
 fn start(
     args: &BenchArgs,
     shards: usize,
     config_path: &Path,
     temp: Option<TempPath>,
+    index: Option<usize>,
 ) -> anyhow::Result<Spawned> {
-    let cores = parse_cores(&args.server_cores)?;
+    let cores = group_cores(&parse_cores(&args.server_cores)?, shards, index);
     let taskset = taskset()?;
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let cgroup = args
@@ -549,6 +570,15 @@ pub fn command(template: &str, cores: &[usize], quota: Option<Quota>) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_processes_take_the_server_cores_in_turn() {
+        assert_eq!(group_cores(&[0, 1], 1, None), vec![0, 1]);
+        assert_eq!(group_cores(&[0, 1], 1, Some(0)), vec![0]);
+        assert_eq!(group_cores(&[0, 1], 1, Some(3)), vec![1]);
+        assert_eq!(group_cores(&[0, 1, 2, 3], 2, Some(1)), vec![2, 3]);
+        assert_eq!(group_cores(&[5], 2, Some(7)), vec![5]);
+    }
 
     #[test]
     fn programs_are_found_on_path_or_by_path() {
