@@ -4,13 +4,18 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{select, tick, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::config::{duration, size, Config, ConfigError, MaxConnections, Shards, DEFAULT_TOML};
+use crate::app::auth::{self, Auth, Reloadable};
+use crate::config::{
+    duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
+    TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
+};
 use crate::server::Server;
 use crate::stats::Snapshot;
 
@@ -89,9 +94,14 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
-            Ok(config) => {
+        // The files `[auth]` and `tls` name are read too: a missing or malformed key file is an
+        // error at its key, like any other.
+        Command::Config(ConfigCommand::Check { file }) => match load(Some(&file)) {
+            Ok((config, auth, _tls)) => {
                 print!("{}", config.to_toml());
+                for note in auth.notes() {
+                    eprintln!("warning: {note}");
+                }
                 0
             }
             Err(e) => {
@@ -146,15 +156,46 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+/// The configuration to serve, with the files it names read: `[auth]`'s keys and every
+/// listener's TLS files (a file that cannot be used stops the start as a configuration error at
+/// its key, like a bad value).
+fn load(path: Option<&PathBuf>) -> Result<(Config, Auth, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::embedded_default()),
+        Some(p) => {
+            let (config, auth, src) = auth::read_config(p)?;
+            let tls = config.load_tls(&src, &p.display().to_string())?;
+            Ok((config, auth, tls))
+        }
+        None => {
+            let config = Config::embedded_default();
+            let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
+            Ok((config, Auth::disabled(), tls))
+        }
+    }
+}
+
+/// `[auth]` in one line at start and reload (kids and counts, never a secret), what loading
+/// passed over, and a warning when tokens guard the WebSocket routes but anyone may publish.
+fn log_auth(config: &Config, auth: &Auth) {
+    log::info!("auth: {}", auth.summary());
+    for note in auth.notes() {
+        log::warn!("auth: {note}");
+    }
+    let guarded = config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .any(|w| w.auth != crate::config::RouteAuth::Off);
+    if guarded && !auth.publish_needs_key() {
+        log::warn!(
+            "auth: WebSocket routes check tokens, but POST /publish needs no key: set [auth] \
+             api_keys_file"
+        );
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_ref())?;
+    let (mut config, auth, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -189,7 +230,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let mut server = crate::service::start_default(&config).context("cannot start the server")?;
+    log_auth(&config, &auth);
+    let auth = Arc::new(Reloadable::new(auth));
+    let mut server =
+        crate::app::start_with(&config, &tls, auth.clone()).context("cannot start the server")?;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -202,7 +246,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &server) {
+                    if reload(args.config.as_ref(), &mut config, &mut tls, &server, &auth) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -297,23 +341,50 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
-    if old.listeners != new.listeners {
+    // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
+    // it has TLS at all, and its handshake timeout, need a restart like its other keys.
+    let restart_part = |c: &Config| -> Vec<ListenerConfig> {
+        let mut listeners = c.listeners.clone();
+        for l in &mut listeners {
+            if let Some(t) = &mut l.tls {
+                t.cert = PathBuf::new();
+                t.key = PathBuf::new();
+                t.client_ca = None;
+                t.min_version = TlsVersion::default();
+            }
+        }
+        listeners
+    };
+    if restart_part(old) != restart_part(new) {
         keys.push("listener");
     }
     keys
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level) in every shard; refuses the rest with a log line. A file that does not
-/// parse changes nothing. Returns whether anything was applied.
-fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool {
+/// interval, log level, all of `[auth]` with the key files it names, and TLS listeners'
+/// certificates, keys, client CAs and minimum versions) in every shard; refuses the rest with a
+/// log line. A file that does not parse, or whose key or TLS files cannot be used, changes
+/// nothing. Returns whether anything was applied.
+fn reload(
+    path: Option<&PathBuf>,
+    config: &mut Config,
+    tls: &mut ListenerTls,
+    server: &Server,
+    auth: &Reloadable<Auth>,
+) -> bool {
     let Some(path) = path else {
         log::warn!(
             "SIGHUP: running the embedded default configuration; there is no file to reload"
         );
         return false;
     };
-    let new = match Config::load(path) {
+    let file = path.display().to_string();
+    let loaded = auth::read_config(path).and_then(|(new, new_auth, src)| {
+        let new_tls = new.reload_tls(&src, &file, tls)?;
+        Ok((new, new_auth, new_tls))
+    });
+    let (new, new_auth, new_tls) = match loaded {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -326,6 +397,11 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
+    // New keys verify from the next upgrade or refresh on; connections keep the grants their
+    // tokens gave them until those tokens expire.
+    log_auth(config, &new_auth);
+    config.auth = new.auth;
+    auth.replace(new_auth);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
@@ -337,6 +413,33 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
             path.display()
         );
         return true;
+    }
+    for (i, new_tls) in new_tls.into_iter().enumerate() {
+        let Some(new_tls) = new_tls else {
+            continue;
+        };
+        let name = &config.listeners[i].name;
+        match server.set_tls(i, new_tls.acceptor()) {
+            Ok(()) => {
+                log::info!(
+                    "listener `{name}`: TLS reloaded from {}: new handshakes use it",
+                    new_tls.settings().cert.display()
+                );
+                if let (Some(running), Some(read)) =
+                    (&mut config.listeners[i].tls, &new.listeners[i].tls)
+                {
+                    running.cert = read.cert.clone();
+                    running.key = read.key.clone();
+                    running.client_ca = read.client_ca.clone();
+                    running.min_version = read.min_version;
+                }
+                tls[i] = Some(new_tls);
+            }
+            Err(e) => log::error!(
+                "listener `{name}`: TLS reload incomplete: {e}; those shards keep the previous \
+                 certificate"
+            ),
+        }
     }
     // Values in the file's own units (`0s`, `1MiB`), so the line reads like the file.
     log::info!(
@@ -363,7 +466,10 @@ fn log_summary(config: &Config, server: &Server) {
         .listeners
         .iter()
         .zip(server.addrs())
-        .map(|(l, (_, addr))| format!("{}={}({:?})", l.name, addr, l.service))
+        .map(|(l, (_, addr))| {
+            let tls = if l.tls.is_some() { "+TLS" } else { "" };
+            format!("{}={}({:?}{tls})", l.name, addr, l.service)
+        })
         .collect();
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");

@@ -5,7 +5,10 @@
 
 use std::collections::BTreeSet;
 
-use shardnet::config::{Config, ListenerConfig, ServiceKind, WsRouteConfig, DEFAULT_TOML};
+use shardnet::config::{
+    AuthConfig, Config, ListenerConfig, PublicKeyConfig, ServiceKind, TlsConfig, TlsVersion,
+    WsRouteConfig, DEFAULT_TOML,
+};
 
 /// Backticked snake_case names in README.md that are not configuration keys, with what they
 /// are. A new one fails the test until it is added here (or corrected, like `log_level` was).
@@ -18,6 +21,17 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    ("rust_crypto", "jsonwebtoken's crypto backend feature"),
+    ("not_yet_valid", "a token failure reason"),
+    ("too_large", "a token failure reason"),
+    ("unknown_key", "a token failure reason"),
+    ("missing_key", "an API key refusal"),
+    ("wrong_key", "an API key refusal"),
+    ("topic_not_allowed", "an API key refusal"),
+    ("server_no_context_takeover", "RFC 7692 extension parameter"),
+    ("client_no_context_takeover", "RFC 7692 extension parameter"),
+    ("server_max_window_bits", "RFC 7692 extension parameter"),
+    ("client_max_window_bits", "RFC 7692 extension parameter"),
     (
         "reload",
         "the `[reload]` marker in config/shardnet.toml's comments",
@@ -32,8 +46,10 @@ fn not_config(name: &str) -> bool {
 fn is_counter(name: &str) -> bool {
     let shard = shardnet::stats::ShardSnapshot::default();
     let acceptor = shardnet::stats::AcceptorSnapshot::default();
+    let deflate = shardnet::service::deflate::DeflateSnapshot::default();
     shard.fields().iter().any(|f| f.0 == name)
         || acceptor.fields().iter().any(|f| f.0 == name)
+        || deflate.fields().iter().any(|f| f.0 == name)
         || matches!(name, "dead_shards" | "control_failures")
 }
 
@@ -54,14 +70,26 @@ struct Schema {
 
 impl Schema {
     fn new() -> Schema {
-        // One HTTP listener with one route: every key of every section appears when printed.
+        // One HTTP listener with one route, and one public key: every key of every section
+        // appears when printed.
         let config = Config {
             listeners: vec![ListenerConfig {
                 name: "http".into(),
                 service: ServiceKind::Http,
                 websocket: vec![WsRouteConfig::default()],
+                tls: Some(TlsConfig {
+                    cert: "cert.pem".into(),
+                    key: "key.pem".into(),
+                    client_ca: Some("ca.pem".into()),
+                    min_version: TlsVersion::Tls12,
+                    handshake_timeout: std::time::Duration::from_secs(10),
+                }),
                 ..ListenerConfig::default()
             }],
+            auth: AuthConfig {
+                public_keys: vec![PublicKeyConfig::default()],
+                ..AuthConfig::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -71,6 +99,8 @@ impl Schema {
         };
         schema.walk("", &table);
         assert!(schema.keys.contains("listener.websocket.max_topics"));
+        assert!(schema.keys.contains("listener.tls.client_ca"));
+        assert!(schema.keys.contains("auth.public_key.kid"));
         schema
     }
 
@@ -124,6 +154,17 @@ impl Schema {
             "listener.websocket" => {
                 format!("[[listener]]\nservice = \"http\"\n[[listener.websocket]]\n{assignment}\n")
             }
+            // cert and key are required: the fragment gives them unless it is about them.
+            "listener.tls" => {
+                let mut table = String::from("[[listener]]\n[listener.tls]\n");
+                for required in ["cert", "key"] {
+                    if !assignment.starts_with(&format!("{required} ")) {
+                        table.push_str(&format!("{required} = \"x.pem\"\n"));
+                    }
+                }
+                format!("{table}{assignment}\n")
+            }
+            "auth.public_key" => format!("[[auth.public_key]]\n{assignment}\n"),
             t => format!("[{t}]\n{assignment}\n"),
         }
     }
@@ -313,6 +354,8 @@ fn the_checker_refuses_what_is_not_in_the_schema() {
         "balance = \"random\"",
         "server.shards = 0",
         "listener = [{ name = \"x\", addr = \"nowhere\" }]",
+        "min_version = \"1.1\"",
+        "listener.tls.ca",
     ] {
         assert!(!check_span(&schema, bad).is_empty(), "`{bad}` passed");
     }
@@ -331,6 +374,11 @@ fn the_checker_refuses_what_is_not_in_the_schema() {
         "server.shards = 4",
         "tcp_wmem",
         "shardnet_ws_dropped_total",
+        "min_version = \"1.3\"",
+        "handshake_timeout = \"5s\"",
+        "cert = \"/etc/shardnet/cert.pem\"",
+        "[listener.tls]",
+        "listener[0].tls.client_ca",
         "service_panics",
         "listener.rs",
         "/healthz",

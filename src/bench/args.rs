@@ -4,11 +4,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::client::{Mode, Plan};
+use super::client::{Mode, Payload, Plan};
 use crate::config::Trigger;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -85,6 +86,45 @@ pub struct BenchArgs {
     /// Idle mode: upgrade every connection to WebSocket before holding it.
     #[arg(long)]
     pub idle_ws: bool,
+    /// A token for every WebSocket upgrade (and every --mode connect connection), sent as
+    /// `Authorization: Bearer`.
+    #[arg(long, conflicts_with_all = ["token_file", "mint"])]
+    pub token: Option<String>,
+    /// Tokens, one per line, used by the connections in turn.
+    #[arg(long, conflicts_with = "mint")]
+    pub token_file: Option<PathBuf>,
+    /// Sign one token per connection before the run (sub bench-N, exp in a day, subscribe
+    /// ["*"]): ALG:KEYFILE with HS256 (the secret file) or ES256, RS256, EdDSA (a PEM private key).
+    #[arg(long)]
+    pub mint: Option<String>,
+    /// Claims added to --mint's tokens, as a JSON object (e.g. '{"aud":"shardnet"}'); a "kid"
+    /// member goes into the header instead.
+    #[arg(long, requires = "mint")]
+    pub mint_claims: Option<String>,
+    /// Internal: the number of --mint's first subject (`bench-N`), so that --processes'
+    /// children mint subjects of their own.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub mint_first: usize,
+    /// Send the token as a `token` query parameter instead of a header.
+    #[arg(long)]
+    pub token_in_query: bool,
+    /// Connect mode: each connection is a WebSocket upgrade of --path (default /ws; 101
+    /// expected) instead of a GET. Implied by --token, --token-file and --mint.
+    #[arg(long)]
+    pub upgrade: bool,
+    /// WebSocket modes (ws, fanout, idle --idle-ws): offer permessage-deflate as a browser does
+    /// (`permessage-deflate; client_max_window_bits`) and fail unless the server accepts; inflate
+    /// what the server compresses; in ws mode, send every message compressed.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Message content in ws and fanout modes: pattern (a byte pattern that shows corruption and
+    /// does not compress) or json (quotes of a feed; a fan-out publish is padded to --size with
+    /// them). Compare compressed and plain runs with the same payload.
+    #[arg(long, value_enum, default_value = "pattern")]
+    pub payload: Payload,
+    /// The spawned server's WebSocket routes' `compression` (default: the configuration's).
+    #[arg(long, value_parser = ["off", "shared", "dedicated"])]
+    pub compression: Option<String>,
     /// Source addresses to spread connections over, e.g. 127.0.0.2-127.0.0.40 (each gives
     /// about 28k ephemeral ports).
     #[arg(long)]
@@ -124,6 +164,16 @@ pub struct BenchArgs {
     /// Rounds for --compare and --sweep-shards (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Speak TLS (https, wss, TLS echo) to the target, with rustls; the server must have `tls`
+    /// on the listener. In connect mode every connection makes a full handshake (no resumption).
+    #[arg(long, requires = "tls_ca")]
+    pub tls: bool,
+    /// PEM file of the CA certificates that vouch for the server's certificate (--tls).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (--tls).
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,6 +228,27 @@ pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
 }
 
 impl BenchArgs {
+    /// The client side of TLS for --tls (`None` without it); `resume`: whether to resume
+    /// sessions.
+    pub(super) fn tls_connector(
+        &self,
+        resume: bool,
+    ) -> anyhow::Result<Option<crate::tls::TlsConnector>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self.tls_ca.as_ref().context("--tls needs --tls-ca PATH")?;
+        // HTTP and WebSocket modes offer http/1.1, as browsers do; echo offers no ALPN.
+        let alpn: &[&[u8]] = match self.mode {
+            Mode::Echo => &[],
+            Mode::Idle if !self.idle_ws => &[],
+            _ => &[b"http/1.1"],
+        };
+        let connector = crate::tls::TlsConnector::from_ca(ca, &self.tls_name, alpn, resume)
+            .map_err(|e| anyhow::anyhow!("--tls-ca {e}"))?;
+        Ok(Some(connector))
+    }
+
     pub(super) fn plan(&self, host: &str) -> Plan {
         let default_path = match self.mode {
             Mode::Ws | Mode::Idle => "/ws/echo",
@@ -193,6 +264,8 @@ impl BenchArgs {
             depth: self.depth.max(1),
             size: self.size.max(1),
             idle_ws: (self.mode == Mode::Idle && self.idle_ws).then(|| path.clone()),
+            deflate: self.deflate,
+            payload: self.payload,
             path,
             // Fan-out: --rate is the publish rate, driven by the controller, not per connection.
             rate_per_shard: match self.mode {
@@ -200,6 +273,8 @@ impl BenchArgs {
                 _ => self.rate.map_or(0.0, |r| r / self.client_shards() as f64),
             },
             host: host.to_string(),
+            tokens: Arc::from(Vec::new()),
+            token_in_query: self.token_in_query,
             topic: self
                 .topic
                 .clone()
@@ -234,15 +309,30 @@ impl BenchArgs {
         }
     }
 
+    /// Whether connections carry tokens.
+    pub fn has_tokens(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some() || self.mint.is_some()
+    }
+
     /// The load and the servers' pinning in one line, for the summary tables.
     pub(super) fn describe(&self) -> String {
+        let tokens = match (&self.mint, self.has_tokens()) {
+            (Some(m), _) => format!(" tokens {}", m.split(':').next().unwrap_or("")),
+            (None, true) => " tokens".to_string(),
+            (None, false) => String::new(),
+        };
         format!(
-            "{:?}{} c={} d={} s={} server cores {}{} quota {} client cores {}{}",
+            "{:?}{}{tokens} c={} d={} s={}{}{} server cores {}{} quota {} client cores {}{}",
             self.mode,
             if self.wrk { " (wrk)" } else { "" },
             self.connections,
             self.depth,
             self.size,
+            match self.payload {
+                Payload::Pattern => "",
+                Payload::Json => " payload json",
+            },
+            if self.deflate { " deflate" } else { "" },
             self.server_cores,
             self.server_processes
                 .filter(|&k| k > 1)

@@ -11,8 +11,8 @@
 //! it then, [`Service::next_wake`]) on a connection chosen at random. So the cost per request
 //! does not grow with the connections held, and a million connections can carry 20,000
 //! requests per second spread over all of them. Idle connections are checked at the end of a
-//! run with one probe each ([`ClientCmd::Verify`]): a byte (or a one-byte WebSocket message)
-//! that must come back.
+//! run with one probe each ([`ClientCmd::Verify`]): a byte that must be echoed, or on a
+//! WebSocket a ping that must be answered with its pong (every route answers pings).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 
 use super::report::{histogram, MAX_LATENCY_US};
 use crate::server::Peers;
+use crate::service::deflate::{Agreed, Deflater, Inflater, LEVEL_FAST, TRAILER};
 use crate::service::ws;
 use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 
@@ -41,6 +42,68 @@ pub enum Mode {
     Fanout,
 }
 
+/// What the messages of the ws and fanout modes contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// A byte pattern that makes a misplaced or corrupted byte show; it does not compress.
+    Pattern,
+    /// JSON text, quotes of a feed (a fan-out publish is padded to --size with them): it
+    /// compresses as such feeds do.
+    Json,
+}
+
+/// Appends JSON quote records (`{"s":"ACME3","b":123.45,...},`) while they fit in `room` bytes,
+/// with numbers drawn from `seed`: the same seed gives the same bytes.
+pub fn json_records(out: &mut Vec<u8>, seed: u64, room: usize) {
+    const RECORD: usize = 64; // an upper bound of one record's length
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let end = out.len() + room;
+    let mut first = true;
+    while out.len() + RECORD <= end {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let bid = 100 + next(900);
+        let cents = next(100);
+        let fields: [(&[u8], u64); 5] = [
+            (b"{\"s\":\"ACME", next(8)),
+            (b"\",\"b\":", bid),
+            (b".", cents),
+            (b",\"a\":", bid + 1),
+            (b",\"v\":", next(100_000)),
+        ];
+        for (text, n) in fields {
+            out.extend_from_slice(text);
+            out.extend_from_slice(n.to_string().as_bytes());
+        }
+        out.push(b'}');
+    }
+}
+
+/// A JSON message of exactly `size` bytes (an array of quote records, space-padded).
+pub fn json_message(seed: u64, size: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(b'[');
+    json_records(out, seed, size.saturating_sub(2));
+    while out.len() - start + 1 < size {
+        out.push(b' ');
+    }
+    out.push(b']');
+    out.truncate(start + size);
+}
+
+/// The permessage-deflate offer the bench makes: a browser's.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
 /// Settings shared by every client shard.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -56,7 +119,14 @@ pub struct Plan {
     pub rate_per_shard: f64,
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
+    /// Offer permessage-deflate on WebSocket upgrades, insist on it, and (ws) send compressed.
+    pub deflate: bool,
+    pub payload: Payload,
     pub host: String,
+    /// Tokens for the WebSocket upgrades, used in turn (empty: none); see [`super::tokens`].
+    pub tokens: Arc<[String]>,
+    /// Send the token as `?token=` rather than `Authorization: Bearer`.
+    pub token_in_query: bool,
     /// Fan-out: the topic (the same in every client process of a run).
     pub topic: String,
     /// Fan-out: the measured window is every publish after this sequence number (the warm-up's
@@ -134,6 +204,11 @@ pub struct ClientConn {
     /// Fan-out: subscribed (ack seen), and the last sequence number received.
     subscribed: bool,
     last_seq: u64,
+    /// permessage-deflate was agreed; with the server's context takeover (its `dedicated`
+    /// mode) the connection needs an inflater of its own, created on the first compressed frame.
+    compressed: bool,
+    takeover: bool,
+    inflater: Option<Box<flate2::Decompress>>,
 }
 
 pub struct Client {
@@ -149,6 +224,17 @@ pub struct Client {
     /// xorshift64 state: which connection the next open-loop request goes to.
     rng: u64,
     request: Vec<u8>,
+    /// Upgrades sent by this shard, and the shard's place among the client shards: connection
+    /// n of shard s takes token `n * shards + s` (modulo their number).
+    upgrades: usize,
+    shard: usize,
+    shards: usize,
+    /// permessage-deflate: the shard's compressor (a client compresses without context
+    /// takeover, as the server asks), its inflater for servers without takeover, and buffers.
+    deflater: Option<Deflater>,
+    inflater: Inflater,
+    inflated: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 /// The one byte of an idle connection's final probe.
@@ -171,6 +257,13 @@ impl Client {
             }
             _ => Vec::new(),
         };
+        let deflater = plan.deflate.then(|| {
+            let agreed = Agreed {
+                window_bits: 15,
+                takeover: false,
+            };
+            Deflater::new(agreed, LEVEL_FAST)
+        });
         Client {
             plan,
             result: ShardResult::new(),
@@ -181,7 +274,80 @@ impl Client {
             stopped: false,
             rng: (info.shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             request,
+            upgrades: 0,
+            shard: info.shard,
+            shards: info.shards.max(1),
+            deflater,
+            inflater: Inflater::default(),
+            inflated: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// The payload of the ws-mode message that starts at byte `from` of a connection's stream.
+    fn payload(&self, seed: u32, from: u64) -> Vec<u8> {
+        let size = self.plan.size as u64;
+        match self.plan.payload {
+            Payload::Pattern => (from..from + size).map(|p| byte_at(seed, p)).collect(),
+            Payload::Json => {
+                let mut v = Vec::with_capacity(self.plan.size);
+                json_message(
+                    (u64::from(seed) << 32) ^ (from / size),
+                    self.plan.size,
+                    &mut v,
+                );
+                v
+            }
+        }
+    }
+
+    /// The upgrade request for `path`, with the next token if there are any.
+    fn upgrade_request(&mut self, path: &str) -> String {
+        let tokens = &self.plan.tokens;
+        let token = (!tokens.is_empty())
+            .then(|| tokens[(self.upgrades * self.shards + self.shard) % tokens.len()].as_str());
+        self.upgrades += 1;
+        let offer = if self.plan.deflate { DEFLATE_OFFER } else { "" };
+        super::tokens::upgrade_request(
+            path,
+            &self.plan.host,
+            token,
+            self.plan.token_in_query,
+            offer,
+        )
+    }
+
+    /// Inflates a compressed server frame's payload into `self.inflated`.
+    fn inflate(&mut self, conn: &mut Conn<'_, ClientConn>, payload: &[u8]) -> Result<(), String> {
+        let st = conn.state();
+        if !st.takeover {
+            return self
+                .inflater
+                .inflate(payload, usize::MAX / 2, &mut self.inflated)
+                .map_err(|e| format!("inflating a server message: {e}"));
+        }
+        let d = st
+            .inflater
+            .get_or_insert_with(|| Box::new(flate2::Decompress::new(false)));
+        self.inflated.clear();
+        for part in [payload, &TRAILER[..]] {
+            let mut read = 0;
+            while read < part.len() || self.inflated.len() == self.inflated.capacity() {
+                self.inflated.reserve(4096.max(part.len() * 4));
+                let before = d.total_in();
+                d.decompress_vec(
+                    &part[read..],
+                    &mut self.inflated,
+                    flate2::FlushDecompress::Sync,
+                )
+                .map_err(|e| format!("inflating a server message: {e}"))?;
+                read += (d.total_in() - before) as usize;
+                if read == part.len() && self.inflated.len() < self.inflated.capacity() {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn error(&mut self, why: String) {
@@ -204,11 +370,22 @@ impl Client {
                     .extend((from..from + size).map(|p| byte_at(seed, p)));
             }
             Mode::Ws => {
-                let (seed, from) = (st.seed, st.sent_bytes);
+                let (seed, from, compressed) = (st.seed, st.sent_bytes, st.compressed);
                 st.sent_bytes += self.plan.size as u64;
-                let size = self.plan.size as u64;
-                let payload: Vec<u8> = (from..from + size).map(|p| byte_at(seed, p)).collect();
-                ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK);
+                let payload = self.payload(seed, from);
+                match self.deflater.as_mut().filter(|_| compressed) {
+                    Some(d) => {
+                        self.scratch.clear();
+                        if d.compress(&payload, &mut self.scratch).is_err() {
+                            self.error("the client's compressor failed".into());
+                            return;
+                        }
+                        let at = conn.out().len();
+                        ws::write_masked(conn.out(), ws::OP_BINARY, true, &self.scratch, MASK);
+                        conn.out()[at] |= ws::RSV1;
+                    }
+                    None => ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK),
+                }
             }
             Mode::Http | Mode::Connect => conn.write(&self.request),
             Mode::Idle | Mode::Fanout => {}
@@ -314,6 +491,29 @@ impl Client {
                 conn.close();
                 return input.len();
             }
+            let head = String::from_utf8_lossy(&input[..end]).to_ascii_lowercase();
+            let answer = head
+                .lines()
+                .find_map(|l| l.strip_prefix("sec-websocket-extensions:"))
+                .map(str::trim);
+            match (self.plan.deflate, answer) {
+                (true, Some(a)) if a.starts_with("permessage-deflate") => {
+                    let st = conn.state();
+                    st.compressed = true;
+                    st.takeover = !a.contains("server_no_context_takeover");
+                }
+                (true, _) => {
+                    self.error("the server declined permessage-deflate (--deflate)".into());
+                    conn.close();
+                    return input.len();
+                }
+                (false, Some(a)) => {
+                    self.error(format!("the server answered an extension not offered: {a}"));
+                    conn.close();
+                    return input.len();
+                }
+                (false, None) => {}
+            }
             conn.state().upgraded = true;
             pos = end + 4;
             if self.plan.mode == Mode::Fanout {
@@ -340,10 +540,26 @@ impl Client {
                     return input.len();
                 }
             };
-            let payload = &input[pos + range.start..pos + range.end];
+            let rsv1 = input[pos] & ws::RSV1 != 0;
+            let mut payload = &input[pos + range.start..pos + range.end];
             pos += total;
+            let mut inflated = Vec::new();
+            if rsv1 {
+                if !conn.state().compressed {
+                    self.error("a compressed frame on a connection that agreed to none".into());
+                    conn.close();
+                    return input.len();
+                }
+                if let Err(e) = self.inflate(conn, payload) {
+                    self.error(e);
+                    conn.close();
+                    return input.len();
+                }
+                inflated = std::mem::take(&mut self.inflated);
+                payload = &inflated;
+            }
             match op {
-                ws::OP_BINARY if self.plan.mode == Mode::Idle => {
+                ws::OP_PONG if self.plan.mode == Mode::Idle => {
                     let answered = self.probe_answered(conn, payload);
                     if !answered {
                         conn.close();
@@ -352,12 +568,7 @@ impl Client {
                 }
                 ws::OP_BINARY => {
                     let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
-                    if payload.len() != self.plan.size
-                        || payload
-                            .iter()
-                            .enumerate()
-                            .any(|(i, &b)| b != byte_at(seed, from + i as u64))
-                    {
+                    if payload != &self.payload(seed, from)[..] {
                         self.error("corrupted WebSocket echo".into());
                         conn.close();
                         return input.len();
@@ -381,6 +592,10 @@ impl Client {
                     return input.len();
                 }
                 _ => {}
+            }
+            if rsv1 {
+                // The inflate buffer goes back for the next frame.
+                self.inflated = inflated;
             }
         }
         pos
@@ -407,7 +622,7 @@ impl Client {
         }
         st.probing = true;
         if self.plan.idle_ws.is_some() {
-            ws::write_masked(conn.out(), ws::OP_BINARY, true, &[PROBE], MASK);
+            ws::write_masked(conn.out(), ws::OP_PING, true, &[PROBE], MASK);
         } else {
             conn.write(&[PROBE]);
         }
@@ -508,20 +723,13 @@ impl Service for Client {
                 self.result.ready += 1;
             }
             Mode::Ws | Mode::Fanout => {
-                let upgrade = format!(
-                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                    self.plan.path, self.plan.host
-                );
+                let plan = self.plan.clone();
+                let upgrade = self.upgrade_request(&plan.path);
                 conn.write(upgrade.as_bytes());
             }
-            Mode::Idle => match &self.plan.idle_ws {
+            Mode::Idle => match self.plan.idle_ws.clone() {
                 Some(path) => {
-                    let upgrade = format!(
-                        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                        self.plan.host
-                    );
+                    let upgrade = self.upgrade_request(&path);
                     conn.write(upgrade.as_bytes());
                 }
                 None => self.result.ready += 1,

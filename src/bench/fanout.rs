@@ -195,19 +195,20 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts publishing `rate` messages per second on `topic`, each one to every HTTP listener
-    /// of `targets` (one per server process); after publish `limit`, if given, it stops.
+    /// of `targets` (one per server process); after publish `limit`, if given, it stops. With
+    /// `pad_to`, each message is padded with JSON quote records to about that many bytes.
     pub fn start(
         targets: Vec<SocketAddr>,
         topic: String,
-        rate: f64,
-        limit: Option<u64>,
+        pace: Pace,
+        pad_to: Option<usize>,
     ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
         let (st, sq) = (stop.clone(), seq.clone());
         let thread = std::thread::Builder::new()
             .name("publisher".into())
-            .spawn(move || publish_loop(&targets, &topic, rate, limit, &st, &sq))
+            .spawn(move || publish_loop(&targets, &topic, pace, pad_to, &st, &sq))
             .expect("spawn the publisher thread");
         Publisher { stop, seq, thread }
     }
@@ -313,14 +314,37 @@ impl Outlet {
     }
 }
 
+/// How fast and how many: publishes per second, and the last one (`None`: until stopped).
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub rate: f64,
+    pub limit: Option<u64>,
+}
+
+/// The body of publish `k` intended at `t` microseconds: `{"seq":K,"t":T}`, padded to about
+/// `pad_to` bytes with `"quotes":[...]` (the subscribers read `seq` and `t` only).
+fn publish_body(k: u64, t: u64, pad_to: Option<usize>, body: &mut Vec<u8>) {
+    use std::io::Write as _;
+    body.clear();
+    let _ = write!(body, r#"{{"seq":{k},"t":{t}"#);
+    if let Some(size) = pad_to {
+        body.extend_from_slice(br#","quotes":["#);
+        let room = size.saturating_sub(body.len() + 2);
+        super::client::json_records(body, k, room);
+        body.push(b']');
+    }
+    body.push(b'}');
+}
+
 fn publish_loop(
     targets: &[SocketAddr],
     topic: &str,
-    rate: f64,
-    limit: Option<u64>,
+    pace: Pace,
+    pad_to: Option<usize>,
     stop: &AtomicBool,
     seq: &AtomicU64,
 ) -> anyhow::Result<u64> {
+    let Pace { rate, limit } = pace;
     let rate = rate.max(0.001);
     let mut outlets = targets
         .iter()
@@ -329,9 +353,9 @@ fn publish_loop(
     // Intended times on CLOCK_MONOTONIC: the clock origin every subscriber process shares.
     let (start, start_micros) = (Instant::now(), crate::sys::process::monotonic_micros());
     let mut k: u64 = 0;
-    let mut body = String::new();
-    let mut req = String::new();
-    while !stop.load(Ordering::Acquire) && limit.map_or(true, |n| k < n) {
+    let mut body = Vec::new();
+    let mut req = Vec::new();
+    while !stop.load(Ordering::Acquire) && limit.is_none_or(|n| k < n) {
         let offset = Duration::from_secs_f64(k as f64 / rate);
         let intended = start + offset;
         // Sleep in slices, so a stop is seen within 100 ms at a slow rate.
@@ -345,18 +369,17 @@ fn publish_loop(
         }
         k += 1;
         let t = start_micros + offset.as_micros() as u64;
-        use std::fmt::Write as _;
-        body.clear();
-        let _ = write!(body, r#"{{"seq":{k},"t":{t}}}"#);
+        publish_body(k, t, pad_to, &mut body);
         for (o, target) in outlets.iter_mut().zip(targets) {
             req.clear();
             let _ = write!(
                 req,
-                "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
+            req.extend_from_slice(&body);
             o.stream
-                .write_all(req.as_bytes())
+                .write_all(&req)
                 .with_context(|| format!("publisher: write to {target} failed"))?;
         }
         seq.store(k, Ordering::Release);

@@ -12,9 +12,10 @@
 //! [`Measurement`] builder, table and JSON), [`memory`] (the servers' PSS and the kernel's
 //! memory per connection), [`compare`] (alternating servers), [`sweep`] and [`plot`] (shard
 //! counts), [`spawn`] (the servers the bench starts, one or a group on one port, owned by
-//! guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out subscribers
-//! on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`] (`--processes`), and
-//! [`procfs`] (what the bench reads about a server from /proc).
+//! guards that stop them), [`tokens`] (the tokens of authenticated connections); the clients:
+//! [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine), [`fanout`] (the
+//! publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the bench reads about a
+//! server from /proc).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -32,6 +33,7 @@ pub mod run;
 pub mod scale;
 pub mod spawn;
 mod sweep;
+pub mod tokens;
 pub mod wrk;
 
 use std::sync::atomic::Ordering;

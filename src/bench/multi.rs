@@ -194,6 +194,39 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         if args.idle_ws {
             cmd.arg("--idle-ws");
         }
+        // Tokens: each child mints its own share, with subjects of their own.
+        if let Some(t) = &args.token {
+            cmd.arg("--token").arg(t);
+        }
+        if let Some(f) = &args.token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        if let Some(m) = &args.mint {
+            let first: usize = (0..i).map(|j| share(args.connections, j, n)).sum();
+            cmd.arg("--mint")
+                .arg(m)
+                .arg("--mint-first")
+                .arg(first.to_string());
+        }
+        if let Some(c) = &args.mint_claims {
+            cmd.arg("--mint-claims").arg(c);
+        }
+        if args.token_in_query {
+            cmd.arg("--token-in-query");
+        }
+        if args.deflate {
+            cmd.arg("--deflate");
+        }
+        if args.payload == super::client::Payload::Json {
+            cmd.arg("--payload").arg("json");
+        }
+        if let (true, Some(ca)) = (args.tls, &args.tls_ca) {
+            cmd.arg("--tls")
+                .arg("--tls-ca")
+                .arg(ca)
+                .arg("--tls-name")
+                .arg(&args.tls_name);
+        }
         // Every source address, rotated to where the previous child's connections ended, so
         // that every address carries the same number of connections.
         if !sources.is_empty() {
@@ -243,8 +276,11 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         let p = fanout::Publisher::start(
             servers.publish.clone(),
             topic.clone(),
-            rate,
-            args.publishes.map(|k| window_after + k),
+            fanout::Pace {
+                rate,
+                limit: args.publishes.map(|k| window_after + k),
+            },
+            (args.payload == super::client::Payload::Json).then_some(args.size),
         );
         let within = args.warmup * 2 + Duration::from_secs(30);
         if !p.wait_for(window_after, within) {

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::args::{parse_cores, parse_sources, BenchArgs};
-use super::client::{Client, ClientCmd, Mode, ShardResult};
+use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::memory::Snapshot;
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, MemoryReport, Tally};
 use super::{fanout, multi, wrk};
-use crate::server::{Limits, PoolSpec, ShardPool, Tuning};
+use crate::server::{Limits, PoolSpec, ShardPool, TlsSpec, Tuning};
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
@@ -135,9 +135,16 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         Some(s) => parse_sources(s)?,
         None => Vec::new(),
     };
-    let plan = Arc::new(args.plan(&target.to_string()));
+    let mut plan = args.plan(&target.to_string());
+    plan.tokens = super::tokens::from_args(args)?.into();
+    let plan = Arc::new(plan);
     let shards = client_cores.len().max(1);
+    // Connections are adopted as "listener 0": with --tls, that one speaks TLS.
+    let tls = args
+        .tls_connector(true)?
+        .map(|c| TlsSpec::client(c, Duration::from_secs(10)));
     let spec = PoolSpec {
+        tls: vec![tls],
         shards,
         cores: client_cores.iter().map(|&c| Some(c)).collect(),
         limits: Limits {
@@ -185,6 +192,16 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
             bail!("{label}: {e}");
         }
+        // A failed TLS handshake never reaches the client service: the engine counts it.
+        let t = pool.stats().snapshot().total();
+        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
+            bail!(
+                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
+                t.tls_handshake_failures,
+                t.tls_handshake_timeouts,
+                tls_diagnosis(args, target)
+            );
+        }
         if ready as usize >= args.connections {
             break;
         }
@@ -215,8 +232,11 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         let p = fanout::Publisher::start(
             servers.publish.clone(),
             plan.topic.clone(),
-            args.rate.unwrap_or(1000.0),
-            args.publishes.map(|n| window_after + n),
+            fanout::Pace {
+                rate: args.rate.unwrap_or(1000.0),
+                limit: args.publishes.map(|n| window_after + n),
+            },
+            (args.payload == Payload::Json).then_some(args.size),
         );
         // The warm-up is the publishes up to `window_after` (the window is a sequence range).
         let within = args.warmup * 2 + Duration::from_secs(30);
@@ -325,8 +345,33 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         .build())
 }
 
-/// Connection churn: each client thread connects, sends one HTTP request, reads the answer and
-/// closes, as fast as it can.
+/// Why a TLS handshake with `target` fails: one blocking handshake with the same settings.
+fn tls_diagnosis(args: &BenchArgs, target: SocketAddr) -> String {
+    let attempt = || -> anyhow::Result<()> {
+        let connector = args.tls_connector(false)?.context("--tls is off")?;
+        let tcp = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let conn = rustls::ClientConnection::new(connector.config(), connector.name().clone())?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(())
+    };
+    match attempt() {
+        Ok(()) => "it succeeded (a transient failure?)".into(),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A plain or a TLS stream, for connect mode.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// Connection churn: each client thread connects, sends one HTTP request (or, with --upgrade or
+/// tokens, a WebSocket upgrade carrying the next token), reads the answer and closes, as fast
+/// as it can (with --tls, after a full TLS handshake).
 fn measure_connect(
     args: &BenchArgs,
     target: SocketAddr,
@@ -336,16 +381,45 @@ fn measure_connect(
     use std::io::{Read, Write};
     let cores = parse_cores(&args.client_cores)?;
     let threads = args.connections.clamp(1, 64);
-    let path = args.path.clone().unwrap_or_else(|| "/plaintext".into());
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let upgrade = args.upgrade || args.has_tokens();
+    let default_path = if upgrade { "/ws" } else { "/plaintext" };
+    let path = args.path.clone().unwrap_or_else(|| default_path.into());
+    let host = target.to_string();
+    let tokens = super::tokens::from_args(args)?;
+    // Every request prepared before the clock starts: connection n of thread i sends
+    // requests[(n * threads + i) % len].
+    let requests: Arc<[String]> = if upgrade {
+        let each = |t: Option<&str>| {
+            super::tokens::upgrade_request(&path, &host, t, args.token_in_query, "")
+        };
+        if tokens.is_empty() {
+            vec![each(None)].into()
+        } else {
+            tokens.iter().map(|t| each(Some(t))).collect()
+        }
+    } else {
+        vec![format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )]
+        .into()
+    };
+    let ok_status: &'static [u8] = if upgrade {
+        b"HTTP/1.1 101"
+    } else {
+        b"HTTP/1.1 200"
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
+    // --tls: a full handshake per connection, which is what this mode measures.
+    let tls = args.tls_connector(false)?;
     let bar = progress(args.warmup + args.duration, label);
     let mut cpu = None;
     let results: Vec<(hdrhistogram::Histogram<u64>, Tally)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let (stop, measuring, request) = (stop.clone(), measuring.clone(), request.clone());
+                let (stop, measuring, requests) =
+                    (stop.clone(), measuring.clone(), requests.clone());
+                let tls = tls.clone();
                 let core = cores.get(i % cores.len().max(1)).copied();
                 scope.spawn(move || {
                     if let Some(c) = core {
@@ -354,34 +428,62 @@ fn measure_connect(
                     let mut h = histogram();
                     let mut tally = Tally::default();
                     let mut buf = [0u8; 4096];
+                    let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
+                        let request = &requests[(n * threads + i) % requests.len()];
+                        n += 1;
                         let start = Instant::now();
-                        let r = (|| -> std::io::Result<bool> {
-                            let mut s = std::net::TcpStream::connect_timeout(
+                        // Ok(None): the expected answer; Ok(Some(line)): another status line.
+                        let r = (|| -> std::io::Result<Option<String>> {
+                            let s = std::net::TcpStream::connect_timeout(
                                 &target,
                                 Duration::from_secs(5),
                             )?;
                             s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                            let mut s: Box<dyn ReadWrite> = match &tls {
+                                None => Box::new(s),
+                                Some(c) => {
+                                    let conn =
+                                        rustls::ClientConnection::new(c.config(), c.name().clone())
+                                            .map_err(std::io::Error::other)?;
+                                    Box::new(rustls::StreamOwned::new(conn, s))
+                                }
+                            };
                             s.write_all(request.as_bytes())?;
                             let mut got = Vec::new();
                             loop {
-                                let k = s.read(&mut buf)?;
+                                let k = match s.read(&mut buf) {
+                                    // A TLS server may close without close_notify after
+                                    // `Connection: close`; the answer is complete anyway.
+                                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                                    r => r?,
+                                };
                                 if k == 0 {
                                     break;
                                 }
                                 got.extend_from_slice(&buf[..k]);
+                                // An upgraded connection stays open: its answer ends with the
+                                // head.
+                                if upgrade && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                                    break;
+                                }
                             }
-                            Ok(got.starts_with(b"HTTP/1.1 200"))
+                            if got.starts_with(ok_status) {
+                                return Ok(None);
+                            }
+                            let line = got.split(|b| *b == b'\r').next().unwrap_or(&[]);
+                            Ok(Some(String::from_utf8_lossy(line).into_owned()))
                         })();
                         if !measuring.load(Ordering::Relaxed) {
                             continue;
                         }
                         match r {
-                            Ok(true) => {
+                            Ok(None) => {
                                 tally.requests += 1;
                                 let _ = h.record(start.elapsed().as_micros().max(1) as u64);
                             }
-                            Ok(false) => tally.fail(1, || "non-200 answer".to_string()),
+                            Ok(Some(line)) => tally.fail(1, || format!("answered `{line}`")),
                             Err(e) => tally.fail(1, || format!("connect/request failed: {e}")),
                         }
                     }

@@ -69,7 +69,7 @@ pub fn check_command(template: &str) -> anyhow::Result<()> {
     // `VAR=value program args`: the program is the first word that is not an assignment.
     let Some(program) = line
         .split_whitespace()
-        .find(|w| !w.split_once('=').is_some_and(|(k, _)| !k.contains('/')))
+        .find(|w| w.split_once('=').is_none_or(|(k, _)| k.contains('/')))
     else {
         bail!("--compare `{template}`: no command");
     };
@@ -306,13 +306,17 @@ fn config_text(args: &BenchArgs, shards: usize, shared: Option<(u16, u16)>) -> S
     } else {
         ""
     };
+    let compression = args
+        .compression
+        .as_deref()
+        .map_or(String::new(), |c| format!("compression = \"{c}\"\n"));
     format!(
         "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
          [limits]\nidle_timeout = \"0s\"\n\n\
          [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:{echo}\"\nservice = \"echo\"\nbacklog = 65535\n{reuse}\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:{http}\"\nservice = \"http\"\nbacklog = 65535\n{reuse}\n\
-         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n\n\
-         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{admin}"
+         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n{compression}\n\
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{compression}{admin}"
     )
 }
 

@@ -12,20 +12,24 @@
 //! after parsing and point at the key, or at its table's header when the key is left to its
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
+mod auth;
 mod spans;
+mod tls;
 mod units;
 mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use auth::{AuthConfig, KeyAlg, PublicKeyConfig, RouteAuth};
+pub use tls::ListenerTls;
 pub use units::{duration, size};
 
 pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
@@ -73,6 +77,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -211,6 +216,8 @@ pub struct ListenerConfig {
     /// Serve /metrics and /stats on this listener (turn off on public listeners).
     pub admin_routes: bool,
     pub websocket: Vec<WsRouteConfig>,
+    /// Terminate TLS on this listener (echo or HTTP).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -226,6 +233,7 @@ impl Default for ListenerConfig {
             header_timeout: Duration::from_secs(10),
             admin_routes: true,
             websocket: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -233,7 +241,8 @@ impl Default for ListenerConfig {
 impl Serialize for ListenerConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let http = self.service == ServiceKind::Http;
-        let mut st = s.serialize_struct("ListenerConfig", if http { 10 } else { 5 })?;
+        let fields = if http { 10 } else { 5 } + usize::from(self.tls.is_some());
+        let mut st = s.serialize_struct("ListenerConfig", fields)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("addr", &self.addr)?;
         st.serialize_field("service", &self.service)?;
@@ -246,8 +255,44 @@ impl Serialize for ListenerConfig {
             st.serialize_field("admin_routes", &self.admin_routes)?;
             st.serialize_field("websocket", &self.websocket)?;
         }
+        if let Some(tls) = &self.tls {
+            st.serialize_field("tls", tls)?;
+        }
         st.end()
     }
+}
+
+/// `tls = { cert = "PATH", key = "PATH" }` on a listener. Relative paths are taken from the
+/// configuration file's directory. The files are read by [`Config::load_tls`], not by parsing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate they signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// A handshake not finished within this is closed (and counted).
+    #[serde(default = "default_handshake_timeout", with = "duration")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The oldest TLS version a listener accepts: `"1.2"` or `"1.3"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,6 +313,12 @@ pub struct WsRouteConfig {
     /// Longest topic name accepted, in bytes.
     #[serde(with = "size")]
     pub max_topic_length: usize,
+    /// Whether upgrading needs a token (`[auth]` says how tokens are verified).
+    pub auth: RouteAuth,
+    /// permessage-deflate (RFC 7692) on this route.
+    pub compression: Compression,
+    /// The largest window a `dedicated` connection's compressor uses, as a power of two (9..=15).
+    pub compression_window_bits: u8,
 }
 
 impl Default for WsRouteConfig {
@@ -282,6 +333,9 @@ impl Default for WsRouteConfig {
             allowed_origins: Vec::new(),
             max_topics: 64,
             max_topic_length: 256,
+            auth: RouteAuth::Off,
+            compression: Compression::Shared,
+            compression_window_bits: 12,
         }
     }
 }
@@ -460,6 +514,18 @@ pub enum WsMode {
     Pubsub,
 }
 
+/// permessage-deflate on a WebSocket route; `service::deflate` says what each mode agrees to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Offers are declined.
+    Off,
+    /// Without context takeover, one compressor per shard: no memory per connection.
+    Shared,
+    /// A compressor per connection, with context takeover.
+    Dedicated,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumer {
@@ -476,9 +542,29 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     })
 }
 
+/// A problem found by a check that a layer above makes ([`Config::parse_with`]): the dotted key
+/// at fault and why, located in the file like the configuration's own errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
 impl Config {
     /// Parses and validates `src`; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(src, file, |_| Ok(())).map(|(c, ())| c)
+    }
+
+    /// [`Config::parse`], then `check`, whose error is located at its key: what the layers
+    /// above use for what this module cannot check itself (the product reads the key files
+    /// `[auth]` names, so that `config check` refuses a missing or malformed one at its line).
+    /// Returns what `check` made of the configuration along with it.
+    pub fn parse_with<T>(
+        src: &str,
+        file: &str,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
         let doc = toml_edit::ImDocument::parse(src).map_err(|e| {
             let (line, column) = line_column(src, e.span().map_or(0, |s| s.start));
             ConfigError::Syntax {
@@ -495,15 +581,49 @@ impl Config {
             invalid(src, file, offset, key, one_line(e.message()))
         })?;
         config.check(&spans, src, file)?;
-        Ok(config)
+        let made =
+            check(&config).map_err(|e| invalid(src, file, spans.at(&e.key), e.key, e.reason))?;
+        Ok((config, made))
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Ok(Config::read(path)?.0)
+    }
+
+    /// [`Config::load`], then [`Config::load_tls`]: everything `config check` checks and `serve`
+    /// needs before it starts, but for the files the product's layers read ([`Config::read_with`]).
+    pub fn load_with_tls(path: &Path) -> Result<(Config, ListenerTls), ConfigError> {
+        let (config, src) = Config::read(path)?;
+        let tls = config.load_tls(&src, &path.display().to_string())?;
+        Ok((config, tls))
+    }
+
+    /// Parses and validates the file at `path`; returns the text too (errors found later, such
+    /// as a TLS file that cannot be used, are located in it).
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
+        Config::read_with(path, |_| Ok(())).map(|(c, (), src)| (c, src))
+    }
+
+    /// [`Config::load`] with [`Config::parse_with`]'s extra check.
+    pub fn load_with<T>(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
+        Config::read_with(path, check).map(|(c, t, _)| (c, t))
+    }
+
+    /// [`Config::read`] with [`Config::parse_with`]'s extra check: the configuration, what the
+    /// check made of it, and the text.
+    pub fn read_with<T>(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T, String), ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&src, &path.display().to_string())
+        let (config, made) = Config::parse_with(&src, &path.display().to_string(), check)?;
+        Ok((config, made, src))
     }
 
     /// The embedded default; a unit test guarantees it parses.
@@ -647,6 +767,50 @@ mod tests {
         );
         let src = format!("{L}service = \"http\"\n[[listener.websocket]]\nbogus = 1\n");
         assert_eq!(err(&src).2, "listener[0].websocket[0].bogus");
+    }
+
+    #[test]
+    fn websocket_compression() {
+        let route = |extra: &str| {
+            format!("{L}service = \"http\"\n[[listener.websocket]]\npath = \"/ws\"\n{extra}")
+        };
+        let c = Config::parse(&route(""), "t").unwrap();
+        assert_eq!(c.listeners[0].websocket[0].compression, Compression::Shared);
+        assert_eq!(c.listeners[0].websocket[0].compression_window_bits, 12);
+        for (v, mode) in [
+            ("off", Compression::Off),
+            ("shared", Compression::Shared),
+            ("dedicated", Compression::Dedicated),
+        ] {
+            let src = route(&format!(
+                "compression = \"{v}\"\ncompression_window_bits = 9\n"
+            ));
+            let c = Config::parse(&src, "t").unwrap();
+            assert_eq!(c.listeners[0].websocket[0].compression, mode);
+            assert_eq!(Config::parse(&c.to_toml(), "again").unwrap(), c);
+        }
+        let (line, _, key, reason) = err(&route("compression = \"zlib\"\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression"),
+            "{reason}"
+        );
+        assert!(reason.contains("shared"), "{reason}");
+        for bits in ["8", "16", "0"] {
+            let (line, col, key, reason) =
+                err(&route(&format!("compression_window_bits = {bits}\n")));
+            assert_eq!(
+                (line, col, key.as_str()),
+                (7, 1, "listener[0].websocket[0].compression_window_bits"),
+                "{reason}"
+            );
+            assert!(reason.contains("between 9 and 15"), "{reason}");
+        }
+        let (line, _, key, _) = err(&route("compression_window_bits = 300\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression_window_bits")
+        );
     }
 
     #[test]

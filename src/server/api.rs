@@ -86,6 +86,9 @@ pub enum CloseReason {
     Service,
     /// A service callback panicked on this connection.
     Panic,
+    /// TLS failed: a record that does not decrypt or another protocol error after the
+    /// handshake. (A connection whose handshake fails or times out never reaches the service.)
+    Tls,
 }
 
 /// A protocol driven by the shard engine.

@@ -23,6 +23,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::server::Limits;
 use crate::sys::waker::Waker;
+use crate::tls::TlsAcceptor;
 
 /// Capacity of a shard's control channel (a few messages at most are ever in flight).
 pub(crate) const CONTROL_QUEUE: usize = 16;
@@ -32,12 +33,14 @@ pub(crate) const CONN_QUEUE: usize = 1024;
 pub(crate) const DATA_QUEUE: usize = 65536;
 
 /// What a control message asks of a shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Control {
     /// Shut down gracefully: stop accepting and reading new requests, flush, close, exit.
     Drain,
     /// New limits (a configuration reload).
     Limits(Limits),
+    /// New TLS configuration for listener `.0` (a certificate reload): new handshakes use it.
+    Tls(usize, TlsAcceptor),
 }
 
 /// A control message and where to acknowledge it (the shard sends its index once applied).
