@@ -25,13 +25,13 @@ use crate::stats::Snapshot;
     version,
     about = "A sharded epoll server for a million connections: TCP echo, HTTP/1.1, WebSocket pub/sub"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the server (without --config: the embedded default configuration).
     Serve(ServeArgs),
     /// Inspect configuration files.
@@ -45,7 +45,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TOML configuration file; see `shardnet config default` for every key.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -55,7 +55,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Check a configuration file: print the effective configuration (exit 0), or the error with
     /// its file:line:column and key (exit 2).
     Check { file: PathBuf },
@@ -146,7 +146,7 @@ fn bench(args: crate::bench::BenchArgs) -> anyhow::Result<i32> {
 }
 
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
-pub fn init_logging(level: log::LevelFilter) {
+pub(crate) fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level).format_timestamp_millis();
     if let Ok(spec) = std::env::var("SHARDNET_LOG") {
@@ -232,8 +232,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     log_auth(&config, &auth);
     let auth = Arc::new(Reloadable::new(auth));
-    let mut server =
-        crate::app::start_with(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let app =
+        crate::app::start_app(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let (mut server, broker) = (app.server, app.broker);
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -260,7 +261,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             recv(ticker) -> _ => {
                 let snap = server.snapshot();
-                log::info!("{}", snap.log_line(last.as_ref()));
+                match &broker {
+                    Some(b) => log::info!(
+                        "{} {}",
+                        snap.log_line(last.as_ref()),
+                        broker_line(&b.metrics().snapshot())
+                    ),
+                    None => log::info!("{}", snap.log_line(last.as_ref())),
+                }
                 last = Some(snap);
             }
         }
@@ -290,6 +298,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(128 + sig.unwrap_or(SIGTERM));
         }
     }
+}
+
+/// The broker's part of the periodic log line (totals since start).
+fn broker_line(b: &crate::app::broker::BrokerStats) -> String {
+    let latency = match (b.latency_quantile_us(0.5), b.latency_quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => format!(" latency_p50<={p50}us p99<={p99}us"),
+        _ => String::new(),
+    };
+    format!(
+        "broker={} up={} reconnects={} published={} refused={} received={} topics={} gaps={}{latency}",
+        b.kind,
+        u8::from(b.up),
+        b.reconnects,
+        b.published,
+        b.refused_total(),
+        b.received,
+        b.topics,
+        b.gaps,
+    )
 }
 
 fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
@@ -341,6 +368,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    // The broker thread's connections and bounds are set up once, at start.
+    let (a, b) = (&old.broker, &new.broker);
+    macro_rules! check_broker {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("broker.", stringify!($f))); })* };
+    }
+    check_broker!(kind url prefix reconnect_min reconnect_max reconnect_jitter connect_timeout max_pending max_pending_bytes publish_timeout);
     // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
     // it has TLS at all, and its handshake timeout, need a restart like its other keys.
     let restart_part = |c: &Config| -> Vec<ListenerConfig> {
@@ -357,6 +390,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     if restart_part(old) != restart_part(new) {
         keys.push("listener");
+    }
+    if old.offload != new.offload {
+        keys.push("offload");
     }
     keys
 }
@@ -474,6 +510,16 @@ fn log_summary(config: &Config, server: &Server) {
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");
     }
+    let b = &config.broker;
+    if b.kind != crate::config::BrokerKind::None {
+        // The url as Display shows it: any password or token is `***`.
+        log::info!(
+            "broker: {} at {}, prefix `{}`: publishes go through the broker",
+            b.kind.as_str(),
+            b.url,
+            b.prefix
+        );
+    }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
          max_connections={}, idle_timeout={}, max_write_buffer={}, write_timeout={}",
@@ -488,4 +534,30 @@ fn log_summary(config: &Config, server: &Server) {
         size::format(config.limits.max_write_buffer),
         duration::format(config.limits.write_timeout),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn broker_keys_are_restart_only() {
+        let parse = |broker: &str| Config::parse(&format!("{broker}{L}"), "t").unwrap();
+        let none = parse("");
+        let redis = parse("[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\n");
+        assert_eq!(
+            restart_only_changes(&none, &redis),
+            vec!["broker.kind", "broker.url"]
+        );
+        let slower = parse(
+            "[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\npublish_timeout = \"9s\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&redis, &slower),
+            vec!["broker.publish_timeout"]
+        );
+        assert!(restart_only_changes(&redis, &redis).is_empty());
+    }
 }

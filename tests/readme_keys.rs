@@ -28,6 +28,10 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("missing_key", "an API key refusal"),
     ("wrong_key", "an API key refusal"),
     ("topic_not_allowed", "an API key refusal"),
+    (
+        "service_counters",
+        "the key of /stats that lists services' own counters",
+    ),
     ("server_no_context_takeover", "RFC 7692 extension parameter"),
     ("client_no_context_takeover", "RFC 7692 extension parameter"),
     ("server_max_window_bits", "RFC 7692 extension parameter"),
@@ -90,6 +94,12 @@ impl Schema {
                 public_keys: vec![PublicKeyConfig::default()],
                 ..AuthConfig::default()
             },
+            // A broker kind other than "none", so that every [broker] key is printed.
+            broker: shardnet::config::BrokerConfig {
+                kind: shardnet::config::BrokerKind::Redis,
+                url: shardnet::config::BrokerUrl::new("redis://127.0.0.1:6379").unwrap(),
+                ..Default::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -101,6 +111,7 @@ impl Schema {
         assert!(schema.keys.contains("listener.websocket.max_topics"));
         assert!(schema.keys.contains("listener.tls.client_ca"));
         assert!(schema.keys.contains("auth.public_key.kid"));
+        assert!(schema.keys.contains("broker.publish_timeout"));
         schema
     }
 

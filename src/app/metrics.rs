@@ -13,11 +13,14 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crossbeam_utils::CachePadded;
 
 use super::auth::FailureCounters;
+use super::broker::{BrokerMetrics, BrokerStats, LATENCY_BOUNDS_US};
 use crate::service::deflate::{DeflateCounters, DeflateSnapshot};
-use crate::stats::{Kind, StatsView};
+use crate::stats::{Kind, Snapshot, StatsView};
 
 crate::stats::counters! {
     /// Counters of the HTTP and WebSocket services, per shard.
@@ -59,6 +62,8 @@ pub struct Metrics {
     /// permessage-deflate's counters, per shard (declared beside the codec that counts them).
     deflate: Box<[CachePadded<DeflateCounters>]>,
     started: Instant,
+    /// The broker's counters, with `[broker] kind` other than `"none"`.
+    broker: Option<Arc<BrokerMetrics>>,
 }
 
 impl Metrics {
@@ -80,12 +85,19 @@ impl Metrics {
                 .map(|_| CachePadded::new(DeflateCounters::default()))
                 .collect(),
             started,
+            broker: None,
         }
     }
 
     /// The token failures of `shard` (written by that shard only).
     pub fn auth_failures(&self, shard: usize) -> &FailureCounters {
         &self.auth_failures[shard]
+    }
+
+    /// Shows the broker's counters too.
+    pub fn with_broker(mut self, broker: Arc<BrokerMetrics>) -> Self {
+        self.broker = Some(broker);
+        self
     }
 
     /// The counters of `shard` (written by that shard only).
@@ -160,6 +172,7 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
         }
     }
     render_deflate(m, &mut out);
+    render_offload_and_registered(&snap, &mut out);
     for (field, kind, help, value) in snap.acceptor.fields() {
         if field == "paused_micros" {
             let name = "shardnet_acceptor_paused_seconds_total";
@@ -206,6 +219,9 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
         "shardnet_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
+    if let Some(b) = &m.broker {
+        render_broker(&mut out, &b.snapshot());
+    }
     let p = process();
     if let Some(fds) = p.open_fds {
         header(
@@ -230,6 +246,40 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
 
 /// permessage-deflate's counters, per shard: times in seconds (`*_nanos` becomes
 /// `*_seconds_total`), and the compression ratio of what was sent compressed.
+/// The offload pool's families (when there is a pool) and the services' registered counters.
+fn render_offload_and_registered(snap: &Snapshot, out: &mut String) {
+    if let Some(o) = &snap.offload {
+        for (field, kind, help, value) in o.fields() {
+            let name = metric_name("shardnet_offload_", field, kind);
+            header(out, &name, kind_str(kind), help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        let name = "shardnet_offload_latency_seconds";
+        header(
+            out,
+            name,
+            "histogram",
+            "time from an offloaded job's submission to its result's delivery",
+        );
+        let h = &o.latency;
+        for (bound, count) in h.bounds_seconds.iter().zip(&h.cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count());
+        let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count {}", h.count());
+    }
+    for family in &snap.registered {
+        let name = metric_name("shardnet_service_", &family.name, family.kind);
+        header(out, &name, kind_str(family.kind), &family.help);
+        for (shard, value) in family.values.iter().enumerate() {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {v}");
+            }
+        }
+    }
+}
+
 fn render_deflate(m: &Metrics, out: &mut String) {
     let snaps: Vec<DeflateSnapshot> = m.deflate.iter().map(|c| c.snapshot()).collect();
     let per_shard: Vec<_> = snaps.iter().map(|s| s.fields()).collect();
@@ -323,8 +373,235 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
         "auth_failures": failures,
         "deflate": deflate,
         "deflate_total": deflate_total,
+        "offload": snap.offload,
+        "service_counters": snap.registered,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },
+        "broker": m.broker.as_ref().map(|b| broker_json(&b.snapshot())),
     });
     let _ = serde_json::to_writer(&mut *buf, &v);
     let _ = buf.write_all(b"\n");
+}
+
+/// The broker's families: `shardnet_broker_*`, the refusals by `reason`, the latency as a
+/// histogram in seconds.
+fn render_broker(out: &mut String, b: &BrokerStats) {
+    let families: [(&str, &str, &str, u64); 10] = [
+        (
+            "shardnet_broker_up",
+            "gauge",
+            "1 when the broker connections are up",
+            u64::from(b.up),
+        ),
+        (
+            "shardnet_broker_reconnects_total",
+            "counter",
+            "broker connections re-established after a loss",
+            b.reconnects,
+        ),
+        (
+            "shardnet_broker_connect_failures_total",
+            "counter",
+            "broker connection attempts that failed",
+            b.connect_failures,
+        ),
+        (
+            "shardnet_broker_published_total",
+            "counter",
+            "publishes the broker accepted",
+            b.published,
+        ),
+        (
+            "shardnet_broker_received_total",
+            "counter",
+            "messages received from the broker for topics with local subscribers",
+            b.received,
+        ),
+        (
+            "shardnet_broker_unwanted_total",
+            "counter",
+            "messages received from the broker for topics no longer wanted here",
+            b.unwanted,
+        ),
+        (
+            "shardnet_broker_topics",
+            "gauge",
+            "topics this process is subscribed to on the broker",
+            b.topics,
+        ),
+        (
+            "shardnet_broker_gaps_total",
+            "counter",
+            "gap notices: topics told that messages may have been missed after a broker outage",
+            b.gaps,
+        ),
+        (
+            "shardnet_broker_handoff_lost_total",
+            "counter",
+            "messages from the broker not handed to a shard (its queue was full)",
+            b.handoff_lost,
+        ),
+        (
+            "shardnet_broker_undeliverable_total",
+            "counter",
+            "messages from the broker that are not text or too large for subscribers",
+            b.undeliverable,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name}{{broker=\"{}\"}} {value}", b.kind);
+    }
+    let name = "shardnet_broker_outcomes_lost_total";
+    header(
+        out,
+        name,
+        "counter",
+        "publish outcomes not handed back to the publisher's shard",
+    );
+    let _ = writeln!(out, "{name}{{broker=\"{}\"}} {}", b.kind, b.outcomes_lost);
+    let name = "shardnet_broker_refused_total";
+    header(out, name, "counter", "publishes refused, by reason");
+    for (reason, n) in b.refused_by_reason() {
+        let _ = writeln!(
+            out,
+            "{name}{{broker=\"{}\",reason=\"{reason}\"}} {n}",
+            b.kind
+        );
+    }
+    let name = "shardnet_broker_latency_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "publish-to-delivery time of this process's own publishes, through the broker",
+    );
+    let mut cumulative = 0;
+    for (i, n) in b.latency_buckets.iter().enumerate() {
+        cumulative += n;
+        let le = LATENCY_BOUNDS_US
+            .get(i)
+            .map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{broker=\"{}\",le=\"{le}\"}} {cumulative}",
+            b.kind
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum{{broker=\"{}\"}} {}",
+        b.kind,
+        b.latency_sum_us as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "{name}_count{{broker=\"{}\"}} {}",
+        b.kind, b.latency_count
+    );
+}
+
+fn broker_json(b: &BrokerStats) -> serde_json::Value {
+    let refused: serde_json::Map<String, serde_json::Value> = b
+        .refused_by_reason()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    serde_json::json!({
+        "kind": b.kind,
+        "up": b.up,
+        "reconnects": b.reconnects,
+        "connect_failures": b.connect_failures,
+        "published": b.published,
+        "refused": refused,
+        "received": b.received,
+        "unwanted": b.unwanted,
+        "topics": b.topics,
+        "gaps": b.gaps,
+        "handoff_lost": b.handoff_lost,
+        "outcomes_lost": b.outcomes_lost,
+        "undeliverable": b.undeliverable,
+        "latency_us": {
+            "count": b.latency_count,
+            "p50": b.latency_quantile_us(0.5),
+            "p99": b.latency_quantile_us(0.99),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ListenerSpec, Peers, Server, Service};
+
+    /// A service that registers a counter and offloads one job per connection.
+    struct Counting {
+        peers: Peers<u8>,
+        opened: crate::stats::CounterHandle,
+    }
+
+    impl Service for Counting {
+        type State = ();
+        type Command = u8;
+
+        fn on_open(&mut self, conn: &mut crate::server::Conn<'_, ()>) {
+            self.opened.inc();
+            self.peers.offload(conn, || 7).expect("room in the pool");
+        }
+
+        fn on_data(&mut self, _conn: &mut crate::server::Conn<'_, ()>, input: &mut [u8]) -> usize {
+            input.len()
+        }
+
+        fn on_offload(&mut self, conn: &mut crate::server::Conn<'_, ()>, result: u8) {
+            conn.write(&[result]);
+        }
+    }
+
+    #[test]
+    fn offload_and_registered_counters_are_rendered() {
+        let server = Server::builder()
+            .listener(ListenerSpec::new("t", "127.0.0.1:0".parse().unwrap()))
+            .shards(1)
+            .pinning(crate::server::Pinning::Off)
+            .start(|info, peers| Counting {
+                peers,
+                opened: info
+                    .counters
+                    .counter("opened", "connections opened")
+                    .unwrap(),
+            })
+            .unwrap();
+        let empty = server.snapshot();
+        assert!(empty.offload.is_none(), "no job yet, no pool");
+        let mut client = std::net::TcpStream::connect(server.addr("t").unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut client, &mut byte).unwrap();
+        assert_eq!(byte[0], 7);
+        let snap = server.snapshot();
+        let mut out = String::new();
+        render_offload_and_registered(&snap, &mut out);
+        assert!(out.contains("shardnet_offload_done_total 1\n"), "{out}");
+        assert!(
+            out.contains("# TYPE shardnet_offload_queued gauge\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_count 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("# HELP shardnet_service_opened_total connections opened\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_service_opened_total{shard=\"0\"} 1\n"),
+            "{out}"
+        );
+    }
 }

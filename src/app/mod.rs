@@ -1,7 +1,7 @@
 //! The product: what `shardnet serve` runs on top of the engine.
 //!
 //! [`start`] is the composition root: it binds the configuration's listeners through the engine
-//! ([`crate::server::Server`]) and gives every shard a [`router::Router`], which decides per
+//! ([`crate::server::Server`]) and gives every shard a `router::Router`, which decides per
 //! listener which protocol a connection speaks (echo, HTTP/1.1, WebSocket after an upgrade) and
 //! binds the protocol codecs of [`crate::service`] to the product's parts:
 //!
@@ -11,14 +11,20 @@
 //! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
 //!   messages go through;
 //! - `metrics`: the services' counters and their Prometheus and JSON renderings;
-//! - [`auth`]: token verification, topic permissions, API keys, the command rate limit.
+//! - [`auth`]: token verification, topic permissions, API keys, the command rate limit;
+//! - `broker`: pub/sub across processes and hosts through Redis/Valkey or NATS (with
+//!   `[broker] kind` other than `"none"`): its own threads, reached from `pubsub`.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
 //! `router` → `routes` → `pubsub` → `compression` → `metrics` → `auth` (which uses none of
-//! them).
+//! them), and `pubsub` → `broker` (which knows nothing of the others: it hands what comes from
+//! the broker to a `Sink`, `pubsub::BrokerSink`).
 
+#[doc(hidden)]
 pub mod auth;
+#[doc(hidden)]
+pub mod broker;
 mod compression;
 mod metrics;
 mod pubsub;
@@ -30,9 +36,12 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::config::{Balance as BalanceConfig, Config, LimitsConfig, ListenerTls, Shards, Trigger};
+use crate::config::{
+    Balance as BalanceConfig, BrokerKind, Config, LimitsConfig, ListenerTls, Shards, Trigger,
+};
 use crate::server::{
-    Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, TlsSpec, Tuning,
+    Balance, Limits, ListenerSpec, OffloadSpec, Pinning, Server, ServerBuilder, ServerError,
+    TlsSpec, Tuning,
 };
 use crate::tls::ServerTls;
 use metrics::Metrics;
@@ -41,10 +50,13 @@ use router::{Router, Shared};
 /// Why the product server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// `[auth]`'s keys could not be loaded.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// A listener's TLS files could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] crate::config::ConfigError),
+    /// The engine did not start (a listener's address, a thread).
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -53,34 +65,37 @@ pub enum StartError {
 /// `[auth]` and the TLS files loaded from the paths it names (relative to the working
 /// directory).
 pub fn start(config: &Config) -> Result<Server, StartError> {
-    let auth = auth::Auth::load(&config.auth)?;
     let tls = config.load_tls("", "")?;
-    Ok(start_with(
-        config,
-        &tls,
-        Arc::new(auth::Reloadable::new(auth)),
-    )?)
+    start_with_tls(config, &tls)
 }
 
 /// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]) and
 /// `[auth]` loaded here.
 pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, StartError> {
     let auth = auth::Auth::load(&config.auth)?;
-    Ok(start_with(
-        config,
-        tls,
-        Arc::new(auth::Reloadable::new(auth)),
-    )?)
+    let app = start_app(config, tls, Arc::new(auth::Reloadable::new(auth)))?;
+    Ok(app.server)
 }
 
-/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]) and
-/// `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
-/// having read the files with errors located in the configuration file.
-pub fn start_with(
+/// A started product server and, with a broker, the handle to read its state.
+#[doc(hidden)]
+pub struct App {
+    /// The server.
+    pub server: Server,
+    /// The broker's handle, with `[broker]` configured.
+    pub broker: Option<broker::BrokerHandle>,
+}
+
+/// The composition root: the TLS side of every listener already loaded ([`Config::load_tls`])
+/// and `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
+/// having read the files with errors located in the configuration file. Keeps the broker's
+/// handle (the CLI logs its counters).
+#[doc(hidden)]
+pub fn start_app(
     config: &Config,
     tls: &ListenerTls,
     auth: Arc<auth::Reloadable<auth::Auth>>,
-) -> Result<Server, ServerError> {
+) -> Result<App, ServerError> {
     if let Some(l) = config
         .listeners
         .iter()
@@ -96,23 +111,78 @@ pub fn start_with(
     }
     let owned = config.clone();
     let started = Instant::now();
+    let shards = resolve_shards(config);
+    // The broker's threads start first (they wait for the broker in the background); the shards
+    // it delivers to are handed to its sink as the engine creates them.
+    let (threads, sink) = match config.broker.kind {
+        BrokerKind::None => (None, None),
+        _ => {
+            let sink = Arc::new(pubsub::BrokerSink::new(largest_message(config)));
+            let b = broker::Broker::start(&config.broker, shards, sink.clone()).map_err(|e| {
+                ServerError::Start {
+                    what: "the broker thread".into(),
+                    source: e,
+                }
+            })?;
+            sink.set_metrics(b.metrics().clone());
+            (Some(b), Some(sink))
+        }
+    };
+    let handle = threads.as_ref().map(broker::Broker::handle);
+    let threads = Mutex::new(threads);
+    let broker_handle = handle.clone();
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    engine_with_tls(config, tls).start(move |info, peers| {
-        let shared = slot
-            .lock()
-            .get_or_insert_with(|| {
-                Arc::new(Shared {
-                    metrics: Metrics::new(info.stats.clone(), info.shards, started),
-                    registry: Arc::default(),
-                    config: owned.clone(),
-                    auth: auth.clone(),
+    let server = engine_with_tls(config, tls)
+        .shards(shards)
+        .start(move |info, peers| {
+            let shared = slot
+                .lock()
+                .get_or_insert_with(|| {
+                    if let Some(sink) = &sink {
+                        sink.set_peers(peers.clone());
+                    }
+                    let mut metrics = Metrics::new(info.stats.clone(), info.shards, started);
+                    if let Some(b) = &broker_handle {
+                        metrics = metrics.with_broker(b.metrics().clone());
+                    }
+                    Arc::new(Shared {
+                        metrics,
+                        registry: Arc::default(),
+                        config: owned.clone(),
+                        auth: auth.clone(),
+                        broker: broker_handle.clone(),
+                        _broker_threads: threads.lock().take(),
+                    })
                 })
-            })
-            .clone();
-        Router::new(shared, &info, peers)
+                .clone();
+            Router::new(shared, &info, peers)
+        })?;
+    Ok(App {
+        server,
+        broker: handle,
     })
+}
+
+/// The shards a configuration runs (`"auto"`: the CPUs this process may use).
+fn resolve_shards(config: &Config) -> usize {
+    config
+        .server
+        .shards
+        .resolve(crate::sys::affinity::usable_cpus())
+}
+
+/// The largest message a pub/sub route accepts: what a message from the broker may be.
+fn largest_message(config: &Config) -> usize {
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .filter(|w| w.mode == crate::config::WsMode::Pubsub)
+        .map(|w| w.max_message)
+        .max()
+        .unwrap_or(crate::config::WsRouteConfig::default().max_message)
 }
 
 impl From<&LimitsConfig> for Limits {
@@ -138,7 +208,7 @@ pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuil
     let sc = &config.server;
     // `max_connections = "auto"` comes to this process's descriptor limit (already raised by the
     // CLI) less a reserve; the CLI logs the same figure.
-    let shards = sc.shards.resolve(crate::sys::affinity::usable_cpus());
+    let shards = resolve_shards(config);
     let max_connections =
         config.max_connections_for(shards, crate::sys::rlimit::nofile_soft().ok());
     let mut builder = Server::builder()
@@ -154,6 +224,7 @@ pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuil
         })
         .max_connections(max_connections)
         .limits(Limits::from(&config.limits))
+        .offload(OffloadSpec::from(&config.offload))
         .tuning(Tuning {
             edge: sc.trigger == Trigger::Edge,
             read_buffer: sc.read_buffer,

@@ -17,6 +17,7 @@
 //! that needs none of this (a route without auth, no rate limit when it upgraded) keeps the
 //! plain [`WsState`], so that it costs what it did before.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,10 +25,11 @@ use super::auth::{
     Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Reloadable, Verdict,
     CLOSE_TOKEN_EXPIRED,
 };
+use super::broker::{Broker, BrokerHandle, Outcome, Ticket};
 use super::compression::{Compression, Delivery};
 use super::metrics::{Metrics, ServiceCounters};
 use super::pubsub::{self, Client, Cmd, Deflate, Fanout, Hub, Op, Registry, TopicLimits};
-use super::routes::{ListenerRoutes, Routes, WsPath};
+use super::routes::{self, ListenerRoutes, Routes, WsPath};
 use crate::config::{
     Config, ListenerConfig, RouteAuth, ServiceKind, SlowConsumer, WsMode, WsRouteConfig,
 };
@@ -41,6 +43,10 @@ use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 /// beyond its payload.
 const MAX_FRAME_HEADER: usize = 14;
 
+/// How long past `broker.publish_timeout` a `POST /publish` waits for the broker's outcome before
+/// it answers 503 itself (the outcome may have been lost to a full shard queue).
+const OUTCOME_GRACE: Duration = Duration::from_secs(1);
+
 /// State shared by every shard's router (off the hot path).
 pub struct Shared {
     pub metrics: Metrics,
@@ -48,6 +54,10 @@ pub struct Shared {
     pub config: Config,
     /// `[auth]`, replaced on SIGHUP; each router keeps a [`Local`] copy.
     pub auth: Arc<Reloadable<Auth>>,
+    /// The broker, when `[broker]` names one.
+    pub broker: Option<BrokerHandle>,
+    /// Its threads: stopped when the last router goes (the server has shut down).
+    pub _broker_threads: Option<Broker>,
 }
 
 /// Per-connection state.
@@ -179,6 +189,8 @@ pub struct Router {
     perms: PermTable,
     /// The origin of the rate-limit buckets' clock.
     epoch: Instant,
+    /// Numbers requests answered later (`POST /publish` through the broker).
+    next_request: Cell<u64>,
 }
 
 impl Router {
@@ -230,11 +242,17 @@ impl Router {
             shard: info.shard,
             kinds,
             date: DateCache::default(),
-            fanout: Fanout::new(peers, info.shard, shared.registry.clone()),
-            hub: Hub::default(),
+            fanout: Fanout::new(
+                peers,
+                info.shard,
+                shared.registry.clone(),
+                shared.broker.clone(),
+            ),
+            hub: Hub::with_interest(shared.broker.as_ref().map(|b| b.interest(info.shard))),
             compression: Compression::default(),
             inflater: ShardInflater::default(),
             draining: false,
+            next_request: Cell::new(1),
             perms: PermTable::new(anonymous_of.anonymous_subscribe()),
             auth,
             anonymous_of,
@@ -277,6 +295,8 @@ impl Router {
             auth: self.auth.cached(),
             auth_failures: self.shared.metrics.auth_failures(self.shard),
             verified: None,
+            token: conn.token(),
+            next_request: &self.next_request,
         };
         let before = conn.out().len();
         let o = http.handle(
@@ -293,6 +313,10 @@ impl Router {
             HeaderTimer::Start => conn.set_timer(http.settings.header_timeout),
             HeaderTimer::Stop => conn.clear_timer(),
             HeaderTimer::Keep => {}
+        }
+        if o.deferred {
+            // The answer waits for the broker; this timer answers 503 if it never comes.
+            conn.set_timer(self.shared.config.broker.publish_timeout + OUTCOME_GRACE);
         }
         *conn.state() = ConnState::Http(hc);
         if o.close {
@@ -659,6 +683,10 @@ impl Service for Router {
 
     fn on_timer(&mut self, conn: &mut Conn<'_, ConnState>) {
         match conn.state() {
+            ConnState::Http(hc) if hc.pending().is_some() => {
+                let outcome = Err(super::broker::Refusal::Timeout);
+                self.answer_publish(conn, None, "", &outcome);
+            }
             ConnState::Http(hc) => {
                 hc.timer_fired();
                 Http::timeout_response(conn.out(), &self.date);
@@ -752,6 +780,7 @@ impl Service for Router {
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ConnState>) {
         self.draining |= ctx.draining();
         self.date.update(SystemTime::now());
+        self.hub.flush_interest();
         self.deliver_if_due(ctx);
     }
 
@@ -760,7 +789,18 @@ impl Service for Router {
         self.hub.next_round()
     }
 
-    fn on_command(&mut self, cmd: Cmd, _ctx: &mut Ctx<'_, ConnState>) {
+    fn on_command(&mut self, cmd: Cmd, ctx: &mut Ctx<'_, ConnState>) {
+        if let Cmd::Outcome {
+            ticket,
+            topic,
+            outcome,
+        } = cmd
+        {
+            ctx.with_conn(Token(ticket.token), |conn| {
+                self.answer_publish(conn, Some(ticket), &topic, &outcome)
+            });
+            return;
+        }
         // Queued per topic and delivered in on_commands_done: a subscriber then gets all of a
         // topic's messages of this wake in one write (one syscall, not one per message).
         let counters = self.shared.metrics.shard(self.shard);
@@ -791,6 +831,59 @@ impl Router {
                     .ws_ref()
                     .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
             });
+    }
+}
+
+impl Router {
+    /// The broker's outcome for a publish of `conn` (`ticket`; `None`: the wait for it ran out).
+    /// A `POST /publish` waiting for it is answered (200 or 503), then the requests pipelined
+    /// behind it are read; a WebSocket publisher is told of a refusal. An outcome for a request
+    /// the connection no longer waits for (answered by the timer) is dropped.
+    fn answer_publish(
+        &self,
+        conn: &mut Conn<'_, ConnState>,
+        ticket: Option<Ticket>,
+        topic: &str,
+        outcome: &Outcome,
+    ) {
+        let pending = match conn.state() {
+            ConnState::Http(hc) => match hc.pending() {
+                Some(p) if ticket.is_none_or(|t| t.id == p.id) => {
+                    hc.take_pending();
+                    p
+                }
+                _ => return,
+            },
+            ConnState::Ws(_) => {
+                if let (Some(t), Err(refusal)) = (ticket, outcome) {
+                    if t.id == 0 {
+                        pubsub::publish_refused(conn.out(), topic, refusal);
+                    }
+                }
+                return;
+            }
+            _ => return,
+        };
+        let kind = self.shared.config.broker.kind.as_str();
+        // Without a ticket (the timer), the topic is not at hand: the answer says the reason.
+        let sent = routes::publish_answer(
+            pending.respond(conn.out(), &self.date),
+            topic,
+            outcome,
+            kind,
+        );
+        let counters = self.counters();
+        counters.http_requests.inc();
+        if sent.status() >= 400 {
+            counters.http_errors.inc();
+        }
+        if pending.keep_alive() {
+            conn.clear_timer();
+            // The requests that came behind it wait in the input: read them now.
+            conn.resume_later();
+        } else {
+            conn.close();
+        }
     }
 }
 

@@ -13,13 +13,16 @@
 //! a wrong one, 403 for a publish key not scoped for the topic.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use super::auth::{self, Auth, Failure, FailureCounters, Refusal, Verified};
+use super::broker::{Outcome, Refusal as BrokerRefusal};
 use super::metrics::{Metrics, ServiceCounters};
 use super::pubsub::{self, Fanout, Refused, TopicLimits};
 use crate::config::RouteAuth;
 use crate::service::deflate;
 use crate::service::http::{Handler, Request, Response, Sent};
+use crate::service::Token;
 
 /// The routes one HTTP listener serves, fixed at start.
 pub struct ListenerRoutes {
@@ -55,6 +58,10 @@ pub struct Routes<'a> {
     /// Set when this call completed an upgrade with a verified token; the router makes the
     /// connection's grant from it.
     pub verified: Option<Verified>,
+    /// The connection the requests came on (a publish through the broker is answered to it).
+    pub token: Token,
+    /// The shard's numbering of requests answered later (never 0: that is a WebSocket's).
+    pub next_request: &'a Cell<u64>,
 }
 
 impl Handler for Routes<'_> {
@@ -91,6 +98,14 @@ impl Handler for Routes<'_> {
             "/healthz" if self.metrics.dead_shards() > 0 => {
                 resp.send(503, "text/plain", b"a shard has stopped\n", "")
             }
+            // A broker outage is shared by every process: failing readiness everywhere would add
+            // a full outage to a pub/sub one. It is said in the body (and the metrics).
+            "/healthz" if self.fanout.broker().is_some_and(|b| !b.is_up()) => resp.send(
+                200,
+                "text/plain",
+                b"degraded: broker unavailable (publishes are refused; subscriptions resume when it is back)\n",
+                "",
+            ),
             "/healthz" => resp.send(200, "text/plain", b"ok\n", ""),
             "/metrics" => {
                 let mut body = Vec::with_capacity(8192);
@@ -217,6 +232,18 @@ impl Routes<'_> {
             })
             .and_then(|()| pubsub::encode_body(topic, r.body(), limits.max_message));
         match frame {
+            Ok(frame) if self.fanout.broker().is_some() => {
+                let id = self.next_request.get().max(1);
+                self.next_request.set(id.wrapping_add(1).max(1));
+                match self
+                    .fanout
+                    .publish_via_broker(self.token, id, topic, &frame, self.counters)
+                {
+                    // Answered when the broker's outcome comes back (`publish_answer`).
+                    Ok(()) => resp.defer(id),
+                    Err(refusal) => publish_answer(resp, topic, &Err(refusal), ""),
+                }
+            }
             Ok(frame) => {
                 let n = self.fanout.publish(topic, frame, self.counters);
                 let body = serde_json::json!({ "topic": topic, "subscribers": n }).to_string();
@@ -237,6 +264,32 @@ impl Routes<'_> {
                 };
                 resp.send(status, "text/plain", why.as_bytes(), "")
             }
+        }
+    }
+}
+
+/// The answer to a `POST /publish` that went to the broker: 200 with the processes it reached
+/// (Redis: every process with subscribers of the topic, this one included, from PUBLISH's reply;
+/// NATS does not say: `null`), or 503 with the reason. `kind` names the broker.
+pub fn publish_answer(resp: Response<'_>, topic: &str, outcome: &Outcome, kind: &str) -> Sent {
+    match outcome {
+        Ok(accepted) => {
+            let body = serde_json::json!({
+                "topic": topic,
+                "broker": kind,
+                "processes": accepted.receivers,
+            })
+            .to_string();
+            resp.send(200, "application/json", body.as_bytes(), "")
+        }
+        Err(refusal) => {
+            // Worth retrying soon when the broker is away or busy; not for a message too large.
+            let retry = match refusal {
+                BrokerRefusal::TooLarge { .. } => "",
+                _ => "Retry-After: 1\r\n",
+            };
+            let body = format!("broker: {refusal}\n");
+            resp.send(503, "text/plain", body.as_bytes(), retry)
         }
     }
 }

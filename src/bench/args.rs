@@ -174,6 +174,18 @@ pub struct BenchArgs {
     /// The name the server's certificate must carry (--tls).
     #[arg(long, default_value = "localhost")]
     pub tls_name: String,
+    /// With --spawn: start this broker (redis-server or nats-server, on a free port, no
+    /// persistence) and run the spawned processes against it (`[broker]`), so a fan-out crosses
+    /// processes through it.
+    #[arg(long, value_enum, requires = "spawn", conflicts_with = "config")]
+    pub broker: Option<BrokerArg>,
+}
+
+/// The brokers `--broker` can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerArg {
+    Redis,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -342,6 +354,8 @@ impl BenchArgs {
             self.balance
                 .as_deref()
                 .map_or(String::new(), |b| format!(" balance {b}"))
-        )
+        ) + &self
+            .broker
+            .map_or(String::new(), |b| format!(" broker {b:?}").to_lowercase())
     }
 }

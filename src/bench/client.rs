@@ -794,8 +794,8 @@ impl Service for Client {
         // late client) cannot hide its stall. Requests 0..=k are due once start + k/rate has
         // passed.
         let elapsed = ctx.now().saturating_duration_since(start).as_secs_f64();
-        let due = (elapsed * rate) as u64 + 1;
-        while self.scheduled < due {
+        let due_now = due(elapsed, rate);
+        while self.scheduled < due_now {
             let k = self.scheduled;
             self.scheduled += 1;
             if self.conns.is_empty() {
@@ -855,5 +855,27 @@ impl Service for Client {
                 let _ = tx.send(r);
             }
         }
+    }
+}
+
+/// Requests of one open-loop client shard due `elapsed` seconds after the start at `rate` per
+/// second. Request k (from 0) is due at k / rate, so the first is due at once: counting only
+/// whole intervals (`elapsed * rate`) would send each request one interval after its intended
+/// time and charge that interval to the server as latency.
+fn due(elapsed: f64, rate: f64) -> u64 {
+    (elapsed * rate) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn a_request_is_due_at_its_intended_time_not_one_interval_later() {
+        // 40 requests/s: one every 25 ms, the first at 0.
+        assert_eq!(due(0.0, 40.0), 1);
+        assert_eq!(due(0.024, 40.0), 1);
+        assert_eq!(due(0.0251, 40.0), 2);
+        assert_eq!(due(1.0, 40.0), 41);
     }
 }

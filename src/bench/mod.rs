@@ -71,20 +71,42 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         return compare::compare(&args);
     }
     let args = scale::fill_in(&args)?;
-    let (servers, _group) = if args.spawn {
+    let (servers, _group, _broker) = if args.spawn {
+        let broker = args.broker.map(spawn::broker).transpose()?;
         let k = args.server_processes.unwrap_or(1);
-        let group = spawn::shardnet_group(&args, args.shards, k)?;
+        let url = broker.as_ref().map(spawn::SpawnedBroker::url);
+        let group = spawn::shardnet_group(&args, args.shards, k, url)?;
+        let admin = group.own_http()?;
+        // With a broker, one process takes each publish and the broker carries it to all.
+        let publish = if broker.is_some() {
+            admin[..1].to_vec()
+        } else {
+            admin.clone()
+        };
         let servers = Servers {
             target: group.addr(args.listener())?,
             pids: group.pids(),
-            publish: group.own_http()?,
+            publish,
+            admin,
         };
-        (servers, Some(group))
+        if broker.is_some() {
+            // Publishes are refused until a process has reached the broker.
+            for &admin in &servers.admin {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while fanout::http_get(admin, "/healthz").as_deref() != Some(b"ok\n") {
+                    if std::time::Instant::now() > deadline {
+                        bail!("a spawned server did not reach the broker within 20 s");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+        (servers, Some(group), broker)
     } else {
         let Some(t) = args.target else {
             bail!("give --target ADDR or --spawn")
         };
-        (Servers::one(t, args.server_pid), None)
+        (Servers::one(t, args.server_pid), None, None)
     };
     let m = measure(&args, &servers, "shardnet")?;
     print_table(std::slice::from_ref(&m));

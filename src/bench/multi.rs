@@ -350,7 +350,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         let mut f = FanoutReport::merge(&fanouts, errors);
         // Every child has settled (exited): the backlog took at most this long.
         fanout::backlog_line(label, done.elapsed(), f.tail_missing, f.expected);
-        f.dropped_by_server = fanout::servers_dropped(&servers.publish);
+        f.dropped_by_server = fanout::servers_dropped(&servers.admin);
         tally.fail(errors, || "a publish failed".into());
         fanout::fail_uncounted(&mut tally, &f);
         f

@@ -23,7 +23,7 @@ use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::memory::Snapshot;
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, MemoryReport, Tally};
 use super::{fanout, multi, wrk};
-use crate::server::{Limits, PoolSpec, ShardPool, TlsSpec, Tuning};
+use crate::server::{Limits, OffloadSpec, PoolSpec, ShardPool, TlsSpec, Tuning};
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
@@ -54,8 +54,11 @@ pub struct Servers {
     /// The server processes' pids; empty when unknown (a `--target` without `--server-pid`):
     /// then there are no CPU or user memory figures.
     pub pids: Vec<u32>,
-    /// Fan-out: where each publish is posted, one HTTP listener per server process.
+    /// Fan-out: where each publish is posted: one HTTP listener per server process, or only
+    /// the first process's with a broker (which carries each publish to every process).
     pub publish: Vec<SocketAddr>,
+    /// Every server process's own HTTP listener, where its counters are read.
+    pub admin: Vec<SocketAddr>,
 }
 
 impl Servers {
@@ -65,6 +68,7 @@ impl Servers {
             target,
             pids: pid.into_iter().collect(),
             publish: vec![target],
+            admin: vec![target],
         }
     }
 
@@ -160,6 +164,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
             events_per_wait: 1024,
             shutdown_timeout: Duration::from_secs(2),
         },
+        offload: OffloadSpec::default(),
     };
     let p = plan.clone();
     let (mut pool, peers) = ShardPool::start(&spec, move |info, peers| {
@@ -303,7 +308,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
     let seconds = window.map_or(cpu.window, |w| w.2);
     let fanout = window.map(|(last, publish_errors, _)| fanout::FanoutReport {
         dropped_by_server: (!child)
-            .then(|| fanout::servers_dropped(&servers.publish))
+            .then(|| fanout::servers_dropped(&servers.admin))
             .flatten(),
         ..fanout::FanoutReport::new(&results, window_after, last, publish_errors)
     });

@@ -276,20 +276,38 @@ impl StderrTail {
 /// timeouts off (the load decides when connections end). With `--server-processes` above one,
 /// see [`group_config`].
 pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
+    config_with_broker(args, shards, None)
+}
+
+/// [`generated_config`] against `broker_url`, if given.
+fn config_with_broker(args: &BenchArgs, shards: usize, broker_url: Option<&str>) -> String {
     match args.server_processes {
-        Some(k) if k > 1 => group_config(args, shards, 0, 0),
-        _ => config_text(args, shards, None),
+        Some(k) if k > 1 => group_config(args, shards, 0, 0, broker_url),
+        _ => config_text(args, shards, None, broker_url),
     }
 }
 
 /// The configuration of each process of a [`ServerGroup`]: the echo and http listeners on the
 /// given ports (0 for the first process, which picks them) with `reuse_port`, and an `admin`
 /// HTTP listener of the process's own on a free port.
-pub fn group_config(args: &BenchArgs, shards: usize, echo: u16, http: u16) -> String {
-    config_text(args, shards, Some((echo, http)))
+pub fn group_config(
+    args: &BenchArgs,
+    shards: usize,
+    echo: u16,
+    http: u16,
+    broker_url: Option<&str>,
+) -> String {
+    config_text(args, shards, Some((echo, http)), broker_url)
 }
 
-fn config_text(args: &BenchArgs, shards: usize, shared: Option<(u16, u16)>) -> String {
+/// The generated configuration; with `broker_url`, a `[broker]` section for it (its kind from
+/// the scheme, a prefix of this bench's own so that runs sharing a broker do not mix).
+fn config_text(
+    args: &BenchArgs,
+    shards: usize,
+    shared: Option<(u16, u16)>,
+    broker_url: Option<&str>,
+) -> String {
     let trigger = match args.trigger {
         Some(TriggerArg::Level) => "level",
         _ => "edge",
@@ -310,20 +328,32 @@ fn config_text(args: &BenchArgs, shards: usize, shared: Option<(u16, u16)>) -> S
         .compression
         .as_deref()
         .map_or(String::new(), |c| format!("compression = \"{c}\"\n"));
-    format!(
+    let mut c = format!(
         "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
          [limits]\nidle_timeout = \"0s\"\n\n\
          [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:{echo}\"\nservice = \"echo\"\nbacklog = 65535\n{reuse}\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:{http}\"\nservice = \"http\"\nbacklog = 65535\n{reuse}\n\
          [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n{compression}\n\
          [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{compression}{admin}"
-    )
+    );
+    if let Some(url) = broker_url {
+        let kind = if url.starts_with("nats://") {
+            "nats"
+        } else {
+            "redis"
+        };
+        c.push_str(&format!(
+            "\n[broker]\nkind = \"{kind}\"\nurl = \"{url}\"\nprefix = \"bench.{}.\"\n",
+            std::process::id()
+        ));
+    }
+    c
 }
 
 /// Connections one spawned shardnet process of `shards` shards holds under the descriptor limit
 /// `nofile` (its `max_connections = "auto"`).
 pub fn capacity(args: &BenchArgs, shards: usize, nofile: u64) -> usize {
-    let text = group_config(args, shards, 0, 0);
+    let text = group_config(args, shards, 0, 0, None);
     crate::config::Config::parse(&text, "generated")
         .map(|c| c.max_connections_for(shards, Some(nofile)))
         .unwrap_or(nofile.saturating_sub(64) as usize)
@@ -369,10 +399,15 @@ impl ServerGroup {
 /// Starts `k` shardnet processes of `shards` shards one after another, each confirmed ready by
 /// its announcement before the next starts. The first picks the ports; the others bind the same
 /// ones. They take `--server-cores` in turn ([`group_cores`]).
-pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Result<ServerGroup> {
+pub fn shardnet_group(
+    args: &BenchArgs,
+    shards: usize,
+    k: usize,
+    broker_url: Option<&str>,
+) -> anyhow::Result<ServerGroup> {
     if k <= 1 {
         return Ok(ServerGroup {
-            procs: vec![shardnet(args, shards)?],
+            procs: vec![shardnet_at(args, shards, None, broker_url)?],
             _config: None,
         });
     }
@@ -388,13 +423,13 @@ pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Resu
         );
     }
     let started = Instant::now();
-    let first = shardnet_at(args, shards, Some(0))?;
+    let first = shardnet_at(args, shards, Some(0), broker_url)?;
     let (echo, http) = (first.addr("echo")?.port(), first.addr("http")?.port());
     let path = std::env::temp_dir().join(format!(
         "shardnet-bench-{}-{shards}-group.toml",
         std::process::id()
     ));
-    std::fs::write(&path, group_config(args, shards, echo, http))
+    std::fs::write(&path, group_config(args, shards, echo, http, broker_url))
         .with_context(|| format!("cannot write {}", path.display()))?;
     let mut group = ServerGroup {
         procs: vec![first],
@@ -416,19 +451,25 @@ pub fn shardnet_group(args: &BenchArgs, shards: usize, k: usize) -> anyhow::Resu
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
-    shardnet_at(args, shards, None)
+    shardnet_at(args, shards, None, None)
 }
 
-/// [`shardnet`], as process `index` of a group.
-fn shardnet_at(args: &BenchArgs, shards: usize, index: Option<usize>) -> anyhow::Result<Spawned> {
+/// [`shardnet`], as process `index` of a group, against `broker_url` if given.
+fn shardnet_at(
+    args: &BenchArgs,
+    shards: usize,
+    index: Option<usize>,
+    broker_url: Option<&str>,
+) -> anyhow::Result<Spawned> {
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
             let p = std::env::temp_dir().join(format!(
-                "shardnet-bench-{}-{shards}.toml",
-                std::process::id()
+                "shardnet-bench-{}-{shards}-{}.toml",
+                std::process::id(),
+                index.unwrap_or(0)
             ));
-            std::fs::write(&p, generated_config(args, shards))
+            std::fs::write(&p, config_with_broker(args, shards, broker_url))
                 .with_context(|| format!("cannot write {}", p.display()))?;
             (p.clone(), Some(TempPath(p)))
         }
@@ -569,6 +610,72 @@ pub fn command(template: &str, cores: &[usize], quota: Option<Quota>) -> anyhow:
         cgroup.adopt(server.pid())?;
     }
     Ok(server)
+}
+
+/// A broker the bench started (`--broker`): killed and reaped on drop.
+pub struct SpawnedBroker {
+    child: Child,
+    url: String,
+}
+
+impl SpawnedBroker {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `redis-server` or `nats-server` on a free loopback port, without persistence, and
+/// waits (bounded) until it accepts connections.
+pub fn broker(kind: super::args::BrokerArg) -> anyhow::Result<SpawnedBroker> {
+    use super::args::BrokerArg;
+    let port = free_port()?;
+    let (program, install) = match kind {
+        BrokerArg::Redis => ("redis-server", "apt-get install redis-server"),
+        BrokerArg::Nats => ("nats-server", "apt-get install nats-server"),
+    };
+    let exe = require_program(program, install)?;
+    let mut cmd = Command::new(exe);
+    let port_s = port.to_string();
+    let url = match kind {
+        BrokerArg::Redis => {
+            cmd.args(["--port", &port_s, "--bind", "127.0.0.1"]).args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]);
+            format!("redis://127.0.0.1:{port}/0")
+        }
+        BrokerArg::Nats => {
+            cmd.args(["-a", "127.0.0.1", "-p", &port_s]);
+            format!("nats://127.0.0.1:{port}")
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    let mut broker = SpawnedBroker { child, url };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = broker.child.try_wait()? {
+            bail!("{program} exited at start ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("{program} did not listen on port {port} within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(broker)
 }
 
 #[cfg(test)]

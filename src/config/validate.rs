@@ -7,11 +7,16 @@
 
 use super::auth::{bounds, REGISTERED_CLAIMS};
 use super::spans::Spans;
-use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards};
+use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards, WsMode};
 
 /// The longest WebSocket frame header a client sends (2 bytes, an 8-byte length, a 4-byte mask):
 /// a frame of `max_message` bytes occupies this much more in the read buffer.
 const WS_MAX_FRAME_HEADER: usize = 14;
+
+/// Bounds of `[offload]`: threads beyond a thousand are a misconfiguration, and a queue beyond a
+/// million jobs is no longer backpressure.
+const MAX_OFFLOAD_THREADS: usize = 1024;
+const MAX_OFFLOAD_QUEUE: usize = 1_000_000;
 
 /// Keys a listener takes only when `service = "http"`.
 const HTTP_ONLY_KEYS: &[&str] = &["max_header", "max_body", "header_timeout", "admin_routes"];
@@ -58,6 +63,18 @@ impl Config {
                 );
             }
         }
+        if !(1..=MAX_OFFLOAD_THREADS).contains(&self.offload.threads) {
+            return fail(
+                "offload.threads",
+                format!("must be between 1 and {MAX_OFFLOAD_THREADS}"),
+            );
+        }
+        if !(1..=MAX_OFFLOAD_QUEUE).contains(&self.offload.queue) {
+            return fail(
+                "offload.queue",
+                format!("must be between 1 and {MAX_OFFLOAD_QUEUE}"),
+            );
+        }
         let limits = &self.limits;
         if limits.max_write_buffer == 0 {
             return fail("limits.max_write_buffer", "must be positive".into());
@@ -65,6 +82,7 @@ impl Config {
         if limits.max_read_buffer < 1024 {
             return fail("limits.max_read_buffer", "must be at least 1KiB".into());
         }
+        self.check_broker(spans, &fail)?;
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             if l.name.is_empty() {
@@ -281,5 +299,37 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[broker]`: its own checks, and its byte bound against the largest pub/sub message.
+    fn check_broker(
+        &self,
+        spans: &Spans,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let largest = self
+            .listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.websocket
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.mode == WsMode::Pubsub)
+                    .map(move |(j, w)| {
+                        (
+                            format!("listener[{i}].websocket[{j}].max_message"),
+                            w.max_message,
+                        )
+                    })
+            })
+            .max_by_key(|(_, m)| *m);
+        match self
+            .broker
+            .check(|k| spans.contains(&format!("broker.{k}")), largest)
+        {
+            Ok(()) => Ok(()),
+            Err((key, reason)) => fail(&format!("broker.{key}"), reason),
+        }
     }
 }

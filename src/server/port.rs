@@ -7,9 +7,12 @@
 //! 2. **new connections** from the acceptor (or the load generator): bounded at [`CONN_QUEUE`],
 //!    a full one makes the acceptor try another shard;
 //! 3. **data**: the service's commands from other shards (pub/sub fan-out). Bounded at
-//!    [`DATA_QUEUE`] messages.
+//!    [`DATA_QUEUE`] messages;
+//! 4. **results** of offloaded jobs, from the offload pool's threads: bounded by the pool's
+//!    admission (a job holds its place until the shard takes its result), so the channel itself
+//!    needs no bound of its own.
 //!
-//! Both of the last two are [`queue`]s: bounded, but allocated as they fill (a list channel
+//! The second and third are [`queue`]s: bounded, but allocated as they fill (a list channel
 //! guarded by an atomic length) rather than preallocated rings (65,536 command slots, 1,024
 //! socket slots of 24 bytes) that an idle shard would carry for nothing.
 //!
@@ -21,6 +24,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use crate::server::offload::Done;
 use crate::server::Limits;
 use crate::sys::waker::Waker;
 use crate::tls::TlsAcceptor;
@@ -68,6 +72,7 @@ pub(crate) struct Inbox<C> {
     pub control: Receiver<ControlMsg>,
     pub conns: QueueRx<NewConn>,
     pub data: QueueRx<C>,
+    pub results: Receiver<Done<C>>,
 }
 
 /// The sending end of a queue: bounded by a shared length, allocated as it fills.
@@ -88,6 +93,11 @@ impl<C> Clone for QueueTx<C> {
 }
 
 impl<C> QueueTx<C> {
+    /// The channel's bound.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
     pub fn try_send(&self, msg: C) -> Result<(), C> {
         // Reserve a place first: the bound holds however many threads send at once.
@@ -141,22 +151,34 @@ pub(crate) fn queue<C>(cap: usize) -> (QueueTx<C>, QueueRx<C>) {
     )
 }
 
-/// Every channel of one shard: its port (control and connections), its data sender, its inbox.
-pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, QueueTx<C>, Inbox<C>) {
+/// The senders other threads use to reach one shard, besides its [`ShardPort`].
+pub(crate) struct ShardSenders<C> {
+    pub data: QueueTx<C>,
+    pub results: Sender<Done<C>>,
+}
+
+/// Every channel of one shard: its port (control and connections), its data and result
+/// senders, its inbox.
+pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, ShardSenders<C>, Inbox<C>) {
     let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = queue(CONN_QUEUE);
     let (data_tx, data_rx) = queue(DATA_QUEUE);
+    let (results_tx, results_rx) = unbounded();
     (
         ShardPort {
             control: control_tx,
             conns: conn_tx,
             waker,
         },
-        data_tx,
+        ShardSenders {
+            data: data_tx,
+            results: results_tx,
+        },
         Inbox {
             control: control_rx,
             conns: conn_rx,
             data: data_rx,
+            results: results_rx,
         },
     )
 }

@@ -65,6 +65,8 @@ impl Flags {
     /// An event said the peer's FIN is pending behind the data (`EPOLLRDHUP`): read on to end
     /// of stream, even after a short read.
     pub const EOF_PENDING: Flags = Flags(1 << 9);
+    /// The service paused reading (`Conn::pause_reading`) until it resumes it.
+    pub const HELD: Flags = Flags(1 << 10);
 
     #[inline]
     pub fn has(self, f: Flags) -> bool {
@@ -136,7 +138,7 @@ impl Ctl {
     #[inline]
     pub fn reading(&self) -> bool {
         match self.phase {
-            Phase::Open => !self.flags.has(Flags::PAUSED),
+            Phase::Open => !self.flags.has(Flags::PAUSED.union(Flags::HELD)),
             Phase::Lingering { .. } => true,
             Phase::Closing { .. } | Phase::Doomed => false,
         }
