@@ -149,7 +149,7 @@ counters! {
     AcceptorCounters, AcceptorSnapshot {
         accepted: Counter, "connections accepted";
         rejected_max_connections: Counter, "connections closed at once because max_connections was reached";
-        rejected_busy: Counter, "connections closed because every shard's queue stayed full";
+        rejected_busy: Counter, "connections closed because every shard's queue stayed full for a second (held, with accepting paused, until then)";
         accept_pauses: Counter, "times accepting paused on resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM)";
         paused_micros: Counter, "time spent with accepting paused, in microseconds";
         accept_errors: Counter, "accept errors that only concerned one connection";

@@ -14,7 +14,7 @@
 //! - Output that makes no progress for `write_timeout` closes the connection, whatever its size;
 //!   reading pauses while `max_write_buffer` or more is queued.
 //! - A callback that panics closes that connection only ([`CloseReason::Panic`], counted in
-//!   `service_panics`); the shard carries on. `wants_ticks` and `State::default` must not panic:
+//!   `service_panics`); the shard carries on. `next_wake` and `State::default` must not panic:
 //!   a panic there ends the shard, which the server then reports (`dead_shards`).
 //!
 //! ```
@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::conn::Token;
 use crate::server::offload::{Offload, OffloadError};
-use crate::server::port::DataTx;
+use crate::server::port::QueueTx;
 use crate::server::shard::state::{Ctl, Env, Flags};
 use crate::server::shard::Core;
 use crate::stats::{Registry, StatsView};
@@ -122,13 +122,16 @@ pub trait Service: 'static {
         conn.close();
     }
 
-    /// Called once per timer tick (10 ms) while the shard is awake, before its events.
+    /// Called once per timer tick (10 ms) while the shard is awake, before its events, and at
+    /// the instant [`Service::next_wake`] asked for.
     fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
-    /// Whether the shard must wake every tick even with nothing else to do (the load
-    /// generator's open loop). Otherwise an idle shard sleeps until an event or a timer.
-    fn wants_ticks(&self) -> bool {
-        false
+    /// An instant at which the shard must wake and call [`Service::on_tick`] even with nothing
+    /// else to do, to the microsecond rather than at the next 10 ms tick (the load generator's
+    /// open loop sends each request at its intended time). `None` (the default): an idle shard
+    /// sleeps until an event or a timer. Asked once per loop turn.
+    fn next_wake(&self) -> Option<std::time::Instant> {
+        None
     }
 
     /// A message from another thread.
@@ -348,7 +351,7 @@ pub struct Peers<C> {
 }
 
 pub(crate) struct PeerPort<C> {
-    pub(crate) data: DataTx<C>,
+    pub(crate) data: QueueTx<C>,
     pub(crate) waker: Waker,
 }
 

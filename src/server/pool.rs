@@ -270,12 +270,22 @@ impl ShardPool {
     /// that shard's queue is full.
     pub fn adopt(&self, shard: usize, fd: OwnedFd, listener: usize) -> bool {
         let port = &self.ports[shard % self.ports.len()];
-        let ok = port
-            .conns
-            .send_timeout(NewConn { fd, listener }, Duration::from_secs(5))
-            .is_ok();
-        port.waker.wake();
-        ok
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut nc = NewConn { fd, listener };
+        loop {
+            match port.conns.try_send(nc) {
+                Ok(()) => {
+                    port.waker.wake();
+                    return true;
+                }
+                Err(back) if std::time::Instant::now() < deadline => {
+                    nc = back;
+                    port.waker.wake();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Applies new limits in every shard; `Ok` once every shard has acknowledged them.

@@ -4,15 +4,17 @@
 //! 1. **control** (drain, new limits): small and bounded; every message carries an
 //!    acknowledgement channel the shard answers once it has applied it, and the shard reads it
 //!    first in every loop turn, before any connection or data;
-//! 2. **new connections** from the acceptor (or the load generator): bounded, a full one makes
-//!    the acceptor try another shard;
+//! 2. **new connections** from the acceptor (or the load generator): bounded at [`CONN_QUEUE`],
+//!    a full one makes the acceptor try another shard;
 //! 3. **data**: the service's commands from other shards (pub/sub fan-out). Bounded at
-//!    [`DATA_QUEUE`] messages, but allocated as it fills (a list channel guarded by an atomic
-//!    length) rather than a preallocated ring of 65,536 slots per shard that an idle process
-//!    would carry for nothing;
+//!    [`DATA_QUEUE`] messages;
 //! 4. **results** of offloaded jobs, from the offload pool's threads: bounded by the pool's
 //!    admission (a job holds its place until the shard takes its result), so the channel itself
 //!    needs no bound of its own.
+//!
+//! The second and third are [`queue`]s: bounded, but allocated as they fill (a list channel
+//! guarded by an atomic length) rather than preallocated rings (65,536 command slots, 1,024
+//! socket slots of 24 bytes) that an idle shard would carry for nothing.
 //!
 //! Senders live on any thread; the receivers ([`Inbox`]) belong to the shard.
 
@@ -61,28 +63,28 @@ pub(crate) struct NewConn {
 #[derive(Clone)]
 pub(crate) struct ShardPort {
     pub control: Sender<ControlMsg>,
-    pub conns: Sender<NewConn>,
+    pub conns: QueueTx<NewConn>,
     pub waker: Waker,
 }
 
 /// One shard's receiving ends.
 pub(crate) struct Inbox<C> {
     pub control: Receiver<ControlMsg>,
-    pub conns: Receiver<NewConn>,
-    pub data: DataRx<C>,
+    pub conns: QueueRx<NewConn>,
+    pub data: QueueRx<C>,
     pub results: Receiver<Done<C>>,
 }
 
-/// The sending end of a data channel: bounded by a shared length, allocated as it fills.
-pub(crate) struct DataTx<C> {
+/// The sending end of a queue: bounded by a shared length, allocated as it fills.
+pub(crate) struct QueueTx<C> {
     tx: Sender<C>,
     len: Arc<AtomicUsize>,
     cap: usize,
 }
 
-impl<C> Clone for DataTx<C> {
+impl<C> Clone for QueueTx<C> {
     fn clone(&self) -> Self {
-        DataTx {
+        QueueTx {
             tx: self.tx.clone(),
             len: self.len.clone(),
             cap: self.cap,
@@ -90,7 +92,7 @@ impl<C> Clone for DataTx<C> {
     }
 }
 
-impl<C> DataTx<C> {
+impl<C> QueueTx<C> {
     /// The channel's bound.
     pub fn capacity(&self) -> usize {
         self.cap
@@ -110,13 +112,13 @@ impl<C> DataTx<C> {
     }
 }
 
-/// The receiving end of a data channel.
-pub(crate) struct DataRx<C> {
+/// The receiving end of a queue.
+pub(crate) struct QueueRx<C> {
     rx: Receiver<C>,
     len: Arc<AtomicUsize>,
 }
 
-impl<C> DataRx<C> {
+impl<C> QueueRx<C> {
     pub fn try_recv(&self) -> Option<C> {
         // Empty and disconnected alike: nothing to handle now.
         self.rx.try_recv().ok()
@@ -134,23 +136,24 @@ impl<C> DataRx<C> {
     }
 }
 
-/// A data channel bounded at `cap` messages.
-pub(crate) fn data_channel<C>(cap: usize) -> (DataTx<C>, DataRx<C>) {
+/// A queue bounded at `cap` messages; a received message's place is given back by
+/// [`QueueRx::release`].
+pub(crate) fn queue<C>(cap: usize) -> (QueueTx<C>, QueueRx<C>) {
     let (tx, rx) = unbounded();
     let len = Arc::new(AtomicUsize::new(0));
     (
-        DataTx {
+        QueueTx {
             tx,
             len: len.clone(),
             cap,
         },
-        DataRx { rx, len },
+        QueueRx { rx, len },
     )
 }
 
 /// The senders other threads use to reach one shard, besides its [`ShardPort`].
 pub(crate) struct ShardSenders<C> {
-    pub data: DataTx<C>,
+    pub data: QueueTx<C>,
     pub results: Sender<Done<C>>,
 }
 
@@ -158,8 +161,8 @@ pub(crate) struct ShardSenders<C> {
 /// senders, its inbox.
 pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, ShardSenders<C>, Inbox<C>) {
     let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
-    let (conn_tx, conn_rx) = bounded(CONN_QUEUE);
-    let (data_tx, data_rx) = data_channel(DATA_QUEUE);
+    let (conn_tx, conn_rx) = queue(CONN_QUEUE);
+    let (data_tx, data_rx) = queue(DATA_QUEUE);
     let (results_tx, results_rx) = unbounded();
     (
         ShardPort {
@@ -185,8 +188,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_channel_keeps_its_bound_and_gives_places_back() {
-        let (tx, rx) = data_channel::<u32>(3);
+    fn queue_keeps_its_bound_and_gives_places_back() {
+        let (tx, rx) = queue::<u32>(3);
         assert!(tx.try_send(1).is_ok());
         assert!(tx.try_send(2).is_ok());
         assert!(tx.try_send(3).is_ok());

@@ -4,9 +4,11 @@
 //! block of the crate lives here, each with a `// SAFETY:` line.
 
 pub mod affinity;
+pub mod mem;
 pub mod notify;
 pub mod page;
 pub mod poller;
+pub mod process;
 pub mod rlimit;
 pub mod socket;
 pub mod text;
@@ -25,4 +27,12 @@ pub fn clock_ticks() -> f64 {
         .ok()
         .flatten()
         .map_or(100.0, |v| v as f64)
+}
+
+/// The size of a memory page in bytes (/proc/net/sockstat counts socket memory in pages).
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |v| v as u64)
 }

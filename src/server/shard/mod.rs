@@ -10,11 +10,13 @@
 //! [`state`] is a connection's lifecycle, [`lifecycle`] the callback helper and the close and
 //! deadline rules, [`io`] the read and write paths. One loop turn, in order:
 //!
-//! 1. `epoll_wait`, for no longer than the next timer, a paused listener's retry or the drain
-//!    deadline (zero while work is left over from the last turn or waits in a channel);
+//! 1. `epoll_wait`, for no longer than the next timer, the service's `next_wake`, a paused
+//!    listener's retry or the drain deadline (zero while work is left over from the last turn or
+//!    waits in a channel);
 //! 2. the clock (read once per turn), then **control** (drain, new limits), each message applied
 //!    and acknowledged before anything else is looked at;
-//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
+//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came (or, between
+//!    ticks, `on_tick` alone at the instant the service's `next_wake` asked for);
 //! 4. the events: reads and writes (and the eventfd, whose count is consumed);
 //! 5. connections whose read budget ran out, then the shard's own listeners;
 //! 6. the channels: control again, new connections, then at most 4096 data commands (with
@@ -46,6 +48,7 @@ use crate::server::offload::{Done, Outcome};
 use crate::server::port::{Control, Inbox, NewConn};
 use crate::server::{Limits, TlsSide, TlsSpec, Tuning};
 use crate::stats::{ShardCounters, Stats};
+use crate::sys::mem::Zeroed;
 use crate::sys::poller::{Events, Interest, Poller};
 use crate::sys::waker::Waker;
 use crate::timer::TimerWheel;
@@ -74,7 +77,8 @@ pub(crate) struct Core<St> {
     pub(crate) poller: Poller,
     pub(crate) conns: Slab<Entry<St>>,
     pub(crate) wheel: TimerWheel,
-    pub(crate) read_buf: Box<[u8]>,
+    /// Resident only as far as reads have reached (see [`crate::sys::mem`]).
+    pub(crate) read_buf: Zeroed<u8>,
     /// Where a callback's output is staged before one `send`.
     pub(crate) scratch: Vec<u8>,
     pub(crate) pool: BufferPool,
@@ -156,7 +160,7 @@ impl<S: Service> Shard<S> {
                 poller,
                 conns: Slab::default(),
                 wheel: TimerWheel::new(setup.start, TICK, WHEEL_SLOTS),
-                read_buf: vec![0u8; tuning.read_buffer.max(512)].into_boxed_slice(),
+                read_buf: Zeroed::new(tuning.read_buffer.max(512)),
                 scratch: Vec::with_capacity(16 * 1024),
                 pool: BufferPool::new(256, 256 * 1024),
                 stats: setup.stats,
@@ -206,6 +210,12 @@ impl<S: Service> Shard<S> {
             self.on_control();
             if new_tick {
                 self.fire_timers();
+            } else if self
+                .service
+                .next_wake()
+                .is_some_and(|t| t <= self.core.env.now)
+            {
+                self.with_ctx("on_tick", |service, ctx| service.on_tick(ctx));
             }
 
             let n = events.len();
@@ -280,8 +290,8 @@ impl<S: Service> Shard<S> {
         for t in self.listeners.iter().filter_map(Listener::paused_until) {
             consider(t);
         }
-        if self.service.wants_ticks() {
-            consider(self.core.wheel.instant_of(self.core.env.tick + 1));
+        if let Some(t) = self.service.next_wake() {
+            consider(t);
         }
         if let Some(d) = self.drain_deadline {
             consider(d);
@@ -375,12 +385,13 @@ impl<S: Service> Shard<S> {
         self.on_control();
         let mut adopted = 0;
         while adopted < WAKE_BATCH {
-            match self.inbox.conns.try_recv() {
-                Ok(nc) => self.adopt(nc),
-                Err(_) => break,
-            }
+            let Some(nc) = self.inbox.conns.try_recv() else {
+                break;
+            };
+            self.adopt(nc);
             adopted += 1;
         }
+        self.inbox.conns.release(adopted);
         let mut commands = 0;
         while commands < WAKE_BATCH {
             let Some(cmd) = self.inbox.data.try_recv() else {
@@ -468,7 +479,8 @@ impl<S: Service> Shard<S> {
         // process on the port (net.ipv4.tcp_migrate_req).
         self.listeners.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
-        while let Ok(nc) = self.inbox.conns.try_recv() {
+        while let Some(nc) = self.inbox.conns.try_recv() {
+            self.inbox.conns.release(1);
             self.adopt(nc);
         }
         // Serve what each client already sent; each connection then closes once it has been
