@@ -21,8 +21,8 @@
 # bench-out/ceiling.json (the bench's own reports beside it: bench-out/ceiling-*.json).
 #
 # Bounded: with the defaults about 5 minutes (3 loads x 3 servers x 5 rounds x ~6.5 s), each
-# bench run stopped after 3 x ROUNDS x (DURATION + WARMUP + 5 s) + 30 s (165 s with the
-# defaults) whatever happens; every process it starts is stopped by pid on exit (the servers
+# bench run stopped after 3 x ROUNDS x (DURATION + WARMUP + 4 s) + 15 s (150 s with the
+# defaults, so never more than 7.5 minutes in all) whatever happens; every process it starts is stopped by pid on exit (the servers
 # and clients the bench spawns die with it).
 #
 # Internal: `benches/ceiling.sh --serve-old PORT echo|http` runs OLD on PORT (what --compare
@@ -99,11 +99,12 @@ trap 'exit 130' INT TERM
 
 common=(--server-cores 0 --client-cores 1 --server-quota 40 --rounds "$ROUNDS"
   --warmup "$WARMUP" --duration "$DURATION")
-# The bound of one bench run: its 3 x ROUNDS measurements with 5 s each to start and stop, and
-# 30 s to spare (600 s when the durations are not whole seconds like `4s`).
+# The bound of one bench run: its 3 x ROUNDS measurements with 4 s each to start and stop, and
+# 15 s to spare (150 s with the defaults, where a run takes about 100 s; 600 s when the
+# durations are not whole seconds like `4s`).
 secs() { [[ $1 =~ ^([0-9]+)s$ ]] && echo "${BASH_REMATCH[1]}"; }
 if d=$(secs "$DURATION") && w=$(secs "$WARMUP"); then
-  limit=$((3 * ROUNDS * (d + w + 5) + 30))
+  limit=$((3 * ROUNDS * (d + w + 4) + 15))
 else
   limit=600
 fi
