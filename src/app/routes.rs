@@ -21,7 +21,7 @@ use super::metrics::{Metrics, ServiceCounters};
 use super::pubsub::{self, Fanout, Refused, TopicLimits};
 use crate::config::RouteAuth;
 use crate::service::deflate;
-use crate::service::http::{Handler, Request, Response, Sent};
+use crate::service::http::{Handler, Prepared, Request, Response, Sent};
 use crate::service::Token;
 
 /// The routes one HTTP listener serves, fixed at start.
@@ -33,6 +33,29 @@ pub struct ListenerRoutes {
     /// What `POST /publish` accepts: the largest topic and message any pub/sub route of the
     /// configuration could carry (a subscriber on any listener may receive it).
     pub publish: TopicLimits,
+    /// The answers that never change, built once (boxed: they are large, and only the
+    /// benchmark routes read them).
+    pub fixed: Box<Fixed>,
+}
+
+/// The routes whose answer never changes, prepared (see [`Prepared`]).
+pub struct Fixed {
+    plaintext: Prepared,
+    json: Prepared,
+}
+
+impl Default for Fixed {
+    fn default() -> Self {
+        Fixed {
+            plaintext: Prepared::new(200, "text/plain", b"Hello, World!", ""),
+            json: Prepared::new(
+                200,
+                "application/json",
+                br#"{"message":"Hello, World!"}"#,
+                "",
+            ),
+        }
+    }
 }
 
 /// What the upgrade of one WebSocket path checks and negotiates.
@@ -77,6 +100,9 @@ impl Handler for Routes<'_> {
             }
         }
         match path {
+            // The benchmark routes first: the common request costs one comparison.
+            "/plaintext" if get => resp.send_prepared(&self.listener.fixed.plaintext),
+            "/json" if get => resp.send_prepared(&self.listener.fixed.json),
             "/metrics" | "/stats" if !self.listener.admin_routes => {
                 resp.send(404, "text/plain", b"not found\n", "")
             }
@@ -85,13 +111,6 @@ impl Handler for Routes<'_> {
                 "text/plain",
                 b"method not allowed\n",
                 "Allow: GET, HEAD\r\n",
-            ),
-            "/plaintext" => resp.send(200, "text/plain", b"Hello, World!", ""),
-            "/json" => resp.send(
-                200,
-                "application/json",
-                br#"{"message":"Hello, World!"}"#,
-                "",
             ),
             "/healthz" if self.draining => resp.send(503, "text/plain", b"draining\n", ""),
             // Health fails once a shard has died: the server no longer serves whole.

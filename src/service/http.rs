@@ -42,8 +42,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::deflate::{self, Agreed};
 
+mod head;
+
+use head::Field;
+
 /// Headers parsed per request; more → 431.
 const MAX_HEADERS: usize = 32;
+/// Fields the fast path ([`head`]) takes; a request with more goes through httparse.
+const FAST_FIELDS: usize = 16;
 
 /// Longest request target accepted (414 beyond it; `max_header` applies if it is smaller).
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -188,17 +194,33 @@ impl Outcome {
     }
 }
 
-/// The cached `Date` header value, reformatted at most once per second.
+/// The first line of a 200 response.
+const OK_LINE: &[u8] = b"HTTP/1.1 200 OK\r\n";
+/// What every response says between its status line and its content type.
+const SERVER_DATE: &[u8] = b"Server: shardnet\r\nDate: ";
+const DATE_LEN: usize = 29;
+const TO_TYPE: &[u8] = b"\r\nContent-Type: ";
+/// Where the date starts in [`DateCache::ok_head`].
+const DATE_AT: usize = OK_LINE.len() + SERVER_DATE.len();
+const OK_HEAD_LEN: usize = DATE_AT + DATE_LEN + TO_TYPE.len();
+
+/// The cached `Date` header value, reformatted at most once per second, kept inside the bytes
+/// every 200 response starts with (status line to `Content-Type: `), so that a response's head
+/// up to its content type is one copy of a fixed size.
 pub struct DateCache {
     second: u64,
-    value: [u8; 29],
+    ok_head: [u8; OK_HEAD_LEN],
 }
 
 impl Default for DateCache {
     fn default() -> Self {
+        let mut ok_head = [b' '; OK_HEAD_LEN];
+        ok_head[..OK_LINE.len()].copy_from_slice(OK_LINE);
+        ok_head[OK_LINE.len()..DATE_AT].copy_from_slice(SERVER_DATE);
+        ok_head[DATE_AT + DATE_LEN..].copy_from_slice(TO_TYPE);
         let mut d = DateCache {
             second: u64::MAX,
-            value: [b' '; 29],
+            ok_head,
         };
         d.update(SystemTime::now());
         d
@@ -214,14 +236,21 @@ impl DateCache {
         }
         self.second = second;
         let s = httpdate::fmt_http_date(now);
-        if s.len() == 29 {
-            self.value.copy_from_slice(s.as_bytes());
+        if s.len() == DATE_LEN {
+            self.ok_head[DATE_AT..DATE_AT + DATE_LEN].copy_from_slice(s.as_bytes());
         }
         true
     }
 
     pub fn get(&self) -> &[u8] {
-        &self.value
+        &self.ok_head[DATE_AT..DATE_AT + DATE_LEN]
+    }
+
+    /// `Server: ... Content-Type: `, the part of the head after any status line.
+    fn after_status(&self) -> &[u8; OK_HEAD_LEN - OK_LINE.len()] {
+        self.ok_head[OK_LINE.len()..]
+            .try_into()
+            .expect("fixed length")
     }
 }
 
@@ -240,7 +269,7 @@ pub struct Request<'a> {
     query: Option<&'a str>,
     version: u8,
     body: &'a [u8],
-    headers: &'a [httparse::Header<'a>],
+    headers: &'a [Field<'a>],
     ws: WsHeaders,
     ws_key: Option<&'a [u8]>,
     origin: Option<&'a [u8]>,
@@ -279,7 +308,7 @@ impl<'a> Request<'a> {
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .find(|h| h.name.eq_ignore_ascii_case(name.as_bytes()))
             .map(|h| h.value.trim_ascii())
     }
 }
@@ -316,27 +345,80 @@ impl Sent {
     }
 }
 
+/// A fixed response (status, content type, body, extra header lines), with its bytes after the
+/// `Date` value built once by [`Response::send`] itself: answering a keep-alive HTTP/1.1
+/// request with it ([`Response::send_prepared`]) is two copies, with the same bytes `send`
+/// would write. For the routes whose answer never changes (`/plaintext`, `/json`).
+pub struct Prepared {
+    status: u16,
+    content_type: &'static str,
+    body: &'static [u8],
+    extra: &'static str,
+    /// The status line (for a status other than 200, which [`DateCache`] holds).
+    line: Box<[u8]>,
+    /// `\r\nContent-Type: ...` to the end of the body.
+    tail: Box<[u8]>,
+}
+
+impl Prepared {
+    pub fn new(
+        status: u16,
+        content_type: &'static str,
+        body: &'static [u8],
+        extra: &'static str,
+    ) -> Prepared {
+        let mut line = Vec::new();
+        status_line(&mut line, status);
+        let date = DateCache::default();
+        let mut out = Vec::new();
+        let _ = Response {
+            out: &mut out,
+            date: &date,
+            head: false,
+            keep_alive: true,
+            version: 1,
+        }
+        .send(status, content_type, body, extra);
+        let date_end = line.len() + SERVER_DATE.len() + DATE_LEN;
+        Prepared {
+            status,
+            content_type,
+            body,
+            extra,
+            line: line.into(),
+            tail: out[date_end..].into(),
+        }
+    }
+}
+
 impl Response<'_> {
     /// Appends a complete response with Server, Date, Content-Type and Content-Length; `extra`
     /// holds further header lines, each ending in CRLF. Built from byte slices (no formatting
     /// machinery): this is the per-request hot path.
     pub fn send(self, status: u16, content_type: &str, body: &[u8], extra: &str) -> Sent {
         let out = self.out;
-        status_line(out, status);
-        out.extend_from_slice(b"Server: shardnet\r\nDate: ");
-        out.extend_from_slice(self.date.get());
-        out.extend_from_slice(b"\r\nContent-Type: ");
+        if status == 200 {
+            out.extend_from_slice(&self.date.ok_head);
+        } else {
+            status_line(out, status);
+            out.extend_from_slice(self.date.after_status());
+        }
         out.extend_from_slice(content_type.as_bytes());
         out.extend_from_slice(b"\r\nContent-Length: ");
         push_decimal(out, body.len());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(extra.as_bytes());
-        if !self.keep_alive {
-            out.extend_from_slice(b"Connection: close\r\n");
-        } else if self.version == 0 {
-            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        if extra.is_empty() && self.keep_alive && self.version == 1 {
+            // The common case: nothing else to say (one copy instead of three).
+            out.extend_from_slice(b"\r\n\r\n");
+        } else {
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(extra.as_bytes());
+            if !self.keep_alive {
+                out.extend_from_slice(b"Connection: close\r\n");
+            } else if self.version == 0 {
+                out.extend_from_slice(b"Connection: keep-alive\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(b"\r\n");
         if !self.head {
             out.extend_from_slice(body);
         }
@@ -360,6 +442,27 @@ impl Response<'_> {
                 keep_alive: self.keep_alive,
                 version: self.version,
             }),
+            deflate: None,
+        }
+    }
+
+    /// Appends `p`, exactly as `send` with its parts would.
+    pub fn send_prepared(self, p: &Prepared) -> Sent {
+        if !self.keep_alive || self.version != 1 || self.head {
+            return self.send(p.status, p.content_type, p.body, p.extra);
+        }
+        let out = self.out;
+        if p.status == 200 {
+            out.extend_from_slice(&self.date.ok_head[..DATE_AT + DATE_LEN]);
+        } else {
+            out.extend_from_slice(&p.line);
+            out.extend_from_slice(&self.date.ok_head[OK_LINE.len()..DATE_AT + DATE_LEN]);
+        }
+        out.extend_from_slice(&p.tail);
+        Sent {
+            status: p.status,
+            upgrade: None,
+            deferred: None,
             deflate: None,
         }
     }
@@ -412,7 +515,7 @@ impl Response<'_> {
         let offers = req
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .filter(|h| h.name.eq_ignore_ascii_case(b"sec-websocket-extensions"))
             .map(|h| h.value);
         let answer = match deflate::negotiate(offers, compression) {
             Ok(a) => a,
@@ -446,6 +549,20 @@ impl Response<'_> {
     }
 }
 
+/// Whether the field name `name` (token characters) is `lower` (lowercase letters and `-`) in
+/// any case. Setting bit 0x20 folds case exactly here: the only other bytes it maps onto a
+/// letter or `-` are control characters, which no token holds. No early exit (the names
+/// compared have the length already, and are short).
+#[inline]
+fn named(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0, |d, (&a, &b)| d | ((a | 0x20) ^ b))
+            == 0
+}
+
 fn has_token(value: &[u8], token: &str) -> bool {
     value
         .split(|&b| b == b',')
@@ -465,7 +582,17 @@ fn parse_length(v: &[u8]) -> Option<usize> {
 
 /// `Host = uri-host [ ":" port ]`: the reg-name, IPv4 and IP-literal alphabet, possibly empty.
 fn valid_host(v: &[u8]) -> bool {
-    v.iter().all(|&b| HOST_BYTES[b as usize])
+    // Eight bytes per step, the last step overlapping the one before, no early exit: unrolled
+    // table lookups (a byte loop costs twice as much on a short value).
+    let all = |c: &[u8]| c.iter().fold(true, |ok, &b| ok & HOST_BYTES[b as usize]);
+    if v.len() < 8 {
+        return all(v);
+    }
+    let mut ok = all(&v[v.len() - 8..]);
+    for c in v.chunks_exact(8) {
+        ok &= all(c);
+    }
+    ok
 }
 
 /// The bytes a Host value may hold (a table: one load per byte on the per-request path).
@@ -580,6 +707,18 @@ fn target_too_long(buf: &[u8], limit: usize) -> bool {
     end > limit
 }
 
+/// A head as httparse parsed it (see [`Http::parse_slow`]).
+struct SlowHead<'a> {
+    method: &'a str,
+    target: &'a str,
+    version: u8,
+    fields: [Field<'a>; MAX_HEADERS],
+    count: usize,
+    len: usize,
+    /// Every line ends in CRLF (httparse also takes a bare LF).
+    crlf: bool,
+}
+
 /// The HTTP handler of one listener on one shard.
 pub struct Http {
     pub settings: HttpSettings,
@@ -638,48 +777,45 @@ impl Http {
         o: &mut Outcome,
     ) {
         let max_target = self.settings.max_target();
+        // The fast path's fields, once per call (a memset of 512 bytes, shared by every
+        // pipelined request of the input).
+        let mut fast = [Field::EMPTY; FAST_FIELDS];
         while o.consumed < input.len() {
             if out.len() >= budget {
                 o.stopped = true;
                 return;
             }
             let buf = &input[o.consumed..];
-            // Uninitialised header slots: initialising 32 of them would cost a 1 KiB memset
-            // per request, more than parsing a small request does.
-            let mut headers =
-                [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut []);
-            let hlen = match req.parse_with_uninit_headers(buf, &mut headers) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => {
-                    if target_too_long(buf, max_target) {
-                        o.fail(out, date, 414, "request target too long");
-                    } else if buf.len() > self.settings.max_header {
-                        o.fail(out, date, 431, "request header fields too large");
-                    } else {
-                        o.partial = true;
-                    }
-                    return;
+            let slow_fields: [Field<'_>; MAX_HEADERS];
+            // The common strict form without httparse (`head`); anything else through it.
+            let quick = head::parse(buf, &mut fast);
+            // The tests can send every request through httparse, to hold the two paths to
+            // the same answers.
+            #[cfg(test)]
+            let quick = quick.filter(|_| !tests::SLOW_ONLY.get());
+            let (method, target, split, version, fields, hlen, crlf) = match quick {
+                Some(h) => {
+                    // An origin-form target splits at its first `?` (as `route_path` does).
+                    let split = match h.query {
+                        _ if !h.target.starts_with('/') => None,
+                        Some(q) => Some((&h.target[..q], Some(&h.target[q + 1..]))),
+                        None => Some((h.target, None)),
+                    };
+                    let fields = &fast[..h.fields];
+                    // Every line of this form ends in CRLF.
+                    (h.method, h.target, split, h.version, fields, h.len, true)
                 }
-                Err(httparse::Error::TooManyHeaders) => {
-                    o.fail(out, date, 431, "too many header fields");
-                    return;
-                }
-                Err(httparse::Error::Version) if unsupported_version(buf) => {
-                    o.fail(
-                        out,
-                        date,
-                        505,
-                        "HTTP version not supported: this server speaks 1.0 and 1.1",
-                    );
-                    return;
-                }
-                Err(e) => {
-                    o.fail(out, date, 400, &format!("malformed request: {e}"));
-                    return;
+                None => {
+                    let Some(slow) = self.parse_slow(buf, out, date, o) else {
+                        return;
+                    };
+                    slow_fields = slow.fields;
+                    let fields = &slow_fields[..slow.count];
+                    let (m, t, v, len, crlf) =
+                        (slow.method, slow.target, slow.version, slow.len, slow.crlf);
+                    (m, t, None, v, fields, len, crlf)
                 }
             };
-            let target = req.path.unwrap_or("/");
             if target.len() > max_target {
                 o.fail(out, date, 414, "request target too long");
                 return;
@@ -688,7 +824,6 @@ impl Http {
                 o.fail(out, date, 431, "request header fields too large");
                 return;
             }
-            let version = req.version.unwrap_or(1);
             let mut content_length: Option<usize> = None;
             let mut codings = 0u32;
             let mut unknown_coding = false;
@@ -701,27 +836,27 @@ impl Http {
             let mut ws_key = None;
             let mut origin = None;
             let mut bad: Option<&str> = None;
-            let mut crlf = ends_in_crlf(buf, hlen);
-            for h in req.headers.iter() {
+            for h in fields {
                 let v = h.value;
-                crlf &= after_crlf(buf, h.name);
-                let name = h.name.as_bytes();
+                let name = h.name;
                 // Dispatch on length first: most headers are compared against nothing.
                 match name.len() {
-                    4 if name.eq_ignore_ascii_case(b"host") => {
+                    4 if named(name, b"host") => {
                         hosts += 1;
-                        if !valid_host(v.trim_ascii()) {
+                        // Values never start or end with whitespace (both parsers trim spaces
+                        // and tabs and refuse other control bytes): no trim needed.
+                        if !valid_host(v) {
                             bad = Some("invalid Host");
                         }
                     }
-                    14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    14 if named(name, b"content-length") => {
                         match (parse_length(v), content_length) {
                             (Some(n), None) => content_length = Some(n),
                             (Some(n), Some(m)) if n == m => {}
                             _ => bad = Some("invalid Content-Length"),
                         }
                     }
-                    17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    17 if named(name, b"transfer-encoding") => {
                         transfer_encoding = true;
                         // A list; empty elements are allowed and ignored (RFC 9110 5.6.1).
                         for t in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -732,7 +867,7 @@ impl Http {
                             unknown_coding |= !t.eq_ignore_ascii_case(b"chunked");
                         }
                     }
-                    10 if name.eq_ignore_ascii_case(b"connection") => {
+                    10 if named(name, b"connection") => {
                         // One pass over the tokens (a list like `keep-alive, Upgrade`).
                         for t in v.split(|&b| b == b',') {
                             let t = t.trim_ascii();
@@ -744,19 +879,17 @@ impl Http {
                             }
                         }
                     }
-                    6 if name.eq_ignore_ascii_case(b"expect") => {
+                    6 if named(name, b"expect") => {
                         expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                     }
-                    6 if name.eq_ignore_ascii_case(b"origin") => origin = Some(v.trim_ascii()),
-                    7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                    6 if named(name, b"origin") => origin = Some(v.trim_ascii()),
+                    7 if named(name, b"upgrade") => {
                         ws.upgrade_websocket = has_token(v, "websocket")
                     }
-                    21 if name.eq_ignore_ascii_case(b"sec-websocket-version") => {
+                    21 if named(name, b"sec-websocket-version") => {
                         ws.version_13 = v.trim_ascii() == b"13";
                     }
-                    17 if name.eq_ignore_ascii_case(b"sec-websocket-key") => {
-                        ws_key = Some(v.trim_ascii())
-                    }
+                    17 if named(name, b"sec-websocket-key") => ws_key = Some(v.trim_ascii()),
                     _ => {}
                 }
             }
@@ -817,8 +950,7 @@ impl Http {
             }
             conn.continue_sent = false;
             let keep_alive = !conn_close && (version == 1 || conn_keep_alive);
-            let method = req.method.unwrap_or("");
-            let (path, query) = route_path(target);
+            let (path, query) = split.unwrap_or_else(|| route_path(target));
             let request = Request {
                 method,
                 target,
@@ -826,7 +958,7 @@ impl Http {
                 query,
                 version,
                 body: &buf[hlen..hlen + body_len],
-                headers: &*req.headers,
+                headers: fields,
                 ws,
                 ws_key,
                 origin,
@@ -858,6 +990,69 @@ impl Http {
         }
     }
 
+    /// httparse on a head the fast path did not take: its result with the fields copied out,
+    /// or `None` when the request is partial or refused (`o` then says which, with the error
+    /// response written).
+    fn parse_slow<'a>(
+        &self,
+        buf: &'a [u8],
+        out: &mut Vec<u8>,
+        date: &DateCache,
+        o: &mut Outcome,
+    ) -> Option<SlowHead<'a>> {
+        // Uninitialised header slots: initialising 32 of them would cost a 1 KiB memset.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                if target_too_long(buf, self.settings.max_target()) {
+                    o.fail(out, date, 414, "request target too long");
+                } else if buf.len() > self.settings.max_header {
+                    o.fail(out, date, 431, "request header fields too large");
+                } else {
+                    o.partial = true;
+                }
+                return None;
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                o.fail(out, date, 431, "too many header fields");
+                return None;
+            }
+            Err(httparse::Error::Version) if unsupported_version(buf) => {
+                o.fail(
+                    out,
+                    date,
+                    505,
+                    "HTTP version not supported: this server speaks 1.0 and 1.1",
+                );
+                return None;
+            }
+            Err(e) => {
+                o.fail(out, date, 400, &format!("malformed request: {e}"));
+                return None;
+            }
+        };
+        let crlf = ends_in_crlf(buf, len) && req.headers.iter().all(|h| after_crlf(buf, h.name));
+        let mut fields = [Field::EMPTY; MAX_HEADERS];
+        for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
+            *f = Field {
+                name: h.name.as_bytes(),
+                value: h.value,
+            };
+        }
+        Some(SlowHead {
+            method: req.method.unwrap_or(""),
+            target: req.path.unwrap_or("/"),
+            version: req.version.unwrap_or(1),
+            fields,
+            count: req.headers.len(),
+            len,
+            crlf,
+        })
+    }
+
     /// The 408 answer when the header timer fires.
     pub fn timeout_response(out: &mut Vec<u8>, date: &DateCache) {
         error(out, date, 408, "request not complete within header_timeout");
@@ -873,6 +1068,24 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    // Most lengths and every status have two or three digits: no loop, no digit buffer.
+    if n < 100 {
+        if n < 10 {
+            out.push(b'0' + n as u8);
+        } else {
+            out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]);
+        }
+        return;
+    }
+    if n < 1000 {
+        let d = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        out.extend_from_slice(&d);
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -1319,6 +1532,370 @@ mod tests {
                 out.contains("malformed Sec-WebSocket-Extensions header"),
                 "{out}"
             );
+        }
+    }
+
+    thread_local! {
+        /// Set: every request goes through httparse, as before the fast path (`head`).
+        pub(super) static SLOW_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Answers with everything the codec parsed (method, target, path, query, version, the
+    /// fields the codec reads, the body) so that two parses compare through the response;
+    /// `/ws` upgrades, `/fixed` and `/fixed404` answer prepared, `/later` answers later.
+    struct Mirror {
+        ok: Prepared,
+        missing: Prepared,
+    }
+
+    impl Mirror {
+        fn new() -> Mirror {
+            Mirror {
+                ok: Prepared::new(200, "text/plain", b"fixed", ""),
+                missing: Prepared::new(404, "text/plain", b"gone\n", "X-A: b\r\n"),
+            }
+        }
+    }
+
+    impl Handler for Mirror {
+        fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
+            match req.path() {
+                "/ws" => return resp.upgrade(req, &[], SHARED, 0),
+                "/fixed" => return resp.send_prepared(&self.ok),
+                "/fixed404" => return resp.send_prepared(&self.missing),
+                "/later" => return resp.defer(7),
+                _ => {}
+            }
+            let mut body = format!(
+                "{}|{}|{}|{:?}|{}|",
+                req.method(),
+                req.target(),
+                req.path(),
+                req.query(),
+                req.version()
+            )
+            .into_bytes();
+            for name in [
+                "host",
+                "X-A",
+                "content-length",
+                "transfer-encoding",
+                "origin",
+            ] {
+                body.extend_from_slice(req.header(name).unwrap_or(b"-"));
+                body.push(b'|');
+            }
+            body.extend_from_slice(req.body());
+            resp.send(200, "text/plain", &body, "")
+        }
+    }
+
+    /// The codec's outcomes and output for `input` delivered in two reads (split at `at`,
+    /// the unconsumed rest carried over), with the fast path or without it.
+    fn converse(input: &[u8], at: usize, slow: bool, date: &DateCache) -> (Vec<Outcome>, Vec<u8>) {
+        SLOW_ONLY.set(slow);
+        let h = http();
+        let mut conn = HttpConn::default();
+        let mut mirror = Mirror::new();
+        let mut held = Vec::new();
+        let mut out = Vec::new();
+        let mut outcomes = Vec::new();
+        for piece in [&input[..at], &input[at..]] {
+            held.extend_from_slice(piece);
+            let o = h.handle(&mut conn, &held, &mut out, usize::MAX, date, &mut mirror);
+            held.drain(..o.consumed);
+            let stop = o.close || o.upgrade.is_some();
+            outcomes.push(o);
+            if stop {
+                break;
+            }
+        }
+        SLOW_ONLY.set(false);
+        (outcomes, out)
+    }
+
+    /// The fast path changes nothing a client sees: same outcomes, same bytes.
+    #[track_caller]
+    fn same_with_and_without_fast_path(input: &[u8], at: usize) {
+        let date = DateCache::default();
+        let at = at.min(input.len());
+        let fast = converse(input, at, false, &date);
+        let slow = converse(input, at, true, &date);
+        assert_eq!(
+            (&fast.0, String::from_utf8_lossy(&fast.1)),
+            (&slow.0, String::from_utf8_lossy(&slow.1)),
+            "input {:?} split at {at}",
+            String::from_utf8_lossy(input)
+        );
+    }
+
+    /// Valid requests and hostile ones: smuggling shapes, bare LF, obs-fold, bytes outside
+    /// tokens, length and coding rules, every refusal status, the field count limit.
+    fn corpus() -> Vec<Vec<u8>> {
+        let mut c: Vec<Vec<u8>> = [
+            &b"GET /plaintext HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET /a?b=c&d HTTP/1.1\r\nHost: a\r\nX-A: \t v \t\r\n\r\n",
+            b"GET /a?b?c HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /? HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET *?q HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a/p?q HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET HTTPS://a:1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"get /x HTTP/1.1\r\nhOsT: a\r\n\r\n",
+            b"GET /fixed HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"HEAD /fixed HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /fixed HTTP/1.0\r\n\r\n",
+            b"GET /fixed HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            b"GET /fixed HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            b"GET /fixed404 HTTP/1.1\r\nHost: a\r\n\r\nGET /fixed404 HTTP/1.0\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\nHost: b\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3,3\r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3 \r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999\r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nab",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\nab",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\x0bchunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab",
+            b"GET /x HTTP/1.1\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: \t\r\n\r\n",
+            b"GET /x HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET /x HTTP/1.0\n\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\rX-A: b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\r\n b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\r\n\tb\r\n\r\n",
+            b"GET /x HTTP/1.1\r\n Host: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHo\x01st: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHo@st: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\n: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\x7fb\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: caf\xc3\xa9\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: \xff\r\n\r\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a\tb HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET  /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x  HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.1 \r\nHost: a\r\n\r\n",
+            b"G(T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b" GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.2\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/0.9\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/3\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/x\r\n\r\n",
+            b"GET /x FTP/1.1\r\n\r\n",
+            b"GET /x http/1.1\r\n\r\n",
+            b"GET /x\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n\x81\x80abcd",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nupgrade: WebSocket\r\nconnection: keep-alive, upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 12\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nOrigin: http://o\r\n\r\n",
+            b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET /x HTTP/1.1\r\n\r\n",
+        ]
+        .iter()
+        .map(|r| r.to_vec())
+        .collect();
+        // Around the fast path's field count, and httparse's limit (431 past it).
+        for n in [14, 15, 16, 17, 31, 32, 33, 40] {
+            let mut r = b"GET /x HTTP/1.1\r\nHost: a\r\n".to_vec();
+            for i in 1..n {
+                r.extend_from_slice(format!("X-{i}: {i}\r\n").as_bytes());
+            }
+            r.extend_from_slice(b"\r\n");
+            c.push(r);
+        }
+        // The target and header size limits (414, 431), at and past them.
+        let long = "a".repeat(MAX_TARGET);
+        c.push(format!("GET /{long} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes());
+        c.push(format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", &long[1..]).into_bytes());
+        c.push(format!("GET /{long}").into_bytes());
+        let big = "v".repeat(16 * 1024);
+        c.push(format!("GET /x HTTP/1.1\r\nHost: a\r\nX-A: {big}\r\n\r\n").into_bytes());
+        c.push(
+            format!(
+                "GET /x HTTP/1.1\r\nHost: a\r\nX-A: {}\r\n\r\n",
+                &big[..16000]
+            )
+            .into_bytes(),
+        );
+        c
+    }
+
+    #[test]
+    fn the_fast_path_answers_exactly_as_httparse_alone() {
+        for input in corpus() {
+            // Whole, and cut at every byte (a head completed by a later read).
+            for at in 0..=input.len().min(400) {
+                same_with_and_without_fast_path(&input, at);
+            }
+            same_with_and_without_fast_path(&input, input.len());
+            // Pipelined behind a request that takes the fast path.
+            let mut two = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+            two.extend_from_slice(&input);
+            same_with_and_without_fast_path(&two, two.len());
+        }
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_common_requests() {
+        // Not a behaviour a client sees; this keeps the fast path from silently never running.
+        let mut fields = [Field::EMPTY; FAST_FIELDS];
+        for r in [
+            &b"GET /plaintext HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"POST /publish/t HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+        ] {
+            assert!(head::parse(r, &mut fields).is_some());
+        }
+    }
+
+    #[test]
+    fn prepared_responses_are_what_send_writes() {
+        let date = DateCache::default();
+        for (status, extra) in [(200, ""), (404, ""), (503, "Retry-After: 1\r\n")] {
+            let p = Prepared::new(status, "text/plain", b"body", extra);
+            for (head, keep_alive, version) in [
+                (false, true, 1),
+                (true, true, 1),
+                (false, false, 1),
+                (false, true, 0),
+                (false, false, 0),
+            ] {
+                let resp = |out| Response {
+                    out,
+                    date: &date,
+                    head,
+                    keep_alive,
+                    version,
+                };
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let sa = resp(&mut a).send(status, "text/plain", b"body", extra);
+                let sb = resp(&mut b).send_prepared(&p);
+                assert_eq!(sa.status(), sb.status());
+                assert_eq!(
+                    String::from_utf8_lossy(&a),
+                    String::from_utf8_lossy(&b),
+                    "{status} head {head} keep-alive {keep_alive} 1.{version}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn named_is_a_case_insensitive_comparison_on_tokens() {
+        let names: [&[u8]; 9] = [
+            b"host",
+            b"content-length",
+            b"transfer-encoding",
+            b"connection",
+            b"expect",
+            b"origin",
+            b"upgrade",
+            b"sec-websocket-version",
+            b"sec-websocket-key",
+        ];
+        // Every token byte at every position, against every name of the same length.
+        for lower in names {
+            for i in 0..lower.len() {
+                for b in 0..=255u8 {
+                    if !head::is_token(b) {
+                        continue;
+                    }
+                    let mut name = lower.to_vec();
+                    name[i] = b;
+                    assert_eq!(
+                        named(&name, lower),
+                        name.eq_ignore_ascii_case(lower),
+                        "{:?}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Bytes that matter to the parsers, and any byte.
+    fn byte() -> impl proptest::strategy::Strategy<Value = u8> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(b' '),
+            Just(b'\t'),
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(b':'),
+            Just(b'?'),
+            Just(b'/'),
+            Just(b','),
+            Just(b'0'),
+            Just(0x7f),
+            Just(0x80),
+            Just(0),
+            Just(0x0b),
+            any::<u8>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 3000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Mutations of pipelined requests (bytes replaced, inserted, removed), read in two
+        /// pieces: the fast path answers exactly as httparse alone.
+        #[test]
+        fn mutated_requests_get_the_same_answers(
+            seed in 0usize..4,
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), 0u8..3, byte()),
+                0..5,
+            ),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let seeds: [&[u8]; 4] = [
+                b"GET /p?q=1 HTTP/1.1\r\nHost: a.b:80\r\nX-A: x \t y\r\nE:\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+                b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nabGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"GET /fixed HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\nHEAD /fixed404 HTTP/1.0\r\n\r\n",
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            ];
+            let mut buf = seeds[seed].to_vec();
+            for (i, kind, b) in edits {
+                let i = i.index(buf.len());
+                match kind {
+                    0 => buf[i] = b,
+                    1 => buf.insert(i, b),
+                    _ => {
+                        buf.remove(i);
+                    }
+                }
+            }
+            let at = at.index(buf.len() + 1);
+            same_with_and_without_fast_path(&buf, at);
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod poller;
 pub mod process;
 pub mod rlimit;
 pub mod socket;
+pub mod text;
 pub mod waker;
 
 use std::io;
