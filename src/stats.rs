@@ -119,6 +119,22 @@ counters! {
         alive: Gauge, "1 while the shard's thread runs; 0 once it has ended (before shutdown: it died)";
         output_queued: Gauge, "bytes of output queued because sockets did not take them";
         input_buffered: Gauge, "bytes of unconsumed input held for connections";
+        handed_over: Counter, "connections this shard handed to a new process (restart without dropping a connection)";
+        received: Counter, "connections this shard took over from an old process";
+    }
+}
+
+counters! {
+    /// Counters of hand-overs between processes (`shardnet upgrade`, `serve --takeover`),
+    /// written by the thread that runs the hand-over (one at a time).
+    HandoverCounters, HandoverSnapshot {
+        sessions: Counter, "hand-over sessions opened on the control socket by a new process";
+        given: Counter, "hand-overs this process completed as the old one: its listeners and connections moved to the new process";
+        failed: Counter, "hand-overs refused or failed as the old process, which kept serving everything";
+        taken: Counter, "hand-overs this process completed as the new one";
+        kept: Counter, "connections the service could not hand over (closed gracefully after the commit)";
+        last_micros: Gauge, "duration of the last completed hand-over, from the new process's hello to its commit, in microseconds";
+        last_moving_micros: Gauge, "in the last completed hand-over, from the first connection sent to the commit, in microseconds: the longest any moved connection was paused";
     }
 }
 
@@ -144,6 +160,7 @@ pub struct Stats {
     /// Shards whose thread ended by a panic (the engine's own, or a service's outside a
     /// connection callback): the product's health check reads it.
     dead: AtomicUsize,
+    handover: CachePadded<HandoverCounters>,
 }
 
 /// Read-only access to a server's counters: what services and library users get.
@@ -181,6 +198,7 @@ pub struct Snapshot {
     pub control_failures: u64,
     /// Shards whose thread has died.
     pub dead_shards: usize,
+    pub handover: HandoverSnapshot,
 }
 
 impl Snapshot {
@@ -236,6 +254,7 @@ impl Stats {
             started: Instant::now(),
             control_failures: CachePadded::new(AtomicU64::new(0)),
             dead: AtomicUsize::new(0),
+            handover: CachePadded::new(HandoverCounters::default()),
         }
     }
 
@@ -247,6 +266,11 @@ impl Stats {
     /// The acceptor's counters, for the acceptor thread to write.
     pub(crate) fn acceptor(&self) -> &AcceptorCounters {
         &self.acceptor
+    }
+
+    /// The hand-over counters, for the thread running a hand-over to write.
+    pub(crate) fn handover(&self) -> &HandoverCounters {
+        &self.handover
     }
 
     pub(crate) fn control_failed(&self, n: u64) {
@@ -272,6 +296,7 @@ impl Stats {
             shards: self.shards.iter().map(|s| s.snapshot()).collect(),
             control_failures: self.control_failures.load(Relaxed),
             dead_shards: self.dead_shards(),
+            handover: self.handover.snapshot(),
         }
     }
 }

@@ -6,11 +6,15 @@
 //! skipped for the next one. Each shard that received sockets is woken once per accept batch,
 //! not once per socket. Beyond `max_connections` open connections, new sockets are closed at
 //! once and counted.
+//!
+//! Its waker announces a control message ([`AcceptorControl`]): stop (the listeners are closed),
+//! or pause and resume accepting during a hand-over (the listeners leave epoll but stay open, so
+//! a new process accepting on the same sockets gets their queues whole).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::conn::{Token, TokenKind};
 use crate::server::listener::{AcceptCounters, Listener, Step};
@@ -23,10 +27,22 @@ use crate::sys::waker::Waker;
 /// Accepts per listener before the other listeners (and the stop signal) get a turn.
 const BATCH: usize = 1024;
 
+/// What the server asks of its acceptor (each followed by a wake).
+pub(crate) enum AcceptorControl {
+    /// Close the listeners and end the thread.
+    Stop,
+    /// Stop accepting, keeping the sockets; acknowledged once no accept can start any more.
+    Pause(Sender<()>),
+    /// Accept again; acknowledged.
+    Resume(Sender<()>),
+}
+
 pub(crate) struct Acceptor {
     poller: Poller,
-    stop: Waker,
+    wake: Waker,
+    control: Receiver<AcceptorControl>,
     listeners: Vec<Listener>,
+    paused: bool,
     dispatch: Dispatch,
     stats: Arc<Stats>,
 }
@@ -50,11 +66,12 @@ impl Acceptor {
         balance: Balance,
         max_connections: usize,
         stats: Arc<Stats>,
-        stop: Waker,
+        wake: Waker,
+        control: Receiver<AcceptorControl>,
     ) -> std::io::Result<Self> {
         let poller = Poller::new()?;
         poller.add(
-            stop.fd(),
+            wake.fd(),
             Token::WAKER.0,
             Interest {
                 read: true,
@@ -76,8 +93,10 @@ impl Acceptor {
         let n = shards.len();
         Ok(Acceptor {
             poller,
-            stop,
+            wake,
+            control,
             listeners,
+            paused: false,
             stats: stats.clone(),
             dispatch: Dispatch {
                 shards,
@@ -91,11 +110,13 @@ impl Acceptor {
         })
     }
 
-    /// Runs until the stop waker fires; then the listeners are closed (dropped).
+    /// Runs until told to stop; then the listeners are closed (dropped).
     pub fn run(mut self) {
         let mut events = Events::with_capacity(64);
         loop {
-            let timeout = if self.listeners.iter().any(Listener::is_ready) {
+            let timeout = if self.paused {
+                None
+            } else if self.listeners.iter().any(Listener::is_ready) {
                 Some(Duration::ZERO)
             } else {
                 let now = Instant::now();
@@ -113,13 +134,18 @@ impl Acceptor {
             for i in 0..events.len() {
                 match Token(events.get(i).token).kind() {
                     TokenKind::Waker => {
-                        self.stop.reset();
-                        log::info!("acceptor: stopped; listeners closed");
-                        return;
+                        self.wake.reset();
+                        if !self.on_control() {
+                            log::info!("acceptor: stopped; listeners closed");
+                            return;
+                        }
                     }
                     TokenKind::Listener(l) => self.listeners[l].mark_ready(),
                     TokenKind::Conn => {}
                 }
+            }
+            if self.paused {
+                continue;
             }
             let now = Instant::now();
             let counters = AcceptCounters::acceptor(self.stats.acceptor());
@@ -131,10 +157,7 @@ impl Acceptor {
                     match l.accept("acceptor", &counters) {
                         Step::Conn(fd) => {
                             self.stats.acceptor().accepted.inc();
-                            self.dispatch.dispatch(NewConn {
-                                fd,
-                                listener: l.index,
-                            });
+                            self.dispatch.dispatch(NewConn::accepted(fd, l.index));
                         }
                         Step::Skipped => {}
                         Step::Drained | Step::Paused => break,
@@ -146,6 +169,49 @@ impl Acceptor {
                 if std::mem::take(woken) {
                     self.dispatch.shards[shard].waker.wake();
                 }
+            }
+        }
+    }
+}
+
+impl Acceptor {
+    /// Applies every pending control message; false once told to stop (or the server is gone).
+    fn on_control(&mut self) -> bool {
+        loop {
+            match self.control.try_recv() {
+                Ok(AcceptorControl::Stop) => return false,
+                Ok(AcceptorControl::Pause(ack)) => {
+                    if !self.paused {
+                        for l in &self.listeners {
+                            let _ = self.poller.delete(l.fd());
+                        }
+                        self.paused = true;
+                        log::info!("acceptor: paused (hand-over); listeners kept open");
+                    }
+                    let _ = ack.send(());
+                }
+                Ok(AcceptorControl::Resume(ack)) => {
+                    if self.paused {
+                        for (i, l) in self.listeners.iter_mut().enumerate() {
+                            let interest = Interest {
+                                read: true,
+                                write: false,
+                                edge: true,
+                            };
+                            if let Err(e) = self.poller.add(l.fd(), Token::listener(i).0, interest)
+                            {
+                                log::error!("acceptor: cannot accept again on a listener: {e}");
+                            }
+                            // Connections queued while paused raised no edge we saw.
+                            l.mark_ready();
+                        }
+                        self.paused = false;
+                        log::info!("acceptor: accepting again");
+                    }
+                    let _ = ack.send(());
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return false,
             }
         }
     }

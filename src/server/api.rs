@@ -86,6 +86,10 @@ pub enum CloseReason {
     Service,
     /// A service callback panicked on this connection.
     Panic,
+    /// The connection moved to another process (a hand-over): to the new process once it
+    /// committed, or back to the old one from a new process whose hand-over failed. The
+    /// connection itself stays open; only this process's part of it ends.
+    HandedOver,
 }
 
 /// A protocol driven by the shard engine.
@@ -134,6 +138,36 @@ pub trait Service: 'static {
     /// `on_command`, so a service can coalesce their work: pub/sub writes every message queued
     /// for a subscriber in one write instead of one write per message.
     fn on_commands_done(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
+
+    // Hand-over to a new process (restart without dropping a connection, see
+    // `crate::server::handover`): the three items below belong together.
+
+    /// Names the format of this service's [`Service::export`] blobs, version included. A
+    /// hand-over moves connections only between two services with the same format (the new
+    /// process refuses before anything moves otherwise). The default, empty, moves none: the
+    /// listeners still move, and the old process keeps serving its connections until the
+    /// hand-over commits, then closes them gracefully ([`Service::on_drain`]).
+    const HANDOVER_FORMAT: &'static str = "";
+
+    /// The connection is about to move to a new process: its state as bytes, or `None` if it
+    /// cannot move (this process then keeps it and closes it gracefully once the hand-over has
+    /// committed). Called on open connections only, between callbacks. The engine carries its
+    /// own part itself: unconsumed input, unsent output, the timer, the idle age. Output written
+    /// here is queued behind what is already queued and sent by whichever process ends up with
+    /// the connection. After `Some`, no callback runs for the connection in this process unless
+    /// the hand-over fails (then it carries on as if nothing happened) or it ends
+    /// ([`CloseReason::HandedOver`]).
+    fn export(&mut self, _conn: &mut Conn<'_, Self::State>) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// The new process's side of [`Service::export`], instead of [`Service::on_open`]: rebuild
+    /// the state from `blob`. The connection is not live yet: output written here is queued and
+    /// sent once the hand-over commits, a close request takes effect then, and an error
+    /// refuses the whole hand-over (the old process keeps every connection).
+    fn import(&mut self, _conn: &mut Conn<'_, Self::State>, _blob: &[u8]) -> Result<(), String> {
+        Err("this service takes no connection over".into())
+    }
 }
 
 /// What a service's constructor gets, on the shard's own thread.

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use crate::server::handover::wire::Record;
+use crate::server::handover::{ExportJob, ImportJob};
 use crate::server::Limits;
 use crate::sys::waker::Waker;
 
@@ -30,12 +32,40 @@ pub(crate) const CONN_QUEUE: usize = 1024;
 pub(crate) const DATA_QUEUE: usize = 65536;
 
 /// What a control message asks of a shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Control {
     /// Shut down gracefully: stop accepting and reading new requests, flush, close, exit.
     Drain,
     /// New limits (a configuration reload).
     Limits(Limits),
+    /// A step of a hand-over to or from another process (see [`crate::server::handover`]).
+    Handover(Handover),
+}
+
+/// The hand-over steps a shard takes, each acknowledged like any control message.
+#[derive(Debug, Clone)]
+pub(crate) enum Handover {
+    /// Old process: stop accepting on this shard's own listeners (reuseport), keeping the
+    /// sockets and their queues (the new process accepts on the same sockets).
+    PauseAccept,
+    /// Old process: accept again (the hand-over failed).
+    ResumeAccept,
+    /// Old process: send every connection that can move, in batches, and lend them.
+    Export(Arc<ExportJob>),
+    /// Old process: the hand-over failed; serve the lent connections again.
+    Restore,
+    /// Old process: the new process committed; forget the lent connections (without closing
+    /// them: they are the new process's).
+    Release,
+    /// New process: connections with state are coming (`NewConn::import`): hold each, and
+    /// report to this job.
+    Receive(Arc<ImportJob>),
+    /// New process: take every connection the taking thread has queued so far.
+    Prepare,
+    /// New process: the hand-over committed; serve the held connections.
+    Activate,
+    /// New process: the hand-over failed; let the held connections go back to the old one.
+    Abandon,
 }
 
 /// A control message and where to acknowledge it (the shard sends its index once applied).
@@ -48,6 +78,19 @@ pub(crate) struct ControlMsg {
 pub(crate) struct NewConn {
     pub fd: OwnedFd,
     pub listener: usize,
+    /// A connection taken over from an old process, with its state: held until the hand-over
+    /// commits.
+    pub import: Option<Box<Record>>,
+}
+
+impl NewConn {
+    pub fn accepted(fd: OwnedFd, listener: usize) -> NewConn {
+        NewConn {
+            fd,
+            listener,
+            import: None,
+        }
+    }
 }
 
 /// The senders of one shard's control and connection channels, and its waker.

@@ -4,6 +4,7 @@
 //! block of the crate lives here, each with a `// SAFETY:` line.
 
 pub mod affinity;
+pub mod fdpass;
 pub mod notify;
 pub mod poller;
 pub mod rlimit;

@@ -134,6 +134,11 @@ impl<St> Core<St> {
         if c.phase == Phase::Doomed {
             return;
         }
+        if c.flags.has(Flags::HELD) {
+            // Not this process's to drive yet: a close request, the timer and epoll interest are
+            // acted on when the hand-over commits (`Shard::activate`).
+            return;
+        }
         let rearm = queue_started || c.flags.has(Flags::TIMER_SET);
         c.flags.clear(Flags::TIMER_SET);
         if c.flags.has(Flags::CLOSE_REQ) {
@@ -157,7 +162,7 @@ impl<St> Core<St> {
             return;
         };
         let c = &mut e.ctl;
-        if c.phase == Phase::Doomed {
+        if matches!(c.phase, Phase::Doomed | Phase::Lent) || c.flags.has(Flags::HELD) {
             return;
         }
         let read = c.reading();
@@ -213,7 +218,7 @@ impl<St> Core<St> {
 
     /// A connection that just entered `Closing`: finish at once if nothing is queued, else stop
     /// reading and wait for the flush (bounded by the phase's deadline).
-    fn continue_close(&mut self, token: Token) {
+    pub(crate) fn continue_close(&mut self, token: Token) {
         let Some(e) = self.conns.get_mut(token) else {
             return;
         };
@@ -236,7 +241,7 @@ impl<St> Core<St> {
         };
         let why = match e.ctl.phase {
             Phase::Closing { why, .. } => why,
-            Phase::Open | Phase::Lingering { .. } | Phase::Doomed => return,
+            Phase::Open | Phase::Lingering { .. } | Phase::Doomed | Phase::Lent => return,
         };
         if e.ctl.flags.has(Flags::EOF) {
             self.doom(token, why);
@@ -276,8 +281,11 @@ impl<St> Core<St> {
     fn next_deadline(&self, c: &Ctl) -> Option<u64> {
         let env = &self.env;
         let limits = &env.limits;
+        if c.flags.has(Flags::HELD) {
+            return None;
+        }
         match c.phase {
-            Phase::Doomed => None,
+            Phase::Doomed | Phase::Lent => None,
             Phase::Closing { by, .. } => Some(env.abs(by)),
             Phase::Lingering { until, .. } => Some(env.abs(until)),
             Phase::Open => {
@@ -326,7 +334,7 @@ impl<S: Service> Shard<S> {
         };
         let c = &mut e.ctl;
         match c.phase {
-            Phase::Doomed => return,
+            Phase::Doomed | Phase::Lent => return,
             Phase::Closing { by, .. } => {
                 if env.abs(by) <= now {
                     // The flush took too long: the peer is not reading.
@@ -419,7 +427,10 @@ impl<S: Service> Shard<S> {
                 CloseReason::ReadOverflow => counters.read_overflows.inc(),
                 // Counted when caught.
                 CloseReason::Panic => {}
-                CloseReason::PeerClosed | CloseReason::Drain | CloseReason::Service => {}
+                CloseReason::PeerClosed
+                | CloseReason::Drain
+                | CloseReason::Service
+                | CloseReason::HandedOver => {}
             }
             // Dropping `e` closes the descriptor, which also removes it from the epoll set.
         }

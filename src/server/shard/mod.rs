@@ -23,6 +23,7 @@
 //! Per event in the steady state the shard makes the same system calls as a minimal epoll loop
 //! (one `recv`, one `send`) and allocates nothing.
 
+pub(crate) mod handover;
 pub(crate) mod io;
 pub(crate) mod lifecycle;
 pub(crate) mod state;
@@ -98,6 +99,8 @@ pub(crate) struct Shard<S: Service> {
     max_connections: usize,
     /// `shard N`, for log lines.
     name: String,
+    /// Connections lent to or held from another process during a hand-over.
+    handover: handover::HandoverState,
 }
 
 /// What a shard is started with.
@@ -156,6 +159,7 @@ impl<S: Service> Shard<S> {
             listeners: setup.listeners,
             max_connections: setup.max_connections,
             name: format!("shard {}", setup.shard),
+            handover: handover::HandoverState::default(),
         })
     }
 
@@ -310,6 +314,7 @@ impl<S: Service> Shard<S> {
                         self.core.rearm(token, true);
                     }
                 }
+                Control::Handover(step) => self.on_handover(step),
             }
             self.core.counters().controls.inc();
             // The sender may have stopped waiting; it has counted that already.
@@ -358,11 +363,13 @@ impl<S: Service> Shard<S> {
         if self.drain_deadline.is_some() {
             return;
         }
+        self.settle_handover();
         self.core.env.draining = true;
         self.drain_deadline = Some(self.core.env.now + self.core.tuning.shutdown_timeout);
         // Reuseport mode: stop accepting; closing the sockets hands their queues to any other
         // process on the port (net.ipv4.tcp_migrate_req).
         self.listeners.clear();
+        self.handover.paused.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
         while let Ok(nc) = self.inbox.conns.try_recv() {
             self.adopt(nc);
@@ -399,7 +406,7 @@ impl<S: Service> Shard<S> {
                             continue; // dropping `fd` closes it
                         }
                         let listener = self.listeners[i].index;
-                        self.adopt(NewConn { fd, listener });
+                        self.adopt(NewConn::accepted(fd, listener));
                         self.reap();
                     }
                     Step::Skipped => {}
@@ -409,8 +416,13 @@ impl<S: Service> Shard<S> {
         }
     }
 
-    /// Takes a connected socket into the slab and epoll, then tells the service.
-    fn adopt(&mut self, nc: NewConn) {
+    /// Takes a connected socket into the slab and epoll, then tells the service (a connection
+    /// from an old process: held, see [`handover`]).
+    fn adopt(&mut self, mut nc: NewConn) {
+        if let Some(record) = nc.import.take() {
+            self.import(nc, *record);
+            return;
+        }
         let core = &mut self.core;
         let edge = core.tuning.edge;
         let token = core.conns.insert(Entry {
