@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -296,4 +296,476 @@ fn a_takeover_refused_for_its_format_moves_nothing() {
     assert_eq!(echo_roundtrip(&mut c, b"still here"), b"still here");
     assert_eq!(old.snapshot().handover.failed, 1);
     assert_eq!(old.snapshot().total().handed_over, 0);
+}
+
+// ---- Real processes: `shardnet serve`, `serve --takeover`, `shardnet upgrade`. ----
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+/// A server with an echo and an admin listener on port 0 (a takeover matches them by name and
+/// address: port 0 takes whatever port the old process has) and a control socket.
+fn process_toml(shards: usize, control: &Path) -> String {
+    format!(
+        "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"5s\"\n\
+         control_socket = \"{}\"\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n\
+         [[listener]]\nname = \"admin\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        control.display()
+    )
+}
+
+/// `/stats` of the server behind `admin`, on a connection closed right after.
+fn stats(admin: SocketAddr) -> serde_json::Value {
+    let mut s = connect(admin);
+    let (status, _, body) = http_exchange(
+        &mut s,
+        b"GET /stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).expect("stats JSON")
+}
+
+fn total(admin: SocketAddr, field: &str) -> u64 {
+    stats(admin)["total"][field].as_u64().expect(field)
+}
+
+fn handover_stat(admin: SocketAddr, field: &str) -> u64 {
+    stats(admin)["handover"][field].as_u64().expect(field)
+}
+
+/// `n` echo connections, each with one round trip done.
+fn open_echo(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut c = connect(addr);
+            let d = pattern(i as u64, 64);
+            assert_eq!(echo_roundtrip(&mut c, &d), d);
+            c
+        })
+        .collect()
+}
+
+/// One more round trip on every connection, byte-exact.
+#[track_caller]
+fn all_echo(conns: &mut [TcpStream], round: u64, what: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let d = pattern(round * 100_000 + i as u64, 500);
+        assert_eq!(echo_roundtrip(c, &d), d, "connection {i} {what}");
+    }
+}
+
+/// Connect, echo, close, in a loop until `stop`; counts successes in `done` and returns the
+/// failures.
+fn churn(addr: SocketAddr, stop: &AtomicBool, done: &AtomicUsize) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Relaxed) {
+        i += 1;
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let data = pattern(i, 200);
+            s.write_all(&data)?;
+            let mut got = vec![0u8; 200];
+            s.read_exact(&mut got)?;
+            if got != data {
+                return Err(std::io::Error::other("echo differs"));
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                done.fetch_add(1, Relaxed);
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    failures
+}
+
+/// A process this test did not start itself (a server started by an upgrade): stopped by pid
+/// when the test ends.
+struct Pid(u32);
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        for sig in ["TERM", "KILL"] {
+            if !Path::new(&format!("/proc/{}", self.0)).exists() {
+                return;
+            }
+            let _ = std::process::Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(self.0.to_string())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{}", self.0)).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn takeover_args(control: &Path) -> Vec<String> {
+    vec!["--takeover".into(), control.display().to_string()]
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn process_takeover_by_a_three_shard_process_keeps_every_connection_and_every_attempt() {
+    let dir = TempDir::new("proc");
+    let ctl = dir.path("ctl.sock");
+    let mut old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut conns = open_echo(echo, 300);
+    let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
+    let ta = takeover_args(&ctl);
+    let (failures, new) = std::thread::scope(|scope| {
+        let churners: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| churn(echo, &stop, &done)))
+            .collect();
+        wait_until(Duration::from_secs(10), "churn under way", || {
+            done.load(Relaxed) > 20
+        });
+        let new = Child::spawn_with(&process_toml(3, &ctl), "", &args(&ta), &[]);
+        assert_eq!(
+            old.wait(Duration::from_secs(10)).code(),
+            Some(0),
+            "the old process exits 0 once it holds nothing; log:\n{}",
+            old.log()
+        );
+        // Churn goes on against the new process alone.
+        let after = done.load(Relaxed);
+        wait_until(Duration::from_secs(10), "churn after the switch", || {
+            done.load(Relaxed) > after + 20
+        });
+        stop.store(true, Relaxed);
+        let failures: Vec<String> = churners
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        (failures, new)
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} connection attempts failed during the switch: {:?}",
+        failures.len(),
+        failures.len() + done.load(Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(new.addr("echo"), echo, "the same listening socket");
+    all_echo(&mut conns, 1, "after the takeover");
+    let s = stats(admin);
+    assert_eq!(s["pid"].as_u64(), Some(new.child.id() as u64), "{s}");
+    assert_eq!(s["shards"], 3);
+    assert_eq!(s["handover"]["taken"], 1);
+    let received = s["total"]["received"].as_u64().unwrap();
+    assert!(
+        received >= 300,
+        "the 300 connections (and churn caught in the middle) moved: {received}"
+    );
+    assert!(old.log().contains("hand-over committed"), "{}", old.log());
+    assert!(new.log().contains("takeover committed"), "{}", new.log());
+    drop(conns);
+}
+
+#[test]
+fn process_output_waiting_for_a_client_that_stopped_reading_moves_byte_exact() {
+    let dir = TempDir::new("stalled");
+    let ctl = dir.path("ctl.sock");
+    let old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let data = pattern(7, 48 << 20);
+    let mut c = connect(echo);
+    c.set_nonblocking(true).unwrap();
+    let mut written = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while total(admin, "output_queued") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no output queued");
+        loop {
+            match c.write(&data[written..(written + 65536).min(data.len())]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ta = takeover_args(&ctl);
+    let new = Child::spawn_with(&process_toml(3, &ctl), "", &args(&ta), &[]);
+    assert_eq!(handover_stat(admin, "taken"), 1);
+    // Every byte echoed once, in order: the old process's queue went with the connection.
+    c.set_nonblocking(false).unwrap();
+    let mut got = vec![0u8; written];
+    c.read_exact(&mut got).unwrap();
+    assert!(
+        got == data[..written],
+        "the echo of {written} bytes differs"
+    );
+    assert_eq!(echo_roundtrip(&mut c, b"and more"), b"and more");
+    drop(new);
+}
+
+/// The new process is killed (SIGKILL) at `point`; the old one keeps serving everything, and a
+/// second takeover succeeds.
+fn killed_at(point: &str) {
+    let dir = TempDir::new(point);
+    let ctl = dir.path("ctl.sock");
+    let mut old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    // 600 connections: more than one batch per shard (253 descriptors per message).
+    let mut conns = open_echo(echo, 600);
+    let ta = takeover_args(&ctl);
+    let mut doomed = Child::launch(
+        &process_toml(3, &ctl),
+        "",
+        &args(&ta),
+        &[("SHARDNET_TEST_TAKEOVER_KILL", point)],
+    );
+    let status = doomed.wait(Duration::from_secs(20));
+    assert_eq!(status.signal(), Some(9), "killed; log:\n{}", doomed.log());
+    assert!(
+        doomed.log().contains("says to die here"),
+        "{}",
+        doomed.log()
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the old process gives up on it",
+        || handover_stat(admin, "failed") == 1,
+    );
+    assert_eq!(total(admin, "handed_over"), 0);
+    all_echo(&mut conns, 1, "served by the old process after the crash");
+    // Accepting resumed: only the old process can take this one.
+    let mut fresh = connect(echo);
+    assert_eq!(echo_roundtrip(&mut fresh, b"fresh"), b"fresh");
+    drop(fresh);
+    assert!(old.log().contains("failed"), "{}", old.log());
+
+    let new = Child::spawn_with(&process_toml(3, &ctl), "", &args(&ta), &[]);
+    assert_eq!(
+        old.wait(Duration::from_secs(10)).code(),
+        Some(0),
+        "{}",
+        old.log()
+    );
+    all_echo(&mut conns, 2, "after the second takeover");
+    let s = stats(admin);
+    assert_eq!(s["pid"].as_u64(), Some(new.child.id() as u64));
+    assert!(s["total"]["received"].as_u64().unwrap() >= 600, "{s}");
+    drop(conns);
+}
+
+#[test]
+fn process_new_process_killed_after_the_listeners_leaves_the_old_serving() {
+    killed_at("listeners");
+}
+
+#[test]
+fn process_new_process_killed_midway_through_the_connections_leaves_the_old_serving() {
+    killed_at("connections");
+}
+
+#[test]
+fn process_new_process_killed_before_its_commit_leaves_the_old_serving() {
+    killed_at("end");
+}
+
+#[test]
+fn process_a_configuration_that_does_not_parse_is_refused_before_anything_moves() {
+    let dir = TempDir::new("badconf");
+    let ctl = dir.path("ctl.sock");
+    let old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut c = connect(echo);
+    assert_eq!(echo_roundtrip(&mut c, b"one"), b"one");
+    let bad = dir.path("bad.toml");
+    std::fs::write(&bad, "[server]\nshards = 0\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .arg("--takeover")
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bad.toml:2:") && err.contains("server.shards"),
+        "{err}"
+    );
+    let out = std::process::Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nothing was asked"), "{err}");
+    // Nothing reached the running server, which serves on.
+    assert_eq!(handover_stat(admin, "sessions"), 0);
+    assert_eq!(echo_roundtrip(&mut c, b"two"), b"two");
+}
+
+#[test]
+fn process_a_version_mismatch_is_refused_before_anything_moves_either_way() {
+    use shardnet::server::handover::wire::{FrameReader, Message};
+    let dir = TempDir::new("version");
+    let ctl = dir.path("ctl.sock");
+    let old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut c = connect(echo);
+
+    // A newer process that only understands versions 90 to 99.
+    let mut s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let hello = Message::Hello {
+        min: 90,
+        max: 99,
+        pid: std::process::id(),
+        format: "shardnet-router/1".into(),
+    };
+    s.write_all(&hello.encode()).unwrap();
+    match FrameReader::default().next(&s).unwrap().0 {
+        Message::Refuse { reason } => assert!(reason.contains("90 to 99"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(echo_roundtrip(&mut c, b"still"), b"still");
+    assert_eq!(handover_stat(admin, "failed"), 1);
+    assert_eq!(total(admin, "handed_over"), 0);
+
+    // An old process that speaks version 99 only: the new one refuses it before asking for
+    // anything, and says why.
+    let fake = dir.path("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    let fa = takeover_args(&fake);
+    let mut new = Child::launch(&process_toml(1, &ctl), "", &args(&fa), &[]);
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut reader = FrameReader::default();
+    match reader.next(&conn).unwrap().0 {
+        Message::Hello { min, max, .. } => assert_eq!((min, max), (1, 1)),
+        other => panic!("{other:?}"),
+    }
+    let welcome = Message::Welcome {
+        version: 99,
+        pid: 1,
+        shards: 1,
+        connections: 0,
+        listeners: vec![],
+    };
+    (&conn).write_all(&welcome.encode()).unwrap();
+    match reader.next(&conn).unwrap().0 {
+        Message::Abort { reason } => assert!(reason.contains("version 99"), "{reason}"),
+        other => panic!("the new process went on with {other:?}"),
+    }
+    assert_eq!(
+        new.wait(Duration::from_secs(10)).code(),
+        Some(1),
+        "{}",
+        new.log()
+    );
+    assert!(new.log().contains("version 99"), "{}", new.log());
+}
+
+#[test]
+fn process_upgrade_and_sigusr2_run_the_whole_sequence() {
+    let dir = TempDir::new("upgrade");
+    let ctl = dir.path("ctl.sock");
+    let mut old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut conns = open_echo(echo, 100);
+    let new_config = dir.path("new.toml");
+    std::fs::write(&new_config, process_toml(3, &ctl)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(&new_config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: u32 = text
+        .split("pid ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    let _new = Pid(pid);
+    assert!(text.contains("100 connections moved"), "{text}");
+    assert_eq!(
+        old.wait(Duration::from_secs(10)).code(),
+        Some(0),
+        "{}",
+        old.log()
+    );
+    // The new process, started by the old one, announced itself to the same service manager.
+    let ready = old.notify.wait(Duration::from_secs(10), || None).unwrap();
+    assert_eq!(ready.pid, pid);
+    all_echo(&mut conns, 1, "after the upgrade");
+    assert_eq!(stats(admin)["pid"].as_u64(), Some(pid as u64));
+
+    // SIGUSR2 on the new process: the same with its own configuration file.
+    assert!(std::process::Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let ready = old.notify.wait(Duration::from_secs(20), || None).unwrap();
+    let _newer = Pid(ready.pid);
+    assert_ne!(ready.pid, pid);
+    wait_until(
+        Duration::from_secs(10),
+        "the upgraded process exits",
+        || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        },
+    );
+    all_echo(&mut conns, 2, "after SIGUSR2");
+    assert_eq!(stats(admin)["pid"].as_u64(), Some(ready.pid as u64));
+    drop(conns);
+}
+
+#[test]
+fn process_an_upgrade_whose_new_process_fails_leaves_the_old_serving() {
+    let dir = TempDir::new("failing");
+    let ctl = dir.path("ctl.sock");
+    let old = Child::spawn(&process_toml(2, &ctl), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut conns = open_echo(echo, 20);
+    // A new listener on a port already taken: the new process cannot start.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = format!(
+        "{}[[listener]]\nname = \"extra\"\naddr = \"{}\"\nservice = \"echo\"\n",
+        process_toml(3, &ctl),
+        taken.local_addr().unwrap()
+    );
+    let path = dir.path("new.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed") || err.contains("ended"), "{err}");
+    all_echo(&mut conns, 1, "still served by the old process");
+    assert_eq!(total(admin, "handed_over"), 0);
+    let mut fresh = connect(echo);
+    assert_eq!(echo_roundtrip(&mut fresh, b"accepting"), b"accepting");
 }

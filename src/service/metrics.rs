@@ -2,7 +2,8 @@
 //!
 //! Generated from the counter lists in [`crate::stats`] and [`super::router`]: each counter
 //! becomes `shardnet_<name>_total{shard="N"}` (gauges lose the `_total`), acceptor counters
-//! `shardnet_acceptor_<name>_total`; times are exposed in seconds. Process gauges follow the
+//! `shardnet_acceptor_<name>_total`, hand-over counters `shardnet_handover_<name>_total`; times
+//! are exposed in seconds. Process gauges follow the
 //! Prometheus client conventions (`process_open_fds`, `process_resident_memory_bytes`).
 
 use std::fmt::Write as _;
@@ -66,6 +67,19 @@ pub fn render(shared: &Shared, buf: &mut Vec<u8>) {
             continue;
         }
         let name = metric_name("shardnet_acceptor_", field, kind);
+        header(&mut out, &name, kind_str(kind), help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+
+    // Hand-overs between processes; durations in seconds.
+    for (field, kind, help, value) in snap.handover.fields() {
+        if let Some(stem) = field.strip_suffix("_micros") {
+            let name = format!("shardnet_handover_{stem}_seconds");
+            header(&mut out, &name, kind_str(kind), help);
+            let _ = writeln!(out, "{name} {}", value as f64 / 1e6);
+            continue;
+        }
+        let name = metric_name("shardnet_handover_", field, kind);
         header(&mut out, &name, kind_str(kind), help);
         let _ = writeln!(out, "{name} {value}");
     }
@@ -155,10 +169,12 @@ pub fn render_json(shared: &Shared, buf: &mut Vec<u8>) {
     let p = process();
     let v = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "uptime_seconds": snap.uptime_seconds,
         "shards": snap.shards.len(),
         "total": snap.total(),
         "acceptor": snap.acceptor,
+        "handover": snap.handover,
         "per_shard": snap.shards,
         "services": services,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },

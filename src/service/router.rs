@@ -26,6 +26,9 @@ use crate::server::{
 };
 use crate::stats::StatsView;
 
+/// Hand-over blob of an echo connection.
+const BLOB_ECHO: u8 = 1;
+
 /// How long a slow subscriber closed with 1008 has to read its backlog and the close frame.
 const SLOW_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -591,6 +594,32 @@ impl Service for Router {
         }
     }
 
+    /// Version 1: one byte naming the state. Echo connections move; HTTP and WebSocket ones stay
+    /// with the old process (closed gracefully after the hand-over) until their state is
+    /// described too.
+    const HANDOVER_FORMAT: &'static str = "shardnet-router/1";
+
+    fn export(&mut self, conn: &mut Conn<'_, ConnState>) -> Option<Vec<u8>> {
+        match conn.state() {
+            ConnState::Echo => Some(vec![BLOB_ECHO]),
+            ConnState::Fresh | ConnState::Http(_) | ConnState::Ws(_) => None,
+        }
+    }
+
+    fn import(&mut self, conn: &mut Conn<'_, ConnState>, blob: &[u8]) -> Result<(), String> {
+        match (blob, &self.kinds[conn.listener()]) {
+            ([BLOB_ECHO], Kind::Echo) => {
+                *conn.state() = ConnState::Echo;
+                Ok(())
+            }
+            ([BLOB_ECHO], Kind::Http { .. }) => Err(format!(
+                "an echo connection came for listener {}, an HTTP listener here",
+                conn.listener()
+            )),
+            _ => Err(format!("unknown connection state {blob:?}")),
+        }
+    }
+
     fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {
         let mut pending = std::mem::take(&mut self.pending);
         for (topic, mut frames, count) in pending.drain(..) {
@@ -660,12 +689,17 @@ pub fn engine(config: &Config) -> ServerBuilder {
 
 /// Starts the product server: every listener with the service its configuration names.
 pub fn start(config: &Config) -> Result<Server, ServerError> {
+    start_with(config, engine(config))
+}
+
+/// [`start`] on a given engine builder (one that took its listeners over from an old process).
+pub fn start_with(config: &Config, builder: ServerBuilder) -> Result<Server, ServerError> {
     let owned = config.clone();
     let started = Instant::now();
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    engine(config).start(move |info, peers| {
+    builder.start(move |info, peers| {
         let shared = slot
             .lock()
             .get_or_insert_with(|| {
