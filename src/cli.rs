@@ -93,7 +93,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => match serve(args) {
-            Ok(()) => 0,
+            Ok(code) => code,
             Err(e) => {
                 let code = if e.downcast_ref::<ConfigError>().is_some() {
                     2
@@ -209,8 +209,8 @@ fn upgrade(args: UpgradeArgs) -> i32 {
     }
 }
 
-/// A process started for an upgrade that ended before it took over: (pid, its exit status).
-type ChildExit = (u32, String);
+/// A process started for an upgrade that ended: (pid, its exit status, as an exit code).
+type ChildExit = (u32, String, i32);
 
 /// Starts `exe serve --config CONFIG --takeover CONTROL` for an upgrade, and a thread that
 /// reports on `exits` if it ends.
@@ -236,10 +236,15 @@ fn start_upgrade(
     std::thread::Builder::new()
         .name("upgrade-child".into())
         .spawn(move || {
-            let status = child
-                .wait()
-                .map_or_else(|e| e.to_string(), |s| s.to_string());
-            let _ = exits.send((pid, status));
+            use std::os::unix::process::ExitStatusExt;
+            let (status, code) = match child.wait() {
+                Ok(s) => (
+                    s.to_string(),
+                    s.code().or(s.signal().map(|g| 128 + g)).unwrap_or(1),
+                ),
+                Err(e) => (e.to_string(), 1),
+            };
+            let _ = exits.send((pid, status, code));
         })
         .map_err(|e| format!("cannot watch the new process: {e}"))?;
     log::info!(
@@ -278,7 +283,8 @@ fn start_server(
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs the server; returns the exit code (0, or the last server's as a container's init).
+fn serve(args: ServeArgs) -> anyhow::Result<i32> {
     // The configuration first: a file that does not parse ends here, before a takeover asks
     // the running server for anything.
     let mut config = load(args.config.as_ref())?;
@@ -411,7 +417,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Err(_) => {}
             },
             recv(child_rx) -> exit => {
-                if let Ok((pid, status)) = exit {
+                if let Ok((pid, status, _)) = exit {
                     if upgrading == Some(pid) {
                         upgrading = None;
                         let why = format!(
@@ -446,21 +452,83 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = done_tx.send(clean);
         })
         .context("cannot start the drain thread")?;
-    select! {
-        recv(done_rx) -> clean => {
-            sig_handle.close();
-            match (clean.unwrap_or(false), handed_over) {
-                (true, false) => log::info!("drained; exiting"),
-                (true, true) => log::info!("handed over and closed what stayed; exiting"),
-                (false, _) => {
-                    log::warn!("some shards did not finish within shutdown_timeout; exiting")
+    // PID 1 of a container: ending would end the container under the new process.
+    let init = handed_over && std::process::id() == 1;
+    let clean = loop {
+        select! {
+            recv(done_rx) -> clean => break clean.unwrap_or(false),
+            recv(sig_rx) -> sig => {
+                let sig = sig.unwrap_or(SIGTERM);
+                if init {
+                    forward(sig);
+                    continue;
                 }
+                log::warn!("second signal ({sig}): exiting now");
+                std::process::exit(128 + sig);
             }
-            Ok(())
         }
-        recv(sig_rx) -> sig => {
-            log::warn!("second signal ({}): exiting now", sig.unwrap_or(0));
-            std::process::exit(128 + sig.unwrap_or(SIGTERM));
+    };
+    match (clean, handed_over) {
+        (true, false) => log::info!("drained; exiting"),
+        (true, true) if !init => log::info!("handed over and closed what stayed; exiting"),
+        (true, true) => {}
+        (false, _) => log::warn!("some shards did not finish within shutdown_timeout"),
+    }
+    if init {
+        return Ok(linger_as_init(&sig_rx, &child_rx));
+    }
+    sig_handle.close();
+    Ok(0)
+}
+
+/// Passes signal `sig` on to every child (the server that took over, and the ones after it,
+/// which the kernel reparents to PID 1).
+fn forward(sig: i32) {
+    for pid in crate::sys::process::children() {
+        match crate::sys::process::signal(pid, sig) {
+            Ok(()) => log::info!("signal {sig} passed on to pid {pid}"),
+            Err(e) => log::warn!("signal {sig} to pid {pid}: {e}"),
+        }
+    }
+}
+
+/// After a hand-over as PID 1 (a container's entrypoint): stays as the container's init,
+/// reaping every process that ends and passing signals on, until no process is left; returns
+/// the exit code of the last one (the server of the moment), which becomes the container's.
+fn linger_as_init(signals: &Receiver<i32>, upgrades: &Receiver<ChildExit>) -> i32 {
+    use crate::sys::process::{reap, Reaped};
+    log::info!(
+        "PID 1: staying as this container's init (reaping, passing signals on to the server          that took over)"
+    );
+    let mut last = 0;
+    let ticker = tick(Duration::from_millis(100));
+    loop {
+        select! {
+            recv(signals) -> sig => if let Ok(sig) = sig { forward(sig) },
+            // The thread watching a process this one started reaps it itself.
+            recv(upgrades) -> exit => if let Ok((pid, _, code)) = exit {
+                log::info!("pid {pid} ended ({code})");
+                last = code;
+            },
+            recv(ticker) -> _ => loop {
+                match reap() {
+                    Ok(Reaped::Ended { pid, code }) => {
+                        log::info!("pid {pid} ended ({code})");
+                        last = code;
+                    }
+                    Ok(Reaped::Running) => break,
+                    Ok(Reaped::None) | Err(_) => {
+                        if crate::sys::process::children().is_empty() {
+                            while let Ok((_, _, code)) = upgrades.try_recv() {
+                                last = code;
+                            }
+                            log::info!("no process left; exiting with {last}");
+                            return last;
+                        }
+                        break;
+                    }
+                }
+            },
         }
     }
 }

@@ -307,9 +307,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 /// A server with an echo and an admin listener on port 0 (a takeover matches them by name and
 /// address: port 0 takes whatever port the old process has) and a control socket.
 fn process_toml(shards: usize, control: &Path) -> String {
+    process_toml_with(shards, control, "")
+}
+
+/// [`process_toml`] with more `[server]` keys.
+fn process_toml_with(shards: usize, control: &Path, server: &str) -> String {
     format!(
         "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"5s\"\n\
-         control_socket = \"{}\"\n\
+         control_socket = \"{}\"\n{server}\n\
          [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n\
          [[listener]]\nname = \"admin\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
         control.display()
@@ -768,4 +773,150 @@ fn process_an_upgrade_whose_new_process_fails_leaves_the_old_serving() {
     assert_eq!(total(admin, "handed_over"), 0);
     let mut fresh = connect(echo);
     assert_eq!(echo_roundtrip(&mut fresh, b"accepting"), b"accepting");
+}
+
+#[test]
+fn process_reuseport_sockets_move_and_the_new_process_adds_one_per_extra_shard() {
+    let dir = TempDir::new("reuseport");
+    let ctl = dir.path("ctl.sock");
+    let extra = "balance = \"reuseport\"";
+    let mut old = Child::spawn(&process_toml_with(2, &ctl, extra), "");
+    let (echo, admin) = (old.addr("echo"), old.addr("admin"));
+    let mut conns = open_echo(echo, 100);
+    let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
+    let ta = takeover_args(&ctl);
+    let (failures, new) = std::thread::scope(|scope| {
+        let churners: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| churn(echo, &stop, &done)))
+            .collect();
+        wait_until(Duration::from_secs(10), "churn under way", || {
+            done.load(Relaxed) > 20
+        });
+        let new = Child::spawn_with(&process_toml_with(3, &ctl, extra), "", &args(&ta), &[]);
+        assert_eq!(
+            old.wait(Duration::from_secs(10)).code(),
+            Some(0),
+            "{}",
+            old.log()
+        );
+        let after = done.load(Relaxed);
+        wait_until(Duration::from_secs(20), "churn after the switch", || {
+            done.load(Relaxed) > after + 300
+        });
+        stop.store(true, Relaxed);
+        let failures: Vec<String> = churners
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        (failures, new)
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    all_echo(&mut conns, 1, "after the takeover");
+    let s = stats(admin);
+    assert_eq!(s["pid"].as_u64(), Some(new.child.id() as u64));
+    // Two sockets came over and a third was bound on the same port: every shard accepts.
+    let accepted: Vec<u64> = s["per_shard"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["accepted"].as_u64().unwrap())
+        .collect();
+    assert!(accepted.iter().all(|&a| a > 0), "{accepted:?}");
+    drop(conns);
+}
+
+#[test]
+fn process_as_pid_1_the_old_process_stays_as_init_and_passes_signals_on() {
+    // A container's entrypoint is PID 1 of its namespace: if it exited after the hand-over,
+    // the container would end with it. `unshare` gives the server such a namespace.
+    if !require(
+        is_root() && shardnet::bench::spawn::find_program("unshare").is_some(),
+        "root and `unshare` (a PID namespace)",
+        "run the tests as root, as .ci/run does; unshare is in util-linux",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("pid1");
+    let ctl = dir.path("ctl.sock");
+    let old_config = dir.path("old.toml");
+    std::fs::write(&old_config, process_toml(2, &ctl)).unwrap();
+    let notify = shardnet::ready::ReadyListener::bind().unwrap();
+    let mut unshare = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&old_config)
+        .env("NOTIFY_SOCKET", notify.notify_socket())
+        .env("SHARDNET_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let unshare_pid = unshare.id();
+    let ready = notify
+        .wait(Duration::from_secs(20), || {
+            unshare.try_wait().ok().flatten().map(|s| s.to_string())
+        })
+        .expect("the server in its namespace is ready");
+    assert_eq!(ready.pid, 1, "PID 1 of its namespace");
+    let guard = Reap(unshare);
+    let echo = ready.addr("echo").unwrap();
+    let admin = ready.addr("admin").unwrap();
+    let mut conns = open_echo(echo, 50);
+    let new_config = dir.path("new.toml");
+    std::fs::write(&new_config, process_toml(3, &ctl)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(&new_config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    all_echo(&mut conns, 1, "after the upgrade");
+    let pid = stats(admin)["pid"].as_u64().unwrap();
+    assert_ne!(pid, 1, "served by the new process, not PID 1");
+    // The old process is still there (as init), holding none of the connections.
+    let mut guard = guard;
+    assert!(guard.0.try_wait().unwrap().is_none(), "PID 1 went on");
+    // SIGTERM to PID 1 reaches the server that runs now; it drains, and everything ends with
+    // its exit code.
+    let init = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("unshare's child")
+        .parse::<u32>()
+        .unwrap();
+    drop(conns);
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &init.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the namespace did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "the last server's exit code");
 }

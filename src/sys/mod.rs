@@ -7,6 +7,7 @@ pub mod affinity;
 pub mod fdpass;
 pub mod notify;
 pub mod poller;
+pub mod process;
 pub mod rlimit;
 pub mod socket;
 pub mod waker;
