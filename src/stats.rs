@@ -134,7 +134,7 @@ counters! {
         taken: Counter, "hand-overs this process completed as the new one";
         kept: Counter, "connections the service could not hand over (closed gracefully after the commit)";
         last_micros: Gauge, "duration of the last completed hand-over, from the new process's hello to its commit, in microseconds";
-        last_moving_micros: Gauge, "in the last completed hand-over, from the first connection sent to the commit, in microseconds: the longest any moved connection was paused";
+        last_moving_micros: Gauge, "in the last completed hand-over, from the first batch of connections sent (old process) or received (new) to the commit, in microseconds: about the longest any moved connection was paused";
     }
 }
 

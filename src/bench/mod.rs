@@ -12,7 +12,8 @@
 //! servers), [`sweep`] and [`plot`] (shard counts), [`spawn`] (the servers the bench starts,
 //! owned by guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out
 //! subscribers on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`]
-//! (`--processes`), and [`procfs`] (what the bench reads about a server from /proc).
+//! (`--processes`), and [`procfs`] (what the bench reads about a server from /proc);
+//! [`takeover`] measures a hand-over to a new process (`--takeover`).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -28,6 +29,7 @@ pub mod report;
 pub mod run;
 pub mod spawn;
 mod sweep;
+pub mod takeover;
 pub mod wrk;
 
 use std::sync::atomic::Ordering;
@@ -55,6 +57,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(if m.errors > 0 { 1 } else { 0 });
+    }
+    if args.takeover {
+        return takeover::run(&args);
     }
     if let Some(list) = &args.sweep_shards {
         return sweep::sweep(&args, list);

@@ -180,6 +180,20 @@ impl Spawned {
             .with_context(|| format!("the server has no listener named `{name}`"))
     }
 
+    /// Waits up to `within` for the process to end; its status, if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The exit status, if the process has ended.
     fn exited(&mut self) -> Option<String> {
         self.child.try_wait().ok().flatten().map(|s| s.to_string())
@@ -287,13 +301,6 @@ pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
-    let cores = parse_cores(&args.server_cores)?;
-    let taskset = taskset()?;
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let cgroup = args
-        .server_quota
-        .map(|q| CpuCgroup::create(Quota::percent(q)))
-        .transpose()?;
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
@@ -306,10 +313,33 @@ pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
             (p.clone(), Some(TempPath(p)))
         }
     };
+    let shards_flag = args.config.is_some().then_some(shards);
+    start_serve(args, &config_path, shards_flag, temp)
+}
+
+/// Starts this binary's `serve --config PATH` like [`shardnet`] (pinned, under the quota), with
+/// a configuration the caller wrote.
+pub fn shardnet_with_config(args: &BenchArgs, config_path: &Path) -> anyhow::Result<Spawned> {
+    start_serve(args, config_path, None, None)
+}
+
+fn start_serve(
+    args: &BenchArgs,
+    config_path: &Path,
+    shards: Option<usize>,
+    temp: Option<TempPath>,
+) -> anyhow::Result<Spawned> {
+    let cores = parse_cores(&args.server_cores)?;
+    let taskset = taskset()?;
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let cgroup = args
+        .server_quota
+        .map(|q| CpuCgroup::create(Quota::percent(q)))
+        .transpose()?;
     let ready = ReadyListener::bind().context("cannot open the readiness socket")?;
     let mut cmd = pinned(&taskset, &cores);
-    cmd.arg(exe).arg("serve").arg("--config").arg(&config_path);
-    if args.config.is_some() {
+    cmd.arg(exe).arg("serve").arg("--config").arg(config_path);
+    if let Some(shards) = shards {
         cmd.arg("--shards").arg(shards.to_string());
     }
     let mut server = Spawned {

@@ -245,10 +245,12 @@ impl Takeover {
         self.kill_point(KillAt::Listeners);
         let mut spread = Spread::new(server.balance, ports.len());
         let mut received = 0u64;
+        let mut first_batch: Option<Instant> = None;
         let (sent, kept) = loop {
             let (m, fds) = self.reader.next(&self.stream)?;
             match m {
                 Message::Batch { records, .. } => {
+                    first_batch.get_or_insert_with(Instant::now);
                     received += records.len() as u64;
                     self.place(records, fds, ports, stats, &mut spread)?;
                     self.kill_point(KillAt::Connections);
@@ -290,9 +292,11 @@ impl Takeover {
             log::error!("takeover: {e}");
         }
         let took = self.started.elapsed();
+        let moving = first_batch.map_or(Duration::ZERO, |t| t.elapsed());
         let c = stats.handover();
         c.taken.inc();
         c.last_micros.set(took.as_micros() as u64);
+        c.last_moving_micros.set(moving.as_micros() as u64);
         log::info!(
             "takeover committed: {received} connections from pid {} in {took:?} ({kept} kept there)",
             self.old_pid
