@@ -12,10 +12,12 @@ use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 
-use crate::config::{duration, size, Config, ConfigError, MaxConnections, Shards, DEFAULT_TOML};
+use crate::config::{
+    duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
+    TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
+};
 use crate::server::handover::{self, ControlEvent};
-use crate::server::{Server, Service, Takeover};
-use crate::service::router::{self, Router};
+use crate::server::{Server, Takeover};
 use crate::stats::Snapshot;
 
 #[derive(Parser, Debug)]
@@ -120,8 +122,8 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
-            Ok(config) => {
+        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_tls(&file) {
+            Ok((config, _tls)) => {
                 print!("{}", config.to_toml());
                 0
             }
@@ -161,10 +163,16 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+/// The configuration to serve, with its TLS files read (a file that cannot be used stops the
+/// start as a configuration error, like a bad key).
+fn load(path: Option<&PathBuf>) -> Result<(Config, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::embedded_default()),
+        Some(p) => Config::load_with_tls(p),
+        None => {
+            let config = Config::embedded_default();
+            let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
+            Ok((config, tls))
+        }
     }
 }
 
@@ -176,8 +184,8 @@ fn upgrade(args: UpgradeArgs) -> i32 {
         .as_ref()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
     let config = match &config_path {
-        Some(p) => match Config::load(p) {
-            Ok(c) => Some(c),
+        Some(p) => match Config::load_with_tls(p) {
+            Ok((c, _)) => Some(c),
             Err(e) => {
                 eprintln!("shardnet upgrade: {e}; nothing was asked of the running server");
                 return 2;
@@ -260,18 +268,20 @@ fn start_upgrade(
 /// behind that control socket.
 fn start_server(
     config: &Config,
+    tls: &ListenerTls,
     takeover: Option<&Path>,
 ) -> anyhow::Result<(Server, Option<handover::TakeoverReport>)> {
     let Some(path) = takeover else {
-        let server = crate::service::start_default(config).context("cannot start the server")?;
+        let server = crate::app::start_with_tls(config, tls).context("cannot start the server")?;
         return Ok((server, None));
     };
-    let mut t = Takeover::connect(path, Router::HANDOVER_FORMAT)
+    let mut t = Takeover::connect(path, crate::app::HANDOVER_FORMAT)
         .with_context(|| format!("takeover through {}", path.display()))?;
     let builder = t
-        .take_listeners(router::engine(config))
+        .take_listeners(crate::app::engine_with_tls(config, tls))
         .context("takeover: the listeners")?;
-    let mut server = router::start_with(config, builder).context("cannot start the server")?;
+    let mut server =
+        crate::app::start_on(config, tls, builder).context("cannot start the server")?;
     match t.take_connections(&server) {
         Ok(report) => Ok((server, Some(report))),
         Err(e) => {
@@ -287,7 +297,7 @@ fn start_server(
 fn serve(args: ServeArgs) -> anyhow::Result<i32> {
     // The configuration first: a file that does not parse ends here, before a takeover asks
     // the running server for anything.
-    let mut config = load(args.config.as_ref())?;
+    let (mut config, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -330,7 +340,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
         .config
         .as_ref()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
-    let (mut server, took_over) = start_server(&config, args.takeover.as_deref())?;
+    let (mut server, took_over) = start_server(&config, &tls, args.takeover.as_deref())?;
     if let Some(r) = &took_over {
         log::info!(
             "took over from pid {}: {} listeners, {} connections ({} kept there) in {:?}",
@@ -375,7 +385,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &server) {
+                    if reload(args.config.as_ref(), &mut config, &mut tls, &server) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -582,23 +592,48 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait control_socket);
-    if old.listeners != new.listeners {
+    // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
+    // it has TLS at all, and its handshake timeout, need a restart like its other keys.
+    let restart_part = |c: &Config| -> Vec<ListenerConfig> {
+        let mut listeners = c.listeners.clone();
+        for l in &mut listeners {
+            if let Some(t) = &mut l.tls {
+                t.cert = PathBuf::new();
+                t.key = PathBuf::new();
+                t.client_ca = None;
+                t.min_version = TlsVersion::default();
+            }
+        }
+        listeners
+    };
+    if restart_part(old) != restart_part(new) {
         keys.push("listener");
     }
     keys
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level) in every shard; refuses the rest with a log line. A file that does not
-/// parse changes nothing. Returns whether anything was applied.
-fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool {
+/// interval, log level, and TLS listeners' certificates, keys, client CAs and minimum versions)
+/// in every shard; refuses the rest with a log line. A file that does not parse, or a TLS file
+/// that cannot be used, changes nothing. Returns whether anything was applied.
+fn reload(
+    path: Option<&PathBuf>,
+    config: &mut Config,
+    tls: &mut ListenerTls,
+    server: &Server,
+) -> bool {
     let Some(path) = path else {
         log::warn!(
             "SIGHUP: running the embedded default configuration; there is no file to reload"
         );
         return false;
     };
-    let new = match Config::load(path) {
+    let file = path.display().to_string();
+    let loaded = Config::read(path).and_then(|(new, src)| {
+        let new_tls = new.reload_tls(&src, &file, tls)?;
+        Ok((new, new_tls))
+    });
+    let (new, new_tls) = match loaded {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -622,6 +657,33 @@ fn reload(path: Option<&PathBuf>, config: &mut Config, server: &Server) -> bool 
             path.display()
         );
         return true;
+    }
+    for (i, new_tls) in new_tls.into_iter().enumerate() {
+        let Some(new_tls) = new_tls else {
+            continue;
+        };
+        let name = &config.listeners[i].name;
+        match server.set_tls(i, new_tls.acceptor()) {
+            Ok(()) => {
+                log::info!(
+                    "listener `{name}`: TLS reloaded from {}: new handshakes use it",
+                    new_tls.settings().cert.display()
+                );
+                if let (Some(running), Some(read)) =
+                    (&mut config.listeners[i].tls, &new.listeners[i].tls)
+                {
+                    running.cert = read.cert.clone();
+                    running.key = read.key.clone();
+                    running.client_ca = read.client_ca.clone();
+                    running.min_version = read.min_version;
+                }
+                tls[i] = Some(new_tls);
+            }
+            Err(e) => log::error!(
+                "listener `{name}`: TLS reload incomplete: {e}; those shards keep the previous \
+                 certificate"
+            ),
+        }
     }
     // Values in the file's own units (`0s`, `1MiB`), so the line reads like the file.
     log::info!(
@@ -648,7 +710,10 @@ fn log_summary(config: &Config, server: &Server) {
         .listeners
         .iter()
         .zip(server.addrs())
-        .map(|(l, (_, addr))| format!("{}={}({:?})", l.name, addr, l.service))
+        .map(|(l, (_, addr))| {
+            let tls = if l.tls.is_some() { "+TLS" } else { "" };
+            format!("{}={}({:?}{tls})", l.name, addr, l.service)
+        })
         .collect();
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");

@@ -7,14 +7,16 @@
 //! Layers, each pointing only down (`tests/layers.rs` checks it): the engine (`sys`, private,
 //! the only nix/libc user; [`conn`]; [`timer`]; [`stats`]; [`server`], with the
 //! [`server::Service`] trait and [`server::Server::builder`]) knows nothing of the product; the
-//! protocols and the product ([`service`]: echo, HTTP/1.1, WebSocket, the router and its
-//! `start`, which builds the engine from a [`config::Config`]) sit on it; [`mod@bench`] and [`cli`]
-//! on both.
+//! protocols usable without the product ([`service`]: echo, the HTTP/1.1 and WebSocket codecs)
+//! sit on it; the product that `shardnet serve` runs ([`app`]: routes, pub/sub, metrics, and
+//! `start`, which builds the engine from a [`config::Config`]) on those; [`mod@bench`] and
+//! [`cli`] on all of them.
 #![deny(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("shardnet uses epoll and eventfd: it builds on Linux only");
 
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -25,4 +27,5 @@ pub mod service;
 pub mod stats;
 pub(crate) mod sys;
 pub mod timer;
+pub mod tls;
 pub mod tune;

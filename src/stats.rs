@@ -119,6 +119,10 @@ counters! {
         alive: Gauge, "1 while the shard's thread runs; 0 once it has ended (before shutdown: it died)";
         output_queued: Gauge, "bytes of output queued because sockets did not take them";
         input_buffered: Gauge, "bytes of unconsumed input held for connections";
+        tls_handshakes: Counter, "TLS handshakes completed";
+        tls_handshake_failures: Counter, "TLS handshakes refused or failed (not TLS, no common version or cipher, a client certificate missing or refused); the connection closed";
+        tls_handshake_timeouts: Counter, "TLS handshakes not finished within handshake_timeout; the connection closed";
+        tls_errors: Counter, "TLS connections closed by a protocol error after the handshake";
         handed_over: Counter, "connections this shard handed to a new process (restart without dropping a connection)";
         received: Counter, "connections this shard took over from an old process";
     }

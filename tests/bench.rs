@@ -10,28 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn bench(args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin())
-        .arg("bench")
-        .args([
-            "--duration",
-            "600ms",
-            "--warmup",
-            "100ms",
-            "--client-cores",
-            "0",
-        ])
-        .args(args)
-        .output()
-        .expect("run bench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn requests_of(text: &str) -> f64 {
     // The table row after the header: the req/s column.
     let row = text
@@ -562,5 +540,73 @@ fn takeover_mode_moves_every_connection_and_reports_the_pause() {
     assert!(
         report["probe_round_trips"].as_u64().unwrap() > 10,
         "{report}"
+    );
+}
+
+#[test]
+fn tls_modes_run_and_verify() {
+    let pki = common::pki::Pki::new();
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        pki.cert.display(),
+        pki.key.display()
+    );
+    let toml = format!(
+        "{}{tls}[[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n{tls}",
+        http_toml(1, "")
+    );
+    let config = config(&toml);
+    let loaded = config.load_tls(&toml, "bench-tls.toml").unwrap();
+    let server = shardnet::app::start_with_tls(&config, &loaded).unwrap();
+    let http = server.addr("http").unwrap().to_string();
+    let echo = server.addr("echo").unwrap().to_string();
+    let ca = pki.ca.display().to_string();
+    let tls_args = ["--tls", "--tls-ca", ca.as_str()];
+    for (target, mode, extra) in [
+        (&http, "http", &["-d", "4"][..]),
+        (&http, "ws", &["-s", "300"][..]),
+        (&http, "connect", &[][..]),
+        (&echo, "echo", &[][..]),
+    ] {
+        let mut args = vec!["--target", target.as_str(), "--mode", mode, "-c", "4"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&tls_args);
+        let (code, text) = bench(&args);
+        assert_eq!(code, 0, "{mode}: {text}");
+        assert!(requests_of(&text) > 10.0, "{mode}: {text}");
+    }
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "idle",
+        "--idle-ws",
+        "-c",
+        "8",
+        "--tls",
+        "--tls-ca",
+        &ca,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("8 connections held"), "{text}");
+    // A name the certificate does not carry: a loud failure that says why, not a hang.
+    let (code, text) = bench(&[
+        "--target",
+        &http,
+        "--mode",
+        "http",
+        "-c",
+        "2",
+        "--tls",
+        "--tls-ca",
+        &ca,
+        "--tls-name",
+        "example.com",
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("not valid for name \"example.com\""),
+        "{text}"
     );
 }

@@ -6,22 +6,31 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use shardnet::service::http::{App, DateCache, Http, HttpConn, HttpSettings};
+use shardnet::service::deflate;
+use shardnet::service::http::{
+    DateCache, Handler, Http, HttpConn, HttpSettings, Request, Response, Sent,
+};
 
+/// Routes shaped like the product's: a fixed body, a body's length, an upgrade path (with
+/// permessage-deflate negotiation), 404.
 struct Fake;
 
-impl App for Fake {
-    fn draining(&self) -> bool {
-        false
-    }
-    fn metrics(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"m 1\n");
-    }
-    fn stats_json(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{}");
-    }
-    fn publish(&mut self, _topic: &str, _data: &[u8]) -> usize {
-        1
+const DEFLATE: deflate::Settings = deflate::Settings {
+    mode: shardnet::config::Compression::Dedicated,
+    window_bits: 12,
+};
+
+impl Handler for Fake {
+    fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
+        match req.path() {
+            "/plaintext" => resp.send(200, "text/plain", b"Hello, World!", ""),
+            p if p.starts_with("/publish/") => {
+                let n = req.body().len().to_string();
+                resp.send(200, "text/plain", n.as_bytes(), "")
+            }
+            "/ws" => resp.upgrade(req, &[], DEFLATE, 0),
+            _ => resp.send(404, "text/plain", b"not found\n", ""),
+        }
     }
 }
 
@@ -30,8 +39,6 @@ fn http() -> Http {
         max_header: 1024,
         max_body: 256,
         header_timeout: Duration::from_secs(1),
-        admin_routes: true,
-        ws_routes: vec![("/ws".into(), vec![])],
     })
 }
 
@@ -53,6 +60,15 @@ fn feed(input: &[u8], cuts: &[usize]) {
         let mut out = Vec::new();
         let o = h.handle(&mut conn, &held, &mut out, BUDGET, &date, &mut Fake);
         assert!(o.consumed <= held.len());
+        // Every final response is reported with its status.
+        assert!(o.errors <= o.responses);
+        assert_eq!(o.responses == 0, o.status == 0);
+        if o.responses > 0 {
+            let last = String::from_utf8_lossy(&out);
+            let at = last.rfind("HTTP/1.1 ").expect("a status line");
+            let status = last[at + 9..at + 12].parse::<u16>().ok();
+            assert!(status == Some(o.status) || status == Some(100), "{last}");
+        }
         // Output is bounded by the budget plus one response (the largest here is small).
         assert!(out.len() <= BUDGET + 4096, "{} bytes of output", out.len());
         held.drain(..o.consumed);
@@ -66,10 +82,12 @@ fn feed(input: &[u8], cuts: &[usize]) {
 
 const VALID: &[&[u8]] = &[
     b"GET /plaintext HTTP/1.1\r\nHost: a\r\n\r\n",
-    b"POST /publish/t HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
-    b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    b"POST /publish/t HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: x; y=\"z\", permessage-deflate; server_max_window_bits=10; client_max_window_bits\r\n\r\n",
     b"HEAD /json HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-    b"POST /publish/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+    b"GET http://a/plaintext HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /publish/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
 ];
 
 fn cases() -> u32 {

@@ -294,7 +294,9 @@ fn a_takeover_refused_for_its_format_moves_nothing() {
         .expect("refused");
     assert!(err.to_string().contains("shardnet-echo/1"), "{err}");
     assert_eq!(echo_roundtrip(&mut c, b"still here"), b"still here");
-    assert_eq!(old.snapshot().handover.failed, 1);
+    wait_until(Duration::from_secs(5), "the refusal is counted", || {
+        old.snapshot().handover.failed == 1
+    });
     assert_eq!(old.snapshot().total().handed_over, 0);
 }
 
@@ -644,7 +646,10 @@ fn process_a_version_mismatch_is_refused_before_anything_moves_either_way() {
         other => panic!("{other:?}"),
     }
     assert_eq!(echo_roundtrip(&mut c, b"still"), b"still");
-    assert_eq!(handover_stat(admin, "failed"), 1);
+    // Counted once the refusal is written.
+    wait_until(Duration::from_secs(5), "the refusal is counted", || {
+        handover_stat(admin, "failed") == 1
+    });
     assert_eq!(total(admin, "handed_over"), 0);
 
     // An old process that speaks version 99 only: the new one refuses it before asking for
@@ -919,4 +924,83 @@ fn process_as_pid_1_the_old_process_stays_as_init_and_passes_signals_on() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0), "the last server's exit code");
+}
+
+#[test]
+fn a_tls_connection_stays_and_closes_with_close_notify_while_plain_ones_move() {
+    use rustls::{ClientConnection, StreamOwned};
+    let pki = common::pki::Pki::new();
+    let toml = format!(
+        "[server]\nshards = 1\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\
+         [[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+         [[listener]]\nname = \"plain\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        pki.cert.display(),
+        pki.key.display()
+    );
+    let config = config(&toml);
+    let tls = config.load_tls(&toml, "handover-tls.toml").unwrap();
+    let mut old = shardnet::app::start_with_tls(&config, &tls).unwrap();
+    let dir = TempDir::new("tls");
+    let path = dir.path("control.sock");
+    let events = old.open_control(&path, false).unwrap();
+    let client = pki.client(&[&rustls::version::TLS13], &[], false);
+    let tls_connect = |addr| {
+        let conn = ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut s = StreamOwned::new(conn, connect(addr));
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).unwrap();
+        }
+        s
+    };
+    let tls_echo = |s: &mut StreamOwned<ClientConnection, TcpStream>, d: &[u8]| {
+        s.write_all(d).unwrap();
+        let mut got = vec![0u8; d.len()];
+        s.read_exact(&mut got).unwrap();
+        got
+    };
+    let mut secure = tls_connect(old.addr("tls").unwrap());
+    assert_eq!(tls_echo(&mut secure, b"secret"), b"secret");
+    let mut plain = connect(old.addr("plain").unwrap());
+    assert_eq!(echo_roundtrip(&mut plain, b"open"), b"open");
+
+    // The new process loads its own configuration and TLS files.
+    let (new_config, toml2) = (config.clone(), toml.clone());
+    let p2 = path.clone();
+    let new = std::thread::spawn(move || {
+        let new_tls = new_config.load_tls(&toml2, "handover-tls.toml").unwrap();
+        let mut t = Takeover::connect(&p2, shardnet::app::HANDOVER_FORMAT).unwrap();
+        let builder = t
+            .take_listeners(shardnet::app::engine_with_tls(&new_config, &new_tls))
+            .unwrap();
+        let server = shardnet::app::start_on(&new_config, &new_tls, builder).unwrap();
+        t.take_connections(&server).unwrap();
+        server
+    })
+    .join()
+    .unwrap();
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ControlEvent::HandedOver {
+            connections, kept, ..
+        } => assert_eq!(
+            (connections, kept),
+            (1, 1),
+            "the plain one moved, the TLS one stayed"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The TLS connection is still served by the old process until it drains, then it ends
+    // with close_notify: a clean end for the client, not a truncation.
+    assert_eq!(tls_echo(&mut secure, b"still"), b"still");
+    let stop = std::thread::spawn(move || old.shutdown());
+    let mut rest = Vec::new();
+    let r = secure.read_to_end(&mut rest);
+    assert!(r.is_ok(), "expected close_notify, got {r:?}");
+    assert!(stop.join().unwrap());
+    assert_eq!(echo_roundtrip(&mut plain, b"moved"), b"moved");
+    assert_eq!(new.snapshot().total().received, 1);
+    // New TLS connections reach the new process on the same socket.
+    let mut fresh = tls_connect(new.addr("tls").unwrap());
+    assert_eq!(tls_echo(&mut fresh, b"new"), b"new");
+    drop((plain, fresh, new));
 }

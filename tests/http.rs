@@ -26,8 +26,10 @@ fn keep_alive_close_and_http10() {
             assert!(head.contains(h), "missing {h} in {head}");
         }
     }
-    let (status, head, body) =
-        http_exchange(&mut s, b"GET /json HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let (status, head, body) = http_exchange(
+        &mut s,
+        b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status, 200);
     assert_eq!(body, br#"{"message":"Hello, World!"}"#);
     assert!(head.contains("Connection: close"));
@@ -87,7 +89,8 @@ fn hundred_pipelined_requests_in_one_write_answer_in_order() {
 fn head_404_405_healthz_and_publish() {
     let server = start_router(&http_toml(2, ""));
     let mut s = connect(server.addr("http").unwrap());
-    s.write_all(b"HEAD /plaintext HTTP/1.1\r\n\r\n").unwrap();
+    s.write_all(b"HEAD /plaintext HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let (status, head, body) = read_response(&mut s, true);
     assert_eq!((status, body.len()), (200, 0));
     assert!(
@@ -95,30 +98,30 @@ fn head_404_405_healthz_and_publish() {
         "HEAD keeps the GET's Content-Length"
     );
     assert_eq!(
-        http_exchange(&mut s, b"GET /nowhere HTTP/1.1\r\n\r\n").0,
+        http_exchange(&mut s, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").0,
         404
     );
     let (status, head, _) = http_exchange(
         &mut s,
-        b"POST /plaintext HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /plaintext HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     );
     assert_eq!(status, 405);
     assert!(head.contains("Allow: GET, HEAD"));
-    let (status, _, body) = http_exchange(&mut s, b"GET /healthz HTTP/1.1\r\n\r\n");
+    let (status, _, body) = http_exchange(&mut s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
     let (status, _, body) = http_exchange(
         &mut s,
-        b"POST /publish/news HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
     );
     assert_eq!(status, 200);
     assert_eq!(
         String::from_utf8(body).unwrap(),
         r#"{"subscribers":0,"topic":"news"}"#
     );
-    let (status, head, _) = http_exchange(&mut s, b"GET /publish/news HTTP/1.1\r\n\r\n");
+    let (status, head, _) = http_exchange(&mut s, b"GET /publish/news HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 405);
     assert!(head.contains("Allow: POST"));
-    let (status, _, body) = http_exchange(&mut s, b"GET /stats HTTP/1.1\r\n\r\n");
+    let (status, _, body) = http_exchange(&mut s, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["shards"], 2);
@@ -128,8 +131,10 @@ fn head_404_405_healthz_and_publish() {
 fn expect_100_continue() {
     let server = start_router(&http_toml(1, ""));
     let mut s = connect(server.addr("http").unwrap());
-    s.write_all(b"POST /publish/t HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
     let (status, _, _) = read_response(&mut s, false);
     assert_eq!(status, 100);
     s.write_all(b"data").unwrap();
@@ -157,28 +162,39 @@ fn errors_close_only_that_connection() {
     let addr = server.addr("http").unwrap();
     let mut bystander = connect(addr);
     assert_eq!(
-        http_exchange(&mut bystander, b"GET /plaintext HTTP/1.1\r\n\r\n").0,
+        http_exchange(
+            &mut bystander,
+            b"GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .0,
         200
     );
 
     expect_error_and_close(addr, b"BLAH\x01 / HTTP/9\r\n\r\n", 400);
-    expect_error_and_close(addr, b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400);
     expect_error_and_close(
         addr,
-        b"POST /publish/t HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
         400,
     );
     expect_error_and_close(
         addr,
-        b"POST /publish/t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+    );
+    expect_error_and_close(
+        addr,
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
         411,
     );
     expect_error_and_close(
         addr,
-        b"POST /publish/t HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n",
         413,
     );
-    let huge = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(2000)
+    );
     expect_error_and_close(addr, huge.as_bytes(), 431);
     // Slowloris: half a request, then silence.
     let start = Instant::now();
@@ -190,7 +206,11 @@ fn errors_close_only_that_connection() {
 
     // The bystander was not affected.
     assert_eq!(
-        http_exchange(&mut bystander, b"GET /plaintext HTTP/1.1\r\n\r\n").0,
+        http_exchange(
+            &mut bystander,
+            b"GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .0,
         200
     );
     assert!(server.snapshot().total().open >= 1);
@@ -207,7 +227,7 @@ fn pipelining_client_that_never_reads_is_bounded() {
     let stats = server.stats();
     let mut batch = Vec::new();
     for _ in 0..1000 {
-        batch.extend_from_slice(b"GET /plaintext HTTP/1.1\r\n\r\n");
+        batch.extend_from_slice(b"GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n");
     }
     let mut peak = 0;
     let start = Instant::now();
@@ -237,11 +257,11 @@ fn metrics_parse_with_prometheus_client() {
     let mut s = connect(addr);
     for _ in 0..5 {
         assert_eq!(
-            http_exchange(&mut s, b"GET /plaintext HTTP/1.1\r\n\r\n").0,
+            http_exchange(&mut s, b"GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n").0,
             200
         );
     }
-    let (status, head, body) = http_exchange(&mut s, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let (status, head, body) = http_exchange(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 200);
     assert!(head.contains("text/plain; version=0.0.4"));
     let Some(py) = python_with(&[("prometheus_client", "prometheus_client")]) else {
@@ -296,19 +316,19 @@ fn admin_listener_separates_metrics() {
     let server = start_router(&toml);
     let mut public = connect(server.addr("http").unwrap());
     assert_eq!(
-        http_exchange(&mut public, b"GET /metrics HTTP/1.1\r\n\r\n").0,
+        http_exchange(&mut public, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").0,
         404
     );
     assert_eq!(
-        http_exchange(&mut public, b"GET /stats HTTP/1.1\r\n\r\n").0,
+        http_exchange(&mut public, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n").0,
         404
     );
     assert_eq!(
-        http_exchange(&mut public, b"GET /healthz HTTP/1.1\r\n\r\n").0,
+        http_exchange(&mut public, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").0,
         200
     );
     let mut admin = connect(server.addr("admin").unwrap());
-    let (status, _, body) = http_exchange(&mut admin, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let (status, _, body) = http_exchange(&mut admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 200);
     assert!(String::from_utf8(body)
         .unwrap()

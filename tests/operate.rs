@@ -188,7 +188,7 @@ fn readiness_announces_the_pid_and_every_listener_then_stopping() {
     assert_eq!(echo_roundtrip(&mut c, b"ready"), b"ready");
     for name in ["public http", "admin"] {
         let mut s = connect(server.addr(name));
-        let (status, _, body) = http_exchange(&mut s, b"GET /healthz HTTP/1.1\r\n\r\n");
+        let (status, _, body) = http_exchange(&mut s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!((status, &body[..]), (200, &b"ok\n"[..]), "{name}");
     }
     server.signal("TERM");
@@ -212,7 +212,7 @@ fn reuseport_balance_spreads_over_shards() {
         &echo_config("60s", "balance = \"reuseport\"", 0, false)
             .replace("shards = 2", "shards = 3"),
     );
-    let server = shardnet::service::start_default(&config).unwrap();
+    let server = shardnet::app::start(&config).unwrap();
     let addr = server.addr("echo").unwrap();
     let mut conns: Vec<_> = (0..300).map(|_| connect(addr)).collect();
     for (i, c) in conns.iter_mut().enumerate() {

@@ -263,3 +263,56 @@ fn sighup_reload_logs_values_in_the_files_units() {
         "{line}"
     );
 }
+
+#[test]
+fn config_check_reads_the_tls_files_and_names_the_bad_one() {
+    let pki = common::pki::Pki::new();
+    let conf = |name: &str, tls: &str| {
+        pki.file(
+            name,
+            format!(
+                "[[listener]]\nname = \"https\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n{tls}"
+            ),
+        )
+    };
+    // Relative paths: from the configuration file's directory, not the working directory.
+    let good = conf(
+        "good.toml",
+        "tls = { cert = \"cert.pem\", key = \"key.pem\", min_version = \"1.3\" }\n",
+    );
+    let (code, effective, err) = shardnet(&["config", "check"], &good);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(effective.contains("[listener.tls]"), "{effective}");
+    assert!(effective.contains("min_version = \"1.3\""), "{effective}");
+
+    let missing = conf(
+        "missing.toml",
+        "tls = { cert = \"cert.pem\", key = \"nokey.pem\" }\n",
+    );
+    let (code, _, err) = shardnet(&["config", "check"], &missing);
+    assert_eq!(code, Some(2));
+    let want = format!(
+        "{}:5:28: key `listener[0].tls.key`: {}: cannot read: no such file",
+        missing.display(),
+        pki.dir.join("nokey.pem").display()
+    );
+    assert_eq!(err.trim_end(), want);
+
+    // The client's key with the server's certificate: refused, and the key is not quoted.
+    let mismatch = conf(
+        "mismatch.toml",
+        "[listener.tls]\ncert = \"cert.pem\"\nkey = \"client-key.pem\"\n",
+    );
+    let key_text = std::fs::read_to_string(&pki.client_key).unwrap();
+    for args in [&["config", "check"][..], &["serve", "--config"]] {
+        let (code, _, err) = shardnet(args, &mismatch);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(
+            err.contains("key `listener[0].tls.key`") && err.contains("does not match"),
+            "{args:?}: {err}"
+        );
+        for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!err.contains(line), "the key leaked: {err}");
+        }
+    }
+}

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use shardnet::config::{Config, ListenerConfig, ServiceKind, WsRouteConfig, DEFAULT_TOML};
+use shardnet::config::{
+    Config, ListenerConfig, ServiceKind, TlsConfig, TlsVersion, WsRouteConfig, DEFAULT_TOML,
+};
 
 /// Backticked snake_case names in README.md that are not configuration keys, with what they
 /// are. A new one fails the test until it is added here (or corrected, like `log_level` was).
@@ -18,6 +20,10 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    ("server_no_context_takeover", "RFC 7692 extension parameter"),
+    ("client_no_context_takeover", "RFC 7692 extension parameter"),
+    ("server_max_window_bits", "RFC 7692 extension parameter"),
+    ("client_max_window_bits", "RFC 7692 extension parameter"),
     (
         "reload",
         "the `[reload]` marker in config/shardnet.toml's comments",
@@ -32,8 +38,10 @@ fn not_config(name: &str) -> bool {
 fn is_counter(name: &str) -> bool {
     let shard = shardnet::stats::ShardSnapshot::default();
     let acceptor = shardnet::stats::AcceptorSnapshot::default();
+    let deflate = shardnet::service::deflate::DeflateSnapshot::default();
     shard.fields().iter().any(|f| f.0 == name)
         || acceptor.fields().iter().any(|f| f.0 == name)
+        || deflate.fields().iter().any(|f| f.0 == name)
         || matches!(name, "dead_shards" | "control_failures")
 }
 
@@ -60,6 +68,13 @@ impl Schema {
                 name: "http".into(),
                 service: ServiceKind::Http,
                 websocket: vec![WsRouteConfig::default()],
+                tls: Some(TlsConfig {
+                    cert: "cert.pem".into(),
+                    key: "key.pem".into(),
+                    client_ca: Some("ca.pem".into()),
+                    min_version: TlsVersion::Tls12,
+                    handshake_timeout: std::time::Duration::from_secs(10),
+                }),
                 ..ListenerConfig::default()
             }],
             ..Config::default()
@@ -71,6 +86,7 @@ impl Schema {
         };
         schema.walk("", &table);
         assert!(schema.keys.contains("listener.websocket.max_topics"));
+        assert!(schema.keys.contains("listener.tls.client_ca"));
         schema
     }
 
@@ -123,6 +139,16 @@ impl Schema {
             "listener" => format!("[[listener]]\n{assignment}\n"),
             "listener.websocket" => {
                 format!("[[listener]]\nservice = \"http\"\n[[listener.websocket]]\n{assignment}\n")
+            }
+            // cert and key are required: the fragment gives them unless it is about them.
+            "listener.tls" => {
+                let mut table = String::from("[[listener]]\n[listener.tls]\n");
+                for required in ["cert", "key"] {
+                    if !assignment.starts_with(&format!("{required} ")) {
+                        table.push_str(&format!("{required} = \"x.pem\"\n"));
+                    }
+                }
+                format!("{table}{assignment}\n")
             }
             t => format!("[{t}]\n{assignment}\n"),
         }
@@ -313,6 +339,8 @@ fn the_checker_refuses_what_is_not_in_the_schema() {
         "balance = \"random\"",
         "server.shards = 0",
         "listener = [{ name = \"x\", addr = \"nowhere\" }]",
+        "min_version = \"1.1\"",
+        "listener.tls.ca",
     ] {
         assert!(!check_span(&schema, bad).is_empty(), "`{bad}` passed");
     }
@@ -331,6 +359,11 @@ fn the_checker_refuses_what_is_not_in_the_schema() {
         "server.shards = 4",
         "tcp_wmem",
         "shardnet_ws_dropped_total",
+        "min_version = \"1.3\"",
+        "handshake_timeout = \"5s\"",
+        "cert = \"/etc/shardnet/cert.pem\"",
+        "[listener.tls]",
+        "listener[0].tls.client_ca",
         "service_panics",
         "listener.rs",
         "/healthz",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::client::{Mode, Plan};
+use super::client::{Mode, Payload, Plan};
 use crate::config::Trigger;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -81,6 +81,19 @@ pub struct BenchArgs {
     /// Idle mode: upgrade every connection to WebSocket before holding it.
     #[arg(long)]
     pub idle_ws: bool,
+    /// WebSocket modes (ws, fanout, idle --idle-ws): offer permessage-deflate as a browser does
+    /// (`permessage-deflate; client_max_window_bits`) and fail unless the server accepts; inflate
+    /// what the server compresses; in ws mode, send every message compressed.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Message content in ws and fanout modes: pattern (a byte pattern that shows corruption and
+    /// does not compress) or json (quotes of a feed; a fan-out publish is padded to --size with
+    /// them). Compare compressed and plain runs with the same payload.
+    #[arg(long, value_enum, default_value = "pattern")]
+    pub payload: Payload,
+    /// The spawned server's WebSocket routes' `compression` (default: the configuration's).
+    #[arg(long, value_parser = ["off", "shared", "dedicated"])]
+    pub compression: Option<String>,
     /// Source addresses to spread connections over, e.g. 127.0.0.2-127.0.0.40 (each gives
     /// about 28k ephemeral ports).
     #[arg(long)]
@@ -123,6 +136,16 @@ pub struct BenchArgs {
     /// Busy connections measuring echo round trips throughout a --takeover run.
     #[arg(long, default_value_t = 4)]
     pub probes: usize,
+    /// Speak TLS (https, wss, TLS echo) to the target, with rustls; the server must have `tls`
+    /// on the listener. In connect mode every connection makes a full handshake (no resumption).
+    #[arg(long, requires = "tls_ca")]
+    pub tls: bool,
+    /// PEM file of the CA certificates that vouch for the server's certificate (--tls).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (--tls).
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,6 +200,27 @@ pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
 }
 
 impl BenchArgs {
+    /// The client side of TLS for --tls (`None` without it); `resume`: whether to resume
+    /// sessions.
+    pub(super) fn tls_connector(
+        &self,
+        resume: bool,
+    ) -> anyhow::Result<Option<crate::tls::TlsConnector>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self.tls_ca.as_ref().context("--tls needs --tls-ca PATH")?;
+        // HTTP and WebSocket modes offer http/1.1, as browsers do; echo offers no ALPN.
+        let alpn: &[&[u8]] = match self.mode {
+            Mode::Echo => &[],
+            Mode::Idle if !self.idle_ws => &[],
+            _ => &[b"http/1.1"],
+        };
+        let connector = crate::tls::TlsConnector::from_ca(ca, &self.tls_name, alpn, resume)
+            .map_err(|e| anyhow::anyhow!("--tls-ca {e}"))?;
+        Ok(Some(connector))
+    }
+
     pub(super) fn plan(&self, host: &str) -> Plan {
         let default_path = match self.mode {
             Mode::Ws | Mode::Idle => "/ws/echo",
@@ -192,6 +236,8 @@ impl BenchArgs {
             depth: self.depth.max(1),
             size: self.size.max(1),
             idle_ws: (self.mode == Mode::Idle && self.idle_ws).then(|| path.clone()),
+            deflate: self.deflate,
+            payload: self.payload,
             path,
             // Fan-out: --rate is the publish rate, driven by the controller, not per connection.
             rate_per_conn: match self.mode {
@@ -226,12 +272,17 @@ impl BenchArgs {
     /// The load and the servers' pinning in one line, for the summary tables.
     pub(super) fn describe(&self) -> String {
         format!(
-            "{:?}{} c={} d={} s={} server cores {} quota {} client cores {}{}",
+            "{:?}{} c={} d={} s={}{}{} server cores {} quota {} client cores {}{}",
             self.mode,
             if self.wrk { " (wrk)" } else { "" },
             self.connections,
             self.depth,
             self.size,
+            match self.payload {
+                Payload::Pattern => "",
+                Payload::Json => " payload json",
+            },
+            if self.deflate { " deflate" } else { "" },
             self.server_cores,
             self.server_quota.map_or("none".into(), |q| format!("{q}%")),
             self.client_cores,

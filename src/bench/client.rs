@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 
 use super::report::{histogram, MAX_LATENCY_US};
 use crate::server::Peers;
+use crate::service::deflate::{Agreed, Deflater, Inflater, LEVEL_FAST, TRAILER};
 use crate::service::ws;
 use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 
@@ -34,6 +35,68 @@ pub enum Mode {
     Fanout,
 }
 
+/// What the messages of the ws and fanout modes contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// A byte pattern that makes a misplaced or corrupted byte show; it does not compress.
+    Pattern,
+    /// JSON text, quotes of a feed (a fan-out publish is padded to --size with them): it
+    /// compresses as such feeds do.
+    Json,
+}
+
+/// Appends JSON quote records (`{"s":"ACME3","b":123.45,...},`) while they fit in `room` bytes,
+/// with numbers drawn from `seed`: the same seed gives the same bytes.
+pub fn json_records(out: &mut Vec<u8>, seed: u64, room: usize) {
+    const RECORD: usize = 64; // an upper bound of one record's length
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let end = out.len() + room;
+    let mut first = true;
+    while out.len() + RECORD <= end {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let bid = 100 + next(900);
+        let cents = next(100);
+        let fields: [(&[u8], u64); 5] = [
+            (b"{\"s\":\"ACME", next(8)),
+            (b"\",\"b\":", bid),
+            (b".", cents),
+            (b",\"a\":", bid + 1),
+            (b",\"v\":", next(100_000)),
+        ];
+        for (text, n) in fields {
+            out.extend_from_slice(text);
+            out.extend_from_slice(n.to_string().as_bytes());
+        }
+        out.push(b'}');
+    }
+}
+
+/// A JSON message of exactly `size` bytes (an array of quote records, space-padded).
+pub fn json_message(seed: u64, size: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(b'[');
+    json_records(out, seed, size.saturating_sub(2));
+    while out.len() - start + 1 < size {
+        out.push(b' ');
+    }
+    out.push(b']');
+    out.truncate(start + size);
+}
+
+/// The permessage-deflate offer the bench makes: a browser's.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
 /// Settings shared by every client shard.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -48,6 +111,9 @@ pub struct Plan {
     pub rate_per_conn: f64,
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
+    /// Offer permessage-deflate on WebSocket upgrades, insist on it, and (ws) send compressed.
+    pub deflate: bool,
+    pub payload: Payload,
     pub host: String,
     /// Fan-out: the topic, and the clock origin of the publish timestamps.
     pub topic: String,
@@ -112,6 +178,11 @@ pub struct ClientConn {
     /// Fan-out: subscribed (ack seen), and the last sequence number received.
     subscribed: bool,
     last_seq: u64,
+    /// permessage-deflate was agreed; with the server's context takeover (its `dedicated`
+    /// mode) the connection needs an inflater of its own, created on the first compressed frame.
+    compressed: bool,
+    takeover: bool,
+    inflater: Option<Box<flate2::Decompress>>,
 }
 
 pub struct Client {
@@ -121,6 +192,12 @@ pub struct Client {
     next_seed: u32,
     start: Instant,
     request: Vec<u8>,
+    /// permessage-deflate: the shard's compressor (a client compresses without context
+    /// takeover, as the server asks), its inflater for servers without takeover, and buffers.
+    deflater: Option<Deflater>,
+    inflater: Inflater,
+    inflated: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 /// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
@@ -140,6 +217,13 @@ impl Client {
             }
             _ => Vec::new(),
         };
+        let deflater = plan.deflate.then(|| {
+            let agreed = Agreed {
+                window_bits: 15,
+                takeover: false,
+            };
+            Deflater::new(agreed, LEVEL_FAST)
+        });
         Client {
             plan,
             result: ShardResult::new(),
@@ -147,7 +231,71 @@ impl Client {
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
             start: Instant::now(),
             request,
+            deflater,
+            inflater: Inflater::default(),
+            inflated: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// The payload of the ws-mode message that starts at byte `from` of a connection's stream.
+    fn payload(&self, seed: u32, from: u64) -> Vec<u8> {
+        let size = self.plan.size as u64;
+        match self.plan.payload {
+            Payload::Pattern => (from..from + size).map(|p| byte_at(seed, p)).collect(),
+            Payload::Json => {
+                let mut v = Vec::with_capacity(self.plan.size);
+                json_message(
+                    (u64::from(seed) << 32) ^ (from / size),
+                    self.plan.size,
+                    &mut v,
+                );
+                v
+            }
+        }
+    }
+
+    /// The upgrade request for `path`.
+    fn upgrade_request(&self, path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+            self.plan.host,
+            if self.plan.deflate { DEFLATE_OFFER } else { "" }
+        )
+    }
+
+    /// Inflates a compressed server frame's payload into `self.inflated`.
+    fn inflate(&mut self, conn: &mut Conn<'_, ClientConn>, payload: &[u8]) -> Result<(), String> {
+        let st = conn.state();
+        if !st.takeover {
+            return self
+                .inflater
+                .inflate(payload, usize::MAX / 2, &mut self.inflated)
+                .map_err(|e| format!("inflating a server message: {e}"));
+        }
+        let d = st
+            .inflater
+            .get_or_insert_with(|| Box::new(flate2::Decompress::new(false)));
+        self.inflated.clear();
+        for part in [payload, &TRAILER[..]] {
+            let mut read = 0;
+            while read < part.len() || self.inflated.len() == self.inflated.capacity() {
+                self.inflated.reserve(4096.max(part.len() * 4));
+                let before = d.total_in();
+                d.decompress_vec(
+                    &part[read..],
+                    &mut self.inflated,
+                    flate2::FlushDecompress::Sync,
+                )
+                .map_err(|e| format!("inflating a server message: {e}"))?;
+                read += (d.total_in() - before) as usize;
+                if read == part.len() && self.inflated.len() < self.inflated.capacity() {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn error(&mut self, why: String) {
@@ -170,11 +318,22 @@ impl Client {
                     .extend((from..from + size).map(|p| byte_at(seed, p)));
             }
             Mode::Ws => {
-                let (seed, from) = (st.seed, st.sent_bytes);
+                let (seed, from, compressed) = (st.seed, st.sent_bytes, st.compressed);
                 st.sent_bytes += self.plan.size as u64;
-                let size = self.plan.size as u64;
-                let payload: Vec<u8> = (from..from + size).map(|p| byte_at(seed, p)).collect();
-                ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK);
+                let payload = self.payload(seed, from);
+                match self.deflater.as_mut().filter(|_| compressed) {
+                    Some(d) => {
+                        self.scratch.clear();
+                        if d.compress(&payload, &mut self.scratch).is_err() {
+                            self.error("the client's compressor failed".into());
+                            return;
+                        }
+                        let at = conn.out().len();
+                        ws::write_masked(conn.out(), ws::OP_BINARY, true, &self.scratch, MASK);
+                        conn.out()[at] |= ws::RSV1;
+                    }
+                    None => ws::write_masked(conn.out(), ws::OP_BINARY, true, &payload, MASK),
+                }
             }
             Mode::Http | Mode::Connect => conn.write(&self.request),
             Mode::Idle | Mode::Fanout => {}
@@ -280,6 +439,29 @@ impl Client {
                 conn.close();
                 return input.len();
             }
+            let head = String::from_utf8_lossy(&input[..end]).to_ascii_lowercase();
+            let answer = head
+                .lines()
+                .find_map(|l| l.strip_prefix("sec-websocket-extensions:"))
+                .map(str::trim);
+            match (self.plan.deflate, answer) {
+                (true, Some(a)) if a.starts_with("permessage-deflate") => {
+                    let st = conn.state();
+                    st.compressed = true;
+                    st.takeover = !a.contains("server_no_context_takeover");
+                }
+                (true, _) => {
+                    self.error("the server declined permessage-deflate (--deflate)".into());
+                    conn.close();
+                    return input.len();
+                }
+                (false, Some(a)) => {
+                    self.error(format!("the server answered an extension not offered: {a}"));
+                    conn.close();
+                    return input.len();
+                }
+                (false, None) => {}
+            }
             conn.state().upgraded = true;
             pos = end + 4;
             if self.plan.mode == Mode::Fanout {
@@ -306,17 +488,28 @@ impl Client {
                     return input.len();
                 }
             };
-            let payload = &input[pos + range.start..pos + range.end];
+            let rsv1 = input[pos] & ws::RSV1 != 0;
+            let mut payload = &input[pos + range.start..pos + range.end];
             pos += total;
+            let mut inflated = Vec::new();
+            if rsv1 {
+                if !conn.state().compressed {
+                    self.error("a compressed frame on a connection that agreed to none".into());
+                    conn.close();
+                    return input.len();
+                }
+                if let Err(e) = self.inflate(conn, payload) {
+                    self.error(e);
+                    conn.close();
+                    return input.len();
+                }
+                inflated = std::mem::take(&mut self.inflated);
+                payload = &inflated;
+            }
             match op {
                 ws::OP_BINARY => {
                     let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
-                    if payload.len() != self.plan.size
-                        || payload
-                            .iter()
-                            .enumerate()
-                            .any(|(i, &b)| b != byte_at(seed, from + i as u64))
-                    {
+                    if payload != &self.payload(seed, from)[..] {
                         self.error("corrupted WebSocket echo".into());
                         conn.close();
                         return input.len();
@@ -340,6 +533,10 @@ impl Client {
                     return input.len();
                 }
                 _ => {}
+            }
+            if rsv1 {
+                // The inflate buffer goes back for the next frame.
+                self.inflated = inflated;
             }
         }
         pos
@@ -428,20 +625,12 @@ impl Service for Client {
                 self.result.ready += 1;
             }
             Mode::Ws | Mode::Fanout => {
-                let upgrade = format!(
-                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                    self.plan.path, self.plan.host
-                );
+                let upgrade = self.upgrade_request(&self.plan.path);
                 conn.write(upgrade.as_bytes());
             }
             Mode::Idle => match &self.plan.idle_ws {
                 Some(path) => {
-                    let upgrade = format!(
-                        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                        self.plan.host
-                    );
+                    let upgrade = self.upgrade_request(path);
                     conn.write(upgrade.as_bytes());
                 }
                 None => self.result.ready += 1,

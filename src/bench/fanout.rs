@@ -151,12 +151,14 @@ pub struct Publisher {
 impl Publisher {
     /// Starts publishing `rate` messages per second on `topic` at the HTTP listener `target`.
     /// `window_after` is the client shards' start of the measured window (see `open_window`).
+    /// With `pad_to`, each message is padded with JSON quote records to about that many bytes.
     pub fn start(
         target: SocketAddr,
         topic: String,
         base: Instant,
         rate: f64,
         window_after: Arc<AtomicU64>,
+        pad_to: Option<usize>,
     ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
@@ -164,7 +166,14 @@ impl Publisher {
         let (st, sq, w) = (stop.clone(), seq.clone(), writing.clone());
         let thread = std::thread::Builder::new()
             .name("publisher".into())
-            .spawn(move || publish_loop(target, &topic, base, rate.max(1.0), &st, &sq, &w))
+            .spawn(move || {
+                let pace = Pace {
+                    base,
+                    rate: rate.max(1.0),
+                    pad_to,
+                };
+                publish_loop(target, &topic, pace, &st, &sq, &w)
+            })
             .expect("spawn the publisher thread");
         Publisher {
             stop,
@@ -200,15 +209,39 @@ impl Publisher {
     }
 }
 
+/// When and what the publisher publishes.
+struct Pace {
+    /// The clock origin of the timestamps in the messages.
+    base: Instant,
+    /// Publishes per second.
+    rate: f64,
+    /// Pad each message to about this many bytes with JSON quote records.
+    pad_to: Option<usize>,
+}
+
+/// The body of publish `k` intended at `t` microseconds: `{"seq":K,"t":T}`, padded to about
+/// `pad_to` bytes with `"quotes":[...]` (the subscribers read `seq` and `t` only).
+fn publish_body(k: u64, t: u128, pad_to: Option<usize>) -> Vec<u8> {
+    let mut body = format!(r#"{{"seq":{k},"t":{t}"#).into_bytes();
+    if let Some(size) = pad_to {
+        body.extend_from_slice(br#","quotes":["#);
+        let room = size.saturating_sub(body.len() + 2);
+        super::client::json_records(&mut body, k, room);
+        body.push(b']');
+    }
+    body.push(b'}');
+    body
+}
+
 fn publish_loop(
     target: SocketAddr,
     topic: &str,
-    base: Instant,
-    rate: f64,
+    pace: Pace,
     stop: &AtomicBool,
     seq: &AtomicU64,
     writing: &Mutex<()>,
 ) -> anyhow::Result<u64> {
+    let Pace { base, rate, pad_to } = pace;
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
         .with_context(|| format!("publisher cannot connect to {target}"))?;
     s.set_nodelay(true)?;
@@ -243,13 +276,14 @@ fn publish_loop(
         let _numbering = writing.lock().unwrap_or_else(|e| e.into_inner());
         k += 1;
         let t = intended.saturating_duration_since(base).as_micros();
-        let body = format!(r#"{{"seq":{k},"t":{t}}}"#);
-        let req = format!(
-            "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n{body}",
+        let body = publish_body(k, t, pad_to);
+        let mut req = format!(
+            "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n",
             body.len()
-        );
-        s.write_all(req.as_bytes())
-            .context("publisher: write failed")?;
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        s.write_all(&req).context("publisher: write failed")?;
         seq.store(k, Ordering::SeqCst);
     }
     // Every publish must be answered with 200 (bounded wait).

@@ -143,6 +143,19 @@ pub fn measure(
         if args.idle_ws {
             cmd.arg("--idle-ws");
         }
+        if args.deflate {
+            cmd.arg("--deflate");
+        }
+        if args.payload == super::client::Payload::Json {
+            cmd.arg("--payload").arg("json");
+        }
+        if let (true, Some(ca)) = (args.tls, &args.tls_ca) {
+            cmd.arg("--tls")
+                .arg("--tls-ca")
+                .arg(ca)
+                .arg("--tls-name")
+                .arg(&args.tls_name);
+        }
         // Source addresses dealt out: child i takes every n-th one.
         let mine: Vec<String> = sources
             .iter()

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::args::BenchArgs;
-use super::client::Mode;
+use super::client::{Mode, Payload};
 use super::{fanout, procfs, spawn};
 
 /// Longest latency a histogram records, in microseconds; longer ones are recorded as this.
@@ -95,6 +95,10 @@ pub struct Measurement {
     pub connections: usize,
     pub depth: usize,
     pub size: usize,
+    /// What the messages contained, and whether WebSocket connections negotiated
+    /// permessage-deflate (`--deflate`).
+    pub payload: Payload,
+    pub deflate: bool,
     pub seconds: f64,
     pub requests: u64,
     pub requests_per_second: f64,
@@ -212,6 +216,8 @@ impl Measurement {
                 connections: args.connections,
                 depth: args.depth,
                 size: args.size,
+                payload: args.payload,
+                deflate: args.deflate,
                 seconds: 0.0,
                 requests: 0,
                 requests_per_second: 0.0,

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::args::{parse_cores, parse_sources, BenchArgs};
-use super::client::{Client, ClientCmd, Mode, ShardResult};
+use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 use super::{fanout, multi, procfs, wrk};
-use crate::server::{Limits, PoolSpec, ShardPool, Tuning};
+use crate::server::{Limits, PoolSpec, ShardPool, TlsSpec, Tuning};
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
@@ -59,7 +59,12 @@ pub fn measure(
     };
     let plan = Arc::new(args.plan(&target.to_string()));
     let shards = client_cores.len().max(1);
+    // Connections are adopted as "listener 0": with --tls, that one speaks TLS.
+    let tls = args
+        .tls_connector(true)?
+        .map(|c| TlsSpec::client(c, Duration::from_secs(10)));
     let spec = PoolSpec {
+        tls: vec![tls],
         shards,
         cores: client_cores.iter().map(|&c| Some(c)).collect(),
         limits: Limits {
@@ -105,6 +110,16 @@ pub fn measure(
         if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
             bail!("{label}: {e}");
         }
+        // A failed TLS handshake never reaches the client service: the engine counts it.
+        let t = pool.stats().snapshot().total();
+        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
+            bail!(
+                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
+                t.tls_handshake_failures,
+                t.tls_handshake_timeouts,
+                tls_diagnosis(args, target)
+            );
+        }
         if ready as usize >= args.connections {
             if args.child_report.is_some() {
                 // Tell the parent (--processes) that this child's connections are up, then wait
@@ -133,6 +148,7 @@ pub fn measure(
             plan.base,
             args.rate.unwrap_or(1000.0),
             plan.window_after.clone(),
+            (args.payload == Payload::Json).then_some(args.size),
         )
     });
     let bar = progress(args.warmup + args.duration, label);
@@ -203,8 +219,32 @@ pub fn measure(
         .build())
 }
 
+/// Why a TLS handshake with `target` fails: one blocking handshake with the same settings.
+fn tls_diagnosis(args: &BenchArgs, target: SocketAddr) -> String {
+    let attempt = || -> anyhow::Result<()> {
+        let connector = args.tls_connector(false)?.context("--tls is off")?;
+        let tcp = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let conn = rustls::ClientConnection::new(connector.config(), connector.name().clone())?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(())
+    };
+    match attempt() {
+        Ok(()) => "it succeeded (a transient failure?)".into(),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A plain or a TLS stream, for connect mode.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 /// Connection churn: each client thread connects, sends one HTTP request, reads the answer and
-/// closes, as fast as it can.
+/// closes, as fast as it can (with --tls, after a full TLS handshake).
 fn measure_connect(
     args: &BenchArgs,
     target: SocketAddr,
@@ -218,12 +258,15 @@ fn measure_connect(
     let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
+    // --tls: a full handshake per connection, which is what this mode measures.
+    let tls = args.tls_connector(false)?;
     let bar = progress(args.warmup + args.duration, label);
     let mut cpu = None;
     let results: Vec<(hdrhistogram::Histogram<u64>, Tally)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let (stop, measuring, request) = (stop.clone(), measuring.clone(), request.clone());
+                let tls = tls.clone();
                 let core = cores.get(i % cores.len().max(1)).copied();
                 scope.spawn(move || {
                     if let Some(c) = core {
@@ -235,15 +278,30 @@ fn measure_connect(
                     while !stop.load(Ordering::Relaxed) {
                         let start = Instant::now();
                         let r = (|| -> std::io::Result<bool> {
-                            let mut s = std::net::TcpStream::connect_timeout(
+                            let s = std::net::TcpStream::connect_timeout(
                                 &target,
                                 Duration::from_secs(5),
                             )?;
                             s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                            let mut s: Box<dyn ReadWrite> = match &tls {
+                                None => Box::new(s),
+                                Some(c) => {
+                                    let conn =
+                                        rustls::ClientConnection::new(c.config(), c.name().clone())
+                                            .map_err(std::io::Error::other)?;
+                                    Box::new(rustls::StreamOwned::new(conn, s))
+                                }
+                            };
                             s.write_all(request.as_bytes())?;
                             let mut got = Vec::new();
                             loop {
-                                let k = s.read(&mut buf)?;
+                                let k = match s.read(&mut buf) {
+                                    // A TLS server may close without close_notify after
+                                    // `Connection: close`; the answer is complete anyway.
+                                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                                    r => r?,
+                                };
                                 if k == 0 {
                                     break;
                                 }

@@ -288,13 +288,17 @@ pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
         _ => "edge",
     };
     let balance = args.balance.as_deref().unwrap_or("round-robin");
+    let compression = args
+        .compression
+        .as_deref()
+        .map_or(String::new(), |c| format!("compression = \"{c}\"\n"));
     format!(
         "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
          [limits]\nidle_timeout = \"0s\"\n\n\
          [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\nbacklog = 65535\n\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\nbacklog = 65535\n\n\
-         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n\n\
-         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n"
+         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n{compression}\n\
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{compression}"
     )
 }
 

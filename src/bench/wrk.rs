@@ -40,7 +40,10 @@ pub fn measure(
     std::fs::write(&script, PIPELINE_LUA).context("cannot write the wrk script")?;
     let cores = parse_cores(&args.client_cores)?;
     let path = args.path.clone().unwrap_or_else(|| "/plaintext".into());
-    let url = format!("http://{target}{path}");
+    // wrk (Debian's is built with OpenSSL) speaks TLS for an https URL; it does not verify the
+    // certificate, so --tls-ca is not used here.
+    let scheme = if args.tls { "https" } else { "http" };
+    let url = format!("{scheme}://{target}{path}");
     let run = |d: Duration, latency: bool| -> anyhow::Result<String> {
         let list: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
         let mut cmd = Command::new(&taskset);

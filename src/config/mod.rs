@@ -13,6 +13,7 @@
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
 mod spans;
+mod tls;
 mod units;
 mod validate;
 
@@ -26,6 +27,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use tls::ListenerTls;
 pub use units::{duration, size};
 
 pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
@@ -216,6 +218,8 @@ pub struct ListenerConfig {
     /// Serve /metrics and /stats on this listener (turn off on public listeners).
     pub admin_routes: bool,
     pub websocket: Vec<WsRouteConfig>,
+    /// Terminate TLS on this listener (echo or HTTP).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -231,6 +235,7 @@ impl Default for ListenerConfig {
             header_timeout: Duration::from_secs(10),
             admin_routes: true,
             websocket: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -238,7 +243,8 @@ impl Default for ListenerConfig {
 impl Serialize for ListenerConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let http = self.service == ServiceKind::Http;
-        let mut st = s.serialize_struct("ListenerConfig", if http { 10 } else { 5 })?;
+        let fields = if http { 10 } else { 5 } + usize::from(self.tls.is_some());
+        let mut st = s.serialize_struct("ListenerConfig", fields)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("addr", &self.addr)?;
         st.serialize_field("service", &self.service)?;
@@ -251,8 +257,44 @@ impl Serialize for ListenerConfig {
             st.serialize_field("admin_routes", &self.admin_routes)?;
             st.serialize_field("websocket", &self.websocket)?;
         }
+        if let Some(tls) = &self.tls {
+            st.serialize_field("tls", tls)?;
+        }
         st.end()
     }
+}
+
+/// `tls = { cert = "PATH", key = "PATH" }` on a listener. Relative paths are taken from the
+/// configuration file's directory. The files are read by [`Config::load_tls`], not by parsing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate they signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// A handshake not finished within this is closed (and counted).
+    #[serde(default = "default_handshake_timeout", with = "duration")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The oldest TLS version a listener accepts: `"1.2"` or `"1.3"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +315,10 @@ pub struct WsRouteConfig {
     /// Longest topic name accepted, in bytes.
     #[serde(with = "size")]
     pub max_topic_length: usize,
+    /// permessage-deflate (RFC 7692) on this route.
+    pub compression: Compression,
+    /// The largest window a `dedicated` connection's compressor uses, as a power of two (9..=15).
+    pub compression_window_bits: u8,
 }
 
 impl Default for WsRouteConfig {
@@ -287,6 +333,8 @@ impl Default for WsRouteConfig {
             allowed_origins: Vec::new(),
             max_topics: 64,
             max_topic_length: 256,
+            compression: Compression::Shared,
+            compression_window_bits: 12,
         }
     }
 }
@@ -467,6 +515,18 @@ pub enum WsMode {
     Pubsub,
 }
 
+/// permessage-deflate on a WebSocket route; `service::deflate` says what each mode agrees to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Offers are declined.
+    Off,
+    /// Without context takeover, one compressor per shard: no memory per connection.
+    Shared,
+    /// A compressor per connection, with context takeover.
+    Dedicated,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumer {
@@ -543,11 +603,26 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Ok(Config::read(path)?.0)
+    }
+
+    /// [`Config::load`], then [`Config::load_tls`]: everything `config check` checks and `serve`
+    /// needs before it starts.
+    pub fn load_with_tls(path: &Path) -> Result<(Config, ListenerTls), ConfigError> {
+        let (config, src) = Config::read(path)?;
+        let tls = config.load_tls(&src, &path.display().to_string())?;
+        Ok((config, tls))
+    }
+
+    /// Parses and validates the file at `path`; returns the text too (errors found later, such
+    /// as a TLS file that cannot be used, are located in it).
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&src, &path.display().to_string())
+        let config = Config::parse(&src, &path.display().to_string())?;
+        Ok((config, src))
     }
 
     /// The embedded default; a unit test guarantees it parses.
@@ -710,6 +785,50 @@ mod tests {
         );
         let src = format!("{L}service = \"http\"\n[[listener.websocket]]\nbogus = 1\n");
         assert_eq!(err(&src).2, "listener[0].websocket[0].bogus");
+    }
+
+    #[test]
+    fn websocket_compression() {
+        let route = |extra: &str| {
+            format!("{L}service = \"http\"\n[[listener.websocket]]\npath = \"/ws\"\n{extra}")
+        };
+        let c = Config::parse(&route(""), "t").unwrap();
+        assert_eq!(c.listeners[0].websocket[0].compression, Compression::Shared);
+        assert_eq!(c.listeners[0].websocket[0].compression_window_bits, 12);
+        for (v, mode) in [
+            ("off", Compression::Off),
+            ("shared", Compression::Shared),
+            ("dedicated", Compression::Dedicated),
+        ] {
+            let src = route(&format!(
+                "compression = \"{v}\"\ncompression_window_bits = 9\n"
+            ));
+            let c = Config::parse(&src, "t").unwrap();
+            assert_eq!(c.listeners[0].websocket[0].compression, mode);
+            assert_eq!(Config::parse(&c.to_toml(), "again").unwrap(), c);
+        }
+        let (line, _, key, reason) = err(&route("compression = \"zlib\"\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression"),
+            "{reason}"
+        );
+        assert!(reason.contains("shared"), "{reason}");
+        for bits in ["8", "16", "0"] {
+            let (line, col, key, reason) =
+                err(&route(&format!("compression_window_bits = {bits}\n")));
+            assert_eq!(
+                (line, col, key.as_str()),
+                (7, 1, "listener[0].websocket[0].compression_window_bits"),
+                "{reason}"
+            );
+            assert!(reason.contains("between 9 and 15"), "{reason}");
+        }
+        let (line, _, key, _) = err(&route("compression_window_bits = 300\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (7, "listener[0].websocket[0].compression_window_bits")
+        );
     }
 
     #[test]

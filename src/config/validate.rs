@@ -106,6 +106,28 @@ impl Config {
                     );
                 }
             }
+            if let Some(tls) = &l.tls {
+                for (k, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                    if path.as_os_str().is_empty() {
+                        return fail(&key(&format!("tls.{k}")), "needs a file path".into());
+                    }
+                }
+                if tls
+                    .client_ca
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                {
+                    return fail(&key("tls.client_ca"), "needs a file path".into());
+                }
+                if tls.handshake_timeout.is_zero() {
+                    return fail(
+                        &key("tls.handshake_timeout"),
+                        "must be positive: a handshake that never finishes would hold its \
+                         connection forever"
+                            .into(),
+                    );
+                }
+            }
             for (j, w) in l.websocket.iter().enumerate() {
                 let key = |k: &str| format!("listener[{i}].websocket[{j}].{k}");
                 if !w.path.starts_with('/') {
@@ -119,6 +141,16 @@ impl Config {
                 }
                 if w.max_message == 0 {
                     return fail(&key("max_message"), "must be positive".into());
+                }
+                // 8 is in RFC 7692's range, but zlib cannot compress raw deflate with it.
+                if !(9..=15).contains(&w.compression_window_bits) {
+                    return fail(
+                        &key("compression_window_bits"),
+                        format!(
+                            "must be between 9 and 15 (a window of 512 bytes to 32KiB), found {}",
+                            w.compression_window_bits
+                        ),
+                    );
                 }
                 // A frame is parsed only once it is whole in the read buffer, so a message
                 // limit the buffer cannot hold would never be reached: the connection would hit

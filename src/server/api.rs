@@ -90,6 +90,9 @@ pub enum CloseReason {
     /// committed, or back to the old one from a new process whose hand-over failed. The
     /// connection itself stays open; only this process's part of it ends.
     HandedOver,
+    /// TLS failed: a record that does not decrypt or another protocol error after the
+    /// handshake. (A connection whose handshake fails or times out never reaches the service.)
+    Tls,
 }
 
 /// A protocol driven by the shard engine.

@@ -21,7 +21,8 @@
 //! Files: [`api`] (the service trait and its handles), `listener` (one accept step and its
 //! overload policy), `acceptor` (the acceptor thread), `port` (a shard's channels), `pool` (the
 //! shard threads, control and acknowledgements), `shard/` (the run loop, the connection
-//! lifecycle, the read and write paths), [`handover`] (restart without dropping a connection:
+//! lifecycle, the read and write paths, and TLS between the socket and the service for the
+//! listeners with [`ListenerSpec::tls`]), [`handover`] (restart without dropping a connection:
 //! the control socket, and listeners and connections moving to a new process).
 
 pub(crate) mod acceptor;
@@ -48,6 +49,7 @@ pub use shard::TICK;
 
 use crate::stats::{Snapshot, StatsView};
 use crate::sys::{affinity, socket, waker::Waker};
+use crate::tls::{TlsAcceptor, TlsConnector};
 use acceptor::{Acceptor, AcceptorControl};
 use handover::{ControlEvent, ControlThread, Giver, HandoverError, OfferedSockets};
 use listener::Listener;
@@ -138,6 +140,43 @@ pub struct ListenerSpec {
     pub backlog: u32,
     /// SO_REUSEPORT, so another process can bind the same port (zero-downtime restart).
     pub reuse_port: bool,
+    /// Terminate TLS on this listener: the shards decrypt before the service and encrypt after
+    /// it, so the service sees plaintext as on any other listener.
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS on a listener (or, for the load generator's pool, on the connections it adopts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    pub side: TlsSide,
+    /// A handshake not finished within this closes its connection (counted in
+    /// `tls_handshake_timeouts`).
+    pub handshake_timeout: Duration,
+}
+
+/// Which end of TLS the shard is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSide {
+    /// A listener's: the configuration new handshakes use ([`Server::set_tls`] replaces it).
+    Server(TlsAcceptor),
+    /// The load generator's: it sends the ClientHello when it adopts a connection.
+    Client(TlsConnector),
+}
+
+impl TlsSpec {
+    pub fn server(acceptor: TlsAcceptor, handshake_timeout: Duration) -> TlsSpec {
+        TlsSpec {
+            side: TlsSide::Server(acceptor),
+            handshake_timeout,
+        }
+    }
+
+    pub fn client(connector: TlsConnector, handshake_timeout: Duration) -> TlsSpec {
+        TlsSpec {
+            side: TlsSide::Client(connector),
+            handshake_timeout,
+        }
+    }
 }
 
 impl ListenerSpec {
@@ -148,6 +187,7 @@ impl ListenerSpec {
             addr,
             backlog: 4096,
             reuse_port: false,
+            tls: None,
         }
     }
 }
@@ -259,6 +299,7 @@ impl ServerBuilder {
             cores,
             limits: self.limits,
             tuning: self.tuning,
+            tls: self.listeners.iter().map(|l| l.tls.clone()).collect(),
         }
     }
 
@@ -440,6 +481,13 @@ impl Server {
     /// Applies new limits in every shard (a reload); `Ok` once every shard acknowledged them.
     pub fn set_limits(&self, limits: Limits) -> Result<(), ControlError> {
         self.pool.set_limits(limits)
+    }
+
+    /// Gives listener `listener` (its position in the builder's order) a new TLS configuration
+    /// (a certificate reload): every shard uses it for the handshakes that start after it
+    /// acknowledged; open connections keep theirs. `Ok` once every shard has it.
+    pub fn set_tls(&self, listener: usize, acceptor: TlsAcceptor) -> Result<(), ControlError> {
+        self.pool.set_tls(listener, acceptor)
     }
 
     /// Serves the control socket at `path` (a Unix socket, mode 0600): a new process can take

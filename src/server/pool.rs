@@ -20,9 +20,10 @@ use crate::server::api::{PeerPort, Peers, Service, ShardInfo};
 use crate::server::listener::Listener;
 use crate::server::port::{shard_channels, Control, ControlMsg, NewConn, ShardPort};
 use crate::server::shard::{Shard, ShardSetup, TICK};
-use crate::server::{Limits, ServerError, Tuning};
+use crate::server::{Limits, ServerError, TlsSpec, Tuning};
 use crate::stats::{Stats, StatsView};
 use crate::sys::{affinity, waker::Waker};
+use crate::tls::TlsAcceptor;
 
 /// How long a control message may wait for room in a shard's control channel.
 const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,6 +52,8 @@ pub struct PoolSpec {
     pub cores: Vec<Option<usize>>,
     pub limits: Limits,
     pub tuning: Tuning,
+    /// TLS of each listener, by listener index (`None` or missing: plain).
+    pub tls: Vec<Option<TlsSpec>>,
 }
 
 /// A set of running shards with their channels.
@@ -151,6 +154,7 @@ impl ShardPool {
             let ready_tx = ready_tx.clone();
             let core = spec.cores.get(i).copied().flatten();
             let (limits, tuning) = (spec.limits, spec.tuning);
+            let tls = spec.tls.clone();
             let own = listeners.next().unwrap_or_default();
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i:02}"))
@@ -178,6 +182,7 @@ impl ShardPool {
                         start: started,
                         listeners: own,
                         max_connections,
+                        tls,
                     };
                     match Shard::new(service, setup) {
                         Ok(shard) => {
@@ -264,6 +269,13 @@ impl ShardPool {
     /// Applies new limits in every shard; `Ok` once every shard has acknowledged them.
     pub fn set_limits(&self, limits: Limits) -> Result<(), ControlError> {
         self.control(Control::Limits(limits), "new limits", LIMITS_ACK_TIMEOUT)
+    }
+
+    /// Gives listener `listener`'s new TLS configuration to every shard: handshakes that start
+    /// after a shard's acknowledgement use it; open connections keep the one they started with.
+    pub fn set_tls(&self, listener: usize, acceptor: TlsAcceptor) -> Result<(), ControlError> {
+        let control = Control::Tls(listener, acceptor);
+        self.control(control, "a new TLS configuration", LIMITS_ACK_TIMEOUT)
     }
 
     /// Sends `control` to every shard and waits (up to `wait` in all) for their

@@ -23,6 +23,7 @@ use crate::server::handover::wire::Record;
 use crate::server::handover::{ExportJob, ImportJob};
 use crate::server::Limits;
 use crate::sys::waker::Waker;
+use crate::tls::TlsAcceptor;
 
 /// Capacity of a shard's control channel (a few messages at most are ever in flight).
 pub(crate) const CONTROL_QUEUE: usize = 16;
@@ -38,6 +39,8 @@ pub(crate) enum Control {
     Drain,
     /// New limits (a configuration reload).
     Limits(Limits),
+    /// New TLS configuration for listener `.0` (a certificate reload): new handshakes use it.
+    Tls(usize, TlsAcceptor),
     /// A step of a hand-over to or from another process (see [`crate::server::handover`]).
     Handover(Handover),
 }

@@ -1,16 +1,14 @@
-//! Protocols that run on the engine: echo, HTTP/1.1 and the WebSocket codec, usable without the
-//! product; and, for now, the product itself (`router`: routes, pub/sub, the start function;
-//! `metrics`), which sits above the engine and is bound for its own module.
+//! The protocols usable without the product: echo, the HTTP/1.1 codec
+//! and the WebSocket codec (server and client halves), plus re-exports of the engine's service
+//! trait. Nothing here knows the configuration file
+//! or the product's routes (`crate::app` binds them).
 //!
 //! The service trait and its handles live in the engine ([`crate::server::api`]); they are
 //! re-exported here so `crate::service::{Service, Conn, Ctx, Token, ShardInfo}` keeps working.
 
+pub mod deflate;
 pub mod echo;
 pub mod http;
-pub mod metrics;
-pub mod router;
 pub mod ws;
-
-pub use router::start as start_default;
 
 pub use crate::server::api::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};

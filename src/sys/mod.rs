@@ -6,6 +6,7 @@
 pub mod affinity;
 pub mod fdpass;
 pub mod notify;
+pub mod page;
 pub mod poller;
 pub mod process;
 pub mod rlimit;

@@ -5,9 +5,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use shardnet::app::engine;
 use shardnet::config::Config;
 use shardnet::server::Server;
-use shardnet::service::router::engine;
+
+/// Test certificates made at run time (the same file the unit tests use).
+#[path = "../../src/tls/testpki.rs"]
+pub mod pki;
 
 /// Every blocking client call gives up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -439,7 +443,7 @@ pub fn read_response(s: &mut TcpStream, head: bool) -> (u16, String, Vec<u8>) {
 
 /// A server running the product router with `toml`.
 pub fn start_router(toml: &str) -> Server {
-    shardnet::service::start_default(&config(toml)).expect("server starts")
+    shardnet::app::start(&config(toml)).expect("server starts")
 }
 
 pub fn http_toml(shards: usize, listener_extra: &str) -> String {
@@ -447,4 +451,44 @@ pub fn http_toml(shards: usize, listener_extra: &str) -> String {
         "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\
          [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n{listener_extra}\n"
     )
+}
+
+/// `shardnet bench` with `args`, short (600 ms measured after a 100 ms warm-up) and on client
+/// core 0: its exit code and everything it printed.
+pub fn bench(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .arg("bench")
+        .args([
+            "--duration",
+            "600ms",
+            "--warmup",
+            "100ms",
+            "--client-cores",
+            "0",
+        ])
+        .args(args)
+        .output()
+        .expect("run bench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Runs a Python client `script` with `args`; panics, with its output, unless it prints `ok`.
+#[track_caller]
+pub fn run_python(py: &std::path::Path, script: &str, args: &[&str]) {
+    let out = std::process::Command::new(py)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

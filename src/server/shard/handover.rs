@@ -146,9 +146,16 @@ impl<S: Service> Shard<S> {
         idle: Duration,
         batch: &mut BatchWriter,
     ) -> bool {
-        let exportable = self.core.conns.get(token).is_some_and(|e| {
-            e.ctl.is_open() && !e.ctl.flags.has(Flags::HELD) && job.moves(e.ctl.listener as usize)
-        });
+        // A TLS connection's record state (keys, sequence numbers) lives in the TLS library and
+        // cannot move without exporting its secrets: it stays, and closes gracefully
+        // (close_notify) after the commit.
+        let tls = matches!(self.core.tls.get(token.index()), Some(Some(_)));
+        let exportable = !tls
+            && self.core.conns.get(token).is_some_and(|e| {
+                e.ctl.is_open()
+                    && !e.ctl.flags.has(Flags::HELD)
+                    && job.moves(e.ctl.listener as usize)
+            });
         if !exportable {
             return false;
         }

@@ -1,9 +1,10 @@
 //! The read path and the write path of a shard's connections.
 //!
 //! Owned by the shard thread. Bytes cross the socket in exactly two functions, [`recv`] and
-//! [`send`]: that is the seam where a transport (TLS) will sit between the socket and the
-//! service, turning ciphertext into the plaintext the read path delivers and the staged plaintext
-//! into what the write path sends; nothing above them touches the descriptor's bytes.
+//! [`send`]. On a TLS connection the transport (`tls.rs`) sits between them and the service:
+//! the read path hands what `recv` read to `Shard::tls_read`, which turns the ciphertext into the
+//! plaintext it delivers, and `Core::write_staged` encrypts the staged plaintext before
+//! `Core::send_or_queue` sends it; nothing above them touches the descriptor's bytes.
 //!
 //! Read path ([`Shard::on_readable`], [`Shard::deliver`]): input is read into the shard's one
 //! buffer and handed to the service in place; only what the service leaves unconsumed is copied
@@ -24,6 +25,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::state::{Flags, Phase};
+use super::tls::Plain;
 use super::{Core, Shard};
 use crate::conn::Token;
 use crate::server::api::{CloseReason, Service};
@@ -49,12 +51,24 @@ impl<St> Core<St> {
         if self.scratch.is_empty() {
             return false;
         }
+        if let Some(started) = self.write_staged_tls(token) {
+            return started;
+        }
+        let scratch = std::mem::take(&mut self.scratch);
+        let started = self.send_or_queue(token, &scratch);
+        self.scratch = scratch;
+        self.scratch.clear();
+        started
+    }
+
+    /// Sends `data` at once when nothing is queued before it, queues what the socket does not
+    /// take; the bytes as they go on the wire (ciphertext on a TLS connection). Returns true if
+    /// this started a queue. A failed write dooms the connection.
+    pub(crate) fn send_or_queue(&mut self, token: Token, data: &[u8]) -> bool {
         let Some(e) = self.conns.get_mut(token) else {
-            self.scratch.clear();
             return false;
         };
         let c = &mut e.ctl;
-        let data = &self.scratch[..];
         let counters = self.stats.shard(self.env.shard);
         let mut started = false;
         let mut failed = false;
@@ -91,7 +105,6 @@ impl<St> Core<St> {
                 }
             }
         }
-        self.scratch.clear();
         if failed {
             self.doom(token, CloseReason::Error);
             return false;
@@ -168,7 +181,19 @@ impl<S: Service> Shard<S> {
                 if e.ctl.output.is_none() {
                     e.ctl.last_active = core.env.stamp();
                 }
-                if !self.deliver(token, n) {
+                // The transport seam: a TLS connection's ciphertext becomes plaintext here.
+                let (plain, peer_closed) = self.tls_read(token, n);
+                let delivered = match plain {
+                    Plain::Raw(m) | Plain::InPlace(m) => self.deliver(token, m),
+                    Plain::Appended => self.deliver(token, 0),
+                    Plain::Nothing => self.core.conns.get(token).is_some_and(|e| e.ctl.is_open()),
+                };
+                if !delivered {
+                    return;
+                }
+                if peer_closed {
+                    // close_notify: answer what was sent, then close with our own.
+                    self.core.begin_close(token, CloseReason::PeerClosed);
                     return;
                 }
                 if first_words && self.core.env.draining {

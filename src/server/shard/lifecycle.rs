@@ -38,7 +38,7 @@ pub(crate) const DRAIN_QUIET: Duration = Duration::from_millis(250);
 /// under it. Its peer cannot tell such a close from a failure.
 pub(crate) const DRAIN_FIRST_REQUEST: Duration = Duration::from_secs(2);
 /// Output staging above this capacity is given back after use.
-const SCRATCH_KEEP: usize = 256 * 1024;
+pub(crate) const SCRATCH_KEEP: usize = 256 * 1024;
 
 /// A panic's message, for the log.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
@@ -70,6 +70,10 @@ impl<St> Core<St> {
         token: Token,
         f: impl FnOnce(&mut Conn<'_, St>) -> R,
     ) -> Option<R> {
+        if self.tls_handshaking(token) {
+            // Not the service's yet: it hears of the connection once the handshake is done.
+            return None;
+        }
         let e = self.conns.get_mut(token)?;
         if !e.ctl.is_open() {
             return None;
@@ -224,6 +228,14 @@ impl<St> Core<St> {
         };
         // Service timers do not fire once closing.
         e.ctl.flags.clear(Flags::TIMER);
+        // TLS: close_notify goes out behind what is queued.
+        self.tls_close_notify(token);
+        let Some(e) = self.conns.get_mut(token) else {
+            return;
+        };
+        if e.ctl.phase == Phase::Doomed {
+            return;
+        }
         if e.ctl.output.is_none() {
             self.finish_close(token);
             return;
@@ -361,6 +373,12 @@ impl<S: Service> Shard<S> {
                 }
                 if c.flags.has(Flags::TIMER) && env.abs(c.timer) <= now {
                     c.flags.clear(Flags::TIMER);
+                    if self.core.tls_handshaking(token) {
+                        // The timer slot held the handshake deadline.
+                        self.core.counters().tls_handshake_timeouts.inc();
+                        self.core.doom(token, CloseReason::Tls);
+                        return;
+                    }
                     self.core.call(token, |conn| self.service.on_timer(conn));
                 } else if c.output.is_none()
                     && !limits.idle_timeout.is_zero()
@@ -378,6 +396,11 @@ impl<S: Service> Shard<S> {
     /// service say goodbye (`on_drain`, which closes by default).
     pub(super) fn drain_one(&mut self, token: Token) {
         self.on_readable(token, false);
+        if self.core.tls_handshaking(token) {
+            // Never the service's: nothing to answer or say goodbye to.
+            self.core.doom(token, CloseReason::Drain);
+            return;
+        }
         let service = &mut self.service;
         if self
             .core
@@ -397,9 +420,12 @@ impl<S: Service> Shard<S> {
                 continue;
             };
             core.wheel.cancel(token.index());
+            let opened = core.tls_forget(token);
             let service = &mut self.service;
             let state = &mut e.state;
-            if let Err(payload) =
+            if !opened {
+                // A TLS connection whose handshake never finished: the service never had it.
+            } else if let Err(payload) =
                 catch_unwind(AssertUnwindSafe(|| service.on_close(token, state, why)))
             {
                 core.counters().service_panics.inc();
@@ -425,8 +451,8 @@ impl<S: Service> Shard<S> {
                 CloseReason::IdleTimeout => counters.idle_timeouts.inc(),
                 CloseReason::WriteTimeout => counters.write_timeouts.inc(),
                 CloseReason::ReadOverflow => counters.read_overflows.inc(),
-                // Counted when caught.
-                CloseReason::Panic => {}
+                // Counted when caught (panics, TLS failures).
+                CloseReason::Panic | CloseReason::Tls => {}
                 CloseReason::PeerClosed
                 | CloseReason::Drain
                 | CloseReason::Service

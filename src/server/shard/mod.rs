@@ -27,6 +27,7 @@ pub(crate) mod handover;
 pub(crate) mod io;
 pub(crate) mod lifecycle;
 pub(crate) mod state;
+pub(crate) mod tls;
 
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,7 +38,7 @@ use crate::conn::{BufferPool, Slab, Token, TokenKind};
 use crate::server::api::{CloseReason, Ctx, Service};
 use crate::server::listener::{AcceptCounters, Listener, Step};
 use crate::server::port::{Control, Inbox, NewConn};
-use crate::server::{Limits, Tuning};
+use crate::server::{Limits, TlsSide, TlsSpec, Tuning};
 use crate::stats::{ShardCounters, Stats};
 use crate::sys::poller::{Events, Interest, Poller};
 use crate::sys::waker::Waker;
@@ -78,6 +79,13 @@ pub(crate) struct Core<St> {
     pub(crate) ready: Vec<Token>,
     /// Connections to close at the end of the current event.
     pub(crate) doomed: Vec<(Token, CloseReason)>,
+    /// TLS of each listener, by listener index (see [`tls`]).
+    pub(crate) tls_listeners: Vec<Option<TlsSpec>>,
+    /// The TLS state of each TLS connection, by slab slot; empty without TLS listeners.
+    pub(crate) tls: Vec<Option<tls::TlsState>>,
+    /// Where TLS records are built before one `send`: the ciphertext of what a callback staged,
+    /// or what a handshake step answered.
+    pub(crate) wire: Vec<u8>,
 }
 
 impl<St> Core<St> {
@@ -114,6 +122,8 @@ pub(crate) struct ShardSetup<C> {
     pub start: Instant,
     pub listeners: Vec<Listener>,
     pub max_connections: usize,
+    /// TLS of each listener, by listener index.
+    pub tls: Vec<Option<TlsSpec>>,
 }
 
 impl<S: Service> Shard<S> {
@@ -150,6 +160,9 @@ impl<S: Service> Shard<S> {
                 tuning,
                 ready: Vec::new(),
                 doomed: Vec::new(),
+                tls_listeners: setup.tls,
+                tls: Vec::new(),
+                wire: Vec::new(),
             },
             service,
             inbox: setup.inbox,
@@ -314,6 +327,12 @@ impl<S: Service> Shard<S> {
                         self.core.rearm(token, true);
                     }
                 }
+                Control::Tls(listener, acceptor) => {
+                    // Handshakes from now on use it; open connections keep their own.
+                    if let Some(Some(spec)) = self.core.tls_listeners.get_mut(listener) {
+                        spec.side = TlsSide::Server(acceptor);
+                    }
+                }
                 Control::Handover(step) => self.on_handover(step),
             }
             self.core.counters().controls.inc();
@@ -444,7 +463,10 @@ impl<S: Service> Shard<S> {
         let counters = core.counters();
         counters.accepted.inc();
         counters.open.inc();
-        core.call(token, |conn| self.service.on_open(conn));
+        // A TLS connection is the service's once its handshake is done (`tls::tls_read`).
+        if !core.tls_adopt(token, nc.listener) {
+            core.call(token, |conn| self.service.on_open(conn));
+        }
         core.rearm(token, false);
     }
 }

@@ -1,0 +1,162 @@
+//! The product: what `shardnet serve` runs on top of the engine.
+//!
+//! [`start`] is the composition root: it binds the configuration's listeners through the engine
+//! ([`crate::server::Server`]) and gives every shard a [`router::Router`], which decides per
+//! listener which protocol a connection speaks (echo, HTTP/1.1, WebSocket after an upgrade) and
+//! binds the protocol codecs of [`crate::service`] to the product's parts:
+//!
+//! - `routes`: the HTTP routes (`/plaintext`, `/json`, `/healthz`, `/metrics`, `/stats`,
+//!   `POST /publish/{topic}`, the WebSocket paths);
+//! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
+//! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
+//!   messages go through;
+//! - `metrics`: the services' counters and their Prometheus and JSON renderings.
+//!
+//! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
+//! `config`); nothing below it uses this module. Inside it the imports only point down:
+//! `router` → `routes` → `pubsub` → `compression` → `metrics`.
+
+mod compression;
+mod metrics;
+mod pubsub;
+mod router;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::config::{Balance as BalanceConfig, Config, LimitsConfig, ListenerTls, Shards, Trigger};
+use crate::server::{
+    Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, TlsSpec, Tuning,
+};
+use crate::tls::ServerTls;
+use metrics::Metrics;
+use router::{Router, Shared};
+
+/// Starts the product server: every listener with the service its configuration names.
+pub fn start(config: &Config) -> Result<Server, ServerError> {
+    let tls = config.load_tls("", "").map_err(|e| ServerError::Start {
+        what: "TLS".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    start_with_tls(config, &tls)
+}
+
+/// The state format of the product's connections in a hand-over (`Service::HANDOVER_FORMAT` of
+/// its router): what `serve --takeover` announces.
+pub const HANDOVER_FORMAT: &str = <Router as crate::server::Service>::HANDOVER_FORMAT;
+
+/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]): what
+/// the CLI runs, having read the files with errors located in the configuration file.
+pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, ServerError> {
+    start_on(config, tls, engine_with_tls(config, tls))
+}
+
+/// [`start_with_tls`] on a given engine `builder` (one whose listeners were taken over from an
+/// old process, `Takeover::take_listeners`).
+pub fn start_on(
+    config: &Config,
+    tls: &ListenerTls,
+    builder: ServerBuilder,
+) -> Result<Server, ServerError> {
+    if let Some(l) = config
+        .listeners
+        .iter()
+        .enumerate()
+        .find(|(i, l)| l.tls.is_some() && !matches!(tls.get(*i), Some(Some(_))))
+        .map(|(_, l)| l)
+    {
+        // Never plaintext on a port configured for TLS.
+        return Err(ServerError::Start {
+            what: format!("listener `{}`", l.name),
+            source: std::io::Error::other("its TLS files were not loaded"),
+        });
+    }
+    let owned = config.clone();
+    let started = Instant::now();
+    // The pool's counters exist once the pool does: the first shard to start completes the
+    // shared state with them, the others take the same.
+    let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+    builder.start(move |info, peers| {
+        let shared = slot
+            .lock()
+            .get_or_insert_with(|| {
+                Arc::new(Shared {
+                    metrics: Metrics::new(info.stats.clone(), info.shards, started),
+                    registry: Arc::default(),
+                    config: owned.clone(),
+                })
+            })
+            .clone();
+        Router::new(shared, &info, peers)
+    })
+}
+
+impl From<&LimitsConfig> for Limits {
+    fn from(l: &LimitsConfig) -> Self {
+        Limits {
+            idle_timeout: l.idle_timeout,
+            max_write_buffer: l.max_write_buffer,
+            write_timeout: l.write_timeout,
+            max_read_buffer: l.max_read_buffer,
+        }
+    }
+}
+
+/// The engine a configuration asks for: listeners, shards, pinning, balance, limits, tuning;
+/// every listener plain (see [`engine_with_tls`]).
+pub fn engine(config: &Config) -> ServerBuilder {
+    engine_with_tls(config, &[])
+}
+
+/// [`engine`], with listener i terminating TLS as `tls[i]` says (what [`Config::load_tls`]
+/// loaded; `None` or missing: plain).
+pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuilder {
+    let sc = &config.server;
+    // `max_connections = "auto"` comes to this process's descriptor limit (already raised by the
+    // CLI) less a reserve; the CLI logs the same figure.
+    let shards = sc.shards.resolve(crate::sys::affinity::usable_cpus());
+    let max_connections =
+        config.max_connections_for(shards, crate::sys::rlimit::nofile_soft().ok());
+    let mut builder = Server::builder()
+        .pinning(match (sc.pin, sc.cores.is_empty()) {
+            (false, _) => Pinning::Off,
+            (true, true) => Pinning::Auto,
+            (true, false) => Pinning::Cores(sc.cores.clone()),
+        })
+        .balance(match sc.balance {
+            BalanceConfig::RoundRobin => Balance::RoundRobin,
+            BalanceConfig::LeastConnections => Balance::LeastConnections,
+            BalanceConfig::Reuseport => Balance::Reuseport,
+        })
+        .max_connections(max_connections)
+        .limits(Limits::from(&config.limits))
+        .tuning(Tuning {
+            edge: sc.trigger == Trigger::Edge,
+            read_buffer: sc.read_buffer,
+            read_budget: sc.read_budget.max(sc.read_buffer),
+            events_per_wait: sc.events_per_wait,
+            shutdown_timeout: sc.shutdown_timeout,
+        });
+    if let Shards::Count(n) = sc.shards {
+        builder = builder.shards(n.get());
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        let tls = match (tls.get(i), &l.tls) {
+            (Some(Some(server_tls)), Some(t)) => {
+                Some(TlsSpec::server(server_tls.acceptor(), t.handshake_timeout))
+            }
+            _ => None,
+        };
+        builder = builder.listener(ListenerSpec {
+            name: l.name.clone(),
+            addr: l.addr,
+            backlog: l.backlog,
+            reuse_port: l.reuse_port,
+            tls,
+        });
+    }
+    builder
+}

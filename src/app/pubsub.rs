@@ -1,0 +1,737 @@
+//! Pub/sub: topics, the wire format, batching, fan-out across shards and slow consumers.
+//!
+//! One [`Hub`] per shard, owned by that shard's router: its topic → local subscribers map, each
+//! subscriber's topics, and the publishes received but not yet delivered. A publish is encoded
+//! once into a shared frame (`Arc<[u8]>`) and sent to every shard over its command channel
+//! (with an eventfd wake; [`Fanout`]); each shard writes it to its own subscribers. The one
+//! structure shared between shards is the subscriber count per topic ([`Registry`], for the
+//! `POST /publish` answer), locked only on subscribe, unsubscribe and publish requests, never on
+//! delivery.
+//!
+//! Wire format (text frames, JSON): a subscriber receives `{"topic":T,"data":D}`. `D` is the
+//! `data` of a WebSocket `{"op":"publish"}`, re-encoded; for `POST /publish/{topic}` it is the
+//! body as sent when the body is one JSON value (no re-encoding, no escaping), else the body as a
+//! JSON string when it is UTF-8 text (escaped: control bytes cost up to 6 bytes each). A body
+//! that is not UTF-8 is refused (415): the text frame cannot carry it; send it base64-encoded.
+//! The size is checked on the encoded frame payload, so what a subscriber receives is never
+//! larger than the limit it was checked against.
+//!
+//! Invariants:
+//! - A publish is delivered to a subscriber only while that subscriber's queued output is under
+//!   `max_write_buffer`, checked per message before it is queued: a subscriber never holds more
+//!   than `max_write_buffer` plus one message. A message that does not fit is dropped (counted)
+//!   or, under `slow_consumer = "disconnect"`, ends the connection with 1008.
+//! - Publishes are grouped per topic as they arrive (one hash lookup each), so a subscriber gets
+//!   all of a topic's messages of one wake in one write; messages of one topic keep their order.
+//! - Delivery stops once a wake's work passes [`DELIVERY_BUDGET`] (subscribers written plus
+//!   messages handled) and continues on the next wake, which the hub requests by sending itself
+//!   a command: other connections on the shard are served between batches. Publishes waiting
+//!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::compression::{Compression, Delivery};
+use super::metrics::ServiceCounters;
+use crate::config::SlowConsumer;
+use crate::server::Peers;
+use crate::service::deflate::{DeflateCounters, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
+use crate::service::ws::{self, Message};
+use crate::service::{Ctx, Token};
+
+/// How long a slow subscriber closed with 1008 has to read its backlog and the close frame.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Work one wake may spend delivering: subscribers written to plus messages handled. At least
+/// one topic's batch is delivered per wake, whatever its size.
+pub const DELIVERY_BUDGET: usize = 8192;
+/// Publishes a shard holds for delivery at most (beyond it they are counted as lost).
+pub const PENDING_MAX: usize = 65536;
+
+/// A message between shards' routers.
+#[derive(Clone)]
+pub enum Cmd {
+    Publish {
+        topic: Arc<str>,
+        frame: Arc<[u8]>,
+    },
+    /// Sent by a shard to itself: deliver what the last wake's budget left.
+    Continue,
+}
+
+/// What a route allows of one connection's pub/sub use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    /// Topics one connection may subscribe to at once.
+    pub max_topics: usize,
+    /// Longest topic name, in bytes.
+    pub max_topic_length: usize,
+    /// Largest encoded message (frame payload) a publish may produce.
+    pub max_message: usize,
+}
+
+/// Why a publish or a subscription was refused; the message names the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("topic must be 1 to {max} bytes (max_topic_length)")]
+    Topic { max: usize },
+    #[error("subscription refused: this connection has {max} topics (max_topics)")]
+    TooManyTopics { max: usize },
+    #[error("message of {size} bytes once encoded is larger than max_message ({max} bytes)")]
+    TooLarge { size: usize, max: usize },
+    #[error("body is neither JSON nor UTF-8 text: send binary data base64-encoded")]
+    NotText,
+}
+
+/// Subscribers per topic, all shards together.
+#[derive(Default)]
+pub struct Registry {
+    counts: Mutex<HashMap<Box<str>, usize>>,
+}
+
+impl Registry {
+    pub fn count(&self, topic: &str) -> usize {
+        self.counts.lock().get(topic).copied().unwrap_or(0)
+    }
+
+    fn add(&self, topic: &str) {
+        *self.counts.lock().entry(Box::from(topic)).or_insert(0) += 1;
+    }
+
+    fn remove(&self, topic: &str) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(topic) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(topic);
+            }
+        }
+    }
+}
+
+/// Checks a topic name against the limit.
+pub fn check_topic(topic: &str, limits: &TopicLimits) -> Result<(), Refused> {
+    if topic.is_empty() || topic.len() > limits.max_topic_length {
+        return Err(Refused::Topic {
+            max: limits.max_topic_length,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes `{"topic":T,"data":…}` as a server text frame, with `data` written by `write_data`;
+/// refuses a payload over `max_message`.
+fn envelope(
+    topic: &str,
+    max_message: usize,
+    write_data: impl FnOnce(&mut Vec<u8>),
+) -> Result<Arc<[u8]>, Refused> {
+    // Room for the longest frame header in front, so the frame is built in place.
+    const HEAD: usize = 10;
+    let mut v = Vec::with_capacity(HEAD + 32 + topic.len());
+    v.resize(HEAD, 0);
+    v.extend_from_slice(b"{\"topic\":");
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut v, topic);
+    v.extend_from_slice(b",\"data\":");
+    write_data(&mut v);
+    v.push(b'}');
+    let size = v.len() - HEAD;
+    if size > max_message {
+        return Err(Refused::TooLarge {
+            size,
+            max: max_message,
+        });
+    }
+    let (h, n) = ws::frame_header(ws::OP_TEXT, size);
+    v[HEAD - n..HEAD].copy_from_slice(&h[..n]);
+    Ok(Arc::from(&v[HEAD - n..]))
+}
+
+/// The frame for an HTTP publish body (see the module's wire format).
+pub fn encode_body(topic: &str, body: &[u8], max_message: usize) -> Result<Arc<[u8]>, Refused> {
+    // The envelope adds at least this much to the body, escaped or not.
+    let least = body.len() + topic.len() + 20;
+    if least > max_message {
+        return Err(Refused::TooLarge {
+            size: least,
+            max: max_message,
+        });
+    }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return envelope(topic, max_message, |v| v.extend_from_slice(body));
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(Refused::NotText);
+    };
+    envelope(topic, max_message, |v| {
+        let _ = serde_json::to_writer(v, text);
+    })
+}
+
+/// The frame for a WebSocket publish's `data`.
+fn encode_value(
+    topic: &str,
+    data: &serde_json::Value,
+    max_message: usize,
+) -> Result<Arc<[u8]>, Refused> {
+    envelope(topic, max_message, |v| {
+        let _ = serde_json::to_writer(v, data);
+    })
+}
+
+/// One shard's way to reach every shard's hub, and the shared subscriber counts.
+pub struct Fanout {
+    peers: Peers<Cmd>,
+    shard: usize,
+    registry: Arc<Registry>,
+}
+
+impl Fanout {
+    pub fn new(peers: Peers<Cmd>, shard: usize, registry: Arc<Registry>) -> Self {
+        Fanout {
+            peers,
+            shard,
+            registry,
+        }
+    }
+
+    /// Sends an encoded frame to every shard (this one included, through its channel, so that
+    /// every subscriber sees publishes in one order per publisher); returns the subscribers
+    /// counted on `topic`.
+    pub fn publish(&self, topic: &str, frame: Arc<[u8]>, counters: &ServiceCounters) -> usize {
+        let reached = self.registry.count(topic);
+        counters.ws_published.inc();
+        let sent = self.peers.broadcast(Cmd::Publish {
+            topic: Arc::from(topic),
+            frame,
+        });
+        let lost = self.peers.len() - sent;
+        if lost > 0 {
+            counters.ws_fanout_lost.add(lost as u64);
+        }
+        reached
+    }
+
+    /// Asks this shard to wake again (to go on delivering); false if its queue is full, in which
+    /// case the commands waiting there wake it anyway.
+    fn wake_self(&self) -> bool {
+        self.peers.send(self.shard, Cmd::Continue)
+    }
+}
+
+/// A batch's messages as frames compressed for one window size, built for the first subscriber
+/// that takes them and written as they are to every other (the buffers are kept for the next
+/// batch).
+#[derive(Default)]
+struct Packed {
+    built: bool,
+    data: Vec<u8>,
+    /// Where each message's frame ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl Packed {
+    fn frame(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
+    }
+}
+
+const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
+
+/// Capacity a compressed batch's buffer keeps between batches.
+const PACKED_KEEP: usize = 1 << 20;
+
+/// What delivery needs of the shard's permessage-deflate state.
+pub struct Deflate<'a> {
+    pub compression: &'a mut Compression,
+    pub counters: &'a DeflateCounters,
+}
+
+/// A topic's publishes waiting for delivery, in arrival order.
+struct Batch {
+    topic: Arc<str>,
+    frames: Vec<Arc<[u8]>>,
+}
+
+/// One shard's topics, subscribers and undelivered publishes.
+#[derive(Default)]
+pub struct Hub {
+    /// Local subscribers per topic.
+    topics: HashMap<Arc<str>, HashSet<Token>>,
+    /// Each subscriber's topics (for its limit and for cleanup on close).
+    subscriptions: HashMap<Token, Vec<Arc<str>>>,
+    /// Batches in the order their topics first arrived.
+    pending: VecDeque<Batch>,
+    /// Topic → position of its batch, as a count of batches ever queued (`popped` of them have
+    /// left the front), so that popping does not renumber the rest.
+    index: HashMap<Arc<str>, u64>,
+    popped: u64,
+    /// Messages in `pending`.
+    messages: usize,
+    /// Emptied batch vectors kept for the next wake.
+    spare: Vec<Vec<Arc<[u8]>>>,
+    /// The batch being delivered, compressed once per window size its subscribers agreed to.
+    packed: [Packed; WINDOW_SIZES],
+    /// A `Continue` is on its way to this shard.
+    continuing: bool,
+}
+
+impl Hub {
+    /// Subscribes `token` to `topic`; true if it was not subscribed yet. Refused, and nothing
+    /// changed, at the limits.
+    pub fn subscribe(
+        &mut self,
+        token: Token,
+        topic: &str,
+        limits: &TopicLimits,
+        registry: &Registry,
+    ) -> Result<bool, Refused> {
+        check_topic(topic, limits)?;
+        let subs = self.subscriptions.get(&token).map_or(&[][..], |v| &v[..]);
+        if subs.iter().any(|t| &**t == topic) {
+            return Ok(false);
+        }
+        if subs.len() >= limits.max_topics {
+            return Err(Refused::TooManyTopics {
+                max: limits.max_topics,
+            });
+        }
+        let key: Arc<str> = match self.topics.get_key_value(topic) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(topic),
+        };
+        self.subscriptions
+            .entry(token)
+            .or_default()
+            .push(key.clone());
+        self.topics.entry(key).or_default().insert(token);
+        registry.add(topic);
+        Ok(true)
+    }
+
+    /// Unsubscribes; false if `token` was not subscribed to `topic`.
+    pub fn unsubscribe(&mut self, token: Token, topic: &str, registry: &Registry) -> bool {
+        let Some(subs) = self.subscriptions.get_mut(&token) else {
+            return false;
+        };
+        let Some(i) = subs.iter().position(|t| &**t == topic) else {
+            return false;
+        };
+        subs.swap_remove(i);
+        if subs.is_empty() {
+            self.subscriptions.remove(&token);
+        }
+        self.forget(token, topic, registry);
+        true
+    }
+
+    /// The connection closed: drops every subscription it had.
+    pub fn on_close(&mut self, token: Token, registry: &Registry) {
+        if let Some(topics) = self.subscriptions.remove(&token) {
+            for t in topics {
+                self.forget(token, &t, registry);
+            }
+        }
+    }
+
+    fn forget(&mut self, token: Token, topic: &str, registry: &Registry) {
+        if let Some(set) = self.topics.get_mut(topic) {
+            set.remove(&token);
+            if set.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+        registry.remove(topic);
+    }
+
+    /// A command from a shard (this one included).
+    pub fn on_command(&mut self, cmd: Cmd, counters: &ServiceCounters) {
+        match cmd {
+            Cmd::Publish { topic, frame } => {
+                if !self.queue(topic, frame) {
+                    counters.ws_fanout_lost.inc();
+                }
+            }
+            Cmd::Continue => self.continuing = false,
+        }
+    }
+
+    /// Adds a publish to its topic's batch; false if the pending bound is reached.
+    fn queue(&mut self, topic: Arc<str>, frame: Arc<[u8]>) -> bool {
+        if !self.topics.contains_key(&topic) {
+            return true; // no subscriber here: nothing to deliver
+        }
+        if self.messages >= PENDING_MAX {
+            return false;
+        }
+        self.messages += 1;
+        match self.index.get(&topic) {
+            Some(&seq) => self.pending[(seq - self.popped) as usize]
+                .frames
+                .push(frame),
+            None => {
+                let mut frames = self.spare.pop().unwrap_or_default();
+                frames.push(frame);
+                self.index
+                    .insert(topic.clone(), self.popped + self.pending.len() as u64);
+                self.pending.push_back(Batch { topic, frames });
+            }
+        }
+        true
+    }
+
+    /// Whether publishes wait for delivery.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Delivers waiting batches, in order, until the wake's budget is spent; asks for another
+    /// wake through `fanout` if some are left. `policy` gives a connection's slow-consumer
+    /// policy and how its messages are written (compressed or not), or `None` if it is not a
+    /// pub/sub connection. A batch is compressed at most once per window size, for all the
+    /// subscribers that share it; a `dedicated` subscriber's compressor compresses for it alone.
+    pub fn deliver<S>(
+        &mut self,
+        ctx: &mut Ctx<'_, S>,
+        fanout: &Fanout,
+        counters: &ServiceCounters,
+        deflate: &mut Deflate<'_>,
+        policy: impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
+    ) {
+        let mut work = 0;
+        while work < DELIVERY_BUDGET {
+            let Some(mut batch) = self.pending.pop_front() else {
+                break;
+            };
+            self.popped += 1;
+            self.index.remove(&batch.topic);
+            self.messages -= batch.frames.len();
+            work += batch.frames.len();
+            for p in self.packed.iter_mut().filter(|p| p.built) {
+                p.built = false;
+                p.data.clear();
+                p.ends.clear();
+                // A burst's large buffer goes back to the allocator.
+                if p.data.capacity() > PACKED_KEEP {
+                    *p = Packed::default();
+                }
+            }
+            if let Some(set) = self.topics.get(&batch.topic) {
+                work += set.len();
+                for &token in set {
+                    let to = Subscriber {
+                        token,
+                        frames: &batch.frames,
+                        packed: &mut self.packed,
+                    };
+                    deliver_to(ctx, to, counters, deflate, &policy);
+                }
+            }
+            batch.frames.clear();
+            // Keep a few modest vectors; a burst's large one goes back to the allocator.
+            if batch.frames.capacity() <= 4096 && self.spare.len() < 64 {
+                self.spare.push(batch.frames);
+            }
+        }
+        if !self.pending.is_empty() && !self.continuing {
+            self.continuing = fanout.wake_self();
+        }
+    }
+}
+
+/// One subscriber of the batch being delivered.
+struct Subscriber<'a> {
+    token: Token,
+    frames: &'a [Arc<[u8]>],
+    packed: &'a mut [Packed; WINDOW_SIZES],
+}
+
+/// Writes the messages of one batch that fit under the subscriber's bound. A message is staged
+/// only while the subscriber's queued output (staged bytes included) is under
+/// `max_write_buffer`; what was staged is then written, and if the socket took it the next
+/// messages get their turn, so only a subscriber that is really not reading loses messages.
+/// A `dedicated` subscriber's compressor sees only the messages written to it; for `shared`
+/// subscribers the batch is compressed whole, once, for all of them.
+fn deliver_to<S>(
+    ctx: &mut Ctx<'_, S>,
+    to: Subscriber<'_>,
+    counters: &ServiceCounters,
+    deflate: &mut Deflate<'_>,
+    policy: &impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
+) {
+    let Subscriber {
+        token,
+        frames,
+        packed,
+    } = to;
+    let mut next = 0;
+    while next < frames.len() {
+        let round = ctx.with_conn(token, |conn| {
+            let (policy, delivery) = policy(conn.state())?;
+            if let Delivery::Shared(bits) = delivery {
+                let p = &mut packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
+                if !p.built {
+                    let Deflate {
+                        compression,
+                        counters,
+                    } = deflate;
+                    compression.pack_fanout(bits, frames, &mut p.data, &mut p.ends, counters);
+                    p.built = true;
+                }
+            }
+            let mut i = next;
+            while i < frames.len() && !conn.over_limit() {
+                match delivery {
+                    Delivery::Plain => conn.write(&frames[i]),
+                    Delivery::Shared(bits) => {
+                        let p = &packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
+                        conn.write(p.frame(i));
+                    }
+                    Delivery::Dedicated => deflate.compression.write_dedicated_frame(
+                        token,
+                        conn.out(),
+                        &frames[i],
+                        deflate.counters,
+                    ),
+                }
+                i += 1;
+            }
+            if i == next && policy == SlowConsumer::Disconnect {
+                // The 1008 queues behind the backlog: a slow reader gets it within a second,
+                // one that does not read at all is cut off then.
+                ws::write_close(conn.out(), ws::CLOSE_POLICY, "slow consumer");
+                conn.close_within(SLOW_CLOSE_GRACE);
+            }
+            Some((policy, i))
+        });
+        let Some(Some((policy, i))) = round else {
+            return; // closed, or not a pub/sub connection
+        };
+        counters.ws_messages_out.add((i - next) as u64);
+        if i == next {
+            // At the bound with nothing written since: the rest does not fit.
+            match policy {
+                SlowConsumer::Drop => counters.ws_dropped.add((frames.len() - i) as u64),
+                SlowConsumer::Disconnect => counters.ws_slow_closed.inc(),
+            }
+            return;
+        }
+        next = i;
+    }
+}
+
+/// A client's request on a pub/sub route.
+enum Op {
+    Subscribe(String),
+    Unsubscribe(String),
+    Publish(String, serde_json::Value),
+}
+
+const USAGE: &str = "expected {\"op\":\"subscribe|unsubscribe|publish\",\"topic\":\"...\"}";
+
+fn parse_op(msg: &Message<'_>) -> Result<Op, &'static str> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        op: String,
+        topic: String,
+        #[serde(default)]
+        data: serde_json::Value,
+    }
+    let bytes = match msg {
+        Message::Text(s) => s.as_bytes(),
+        Message::Binary(b) => b,
+    };
+    let raw: Raw = serde_json::from_slice(bytes).map_err(|_| USAGE)?;
+    match raw.op.as_str() {
+        "subscribe" => Ok(Op::Subscribe(raw.topic)),
+        "unsubscribe" => Ok(Op::Unsubscribe(raw.topic)),
+        "publish" => Ok(Op::Publish(raw.topic, raw.data)),
+        _ => Err("op must be subscribe, unsubscribe or publish"),
+    }
+}
+
+fn reply(out: &mut Vec<u8>, body: &serde_json::Value) {
+    ws::write_frame(out, ws::OP_TEXT, body.to_string().as_bytes());
+}
+
+/// Everything a pub/sub message needs besides the hub.
+pub struct Client<'a> {
+    pub token: Token,
+    pub limits: &'a TopicLimits,
+    pub fanout: &'a Fanout,
+    pub counters: &'a ServiceCounters,
+}
+
+impl Hub {
+    /// Handles one message on a pub/sub route; acknowledgements and errors go to `out`. A
+    /// subscription is acknowledged only once it is in force; what is refused gets
+    /// `{"error":…,"op":…,"topic":…}` and changes nothing.
+    pub fn on_message(&mut self, c: &Client<'_>, msg: &Message<'_>, out: &mut Vec<u8>) {
+        let op = match parse_op(msg) {
+            Ok(op) => op,
+            Err(why) => return reply(out, &serde_json::json!({ "error": why })),
+        };
+        let registry = &*c.fanout.registry;
+        let (word, topic, result) = match op {
+            Op::Subscribe(t) => {
+                let r = self.subscribe(c.token, &t, c.limits, registry).map(|_| ());
+                if r.is_err() {
+                    c.counters.ws_subscribe_refused.inc();
+                }
+                ("subscribe", t, r)
+            }
+            Op::Unsubscribe(t) => {
+                self.unsubscribe(c.token, &t, registry);
+                ("unsubscribe", t, Ok(()))
+            }
+            Op::Publish(t, data) => {
+                let r = check_topic(&t, c.limits)
+                    .and_then(|()| encode_value(&t, &data, c.limits.max_message))
+                    .map(|frame| {
+                        c.fanout.publish(&t, frame, c.counters);
+                    });
+                match r {
+                    // A publish that went out is not acknowledged (it is a stream).
+                    Ok(()) => return,
+                    Err(e) => {
+                        c.counters.ws_publish_refused.inc();
+                        ("publish", t, Err(e))
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => reply(out, &serde_json::json!({ "ok": word, "topic": topic })),
+            Err(e) => reply(
+                out,
+                &serde_json::json!({ "error": e.to_string(), "op": word, "topic": topic }),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: TopicLimits = TopicLimits {
+        max_topics: 2,
+        max_topic_length: 8,
+        max_message: 64,
+    };
+
+    fn payload(frame: &[u8]) -> String {
+        let (op, _, range, _) = ws::decode_server_frame(frame).unwrap().unwrap();
+        assert_eq!(op, ws::OP_TEXT);
+        String::from_utf8(frame[range].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn bodies_are_sent_as_json_when_they_are_json() {
+        let f = encode_body("t", br#" {"a": [1, 2]} "#, 64).unwrap();
+        assert_eq!(payload(&f), r#"{"topic":"t","data": {"a": [1, 2]} }"#);
+        let f = encode_body("t", b"hi \"you\"\n", 64).unwrap();
+        assert_eq!(payload(&f), r#"{"topic":"t","data":"hi \"you\"\n"}"#);
+        assert_eq!(encode_body("t", &[0xff, 0xfe], 64), Err(Refused::NotText));
+        // Control bytes escape to 6 bytes each: the check is on the encoded size.
+        let ctl = [1u8; 20];
+        assert!(matches!(
+            encode_body("t", &ctl, 64),
+            Err(Refused::TooLarge { size, max: 64 }) if size > 64
+        ));
+        assert!(matches!(
+            encode_body("t", &[b'1'; 100], 64),
+            Err(Refused::TooLarge { .. })
+        ));
+        // A long frame gets the 16-bit length header.
+        let big = encode_body("t", &[b'x'; 300], 1000).unwrap();
+        assert_eq!(payload(&big).len(), 300 + 23, "quoted");
+        // Topics are JSON-escaped.
+        let f = encode_body("a\"b", b"1", 64).unwrap();
+        assert_eq!(payload(&f), r#"{"topic":"a\"b","data":1}"#);
+    }
+
+    #[test]
+    fn subscriptions_respect_the_limits() {
+        let mut hub = Hub::default();
+        let reg = Registry::default();
+        let t = Token(1);
+        assert_eq!(hub.subscribe(t, "a", &LIMITS, &reg), Ok(true));
+        assert_eq!(hub.subscribe(t, "a", &LIMITS, &reg), Ok(false));
+        assert_eq!(hub.subscribe(t, "b", &LIMITS, &reg), Ok(true));
+        assert_eq!(
+            hub.subscribe(t, "c", &LIMITS, &reg),
+            Err(Refused::TooManyTopics { max: 2 })
+        );
+        assert_eq!(reg.count("c"), 0, "nothing done when refused");
+        assert_eq!(
+            hub.subscribe(Token(2), "123456789", &LIMITS, &reg),
+            Err(Refused::Topic { max: 8 })
+        );
+        assert_eq!(
+            hub.subscribe(Token(2), "", &LIMITS, &reg),
+            Err(Refused::Topic { max: 8 })
+        );
+        assert!(hub.unsubscribe(t, "a", &reg));
+        assert_eq!(hub.subscribe(t, "c", &LIMITS, &reg), Ok(true), "room again");
+        assert_eq!((reg.count("a"), reg.count("b"), reg.count("c")), (0, 1, 1));
+        hub.on_close(t, &reg);
+        assert_eq!((reg.count("b"), reg.count("c")), (0, 0));
+        assert!(hub.topics.is_empty() && hub.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn publishes_group_per_topic_in_order_and_stay_bounded() {
+        let mut hub = Hub::default();
+        let reg = Registry::default();
+        let limits = TopicLimits {
+            max_topics: 100_000,
+            ..LIMITS
+        };
+        for i in 0..1000 {
+            hub.subscribe(Token(1), &format!("t{i}"), &limits, &reg)
+                .unwrap();
+        }
+        let frame: Arc<[u8]> = Arc::from(&b"x"[..]);
+        for round in 0..3 {
+            for i in 0..1000 {
+                let topic: Arc<str> = Arc::from(format!("t{i}"));
+                assert!(hub.queue(topic, frame.clone()), "round {round}");
+            }
+        }
+        assert!(hub.queue(Arc::from("nobody"), frame.clone()));
+        assert_eq!(hub.pending.len(), 1000, "one batch per topic");
+        assert!(hub.pending.iter().all(|b| b.frames.len() == 3));
+        assert_eq!(&*hub.pending[7].topic, "t7", "first-arrival order");
+        assert_eq!(hub.messages, 3000);
+        // Popping the front keeps the index of the rest valid.
+        let b = hub.pending.pop_front().unwrap();
+        hub.popped += 1;
+        hub.index.remove(&b.topic);
+        hub.messages -= b.frames.len();
+        assert!(hub.queue(Arc::from("t5"), frame.clone()));
+        assert_eq!(hub.pending[4].frames.len(), 4);
+        assert!(hub.queue(Arc::from("t0"), frame.clone()));
+        assert_eq!(&*hub.pending.back().unwrap().topic, "t0");
+        hub.messages = PENDING_MAX;
+        assert!(!hub.queue(Arc::from("t1"), frame), "bounded");
+    }
+
+    #[test]
+    fn ops_are_parsed() {
+        assert!(matches!(
+            parse_op(&Message::Text(r#"{"op":"publish","topic":"t","data":[1]}"#)),
+            Ok(Op::Publish(t, _)) if t == "t"
+        ));
+        assert_eq!(
+            parse_op(&Message::Text(r#"{"op":"shout","topic":"t"}"#)).err(),
+            Some("op must be subscribe, unsubscribe or publish")
+        );
+        assert_eq!(parse_op(&Message::Text("nope")).err(), Some(USAGE));
+    }
+}
