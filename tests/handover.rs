@@ -1004,3 +1004,235 @@ fn a_tls_connection_stays_and_closes_with_close_notify_while_plain_ones_move() {
     assert_eq!(tls_echo(&mut fresh, b"new"), b"new");
     drop((plain, fresh, new));
 }
+
+// ---- The product's connections: HTTP and WebSocket, pub/sub across the switch. ----
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// A WebSocket client over a blocking socket, reading frames through a buffer.
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Ws {
+    fn connect(addr: SocketAddr, path: &str) -> Ws {
+        let mut s = connect(addr);
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{UPGRADE}\r\n");
+        let (status, head, _) = http_exchange(&mut s, req.as_bytes());
+        assert_eq!(status, 101, "{head}");
+        Ws { s, buf: Vec::new() }
+    }
+
+    fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+        let mut f = Vec::new();
+        shardnet::service::ws::write_masked(&mut f, opcode, fin, payload, [9, 8, 7, 6]);
+        self.s.write_all(&f).unwrap();
+    }
+
+    fn text(&mut self, t: &str) {
+        self.send(shardnet::service::ws::OP_TEXT, true, t.as_bytes());
+    }
+
+    /// The next frame, (opcode, payload); `None` at end of stream.
+    fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some((op, _, range, used)) =
+                shardnet::service::ws::decode_server_frame(&self.buf).unwrap()
+            {
+                let payload = self.buf[range].to_vec();
+                self.buf.drain(..used);
+                return Some((op, payload));
+            }
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next text frame's payload, skipping pings.
+    fn next_text(&mut self) -> String {
+        loop {
+            let (op, payload) = self.recv().expect("a frame, not the end of the stream");
+            if op == shardnet::service::ws::OP_TEXT {
+                return String::from_utf8(payload).unwrap();
+            }
+            assert_eq!(op, shardnet::service::ws::OP_PING, "unexpected opcode {op}");
+        }
+    }
+}
+
+fn product_toml(shards: usize, control: &Path) -> String {
+    format!(
+        "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"5s\"\n\
+         control_socket = \"{}\"\n\
+         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\n\
+         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        control.display()
+    )
+}
+
+/// Starts the product from `toml` in this process.
+fn product(toml: &str) -> (shardnet::config::Config, Server) {
+    let config = config(toml);
+    let tls = config.load_tls(toml, "t.toml").unwrap();
+    let server = shardnet::app::start_with_tls(&config, &tls).unwrap();
+    (config, server)
+}
+
+/// Takes `path`'s server over with the product of `toml`, on another thread.
+fn product_takeover(path: &Path, toml: &str) -> Server {
+    let (path, toml) = (path.to_path_buf(), toml.to_string());
+    std::thread::spawn(move || {
+        let config = config(&toml);
+        let tls = config.load_tls(&toml, "t.toml").unwrap();
+        let mut t = Takeover::connect(&path, shardnet::app::HANDOVER_FORMAT).unwrap();
+        let builder = t
+            .take_listeners(shardnet::app::engine_with_tls(&config, &tls))
+            .unwrap();
+        let server = shardnet::app::start_on(&config, &tls, builder).unwrap();
+        t.take_connections(&server).unwrap();
+        server
+    })
+    .join()
+    .unwrap()
+}
+
+/// POSTs `{"seq":N}` to `topic` for N in `seqs`, on one keep-alive connection, or on a new
+/// connection each time (`fresh`: once the listeners moved, those are the new process's own);
+/// a 503 (a hand-over that cannot hold the publish) is retried. Returns the retries.
+fn publish_all(
+    addr: SocketAddr,
+    topic: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+    pace: Duration,
+    fresh: bool,
+) -> u64 {
+    let mut s = connect(addr);
+    let mut retries = 0;
+    for seq in seqs {
+        if fresh {
+            s = connect(addr);
+        }
+        loop {
+            let body = format!("{{\"seq\":{seq}}}");
+            let req = format!(
+                "POST /publish/{topic} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let (status, _, _) = http_exchange(&mut s, req.as_bytes());
+            if status == 503 {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            assert_eq!(status, 200);
+            break;
+        }
+        std::thread::sleep(pace);
+    }
+    retries
+}
+
+/// The topic and sequence number of a delivered `{"topic":T,"data":{"seq":N}}`.
+fn topic_seq(text: &str) -> (String, u64) {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (
+        v["topic"].as_str().unwrap().to_string(),
+        v["data"]["seq"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn http_websocket_and_pubsub_connections_move_with_their_state() {
+    let dir = TempDir::new("product");
+    let path = dir.path("control.sock");
+    let toml = product_toml(2, &path);
+    let (_, mut old) = product(&toml);
+    let events = old.open_control(&path, false).unwrap();
+    let http = old.addr("http").unwrap();
+    let topics = ["moving", "fresh"];
+
+    // 40 subscribers to both topics, each subscription acknowledged.
+    let mut subscribers: Vec<Ws> = (0..40)
+        .map(|_| {
+            let mut w = Ws::connect(http, "/ws");
+            for t in topics {
+                w.text(&format!(r#"{{"op":"subscribe","topic":"{t}"}}"#));
+                assert!(w.next_text().contains("\"ok\":\"subscribe\""));
+            }
+            w
+        })
+        .collect();
+    // An echo client with half a fragmented message.
+    let mut echo = Ws::connect(http, "/ws/echo");
+    echo.send(shardnet::service::ws::OP_TEXT, false, b"first half, ");
+    // A keep-alive HTTP client between requests, and one with half a request line.
+    let mut keep = connect(http);
+    let (status, _, _) = http_exchange(&mut keep, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status, 200);
+    let mut half = connect(http);
+    half.write_all(b"GET /plaint").unwrap();
+    // Idle connections make the transfer take a while.
+    let echo_addr = old.addr("echo").unwrap();
+    let idle: Vec<TcpStream> = (0..1500).map(|_| connect(echo_addr)).collect();
+
+    // Publishers throughout, one per topic: on a keep-alive connection that moves, and on a new
+    // connection per publish (the new process's own once the listeners moved).
+    let moving = std::thread::spawn(move || {
+        publish_all(http, "moving", 1..=300, Duration::from_millis(2), false)
+    });
+    let fresh = std::thread::spawn(move || {
+        publish_all(http, "fresh", 1..=300, Duration::from_millis(1), true)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let new = product_takeover(&path, &product_toml(3, &path));
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ControlEvent::HandedOver { kept, .. } => assert_eq!(kept, 0, "everything moved"),
+        other => panic!("{other:?}"),
+    }
+    assert!(old.shutdown());
+    assert_eq!(
+        moving.join().unwrap(),
+        0,
+        "a moving publisher's publishes are held, not refused"
+    );
+    // The new process's own publishers are told to retry (503) until its commit.
+    let _ = fresh.join().unwrap();
+
+    // Every subscriber has every message of each topic once, in order.
+    for (i, w) in subscribers.iter_mut().enumerate() {
+        let mut next = [1u64, 1u64];
+        while next != [301, 301] {
+            let (topic, seq) = topic_seq(&w.next_text());
+            let k = topics.iter().position(|t| *t == topic).unwrap();
+            assert_eq!(seq, next[k], "subscriber {i}, topic {topic}");
+            next[k] += 1;
+        }
+    }
+    echo.send(shardnet::service::ws::OP_CONT, true, b"second half");
+    assert_eq!(echo.next_text(), "first half, second half");
+    let (status, _, body) = http_exchange(&mut keep, b"GET /plaintext HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!((status, &body[..]), (200, &b"Hello, World!"[..]));
+    half.write_all(b"ext HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let (status, _, body) = read_response(&mut half, false);
+    assert_eq!((status, &body[..]), (200, &b"Hello, World!"[..]));
+    let snap = new.snapshot();
+    assert!(snap.total().received >= 1544, "{}", snap.total().received);
+    // Subscriptions are in force in the new process: a publish there reaches all 40.
+    let mut p = connect(http);
+    let (status, _, body) = http_exchange(
+        &mut p,
+        b"POST /publish/moving HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\n{\"seq\":301}",
+    );
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"subscribers\":40"));
+    for w in &mut subscribers {
+        assert_eq!(topic_seq(&w.next_text()), ("moving".to_string(), 301));
+    }
+    drop((subscribers, echo, keep, half, p, idle, new));
+}

@@ -33,6 +33,7 @@ use crate::server::{
 };
 use crate::tls::ServerTls;
 use metrics::Metrics;
+use pubsub::{PubsubHandover, Registry};
 use router::{Router, Shared};
 
 /// Starts the product server: every listener with the service its configuration names.
@@ -79,13 +80,19 @@ pub fn start_on(
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    builder.start(move |info, peers| {
+    // Pub/sub across a hand-over goes through the registry's gate (see `pubsub::Gate`).
+    let registry: Arc<Registry> = Arc::default();
+    let hooks = Arc::new(PubsubHandover {
+        registry: registry.clone(),
+    });
+    builder.handover_hooks(hooks).start(move |info, peers| {
         let shared = slot
             .lock()
             .get_or_insert_with(|| {
+                registry.gate.set_peers(&peers);
                 Arc::new(Shared {
                     metrics: Metrics::new(info.stats.clone(), info.shards, started),
-                    registry: Arc::default(),
+                    registry: registry.clone(),
                     config: owned.clone(),
                 })
             })

@@ -24,8 +24,81 @@ use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 /// beyond its payload.
 const MAX_FRAME_HEADER: usize = 14;
 
-/// Hand-over blob of an echo connection.
+/// Hand-over blobs (the router's state format, [`Router::HANDOVER_FORMAT`]): the first byte
+/// names the state. Echo: nothing more. HTTP: [`HttpConn::to_bits`] (a partial request is the
+/// engine's input, the header timer its timer). WebSocket: the route's mode, `awaiting_pong`,
+/// the permessage-deflate agreement, the route's path, the topics subscribed to, then
+/// [`WsConn::export`].
 const BLOB_ECHO: u8 = 1;
+const BLOB_HTTP: u8 = 2;
+const BLOB_WS: u8 = 3;
+
+/// A WebSocket state from a hand-over blob, before it is checked against this configuration.
+struct MovedWs {
+    pubsub: bool,
+    awaiting_pong: bool,
+    deflate: Option<Agreed>,
+    path: String,
+    topics: Vec<String>,
+    conn: WsConn,
+}
+
+impl MovedWs {
+    fn encode(s: &WsState, path: &str, topics: &[Arc<str>]) -> Vec<u8> {
+        let mut b = vec![BLOB_WS];
+        b.push(0); // the mode, set by the caller
+        b.push(s.awaiting_pong as u8);
+        match s.deflate {
+            None => b.extend_from_slice(&[0, 0, 0]),
+            Some(a) => b.extend_from_slice(&[1, a.window_bits, a.takeover as u8]),
+        }
+        b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        b.extend_from_slice(path.as_bytes());
+        b.extend_from_slice(&(topics.len() as u16).to_le_bytes());
+        for t in topics {
+            b.extend_from_slice(&(t.len() as u16).to_le_bytes());
+            b.extend_from_slice(t.as_bytes());
+        }
+        s.conn.export(&mut b);
+        b
+    }
+
+    /// Reads a blob after its first byte.
+    fn decode(mut b: &[u8]) -> Result<MovedWs, String> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if b.len() < n {
+                return Err("a WebSocket connection's state ends early".into());
+            }
+            let (head, rest) = b.split_at(n);
+            *b = rest;
+            Ok(head)
+        }
+        fn string(b: &mut &[u8]) -> Result<String, String> {
+            let n = u16::from_le_bytes(take(b, 2)?.try_into().expect("2 bytes")) as usize;
+            String::from_utf8(take(b, n)?.to_vec()).map_err(|_| "a name that is not UTF-8".into())
+        }
+        let head = take(&mut b, 5)?;
+        let deflate = (head[2] != 0).then_some(Agreed {
+            window_bits: head[3],
+            takeover: head[4] != 0,
+        });
+        let path = string(&mut b)?;
+        let n = u16::from_le_bytes(take(&mut b, 2)?.try_into().expect("2 bytes"));
+        let topics = (0..n).map(|_| string(&mut b)).collect::<Result<_, _>>()?;
+        let conn = WsConn::import(&mut b)?;
+        if !b.is_empty() {
+            return Err("a WebSocket connection's state is longer than its format".into());
+        }
+        Ok(MovedWs {
+            pubsub: head[0] != 0,
+            awaiting_pong: head[1] != 0,
+            deflate,
+            path,
+            topics,
+            conn,
+        })
+    }
+}
 
 /// State shared by every shard's router (off the hot path).
 pub struct Shared {
@@ -262,6 +335,70 @@ impl Router {
         route_of(&self.kinds, listener, route)
     }
 
+    /// A WebSocket connection from an old process: its route (found by path, in the same
+    /// mode), compression and subscriptions here. If this configuration no longer serves it
+    /// that way (the route is gone or changed mode, a subscription is over the limits now), it
+    /// gets a 1001 close (sent once the hand-over commits) rather than a different service.
+    fn import_ws(&mut self, conn: &mut Conn<'_, ConnState>, moved: MovedWs) {
+        let listener = conn.listener();
+        let token = conn.token();
+        let Kind::Http { websocket, .. } = &self.kinds[listener] else {
+            return;
+        };
+        let route = websocket.iter().position(|r| {
+            r.config.path == moved.path && (r.config.mode == WsMode::Pubsub) == moved.pubsub
+        });
+        let Some(route) = route else {
+            log::warn!(
+                "hand-over: WebSocket route `{}` is not served here in the same mode; closing                  a connection that used it (1001)",
+                moved.path
+            );
+            ws::write_close(
+                conn.out(),
+                ws::CLOSE_GOING_AWAY,
+                "route not served after restart",
+            );
+            conn.close();
+            return;
+        };
+        let limits = websocket[route].topics;
+        let counters = self.shared.metrics.shard(self.shard);
+        counters.ws_open.inc();
+        let mut conn_state = moved.conn;
+        let refused = moved.topics.iter().find_map(|t| {
+            self.hub
+                .subscribe(token, t, &limits, &self.shared.registry)
+                .err()
+                .map(|e| (t.clone(), e))
+        });
+        if let Some(agreed) = moved.deflate {
+            // A `dedicated` connection gets a fresh compressor: its next message starts new
+            // deflate blocks after the last one's sync flush, which the client's inflater (with
+            // its window of the earlier messages) reads as it would any block.
+            let deflate = self.shared.metrics.deflate(self.shard);
+            self.compression.open(token, agreed, deflate);
+        }
+        if let Some((topic, why)) = refused {
+            log::warn!(
+                "hand-over: a subscriber's topic `{topic}` is refused here ({why}); closing it"
+            );
+            conn_state.close_sent = true;
+            ws::write_close(
+                conn.out(),
+                ws::CLOSE_GOING_AWAY,
+                "subscription refused after restart",
+            );
+            conn.close();
+        }
+        *conn.state() = ConnState::Ws(Box::new(WsState {
+            conn: conn_state,
+            listener: listener as u16,
+            route: route as u16,
+            awaiting_pong: moved.awaiting_pong,
+            deflate: moved.deflate,
+        }));
+    }
+
     fn on_ws(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
         let ConnState::Ws(ws_state) = conn.state() else {
             return 0;
@@ -438,29 +575,68 @@ impl Service for Router {
         self.hub.on_command(cmd, counters);
     }
 
-    /// Version 1: one byte naming the state. Echo connections move; HTTP and WebSocket ones stay
-    /// with the old process (closed gracefully after the hand-over).
-    const HANDOVER_FORMAT: &'static str = "shardnet-router/1";
+    /// Version 2: echo, HTTP (keep-alive or mid-request) and WebSocket connections (route,
+    /// close and ping state, fragment assembly, compression agreement, topics) all move; see
+    /// the blob constants.
+    const HANDOVER_FORMAT: &'static str = "shardnet-router/2";
+
+    fn before_export(&mut self, ctx: &mut Ctx<'_, ConnState>) {
+        // Publishes received but not yet written go into the subscribers' output, which moves
+        // with them (later publishes are held by the gate: `pubsub::Gate`).
+        let kinds = &self.kinds;
+        let counters = self.shared.metrics.shard(self.shard);
+        let mut deflate = Deflate {
+            compression: &mut self.compression,
+            counters: self.shared.metrics.deflate(self.shard),
+        };
+        self.hub.flush(
+            ctx,
+            &self.fanout,
+            counters,
+            &mut deflate,
+            |state| match state {
+                ConnState::Ws(s) => Some((slow_consumer(kinds, s), Delivery::of(s.deflate))),
+                _ => None,
+            },
+        );
+    }
 
     fn export(&mut self, conn: &mut Conn<'_, ConnState>) -> Option<Vec<u8>> {
+        let token = conn.token();
         match conn.state() {
             ConnState::Echo => Some(vec![BLOB_ECHO]),
-            ConnState::Fresh | ConnState::Http(_) | ConnState::Ws(_) => None,
+            ConnState::Http(hc) => Some(vec![BLOB_HTTP, hc.to_bits()]),
+            ConnState::Ws(s) => {
+                let route = &route_of(&self.kinds, s.listener, s.route).config;
+                let mut blob = MovedWs::encode(s, &route.path, self.hub.topics_of(token));
+                blob[1] = (route.mode == WsMode::Pubsub) as u8;
+                Some(blob)
+            }
+            ConnState::Fresh => None,
         }
     }
 
     fn import(&mut self, conn: &mut Conn<'_, ConnState>, blob: &[u8]) -> Result<(), String> {
-        match (blob, &self.kinds[conn.listener()]) {
-            ([BLOB_ECHO], Kind::Echo) => {
-                *conn.state() = ConnState::Echo;
-                Ok(())
+        let listener = conn.listener();
+        let (&kind, rest) = blob.split_first().ok_or("an empty connection state")?;
+        match (kind, &self.kinds[listener]) {
+            (BLOB_ECHO, Kind::Echo) => *conn.state() = ConnState::Echo,
+            (BLOB_HTTP, Kind::Http { .. }) => {
+                let bits = *rest.first().ok_or("an HTTP state without its byte")?;
+                *conn.state() = ConnState::Http(HttpConn::from_bits(bits));
             }
-            ([BLOB_ECHO], Kind::Http { .. }) => Err(format!(
-                "an echo connection came for listener {}, an HTTP listener here",
-                conn.listener()
-            )),
-            _ => Err(format!("unknown connection state {blob:?}")),
+            (BLOB_WS, Kind::Http { .. }) => self.import_ws(conn, MovedWs::decode(rest)?),
+            (BLOB_ECHO | BLOB_HTTP | BLOB_WS, _) => {
+                // The listener's service changed in the new configuration: the client closes
+                // and reconnects rather than speak to the wrong protocol.
+                log::warn!(
+                    "hand-over: a connection of listener {listener} speaks another protocol                      than it does now; closing it"
+                );
+                conn.close();
+            }
+            _ => return Err(format!("unknown connection state {kind}")),
         }
+        Ok(())
     }
 
     fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {

@@ -107,9 +107,8 @@ impl Routes<'_> {
                 }
             })
             .and_then(|()| pubsub::encode_body(topic, r.body(), limits.max_message));
-        match frame {
-            Ok(frame) => {
-                let n = self.fanout.publish(topic, frame, self.counters);
+        match frame.and_then(|frame| self.fanout.publish(topic, frame, self.counters)) {
+            Ok(n) => {
                 let body = serde_json::json!({ "topic": topic, "subscribers": n }).to_string();
                 resp.send(200, "application/json", body.as_bytes(), "")
             }
@@ -119,7 +118,12 @@ impl Routes<'_> {
                     Refused::TooLarge { .. } => 413,
                     Refused::NotText => 415,
                     Refused::Topic { .. } | Refused::TooManyTopics { .. } => 400,
+                    Refused::Moving => 503,
                 };
+                if e == Refused::Moving {
+                    let why = format!("{e}\n");
+                    return resp.send(status, "text/plain", why.as_bytes(), "Retry-After: 1\r\n");
+                }
                 let why = match e {
                     Refused::Topic { max } => {
                         format!("topic must be 1 to {max} bytes without '/' (max_topic_length)\n")

@@ -143,7 +143,7 @@ pub trait Service: 'static {
     fn on_commands_done(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
     // Hand-over to a new process (restart without dropping a connection, see
-    // `crate::server::handover`): the three items below belong together.
+    // `crate::server::handover`): the four items below belong together.
 
     /// Names the format of this service's [`Service::export`] blobs, version included. A
     /// hand-over moves connections only between two services with the same format (the new
@@ -151,6 +151,11 @@ pub trait Service: 'static {
     /// listeners still move, and the old process keeps serving its connections until the
     /// hand-over commits, then closes them gracefully ([`Service::on_drain`]).
     const HANDOVER_FORMAT: &'static str = "";
+
+    /// This shard is about to export its connections: finish delivering what is under way
+    /// (pub/sub messages received but not yet written), so that it travels in the connections'
+    /// output. The engine has already handed this shard's pending commands to `on_command`.
+    fn before_export(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
     /// The connection is about to move to a new process: its state as bytes, or `None` if it
     /// cannot move (this process then keeps it and closes it gracefully once the hand-over has

@@ -221,6 +221,9 @@ pub struct ServerBuilder {
     /// Listening sockets taken over from an old process, by listener name: used instead of
     /// binding ([`handover::Takeover::take_listeners`]).
     inherited: Vec<(String, Arc<[TcpListener]>)>,
+    hooks: handover::Hooks,
+    /// The server takes an old process over: its hooks' `taking` runs before the shards start.
+    taking_over: bool,
 }
 
 impl ServerBuilder {
@@ -262,6 +265,12 @@ impl ServerBuilder {
 
     pub fn tuning(mut self, tuning: Tuning) -> Self {
         self.tuning = tuning;
+        self
+    }
+
+    /// What the product carries across a hand-over besides connections (default: nothing).
+    pub fn handover_hooks(mut self, hooks: Arc<dyn handover::HandoverHooks>) -> Self {
+        self.hooks = handover::Hooks(hooks);
         self
     }
 
@@ -311,6 +320,10 @@ impl ServerBuilder {
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
         let spec = self.pool_spec();
+        if self.taking_over {
+            // Before a shard runs: the product holds what must wait for the commit.
+            self.hooks.0.taking();
+        }
         let max_connections = self.max_connections.unwrap_or(usize::MAX);
         let reuseport = self.balance == Balance::Reuseport;
         let mut shared = Vec::new();
@@ -379,6 +392,7 @@ impl ServerBuilder {
                 format,
                 offer,
                 control: None,
+                hooks: self.hooks,
             });
         }
         let (pool, _) = ShardPool::start(&spec, factory)?;
@@ -414,6 +428,7 @@ impl ServerBuilder {
             format,
             offer,
             control: None,
+            hooks: self.hooks,
         })
     }
 }
@@ -438,6 +453,7 @@ pub struct Server {
     /// closing listener is really closed).
     offer: Vec<OfferedSockets>,
     control: Option<ControlThread>,
+    hooks: handover::Hooks,
 }
 
 impl Server {
@@ -514,6 +530,7 @@ impl Server {
                 .map(|a| (a.control.clone(), a.wake.clone())),
             offer: std::mem::take(&mut self.offer),
             format: self.format,
+            hooks: self.hooks.clone(),
         };
         let (thread, events) = ControlThread::start(path, replace, giver)?;
         self.control = Some(thread);

@@ -72,6 +72,20 @@ impl HttpConn {
     pub fn timer_fired(&mut self) {
         self.timer_armed = false;
     }
+
+    /// The state as one byte, for a hand-over to another process (the partial request itself
+    /// is the engine's unconsumed input, the header timer the engine's timer).
+    pub fn to_bits(&self) -> u8 {
+        self.continue_sent as u8 | (self.timer_armed as u8) << 1
+    }
+
+    /// The state [`HttpConn::to_bits`] wrote.
+    pub fn from_bits(bits: u8) -> HttpConn {
+        HttpConn {
+            continue_sent: bits & 1 != 0,
+            timer_armed: bits & 2 != 0,
+        }
+    }
 }
 
 /// What the caller does with the connection's header timer after a call.

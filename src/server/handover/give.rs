@@ -72,6 +72,7 @@ pub(crate) struct Giver {
     pub acceptor: Option<(Sender<AcceptorControl>, Waker)>,
     pub offer: Vec<OfferedSockets>,
     pub format: &'static str,
+    pub hooks: super::Hooks,
 }
 
 /// The running control thread.
@@ -458,6 +459,10 @@ struct Session<'a> {
     lent: bool,
     /// `End` was sent: a `Commit` may follow.
     ended: bool,
+    /// The product's hooks were told the hand-over began (to tell them how it ended).
+    begun: bool,
+    /// What the new process gave back with its `Abort` ([`super::HandoverHooks::abandoned`]).
+    returned: Vec<Vec<u8>>,
     pid: u32,
     job: Option<Arc<ExportJob>>,
 }
@@ -486,6 +491,8 @@ impl<'a> Session<'a> {
             paused: false,
             lent: false,
             ended: false,
+            begun: false,
+            returned: Vec::new(),
             pid: 0,
             job: None,
         }
@@ -515,16 +522,23 @@ impl<'a> Session<'a> {
     }
 
     fn read(&mut self, want: &'static str) -> Result<Message, Stop> {
-        let (m, _) = self.reader.next(&self.stream)?;
-        match m {
-            Message::Abort { reason } => {
-                Err(Stop::Fail(format!("the new process gave up: {reason}")))
-            }
-            m if m.name() == want => Ok(m),
-            other => Err(Stop::Fail(format!(
-                "the new process sent {} where {want} was expected",
-                other.name()
-            ))),
+        loop {
+            let (m, _) = self.reader.next(&self.stream)?;
+            return match m {
+                Message::Relay { data } => {
+                    // Given back ahead of an abort: kept for the hooks.
+                    self.returned.push(data);
+                    continue;
+                }
+                Message::Abort { reason } => {
+                    Err(Stop::Fail(format!("the new process gave up: {reason}")))
+                }
+                m if m.name() == want => Ok(m),
+                other => Err(Stop::Fail(format!(
+                    "the new process sent {} where {want} was expected",
+                    other.name()
+                ))),
+            };
         }
     }
 
@@ -617,6 +631,9 @@ impl<'a> Session<'a> {
 
         self.read("accepting")?;
         self.pause()?;
+        // From here on the product holds what it must not deliver here alone (pub/sub).
+        g.hooks.0.begin();
+        self.begun = true;
 
         // Connections.
         let writer = self
@@ -635,6 +652,11 @@ impl<'a> Session<'a> {
         let sent = job.sent.load(Relaxed);
         let kept = job.kept.load(Relaxed);
         log::info!("hand-over: {sent} connections sent, {kept} kept here");
+        let data = g.hooks.0.relay();
+        if !data.is_empty() {
+            log::info!("hand-over: relaying {} bytes of the product's", data.len());
+            self.write(&Message::Relay { data }, &[])?;
+        }
         self.write(&Message::End { sent, kept }, &[])?;
         self.ended = true;
         let _ = self.stream.set_read_timeout(Some(COMMIT_TIMEOUT));
@@ -679,16 +701,15 @@ impl<'a> Session<'a> {
     /// take everything back.
     fn decide(mut self, why: String) -> Outcome {
         let _ = self.stream.shutdown(std::net::Shutdown::Read);
-        if self.ended {
-            loop {
-                match self.reader.next(&self.stream) {
-                    Ok((Message::Commit { taken }, _)) => {
-                        log::info!("hand-over: the commit came before the failure ({why})");
-                        return self.commit(taken);
-                    }
-                    Ok(_) => continue,
-                    Err(_) => break,
+        loop {
+            match self.reader.next(&self.stream) {
+                Ok((Message::Commit { taken }, _)) if self.ended => {
+                    log::info!("hand-over: the commit came before the failure ({why})");
+                    return self.commit(taken);
                 }
+                Ok((Message::Relay { data }, _)) => self.returned.push(data),
+                Ok(_) => continue,
+                Err(_) => break,
             }
         }
         let g = self.giver;
@@ -698,6 +719,9 @@ impl<'a> Session<'a> {
         }
         if self.paused {
             self.resume();
+        }
+        if self.begun {
+            g.hooks.0.failed(std::mem::take(&mut self.returned));
         }
         self.send(&Message::Abort {
             reason: why.clone(),
@@ -724,6 +748,7 @@ impl<'a> Session<'a> {
         }
         let release = Control::Handover(Handover::Release);
         let _ = control_all(&g.ports, &g.stats, release, "release", EXPORT_TIMEOUT);
+        g.hooks.0.committed();
         let took = self.started.elapsed();
         let moving = job
             .first

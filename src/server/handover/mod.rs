@@ -72,7 +72,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use give::{control_request, ControlEvent};
@@ -93,6 +93,61 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// connections, or just before its commit. For the tests of a crash at each point; never set
 /// it otherwise.
 pub const TEST_KILL_VAR: &str = "SHARDNET_TEST_TAKEOVER_KILL";
+
+/// What the product carries across a hand-over besides its connections, and when: pub/sub
+/// publishes made while connections move. One object per server
+/// ([`crate::server::ServerBuilder::handover_hooks`]), called on the thread that
+/// runs the hand-over (the old process's control thread, the new process's taking thread), in
+/// this order: old `begin`, `relay` (sent to the new process before `End`), then `committed` or
+/// `failed`; new `taking` (before the server starts), `received` (what the old one relayed),
+/// then `took` (after the commit, before any moved connection is served) or `abandoned` (sent
+/// back). Every method has a default that does nothing.
+pub trait HandoverHooks: Send + Sync + 'static {
+    /// Old process: the listeners moved and the connections are about to. From now on nothing
+    /// may be delivered only here: hold it.
+    fn begin(&self) {}
+    /// Old process: every connection that can move has been sent; what the new process must
+    /// get (opaque; its [`HandoverHooks::received`] reads it). Empty: nothing to send.
+    fn relay(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Old process: the hand-over committed; the moved connections are gone from here.
+    fn committed(&self) {}
+    /// Old process: the hand-over failed and every connection is back; `returned` is what the
+    /// new process gave back ([`HandoverHooks::abandoned`]).
+    fn failed(&self, _returned: Vec<Vec<u8>>) {}
+    /// New process: it takes over; called before its server starts.
+    fn taking(&self) {}
+    /// New process: what the old one relayed.
+    fn received(&self, _data: &[u8]) {}
+    /// New process: the commit is written; called before the moved connections are served.
+    fn took(&self) {}
+    /// New process: the takeover failed; what to give back to the old process.
+    fn abandoned(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+/// The hooks of a server that has none.
+struct NoHooks;
+
+impl HandoverHooks for NoHooks {}
+
+/// A server's hooks (none by default), as the builder and the server keep them.
+#[derive(Clone)]
+pub(crate) struct Hooks(pub Arc<dyn HandoverHooks>);
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks(Arc::new(NoHooks))
+    }
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandoverHooks")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {

@@ -176,6 +176,8 @@ impl Takeover {
             indices.push(i as u16);
             self.map[i] = Some(pos);
         }
+        // The server it starts takes over: its product's hooks hear it before a shard starts.
+        builder.taking_over = true;
         self.write(&Message::WantListeners {
             indices: indices.clone(),
         })?;
@@ -225,6 +227,15 @@ impl Takeover {
         match self.receive(server, &ports, &stats, &job) {
             Ok(report) => Ok(report),
             Err(e) => {
+                // What the product holds goes back to the old process, which serves on.
+                let back = server.hooks.0.abandoned();
+                if !back.is_empty() {
+                    let _ = fdpass::send_all(
+                        self.stream.as_fd(),
+                        &Message::Relay { data: back }.encode(),
+                        &[],
+                    );
+                }
                 self.abort(&e.to_string());
                 let abandon = Control::Handover(Handover::Abandon);
                 let _ = control_all(&ports, &stats, abandon, "abandon", EXPORT_TIMEOUT);
@@ -255,6 +266,7 @@ impl Takeover {
                     self.place(records, fds, ports, stats, &mut spread)?;
                     self.kill_point(KillAt::Connections);
                 }
+                Message::Relay { data } => server.hooks.0.received(&data),
                 Message::End { sent, kept } => break (sent, kept),
                 Message::Abort { reason } => return Err(HandoverError::Aborted(reason)),
                 other => return Err(self.unexpected(other, "batch or end")),
@@ -286,6 +298,9 @@ impl Takeover {
         // The decisive write: once it is in the old process's buffer, the connections are ours.
         // If it fails, the old process has shut its read side and takes them back.
         self.write(&Message::Commit { taken: received })?;
+        // Before any moved connection is served: what the product held (the old process's
+        // relayed publishes, then its own) goes out now, to subscribers that are all here.
+        server.hooks.0.took();
         let activate = Control::Handover(Handover::Activate);
         if let Err(e) = control_all(ports, stats, activate, "activate", EXPORT_TIMEOUT) {
             // The message waits in the shards' channels: they serve them once they read it.

@@ -52,6 +52,7 @@ const COMMIT: u8 = 9;
 const ABORT: u8 = 10;
 const UPGRADE: u8 = 11;
 const OUTCOME: u8 = 12;
+const RELAY: u8 = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -153,6 +154,11 @@ pub enum Message {
     Upgrade { config: String },
     /// Old → `shardnet upgrade`: how it ended.
     Outcome { ok: bool, message: String },
+    /// Either side: the product's data for the other process ([`HandoverHooks`]): the old
+    /// process's before `End`, the new process's before its `Abort`.
+    ///
+    /// [`HandoverHooks`]: super::HandoverHooks
+    Relay { data: Vec<u8> },
 }
 
 impl Message {
@@ -170,6 +176,7 @@ impl Message {
             ABORT => "abort",
             UPGRADE => "upgrade",
             OUTCOME => "outcome",
+            RELAY => "relay",
             _ => "unknown",
         }
     }
@@ -193,6 +200,7 @@ impl Message {
             Message::Abort { .. } => ABORT,
             Message::Upgrade { .. } => UPGRADE,
             Message::Outcome { .. } => OUTCOME,
+            Message::Relay { .. } => RELAY,
         }
     }
 
@@ -271,6 +279,10 @@ impl Message {
                 w.u8(*ok as u8);
                 w.str(message);
             }
+            Message::Relay { data } => {
+                w.u32(data.len() as u32);
+                w.bytes_raw(data);
+            }
         }
         w.finish()
     }
@@ -346,6 +358,7 @@ impl Message {
                 ok: r.u8()? != 0,
                 message: r.str()?,
             },
+            RELAY => Message::Relay { data: r.bytes()? },
             other => return Err(WireError::UnknownKind(other)),
         };
         Ok(m)
@@ -708,6 +721,9 @@ mod tests {
         roundtrip(Message::Outcome {
             ok: true,
             message: "done".into(),
+        });
+        roundtrip(Message::Relay {
+            data: b"held publishes".to_vec(),
         });
     }
 

@@ -100,6 +100,21 @@ impl<S: Service> Shard<S> {
             self.adopt(nc);
         }
         self.reap();
+        // Commands already here (pub/sub publishes made before the hand-over began: the product
+        // holds later ones) are delivered first, so what they wrote travels in the output.
+        let mut commands = 0;
+        while let Some(cmd) = self.inbox.data.try_recv() {
+            commands += 1;
+            self.with_ctx("on_command", |service, ctx| service.on_command(cmd, ctx));
+        }
+        self.inbox.data.release(commands);
+        if commands > 0 {
+            self.core.counters().commands.add(commands as u64);
+            self.with_ctx("on_commands_done", |service, ctx| {
+                service.on_commands_done(ctx)
+            });
+        }
+        self.with_ctx("before_export", |service, ctx| service.before_export(ctx));
         let env = &self.core.env;
         let mut order: Vec<(Duration, Token)> = self
             .core
