@@ -1236,3 +1236,377 @@ fn http_websocket_and_pubsub_connections_move_with_their_state() {
     }
     drop((subscribers, echo, keep, half, p, idle, new));
 }
+
+/// Python `websockets` subscribers: each subscribes to the topics on its URL, says `ready` once
+/// all are in force, then reads until nothing came for `quiet` seconds, and prints one JSON
+/// line with, per subscriber and topic, the first and last sequence number, gaps and
+/// duplicates. A connection the server closes ends the script with an error.
+const PY_SUBSCRIBERS: &str = r#"
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def subscriber(url, topics, quiet, ready, results):
+    async with connect(url, max_size=None, max_queue=None, open_timeout=30) as ws:
+        for topic in topics:
+            await ws.send(json.dumps({"op": "subscribe", "topic": topic}))
+        acks = 0
+        seen = {t: {"first": None, "last": None, "gaps": 0, "dups": 0, "n": 0} for t in topics}
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.recv(), timeout=quiet if acks == len(topics) else 30)
+            except asyncio.TimeoutError:
+                break
+            m = json.loads(message)
+            if "ok" in m:
+                # Messages of a topic subscribed first may come before a later topic's ack.
+                assert m["ok"] == "subscribe", m
+                acks += 1
+                if acks == len(topics):
+                    ready.append(1)
+                continue
+            s, seq = seen[m["topic"]], m["data"]["seq"]
+            s["n"] += 1
+            if s["last"] is None:
+                s["first"] = s["last"] = seq
+            elif seq <= s["last"]:
+                s["dups"] += 1
+            else:
+                s["gaps"] += seq - s["last"] - 1
+                s["last"] = seq
+        results.append({"url": url, "topics": seen})
+
+async def main(urls, topics, per_url, quiet):
+    ready, results = [], []
+    tasks = [asyncio.create_task(subscriber(u, topics, quiet, ready, results))
+             for u in urls for _ in range(per_url)]
+    while len(ready) < len(tasks):
+        done = [t for t in tasks if t.done() and t.exception()]
+        if done:
+            raise done[0].exception()
+        await asyncio.sleep(0.05)
+    print("ready", flush=True)
+    await asyncio.gather(*tasks)
+    print(json.dumps(results), flush=True)
+
+asyncio.run(main(sys.argv[1].split(","), sys.argv[2].split(","), int(sys.argv[3]), float(sys.argv[4])))
+"#;
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The issue's scenario: WebSocket subscribers (the bench's fan-out client for most, Python
+/// `websockets` for some, on a shared- and a dedicated-compression route) and HTTP keep-alive
+/// clients on a 2-shard server, a publisher at a steady rate, then `shardnet upgrade` to a
+/// 3-shard process: no connection closed, every subscriber gets every message exactly once and
+/// in order, the HTTP clients' next requests are answered by the new process, the old one exits
+/// 0.
+///
+/// Sized for `cargo test` on a small shared machine by default; the issue's figures by hand:
+/// `SHARDNET_HANDOVER_SUBSCRIBERS=4900 SHARDNET_HANDOVER_PYTHON=100 SHARDNET_HANDOVER_HTTP=500
+/// SHARDNET_HANDOVER_RATE=1000 cargo test --release --test handover process_pubsub -- --nocapture`.
+#[test]
+fn process_pubsub_subscribers_and_keep_alive_clients_through_an_upgrade() {
+    let Some(py) = python_with(&[("websockets", "websockets")]) else {
+        return; // skipped: python_with said why
+    };
+    let subscribers = env_count("SHARDNET_HANDOVER_SUBSCRIBERS", 300);
+    let python = env_count("SHARDNET_HANDOVER_PYTHON", 20).max(2);
+    let http_clients = env_count("SHARDNET_HANDOVER_HTTP", 100);
+    let rate = env_count("SHARDNET_HANDOVER_RATE", 200);
+    let dir = TempDir::new("pubsub");
+    let ctl = dir.path("ctl.sock");
+    let toml = |shards: usize| {
+        format!(
+            "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\nshutdown_timeout = \"5s\"\n\
+             control_socket = \"{}\"\n\
+             [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\nbacklog = 8192\n\
+             [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\n\
+             [[listener.websocket]]\npath = \"/ws/dedicated\"\nmode = \"pubsub\"\ncompression = \"dedicated\"\n",
+            ctl.display()
+        )
+    };
+    let mut old = Child::spawn(&toml(2), "");
+    let http = old.addr("http");
+    let mut keep: Vec<TcpStream> = (0..http_clients)
+        .map(|_| {
+            let mut c = connect(http);
+            let (status, _, _) = http_exchange(&mut c, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+            assert_eq!(status, 200);
+            c
+        })
+        .collect();
+
+    // The bench subscribes its clients to `bench-<its pid>` and publishes there at `rate`.
+    let json = dir.path("bench.json");
+    let mut bench = std::process::Command::new(bin())
+        .args(["bench", "--target", &http.to_string(), "--mode", "fanout"])
+        .args(["-c", &subscribers.to_string(), "--rate", &rate.to_string()])
+        .args(["--duration", "6s", "--warmup", "1s", "--client-cores", "0"])
+        .arg("--json")
+        .arg(&json)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let topic = format!("bench-{}", bench.id());
+    let urls = format!("ws://{http}/ws,ws://{http}/ws/dedicated");
+    let topics = format!("{topic},fresh");
+    let mut py_child = Reap(
+        std::process::Command::new(&py)
+            .args(["-c", PY_SUBSCRIBERS, &urls, &topics])
+            .arg((python / 2).to_string())
+            .arg("4")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut py_out = std::io::BufReader::new(py_child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    py_out.read_line(&mut line).unwrap();
+    if line.trim() != "ready" {
+        let mut err = String::new();
+        let _ = py_child.0.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("the Python subscribers did not start: {line}{err}");
+    }
+
+    // Once publishing is under way, the upgrade. A second publisher, on a new connection per
+    // publish (the new process's own once the listeners moved), goes on throughout.
+    let published =
+        |v: &serde_json::Value| v["services_total"]["ws_published"].as_u64().unwrap_or(0);
+    wait_until(Duration::from_secs(60), "the bench publishes", || {
+        published(&stats(http)) > rate as u64
+    });
+    const FRESH: u64 = 400;
+    let fresh = std::thread::spawn(move || {
+        publish_all(http, "fresh", 1..=FRESH, Duration::from_millis(3), true)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let new_config = dir.path("new.toml");
+    std::fs::write(&new_config, toml(3)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(&new_config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}\nold log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        old.log()
+    );
+    let pid: u32 = said
+        .split("pid ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    let _new = Pid(pid);
+    assert!(said.contains(", 0 kept"), "every connection moved: {said}");
+    assert_eq!(
+        old.wait(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        old.log()
+    );
+
+    // The keep-alive clients' next requests reach the new process.
+    for c in &mut keep {
+        let (status, _, body) = http_exchange(c, b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["pid"].as_u64(), Some(pid as u64));
+    }
+
+    // The bench: every subscriber saw every publish once, in order; none closed; no publish
+    // refused; nothing dropped.
+    let status = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(s) = bench.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bench did not end"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut bench_out = String::new();
+    let _ = bench.stdout.take().unwrap().read_to_string(&mut bench_out);
+    let _ = bench.stderr.take().unwrap().read_to_string(&mut bench_out);
+    assert!(
+        status.success(),
+        "bench failed:\n{bench_out}\nold log:\n{}",
+        old.log()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = &report["runs"][0]["fanout"];
+    assert_eq!(f["subscribers"].as_u64(), Some(subscribers as u64), "{f}");
+    assert_eq!(f["lost"], 0, "{f}");
+    assert_eq!(f["publish_errors"], 0, "{f}");
+    assert_eq!(f["dropped_by_server"], 0, "{f}");
+    assert_eq!(report["runs"][0]["errors"], 0, "{bench_out}");
+
+    // The Python subscribers: no gap, no duplicate, all up to the last publish of each topic.
+    let _ = fresh.join().unwrap();
+    line.clear();
+    py_out.read_line(&mut line).unwrap();
+    let mut err = String::new();
+    let _ = py_child.0.stderr.take().unwrap().read_to_string(&mut err);
+    let results: Vec<serde_json::Value> = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("Python subscribers: {e}: {line}{err}"));
+    assert_eq!(results.len(), python / 2 * 2);
+    for t in [topic.as_str(), "fresh"] {
+        let last = results
+            .iter()
+            .map(|r| r["topics"][t]["last"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        if t == "fresh" {
+            assert_eq!(last, FRESH);
+        }
+        for r in &results {
+            let s = &r["topics"][t];
+            assert_eq!((&s["gaps"], &s["dups"]), (&0.into(), &0.into()), "{t}: {r}");
+            assert_eq!(
+                s["last"].as_u64(),
+                Some(last),
+                "{t}: every subscriber has the last: {r}"
+            );
+            if t == "fresh" {
+                assert_eq!(s["first"], 1, "{r}");
+            }
+        }
+    }
+    drop(keep);
+}
+
+#[test]
+fn a_publisher_that_stays_with_the_old_process_loses_nothing() {
+    use rustls::{ClientConnection, StreamOwned};
+    // The publisher speaks TLS, so its connection stays with the old process (its publishes
+    // are held and relayed, then refused with 503 until it reconnects to the new process),
+    // while the plain WebSocket subscribers move.
+    let pki = common::pki::Pki::new();
+    let dir = TempDir::new("stays");
+    let path = dir.path("control.sock");
+    let toml = format!(
+        "{}[[listener]]\nname = \"https\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        product_toml(2, &path),
+        pki.cert.display(),
+        pki.key.display()
+    );
+    let (_, mut old) = product(&toml);
+    let events = old.open_control(&path, false).unwrap();
+    let (http, https) = (old.addr("http").unwrap(), old.addr("https").unwrap());
+    let mut subscribers: Vec<Ws> = (0..30)
+        .map(|_| {
+            let mut w = Ws::connect(http, "/ws");
+            w.text(r#"{"op":"subscribe","topic":"kept"}"#);
+            assert!(w.next_text().contains("\"ok\":\"subscribe\""));
+            w
+        })
+        .collect();
+    let idle: Vec<TcpStream> = (0..1500)
+        .map(|_| connect(old.addr("echo").unwrap()))
+        .collect();
+    let client = pki.client(&[&rustls::version::TLS13], &[], false);
+    const N: u64 = 400;
+    let publisher = std::thread::spawn(move || {
+        let open = || {
+            let conn =
+                ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+            StreamOwned::new(conn, connect(https))
+        };
+        let (mut s, mut retries, mut reconnects) = (open(), 0, 0);
+        let mut seq = 1;
+        while seq <= N {
+            let body = format!("{{\"seq\":{seq}}}");
+            let req = format!(
+                "POST /publish/kept HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let answer = s.write_all(req.as_bytes()).ok().and_then(|()| {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return None,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let mut body = vec![0u8; len];
+                s.read_exact(&mut body).ok()?;
+                Some(text[9..12].parse::<u16>().unwrap())
+            });
+            match answer {
+                Some(200) => seq += 1,
+                Some(503) => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Some(other) => panic!("publish answered {other}"),
+                // Closed when the old process drained: the next one reaches the new process.
+                None => {
+                    reconnects += 1;
+                    s = open();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (retries, reconnects)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let new = product_takeover(
+        &path,
+        &product_toml(3, &path).replace(
+            "[[listener]]\nname = \"echo\"",
+            &format!(
+                "[[listener]]\nname = \"https\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n[[listener]]\nname = \"echo\"",
+                pki.cert.display(),
+                pki.key.display()
+            ),
+        ),
+    );
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ControlEvent::HandedOver { kept, .. } => assert!(kept >= 1, "the TLS publisher stayed"),
+        other => panic!("{other:?}"),
+    }
+    assert!(old.shutdown());
+    let (_retries, reconnects) = publisher.join().unwrap();
+    assert!(
+        reconnects >= 1,
+        "the old process closed the publisher's connection"
+    );
+    for (i, w) in subscribers.iter_mut().enumerate() {
+        for expected in 1..=N {
+            let (_, seq) = topic_seq(&w.next_text());
+            assert_eq!(seq, expected, "subscriber {i}");
+        }
+    }
+    drop((subscribers, idle, new));
+}
