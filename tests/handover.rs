@@ -1610,3 +1610,65 @@ fn a_publisher_that_stays_with_the_old_process_loses_nothing() {
     }
     drop((subscribers, idle, new));
 }
+
+#[test]
+fn a_takeover_killed_before_its_commit_loses_no_publish() {
+    // The old server runs here; the new one is a real process, killed (SIGKILL) just before its
+    // commit, with the old one's held publishes already relayed to it.
+    let dir = TempDir::new("pubkill");
+    let path = dir.path("control.sock");
+    let toml = product_toml(2, &path);
+    let (_, mut old) = product(&toml);
+    let events = old.open_control(&path, false).unwrap();
+    let http = old.addr("http").unwrap();
+    let mut subscribers: Vec<Ws> = (0..30)
+        .map(|_| {
+            let mut w = Ws::connect(http, "/ws");
+            w.text(r#"{"op":"subscribe","topic":"moving"}"#);
+            assert!(w.next_text().contains("\"ok\":\"subscribe\""));
+            w
+        })
+        .collect();
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| connect(old.addr("echo").unwrap()))
+        .collect();
+    const N: u64 = 500;
+    let publisher = std::thread::spawn(move || {
+        publish_all(http, "moving", 1..=N, Duration::from_millis(2), false)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let ta = takeover_args(&path);
+    let mut doomed = Child::launch(
+        &product_toml(3, &path),
+        "",
+        &args(&ta),
+        &[("SHARDNET_TEST_TAKEOVER_KILL", "end")],
+    );
+    assert_eq!(
+        doomed.wait(Duration::from_secs(20)).signal(),
+        Some(9),
+        "{}",
+        doomed.log()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the old server takes everything back",
+        || old.snapshot().handover.failed == 1,
+    );
+    // A second takeover, while publishing goes on.
+    std::thread::sleep(Duration::from_millis(100));
+    let new = product_takeover(&path, &product_toml(3, &path));
+    assert!(matches!(
+        events.recv_timeout(Duration::from_secs(10)).unwrap(),
+        ControlEvent::HandedOver { .. }
+    ));
+    assert!(old.shutdown());
+    let _ = publisher.join().unwrap();
+    for (i, w) in subscribers.iter_mut().enumerate() {
+        for expected in 1..=N {
+            let (_, seq) = topic_seq(&w.next_text());
+            assert_eq!(seq, expected, "subscriber {i}");
+        }
+    }
+    drop((subscribers, idle, new));
+}

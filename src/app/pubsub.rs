@@ -308,6 +308,13 @@ fn decode_publishes(mut data: &[u8]) -> Result<Vec<Publish>, String> {
 }
 
 /// What the product hands across a process hand-over: its publishes, through the [`Gate`].
+///
+/// With a broker between hosts (not in this tree yet): the new process's broker must subscribe
+/// to the topics of the subscribers it imports before it commits; they enter the [`Registry`]
+/// at import (in `Router::import`), before the commit, so an interest table driven by the
+/// registry does that. Messages the old process's broker delivers while the hand-over runs
+/// must go through the gate like a local publish ([`Fanout::publish`]), so they are held and
+/// relayed rather than delivered to subscribers that are on their way out.
 pub struct PubsubHandover {
     pub registry: Arc<Registry>,
 }
