@@ -77,6 +77,42 @@ sys.exit(1 if need.failed else 0)
 PY
 if "$SHARDNET" config check deploy/k8s/shardnet.toml >/dev/null; then ok "shardnet config check deploy/k8s/shardnet.toml"; else bad "config check"; fi
 
+# 3b. Kubernetes: shardnet replicas against a broker (deploy/k8s/broker).
+python3 - <<'PY' || fail=1
+import sys, yaml, pathlib, re
+docs = {}
+for p in sorted(pathlib.Path("deploy/k8s/broker").glob("*.yaml")):
+    for d in yaml.safe_load_all(p.read_text()):
+        docs[(d["kind"], d["metadata"]["name"])] = d
+        print(f"ok: {p} parses ({d['kind']} {d['metadata']['name']})")
+def need(cond, what):
+    print(("ok: " if cond else "FAIL: ") + what)
+    if not cond: need.failed = True
+need.failed = False
+dep = docs[("Deployment", "shardnet")]
+need(dep["spec"]["replicas"] >= 2, "several shardnet replicas share the broker")
+pod = dep["spec"]["template"]["spec"]
+c = pod["containers"][0]
+need(c["readinessProbe"]["httpGet"]["path"] == "/healthz", "readiness probe on /healthz")
+need(pod["securityContext"]["runAsNonRoot"] is True, "shardnet runs as non-root")
+secret_name = next(v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v)
+toml = docs[("Secret", secret_name)]["stringData"]["shardnet.toml"]
+need(toml == pathlib.Path("deploy/k8s/broker/shardnet.toml").read_text(),
+     "config Secret TOML identical to deploy/k8s/broker/shardnet.toml")
+url = re.search(r'^url = "([^"]+)"', toml, re.M).group(1)
+host = re.match(r"[a-z]+://(?:[^@/]*@)?([^:/]+)", url).group(1)
+need(("Service", host) in docs, f"the broker url's host ({host}) is a Service of the example")
+broker = docs[("Deployment", host)]["spec"]["template"]["spec"]["containers"][0]
+need("--save" in broker["args"] and "--appendonly" in broker["args"], "broker without persistence")
+need("--requirepass" in broker["args"], "broker requires a password")
+sys.exit(1 if need.failed else 0)
+PY
+if out=$("$SHARDNET" config check deploy/k8s/broker/shardnet.toml) && ! grep -q change-me <<<"$out"; then
+  ok "shardnet config check deploy/k8s/broker/shardnet.toml (password not printed)"
+else
+  bad "config check deploy/k8s/broker/shardnet.toml"
+fi
+
 # 4. haproxy.
 if haproxy -c -f deploy/haproxy/haproxy.cfg >/dev/null 2>&1; then ok "haproxy -c"; else bad "haproxy -c: $(haproxy -c -f deploy/haproxy/haproxy.cfg 2>&1 | tail -3)"; fi
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 
+use crate::app::auth::{self, Auth, Reloadable};
 use crate::config::{
     duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
     TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
@@ -122,9 +124,14 @@ pub fn main() -> i32 {
             print!("{DEFAULT_TOML}");
             0
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_tls(&file) {
-            Ok((config, _tls)) => {
+        // The files `[auth]` and `tls` name are read too: a missing or malformed key file is an
+        // error at its key, like any other.
+        Command::Config(ConfigCommand::Check { file }) => match load(Some(&file)) {
+            Ok((config, auth, _tls)) => {
                 print!("{}", config.to_toml());
+                for note in auth.notes() {
+                    eprintln!("warning: {note}");
+                }
                 0
             }
             Err(e) => {
@@ -163,16 +170,41 @@ pub fn init_logging(level: log::LevelFilter) {
     let _ = builder.try_init();
 }
 
-/// The configuration to serve, with its TLS files read (a file that cannot be used stops the
-/// start as a configuration error, like a bad key).
-fn load(path: Option<&PathBuf>) -> Result<(Config, ListenerTls), ConfigError> {
+/// The configuration to serve, with the files it names read: `[auth]`'s keys and every
+/// listener's TLS files (a file that cannot be used stops the start as a configuration error at
+/// its key, like a bad value).
+fn load(path: Option<&PathBuf>) -> Result<(Config, Auth, ListenerTls), ConfigError> {
     match path {
-        Some(p) => Config::load_with_tls(p),
+        Some(p) => {
+            let (config, auth, src) = auth::read_config(p)?;
+            let tls = config.load_tls(&src, &p.display().to_string())?;
+            Ok((config, auth, tls))
+        }
         None => {
             let config = Config::embedded_default();
             let tls = config.load_tls(DEFAULT_TOML, DEFAULT_NAME)?;
-            Ok((config, tls))
+            Ok((config, Auth::disabled(), tls))
         }
+    }
+}
+
+/// `[auth]` in one line at start and reload (kids and counts, never a secret), what loading
+/// passed over, and a warning when tokens guard the WebSocket routes but anyone may publish.
+fn log_auth(config: &Config, auth: &Auth) {
+    log::info!("auth: {}", auth.summary());
+    for note in auth.notes() {
+        log::warn!("auth: {note}");
+    }
+    let guarded = config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .any(|w| w.auth != crate::config::RouteAuth::Off);
+    if guarded && !auth.publish_needs_key() {
+        log::warn!(
+            "auth: WebSocket routes check tokens, but POST /publish needs no key: set [auth] \
+             api_keys_file"
+        );
     }
 }
 
@@ -184,8 +216,8 @@ fn upgrade(args: UpgradeArgs) -> i32 {
         .as_ref()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
     let config = match &config_path {
-        Some(p) => match Config::load_with_tls(p) {
-            Ok((c, _)) => Some(c),
+        Some(p) => match load(Some(p)) {
+            Ok((c, _, _)) => Some(c),
             Err(e) => {
                 eprintln!("shardnet upgrade: {e}; nothing was asked of the running server");
                 return 2;
@@ -269,25 +301,26 @@ fn start_upgrade(
 fn start_server(
     config: &Config,
     tls: &ListenerTls,
+    auth: Arc<Reloadable<Auth>>,
     takeover: Option<&Path>,
-) -> anyhow::Result<(Server, Option<handover::TakeoverReport>)> {
+) -> anyhow::Result<(crate::app::App, Option<handover::TakeoverReport>)> {
     let Some(path) = takeover else {
-        let server = crate::app::start_with_tls(config, tls).context("cannot start the server")?;
-        return Ok((server, None));
+        let app = crate::app::start_app(config, tls, auth).context("cannot start the server")?;
+        return Ok((app, None));
     };
     let mut t = Takeover::connect(path, crate::app::HANDOVER_FORMAT)
         .with_context(|| format!("takeover through {}", path.display()))?;
     let builder = t
         .take_listeners(crate::app::engine_with_tls(config, tls))
         .context("takeover: the listeners")?;
-    let mut server =
-        crate::app::start_on(config, tls, builder).context("cannot start the server")?;
-    match t.take_connections(&server) {
-        Ok(report) => Ok((server, Some(report))),
+    let mut app =
+        crate::app::start_app_on(config, tls, auth, builder).context("cannot start the server")?;
+    match t.take_connections(&app.server) {
+        Ok(report) => Ok((app, Some(report))),
         Err(e) => {
             // Everything went back to the old process; what this one accepted meanwhile closes
             // gracefully.
-            server.shutdown();
+            app.server.shutdown();
             Err(anyhow::Error::new(e).context("takeover failed; the old process keeps serving"))
         }
     }
@@ -297,7 +330,7 @@ fn start_server(
 fn serve(args: ServeArgs) -> anyhow::Result<i32> {
     // The configuration first: a file that does not parse ends here, before a takeover asks
     // the running server for anything.
-    let (mut config, mut tls) = load(args.config.as_ref())?;
+    let (mut config, auth, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
     }
@@ -340,7 +373,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
         .config
         .as_ref()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
-    let (mut server, took_over) = start_server(&config, &tls, args.takeover.as_deref())?;
+    log_auth(&config, &auth);
+    let auth = Arc::new(Reloadable::new(auth));
+    let (app, took_over) = start_server(&config, &tls, auth.clone(), args.takeover.as_deref())?;
+    let (mut server, broker) = (app.server, app.broker);
     if let Some(r) = &took_over {
         log::info!(
             "took over from pid {}: {} listeners, {} connections ({} kept there) in {:?}",
@@ -385,7 +421,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     notify("RELOADING=1");
-                    if reload(args.config.as_ref(), &mut config, &mut tls, &server) {
+                    if reload(args.config.as_ref(), &mut config, &mut tls, &server, &auth) {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
@@ -409,7 +445,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
             },
             recv(ticker) -> _ => {
                 let snap = server.snapshot();
-                log::info!("{}", snap.log_line(last.as_ref()));
+                match &broker {
+                    Some(b) => log::info!(
+                        "{} {}",
+                        snap.log_line(last.as_ref()),
+                        broker_line(&b.metrics().snapshot())
+                    ),
+                    None => log::info!("{}", snap.log_line(last.as_ref())),
+                }
                 last = Some(snap);
             }
             recv(control_events) -> event => match event {
@@ -543,6 +586,25 @@ fn linger_as_init(signals: &Receiver<i32>, upgrades: &Receiver<ChildExit>) -> i3
     }
 }
 
+/// The broker's part of the periodic log line (totals since start).
+fn broker_line(b: &crate::app::broker::BrokerStats) -> String {
+    let latency = match (b.latency_quantile_us(0.5), b.latency_quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => format!(" latency_p50<={p50}us p99<={p99}us"),
+        _ => String::new(),
+    };
+    format!(
+        "broker={} up={} reconnects={} published={} refused={} received={} topics={} gaps={}{latency}",
+        b.kind,
+        u8::from(b.up),
+        b.reconnects,
+        b.published,
+        b.refused_total(),
+        b.received,
+        b.topics,
+        b.gaps,
+    )
+}
+
 fn stats_ticker(interval: std::time::Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
     if interval.is_zero() {
         crossbeam_channel::never()
@@ -592,6 +654,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
     check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait control_socket);
+    // The broker thread's connections and bounds are set up once, at start.
+    let (a, b) = (&old.broker, &new.broker);
+    macro_rules! check_broker {
+        ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("broker.", stringify!($f))); })* };
+    }
+    check_broker!(kind url prefix reconnect_min reconnect_max reconnect_jitter connect_timeout max_pending max_pending_bytes publish_timeout);
     // A listener's TLS files, minimum version and client CA reload live (`reload_tls`); whether
     // it has TLS at all, and its handshake timeout, need a restart like its other keys.
     let restart_part = |c: &Config| -> Vec<ListenerConfig> {
@@ -613,14 +681,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change live (limits, stats
-/// interval, log level, and TLS listeners' certificates, keys, client CAs and minimum versions)
-/// in every shard; refuses the rest with a log line. A file that does not parse, or a TLS file
-/// that cannot be used, changes nothing. Returns whether anything was applied.
+/// interval, log level, all of `[auth]` with the key files it names, and TLS listeners'
+/// certificates, keys, client CAs and minimum versions) in every shard; refuses the rest with a
+/// log line. A file that does not parse, or whose key or TLS files cannot be used, changes
+/// nothing. Returns whether anything was applied.
 fn reload(
     path: Option<&PathBuf>,
     config: &mut Config,
     tls: &mut ListenerTls,
     server: &Server,
+    auth: &Reloadable<Auth>,
 ) -> bool {
     let Some(path) = path else {
         log::warn!(
@@ -629,11 +699,11 @@ fn reload(
         return false;
     };
     let file = path.display().to_string();
-    let loaded = Config::read(path).and_then(|(new, src)| {
+    let loaded = auth::read_config(path).and_then(|(new, new_auth, src)| {
         let new_tls = new.reload_tls(&src, &file, tls)?;
-        Ok((new, new_tls))
+        Ok((new, new_auth, new_tls))
     });
-    let (new, new_tls) = match loaded {
+    let (new, new_auth, new_tls) = match loaded {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, configuration unchanged: {e}");
@@ -646,6 +716,11 @@ fn reload(
     config.limits = new.limits;
     config.server.stats_interval = new.server.stats_interval;
     config.log = new.log;
+    // New keys verify from the next upgrade or refresh on; connections keep the grants their
+    // tokens gave them until those tokens expire.
+    log_auth(config, &new_auth);
+    config.auth = new.auth;
+    auth.replace(new_auth);
     let level = config.log.level.to_level_filter();
     if std::env::var_os("SHARDNET_LOG").is_none() {
         log::set_max_level(level);
@@ -718,6 +793,16 @@ fn log_summary(config: &Config, server: &Server) {
     for (name, addr) in server.addrs() {
         log::info!("listening: {name} on {addr}");
     }
+    let b = &config.broker;
+    if b.kind != crate::config::BrokerKind::None {
+        // The url as Display shows it: any password or token is `***`.
+        log::info!(
+            "broker: {} at {}, prefix `{}`: publishes go through the broker",
+            b.kind.as_str(),
+            b.url,
+            b.prefix
+        );
+    }
     log::info!(
         "shardnet {}: {} shards on cores [{}], balance={:?}, trigger={:?}, listeners: {}; \
          max_connections={}, idle_timeout={}, max_write_buffer={}, write_timeout={}",
@@ -732,4 +817,30 @@ fn log_summary(config: &Config, server: &Server) {
         size::format(config.limits.max_write_buffer),
         duration::format(config.limits.write_timeout),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: &str = "[[listener]]\nname = \"e\"\naddr = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn broker_keys_are_restart_only() {
+        let parse = |broker: &str| Config::parse(&format!("{broker}{L}"), "t").unwrap();
+        let none = parse("");
+        let redis = parse("[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\n");
+        assert_eq!(
+            restart_only_changes(&none, &redis),
+            vec!["broker.kind", "broker.url"]
+        );
+        let slower = parse(
+            "[broker]\nkind = \"redis\"\nurl = \"redis://h:6379\"\npublish_timeout = \"9s\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&redis, &slower),
+            vec!["broker.publish_timeout"]
+        );
+        assert!(restart_only_changes(&redis, &redis).is_empty());
+    }
 }

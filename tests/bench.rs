@@ -610,3 +610,62 @@ fn tls_modes_run_and_verify() {
         "{text}"
     );
 }
+
+/// Fan-out across two spawned processes through a broker the bench starts itself
+/// (`--server-processes 2 --broker redis|nats`): subscribers spread over both processes, the
+/// publisher on the first; every delivery arrives, and the report says so. A small run: the
+/// measurement proper is the lead's to schedule.
+#[test]
+fn fanout_across_processes_through_a_broker() {
+    for (broker, tool) in [("redis", "redis-server"), ("nats", "nats-server")] {
+        if !require_tool(tool, &format!("apt-get install {tool}")) {
+            continue;
+        }
+        let json =
+            std::env::temp_dir().join(format!("bench-broker-{broker}-{}.json", std::process::id()));
+        let (code, text) = bench(&[
+            "--spawn",
+            "--server-processes",
+            "2",
+            "--broker",
+            broker,
+            "--shards",
+            "2",
+            "--server-cores",
+            "0",
+            "--mode",
+            "fanout",
+            "-c",
+            "20",
+            "--rate",
+            "200",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{broker}: {text}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let f = &report["runs"][0]["fanout"];
+        assert_eq!(f["subscribers"], 20, "{broker}: {text}");
+        assert_eq!(f["lost"], 0, "{broker}: {text}");
+        assert!(f["published"].as_u64().unwrap() >= 60, "{broker}: {text}");
+        assert_eq!(
+            f["delivered"].as_u64().unwrap(),
+            f["expected"].as_u64().unwrap(),
+            "{broker}: {text}"
+        );
+        let _ = std::fs::remove_file(&json);
+    }
+    // Without a broker, subscribers of the second process would miss every publish: refused.
+    let (code, text) = bench(&[
+        "--spawn",
+        "--server-processes",
+        "2",
+        "--mode",
+        "fanout",
+        "-c",
+        "4",
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("needs --broker"), "{text}");
+}

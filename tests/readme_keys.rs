@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use shardnet::config::{
-    Config, ListenerConfig, ServiceKind, TlsConfig, TlsVersion, WsRouteConfig, DEFAULT_TOML,
+    AuthConfig, Config, ListenerConfig, PublicKeyConfig, ServiceKind, TlsConfig, TlsVersion,
+    WsRouteConfig, DEFAULT_TOML,
 };
 
 /// Backticked snake_case names in README.md that are not configuration keys, with what they
@@ -20,6 +21,13 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
     ("require_tool", "test helper in tests/common"),
+    ("rust_crypto", "jsonwebtoken's crypto backend feature"),
+    ("not_yet_valid", "a token failure reason"),
+    ("too_large", "a token failure reason"),
+    ("unknown_key", "a token failure reason"),
+    ("missing_key", "an API key refusal"),
+    ("wrong_key", "an API key refusal"),
+    ("topic_not_allowed", "an API key refusal"),
     ("server_no_context_takeover", "RFC 7692 extension parameter"),
     ("client_no_context_takeover", "RFC 7692 extension parameter"),
     ("server_max_window_bits", "RFC 7692 extension parameter"),
@@ -62,7 +70,8 @@ struct Schema {
 
 impl Schema {
     fn new() -> Schema {
-        // One HTTP listener with one route: every key of every section appears when printed.
+        // One HTTP listener with one route, and one public key: every key of every section
+        // appears when printed.
         let config = Config {
             listeners: vec![ListenerConfig {
                 name: "http".into(),
@@ -77,6 +86,16 @@ impl Schema {
                 }),
                 ..ListenerConfig::default()
             }],
+            auth: AuthConfig {
+                public_keys: vec![PublicKeyConfig::default()],
+                ..AuthConfig::default()
+            },
+            // A broker kind other than "none", so that every [broker] key is printed.
+            broker: shardnet::config::BrokerConfig {
+                kind: shardnet::config::BrokerKind::Redis,
+                url: shardnet::config::BrokerUrl::new("redis://127.0.0.1:6379").unwrap(),
+                ..Default::default()
+            },
             ..Config::default()
         };
         let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
@@ -87,6 +106,8 @@ impl Schema {
         schema.walk("", &table);
         assert!(schema.keys.contains("listener.websocket.max_topics"));
         assert!(schema.keys.contains("listener.tls.client_ca"));
+        assert!(schema.keys.contains("auth.public_key.kid"));
+        assert!(schema.keys.contains("broker.publish_timeout"));
         schema
     }
 
@@ -150,6 +171,7 @@ impl Schema {
                 }
                 format!("{table}{assignment}\n")
             }
+            "auth.public_key" => format!("[[auth.public_key]]\n{assignment}\n"),
             t => format!("[{t}]\n{assignment}\n"),
         }
     }

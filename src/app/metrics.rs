@@ -13,8 +13,12 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crossbeam_utils::CachePadded;
 
+use super::auth::FailureCounters;
+use super::broker::{BrokerMetrics, BrokerStats, LATENCY_BOUNDS_US};
 use crate::service::deflate::{DeflateCounters, DeflateSnapshot};
 use crate::stats::{Kind, StatsView};
 
@@ -36,6 +40,16 @@ crate::stats::counters! {
         ws_fanout_lost: Counter, "pub/sub messages not delivered to a shard because its queue was full";
         ws_pings: Counter, "heartbeat pings sent";
         ws_reaped: Counter, "connections closed for not answering a ping within pong_timeout";
+        ws_authenticated: Gauge, "WebSocket connections open with a verified token";
+        ws_anonymous: Gauge, "WebSocket connections open without a token on auth = \"optional\" routes";
+        auth_denied: Counter, "subscribes and publishes refused by the connection's permissions";
+        auth_expired: Counter, "connections closed with 4001 because their token expired";
+        auth_refreshed: Counter, "tokens replaced on a live connection by a refresh";
+        auth_refresh_refused: Counter, "refreshes refused (token not accepted, another subject, or a route without tokens)";
+        auth_unsubscribed: Counter, "subscriptions dropped by a refresh that narrowed the permissions";
+        api_key_refused: Counter, "POST /publish, /metrics and /stats requests refused for a missing, wrong or out-of-scope API key";
+        rate_limited: Counter, "client commands refused by the per-connection rate limit";
+        rate_limit_closes: Counter, "connections closed with 1008 for going on over the rate limit";
     }
 }
 
@@ -43,9 +57,13 @@ crate::stats::counters! {
 pub struct Metrics {
     stats: StatsView,
     counters: Box<[CachePadded<ServiceCounters>]>,
+    /// Tokens refused (at upgrade or refresh), by reason, per shard.
+    auth_failures: Box<[CachePadded<FailureCounters>]>,
     /// permessage-deflate's counters, per shard (declared beside the codec that counts them).
     deflate: Box<[CachePadded<DeflateCounters>]>,
     started: Instant,
+    /// The broker's counters, with `[broker] kind` other than `"none"`.
+    broker: Option<Arc<BrokerMetrics>>,
 }
 
 impl Metrics {
@@ -60,11 +78,26 @@ impl Metrics {
             counters: (0..shards)
                 .map(|_| CachePadded::new(ServiceCounters::default()))
                 .collect(),
+            auth_failures: (0..shards)
+                .map(|_| CachePadded::new(FailureCounters::default()))
+                .collect(),
             deflate: (0..shards)
                 .map(|_| CachePadded::new(DeflateCounters::default()))
                 .collect(),
             started,
+            broker: None,
         }
+    }
+
+    /// The token failures of `shard` (written by that shard only).
+    pub fn auth_failures(&self, shard: usize) -> &FailureCounters {
+        &self.auth_failures[shard]
+    }
+
+    /// Shows the broker's counters too.
+    pub fn with_broker(mut self, broker: Arc<BrokerMetrics>) -> Self {
+        self.broker = Some(broker);
+        self
     }
 
     /// The counters of `shard` (written by that shard only).
@@ -123,6 +156,19 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
             for (shard, fields) in services.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", fields[i].3);
             }
+        }
+    }
+    // Token failures: one family, labelled by shard and reason.
+    let name = "shardnet_auth_failures_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "tokens refused at upgrade or refresh, by reason (missing, expired, signature, ...)",
+    );
+    for (shard, f) in m.auth_failures.iter().enumerate() {
+        for (reason, n) in f.snapshot() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\",reason=\"{reason}\"}} {n}");
         }
     }
     render_deflate(m, &mut out);
@@ -184,6 +230,9 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
         "shardnet_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
+    if let Some(b) = &m.broker {
+        render_broker(&mut out, &b.snapshot());
+    }
     let p = process();
     if let Some(fds) = p.open_fds {
         header(
@@ -278,6 +327,11 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
     for s in &services {
         services_total.accumulate(s);
     }
+    let mut failures = serde_json::Map::new();
+    for f in super::auth::Failure::ALL {
+        let n: u64 = m.auth_failures.iter().map(|c| c.get(f)).sum();
+        failures.insert(f.as_str().into(), n.into());
+    }
     let deflate: Vec<_> = m.deflate.iter().map(|c| c.snapshot()).collect();
     let mut deflate_total = DeflateSnapshot::default();
     for s in &deflate {
@@ -295,10 +349,157 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
         "per_shard": snap.shards,
         "services": services,
         "services_total": services_total,
+        "auth_failures": failures,
         "deflate": deflate,
         "deflate_total": deflate_total,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },
+        "broker": m.broker.as_ref().map(|b| broker_json(&b.snapshot())),
     });
     let _ = serde_json::to_writer(&mut *buf, &v);
     let _ = buf.write_all(b"\n");
+}
+
+/// The broker's families: `shardnet_broker_*`, the refusals by `reason`, the latency as a
+/// histogram in seconds.
+fn render_broker(out: &mut String, b: &BrokerStats) {
+    let families: [(&str, &str, &str, u64); 10] = [
+        (
+            "shardnet_broker_up",
+            "gauge",
+            "1 when the broker connections are up",
+            u64::from(b.up),
+        ),
+        (
+            "shardnet_broker_reconnects_total",
+            "counter",
+            "broker connections re-established after a loss",
+            b.reconnects,
+        ),
+        (
+            "shardnet_broker_connect_failures_total",
+            "counter",
+            "broker connection attempts that failed",
+            b.connect_failures,
+        ),
+        (
+            "shardnet_broker_published_total",
+            "counter",
+            "publishes the broker accepted",
+            b.published,
+        ),
+        (
+            "shardnet_broker_received_total",
+            "counter",
+            "messages received from the broker for topics with local subscribers",
+            b.received,
+        ),
+        (
+            "shardnet_broker_unwanted_total",
+            "counter",
+            "messages received from the broker for topics no longer wanted here",
+            b.unwanted,
+        ),
+        (
+            "shardnet_broker_topics",
+            "gauge",
+            "topics this process is subscribed to on the broker",
+            b.topics,
+        ),
+        (
+            "shardnet_broker_gaps_total",
+            "counter",
+            "gap notices: topics told that messages may have been missed after a broker outage",
+            b.gaps,
+        ),
+        (
+            "shardnet_broker_handoff_lost_total",
+            "counter",
+            "messages from the broker not handed to a shard (its queue was full)",
+            b.handoff_lost,
+        ),
+        (
+            "shardnet_broker_undeliverable_total",
+            "counter",
+            "messages from the broker that are not text or too large for subscribers",
+            b.undeliverable,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name}{{broker=\"{}\"}} {value}", b.kind);
+    }
+    let name = "shardnet_broker_outcomes_lost_total";
+    header(
+        out,
+        name,
+        "counter",
+        "publish outcomes not handed back to the publisher's shard",
+    );
+    let _ = writeln!(out, "{name}{{broker=\"{}\"}} {}", b.kind, b.outcomes_lost);
+    let name = "shardnet_broker_refused_total";
+    header(out, name, "counter", "publishes refused, by reason");
+    for (reason, n) in b.refused_by_reason() {
+        let _ = writeln!(
+            out,
+            "{name}{{broker=\"{}\",reason=\"{reason}\"}} {n}",
+            b.kind
+        );
+    }
+    let name = "shardnet_broker_latency_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "publish-to-delivery time of this process's own publishes, through the broker",
+    );
+    let mut cumulative = 0;
+    for (i, n) in b.latency_buckets.iter().enumerate() {
+        cumulative += n;
+        let le = LATENCY_BOUNDS_US
+            .get(i)
+            .map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{broker=\"{}\",le=\"{le}\"}} {cumulative}",
+            b.kind
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum{{broker=\"{}\"}} {}",
+        b.kind,
+        b.latency_sum_us as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "{name}_count{{broker=\"{}\"}} {}",
+        b.kind, b.latency_count
+    );
+}
+
+fn broker_json(b: &BrokerStats) -> serde_json::Value {
+    let refused: serde_json::Map<String, serde_json::Value> = b
+        .refused_by_reason()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    serde_json::json!({
+        "kind": b.kind,
+        "up": b.up,
+        "reconnects": b.reconnects,
+        "connect_failures": b.connect_failures,
+        "published": b.published,
+        "refused": refused,
+        "received": b.received,
+        "unwanted": b.unwanted,
+        "topics": b.topics,
+        "gaps": b.gaps,
+        "handoff_lost": b.handoff_lost,
+        "outcomes_lost": b.outcomes_lost,
+        "undeliverable": b.undeliverable,
+        "latency_us": {
+            "count": b.latency_count,
+            "p50": b.latency_quantile_us(0.5),
+            "p99": b.latency_quantile_us(0.99),
+        },
+    })
 }

@@ -10,12 +10,19 @@
 //! - `pubsub`: topics, the wire format, batching, fan-out across shards, slow consumers;
 //! - `compression`: the shard's permessage-deflate compressors, and which one a connection's
 //!   messages go through;
-//! - `metrics`: the services' counters and their Prometheus and JSON renderings.
+//! - `metrics`: the services' counters and their Prometheus and JSON renderings;
+//! - [`auth`]: token verification, topic permissions, API keys, the command rate limit;
+//! - `broker`: pub/sub across processes and hosts through Redis/Valkey or NATS (with
+//!   `[broker] kind` other than `"none"`): its own threads, reached from `pubsub`.
 //!
 //! Layering: this module uses the engine (`server`, `service`'s trait and codecs, `stats`,
 //! `config`); nothing below it uses this module. Inside it the imports only point down:
-//! `router` → `routes` → `pubsub` → `compression` → `metrics`.
+//! `router` → `routes` → `pubsub` → `compression` → `metrics` → `auth` (which uses none of
+//! them), and `pubsub` → `broker` (which knows nothing of the others: it hands what comes from
+//! the broker to a `Sink`, `pubsub::BrokerSink`).
 
+pub mod auth;
+pub mod broker;
 mod compression;
 mod metrics;
 mod pubsub;
@@ -27,7 +34,9 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::config::{Balance as BalanceConfig, Config, LimitsConfig, ListenerTls, Shards, Trigger};
+use crate::config::{
+    Balance as BalanceConfig, BrokerKind, Config, LimitsConfig, ListenerTls, Shards, Trigger,
+};
 use crate::server::{
     Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, TlsSpec, Tuning,
 };
@@ -36,32 +45,74 @@ use metrics::Metrics;
 use pubsub::{PubsubHandover, Registry};
 use router::{Router, Shared};
 
-/// Starts the product server: every listener with the service its configuration names.
-pub fn start(config: &Config) -> Result<Server, ServerError> {
-    let tls = config.load_tls("", "").map_err(|e| ServerError::Start {
-        what: "TLS".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+/// Why the product server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Starts the product server: every listener with the service its configuration names, with
+/// `[auth]` and the TLS files loaded from the paths it names (relative to the working
+/// directory).
+pub fn start(config: &Config) -> Result<Server, StartError> {
+    let tls = config.load_tls("", "")?;
     start_with_tls(config, &tls)
+}
+
+/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]) and
+/// `[auth]` loaded here.
+pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    let app = start_app(config, tls, Arc::new(auth::Reloadable::new(auth)))?;
+    Ok(app.server)
+}
+
+/// A started product server and, with a broker, the handle to read its state.
+pub struct App {
+    pub server: Server,
+    pub broker: Option<broker::BrokerHandle>,
 }
 
 /// The state format of the product's connections in a hand-over (`Service::HANDOVER_FORMAT` of
 /// its router): what `serve --takeover` announces.
 pub const HANDOVER_FORMAT: &str = <Router as crate::server::Service>::HANDOVER_FORMAT;
 
-/// [`start`], with the TLS side of every listener already loaded ([`Config::load_tls`]): what
-/// the CLI runs, having read the files with errors located in the configuration file.
-pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, ServerError> {
-    start_on(config, tls, engine_with_tls(config, tls))
+/// The composition root: the TLS side of every listener already loaded ([`Config::load_tls`])
+/// and `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
+/// having read the files with errors located in the configuration file. Keeps the broker's
+/// handle (the CLI logs its counters).
+pub fn start_app(
+    config: &Config,
+    tls: &ListenerTls,
+    auth: Arc<auth::Reloadable<auth::Auth>>,
+) -> Result<App, ServerError> {
+    start_app_on(config, tls, auth, engine_with_tls(config, tls))
 }
 
 /// [`start_with_tls`] on a given engine `builder` (one whose listeners were taken over from an
-/// old process, `Takeover::take_listeners`).
+/// old process, `Takeover::take_listeners`), `[auth]` loaded here.
 pub fn start_on(
     config: &Config,
     tls: &ListenerTls,
     builder: ServerBuilder,
-) -> Result<Server, ServerError> {
+) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    let app = start_app_on(config, tls, Arc::new(auth::Reloadable::new(auth)), builder)?;
+    Ok(app.server)
+}
+
+/// [`start_app`] on a given engine `builder`.
+pub fn start_app_on(
+    config: &Config,
+    tls: &ListenerTls,
+    auth: Arc<auth::Reloadable<auth::Auth>>,
+    builder: ServerBuilder,
+) -> Result<App, ServerError> {
     if let Some(l) = config
         .listeners
         .iter()
@@ -77,6 +128,26 @@ pub fn start_on(
     }
     let owned = config.clone();
     let started = Instant::now();
+    let shards = resolve_shards(config);
+    // The broker's threads start first (they wait for the broker in the background); the shards
+    // it delivers to are handed to its sink as the engine creates them.
+    let (threads, sink) = match config.broker.kind {
+        BrokerKind::None => (None, None),
+        _ => {
+            let sink = Arc::new(pubsub::BrokerSink::new(largest_message(config)));
+            let b = broker::Broker::start(&config.broker, shards, sink.clone()).map_err(|e| {
+                ServerError::Start {
+                    what: "the broker thread".into(),
+                    source: e,
+                }
+            })?;
+            sink.set_metrics(b.metrics().clone());
+            (Some(b), Some(sink))
+        }
+    };
+    let handle = threads.as_ref().map(broker::Broker::handle);
+    let threads = Mutex::new(threads);
+    let broker_handle = handle.clone();
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
@@ -85,20 +156,57 @@ pub fn start_on(
     let hooks = Arc::new(PubsubHandover {
         registry: registry.clone(),
     });
-    builder.handover_hooks(hooks).start(move |info, peers| {
-        let shared = slot
-            .lock()
-            .get_or_insert_with(|| {
-                registry.gate.set_peers(&peers);
-                Arc::new(Shared {
-                    metrics: Metrics::new(info.stats.clone(), info.shards, started),
-                    registry: registry.clone(),
-                    config: owned.clone(),
+    let server = builder
+        .shards(shards)
+        .handover_hooks(hooks)
+        .start(move |info, peers| {
+            let shared = slot
+                .lock()
+                .get_or_insert_with(|| {
+                    if let Some(sink) = &sink {
+                        sink.set_peers(peers.clone());
+                    }
+                    registry.gate.set_peers(&peers);
+                    let mut metrics = Metrics::new(info.stats.clone(), info.shards, started);
+                    if let Some(b) = &broker_handle {
+                        metrics = metrics.with_broker(b.metrics().clone());
+                    }
+                    Arc::new(Shared {
+                        metrics,
+                        registry: registry.clone(),
+                        config: owned.clone(),
+                        auth: auth.clone(),
+                        broker: broker_handle.clone(),
+                        _broker_threads: threads.lock().take(),
+                    })
                 })
-            })
-            .clone();
-        Router::new(shared, &info, peers)
+                .clone();
+            Router::new(shared, &info, peers)
+        })?;
+    Ok(App {
+        server,
+        broker: handle,
     })
+}
+
+/// The shards a configuration runs (`"auto"`: the CPUs this process may use).
+fn resolve_shards(config: &Config) -> usize {
+    config
+        .server
+        .shards
+        .resolve(crate::sys::affinity::usable_cpus())
+}
+
+/// The largest message a pub/sub route accepts: what a message from the broker may be.
+fn largest_message(config: &Config) -> usize {
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| &l.websocket)
+        .filter(|w| w.mode == crate::config::WsMode::Pubsub)
+        .map(|w| w.max_message)
+        .max()
+        .unwrap_or(crate::config::WsRouteConfig::default().max_message)
 }
 
 impl From<&LimitsConfig> for Limits {
@@ -124,7 +232,7 @@ pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuil
     let sc = &config.server;
     // `max_connections = "auto"` comes to this process's descriptor limit (already raised by the
     // CLI) less a reserve; the CLI logs the same figure.
-    let shards = sc.shards.resolve(crate::sys::affinity::usable_cpus());
+    let shards = resolve_shards(config);
     let max_connections =
         config.max_connections_for(shards, crate::sys::rlimit::nofile_soft().ok());
     let mut builder = Server::builder()

@@ -16,6 +16,17 @@
 //! The size is checked on the encoded frame payload, so what a subscriber receives is never
 //! larger than the limit it was checked against.
 //!
+//! With a broker (`[broker] kind = "redis" | "nats"`, [`super::broker`]) a publish does not go to
+//! the shards directly: its encoded message (the frame's payload) goes to the broker, and every
+//! process subscribed to the topic, this one included, gets it back and frames it once; the
+//! broker's [`BrokerSink`] hands the frame to the shards with subscribers of the topic only. So
+//! every subscriber of a topic, on any host, sees its messages in the broker's one order. The
+//! hub tells the broker when a topic gets its first local subscriber on this shard and when it
+//! loses its last ([`ShardInterest`]); after a broker outage each local subscriber of a topic
+//! gets `{"topic":T,"gap":true}`: messages may have been missed (at-most-once delivery). A
+//! refused publish answers the publisher: `POST /publish` with 503 and the reason, a WebSocket
+//! publisher with `{"error":…,"op":"publish","topic":…}`.
+//!
 //! Invariants:
 //! - A publish is delivered to a subscriber only while that subscriber's queued output is under
 //!   `max_write_buffer`, checked per message before it is queued: a subscriber never holds more
@@ -29,14 +40,18 @@
 //!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
 //! - Across a hand-over to a new process every publish reaches every subscriber once: the
 //!   [`Gate`] holds the publishes made while connections move (in the process they were made
-//!   in) and releases them at the commit, where the subscribers then are; see [`Gate`].
+//!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. With a
+//!   broker, at most once across a hand-over, with a gap notice ([`PubsubHandover`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::broker::{
+    BrokerHandle, BrokerMetrics, Outcome, Refusal, ShardInterest, ShardSet, Sink, Source, Ticket,
+};
 use super::compression::{Compression, Delivery};
 use super::metrics::ServiceCounters;
 use crate::config::SlowConsumer;
@@ -62,6 +77,12 @@ pub enum Cmd {
     },
     /// Sent by a shard to itself: deliver what the last wake's budget left.
     Continue,
+    /// The broker's answer to a publish a connection of this shard made.
+    Outcome {
+        ticket: Ticket,
+        topic: Box<str>,
+        outcome: Outcome,
+    },
 }
 
 /// What a route allows of one connection's pub/sub use.
@@ -309,12 +330,15 @@ fn decode_publishes(mut data: &[u8]) -> Result<Vec<Publish>, String> {
 
 /// What the product hands across a process hand-over: its publishes, through the [`Gate`].
 ///
-/// With a broker between hosts (not in this tree yet): the new process's broker must subscribe
-/// to the topics of the subscribers it imports before it commits; they enter the [`Registry`]
-/// at import (in `Router::import`), before the commit, so an interest table driven by the
-/// registry does that. Messages the old process's broker delivers while the hand-over runs
-/// must go through the gate like a local publish ([`Fanout::publish`]), so they are held and
-/// relayed rather than delivered to subscribers that are on their way out.
+/// With a broker (`[broker] kind` other than `"none"`) publishes do not go through the gate:
+/// they go to the broker, which has taken them once it answers (a publisher's 200 stands whatever
+/// becomes of the hand-over), and comes back to each process on its own connection. A moved
+/// subscriber's topics enter the new process's hub at import, before the commit, so that
+/// process subscribes at the broker (interest notices) before the old one lets go (at the commit,
+/// when its lent connections are released). Between the two, the processes' two broker
+/// connections share no point to cut at: delivery across the switch is then at most once, like
+/// after a broker outage, and each moved subscriber gets `{"topic":T,"gap":true}` for each of its
+/// topics, first thing after its moved output (`Router::import_ws`).
 pub struct PubsubHandover {
     pub registry: Arc<Registry>,
 }
@@ -445,20 +469,59 @@ fn encode_value(
     })
 }
 
-/// One shard's way to reach every shard's hub, and the shared subscriber counts.
+/// One shard's way to reach every shard's hub (or the broker), and the shared subscriber counts.
 pub struct Fanout {
     peers: Peers<Cmd>,
     shard: usize,
     registry: Arc<Registry>,
+    broker: Option<BrokerHandle>,
 }
 
 impl Fanout {
-    pub fn new(peers: Peers<Cmd>, shard: usize, registry: Arc<Registry>) -> Self {
+    pub fn new(
+        peers: Peers<Cmd>,
+        shard: usize,
+        registry: Arc<Registry>,
+        broker: Option<BrokerHandle>,
+    ) -> Self {
         Fanout {
             peers,
             shard,
             registry,
+            broker,
         }
+    }
+
+    /// The broker, when publishes go through one.
+    pub fn broker(&self) -> Option<&BrokerHandle> {
+        self.broker.as_ref()
+    }
+
+    /// Hands an encoded frame's message to the broker for connection `token` (request `id`;
+    /// 0 for a WebSocket publish). `Ok`: the outcome comes back as [`Cmd::Outcome`].
+    pub fn publish_via_broker(
+        &self,
+        token: Token,
+        id: u64,
+        topic: &str,
+        frame: &[u8],
+        counters: &ServiceCounters,
+    ) -> Result<(), Refusal> {
+        let Some(broker) = &self.broker else {
+            return Err(Refusal::Down);
+        };
+        let payload = match ws::decode_server_frame(frame) {
+            Ok(Some((_, _, range, _))) => frame[range].to_vec(),
+            _ => frame.to_vec(),
+        };
+        let ticket = Ticket {
+            shard: self.shard,
+            token: token.0,
+            id,
+        };
+        broker.publish(ticket, topic, payload)?;
+        counters.ws_published.inc();
+        Ok(())
     }
 
     /// Sends an encoded frame to every shard (this one included, through its channel, so that
@@ -527,6 +590,8 @@ struct Batch {
 /// One shard's topics, subscribers and undelivered publishes.
 #[derive(Default)]
 pub struct Hub {
+    /// With a broker: where the first and last local subscriber of a topic are reported.
+    interest: Option<ShardInterest>,
     /// Local subscribers per topic.
     topics: HashMap<Arc<str>, HashSet<Token>>,
     /// Each subscriber's topics (for its limit and for cleanup on close).
@@ -548,6 +613,23 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub that reports its topics' interest to the broker.
+    pub fn with_interest(interest: Option<ShardInterest>) -> Hub {
+        Hub {
+            interest,
+            ..Hub::default()
+        }
+    }
+
+    /// Sends the interest notices the broker's channel could not take yet (called every tick).
+    pub fn flush_interest(&mut self) {
+        if let Some(i) = &mut self.interest {
+            if i.held() > 0 {
+                i.flush();
+            }
+        }
+    }
+
     /// Subscribes `token` to `topic`; true if it was not subscribed yet. Refused, and nothing
     /// changed, at the limits.
     pub fn subscribe(
@@ -575,7 +657,13 @@ impl Hub {
             .entry(token)
             .or_default()
             .push(key.clone());
-        self.topics.entry(key).or_default().insert(token);
+        let set = self.topics.entry(key).or_default();
+        set.insert(token);
+        if set.len() == 1 {
+            if let Some(i) = &mut self.interest {
+                i.set(topic, true);
+            }
+        }
         registry.add(topic);
         Ok(true)
     }
@@ -596,6 +684,11 @@ impl Hub {
         true
     }
 
+    /// The topics `token` is subscribed to.
+    pub fn topics_of(&self, token: Token) -> &[Arc<str>] {
+        self.subscriptions.get(&token).map_or(&[], |v| &v[..])
+    }
+
     /// The connection closed: drops every subscription it had.
     pub fn on_close(&mut self, token: Token, registry: &Registry) {
         if let Some(topics) = self.subscriptions.remove(&token) {
@@ -610,6 +703,9 @@ impl Hub {
             set.remove(&token);
             if set.is_empty() {
                 self.topics.remove(topic);
+                if let Some(i) = &mut self.interest {
+                    i.set(topic, false);
+                }
             }
         }
         registry.remove(topic);
@@ -624,6 +720,8 @@ impl Hub {
                 }
             }
             Cmd::Continue => self.continuing = false,
+            // Answered by the router, which owns the connections' HTTP state.
+            Cmd::Outcome { .. } => {}
         }
     }
 
@@ -723,11 +821,6 @@ impl Hub {
             self.deliver(ctx, fanout, counters, deflate, &policy);
         }
     }
-
-    /// The topics `token` is subscribed to.
-    pub fn topics_of(&self, token: Token) -> &[Arc<str>] {
-        self.subscriptions.get(&token).map_or(&[], |v| &v[..])
-    }
 }
 
 /// One subscriber of the batch being delivered.
@@ -812,38 +905,167 @@ fn deliver_to<S>(
 }
 
 /// A client's request on a pub/sub route.
-enum Op {
+pub enum Op {
     Subscribe(String),
     Unsubscribe(String),
     Publish(String, serde_json::Value),
+    /// `{"op":"refresh","token":"..."}`: a newer token for this connection, handled by the
+    /// router (which holds the connection's permissions), never by the hub.
+    Refresh(String),
 }
 
-const USAGE: &str = "expected {\"op\":\"subscribe|unsubscribe|publish\",\"topic\":\"...\"}";
+const USAGE: &str = "expected {\"op\":\"subscribe|unsubscribe|publish\",\"topic\":\"...\"} \
+                     or {\"op\":\"refresh\",\"token\":\"...\"}";
 
-fn parse_op(msg: &Message<'_>) -> Result<Op, &'static str> {
+/// Parses one client message (the router does, so that it can check permissions and the rate
+/// limit between parsing and [`Hub::on_op`]).
+pub fn parse_op(msg: &Message<'_>) -> Result<Op, &'static str> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Raw {
         op: String,
-        topic: String,
+        #[serde(default)]
+        topic: Option<String>,
         #[serde(default)]
         data: serde_json::Value,
+        #[serde(default)]
+        token: Option<String>,
     }
     let bytes = match msg {
         Message::Text(s) => s.as_bytes(),
         Message::Binary(b) => b,
     };
     let raw: Raw = serde_json::from_slice(bytes).map_err(|_| USAGE)?;
-    match raw.op.as_str() {
-        "subscribe" => Ok(Op::Subscribe(raw.topic)),
-        "unsubscribe" => Ok(Op::Unsubscribe(raw.topic)),
-        "publish" => Ok(Op::Publish(raw.topic, raw.data)),
-        _ => Err("op must be subscribe, unsubscribe or publish"),
+    match (raw.op.as_str(), raw.topic, raw.token) {
+        ("subscribe", Some(t), None) => Ok(Op::Subscribe(t)),
+        ("unsubscribe", Some(t), None) => Ok(Op::Unsubscribe(t)),
+        ("publish", Some(t), None) => Ok(Op::Publish(t, raw.data)),
+        ("refresh", None, Some(token)) => Ok(Op::Refresh(token)),
+        ("subscribe" | "unsubscribe" | "publish" | "refresh", _, _) => Err(USAGE),
+        _ => Err("op must be subscribe, unsubscribe, publish or refresh"),
     }
 }
 
-fn reply(out: &mut Vec<u8>, body: &serde_json::Value) {
+/// Writes one JSON text frame to a client.
+pub fn reply(out: &mut Vec<u8>, body: &serde_json::Value) {
     ws::write_frame(out, ws::OP_TEXT, body.to_string().as_bytes());
+}
+
+/// What a WebSocket publisher is told when the broker refused its publish (at once or later).
+pub fn publish_refused(out: &mut Vec<u8>, topic: &str, refusal: &Refusal) {
+    reply(
+        out,
+        &serde_json::json!({ "error": refusal.to_string(), "op": "publish", "topic": topic }),
+    );
+}
+
+/// The notice a subscriber gets after a broker outage: messages of `topic` may have been
+/// missed.
+pub fn gap_frame(topic: &str) -> Arc<[u8]> {
+    let mut v = Vec::new();
+    reply(&mut v, &serde_json::json!({ "topic": topic, "gap": true }));
+    Arc::from(v)
+}
+
+/// The broker's way back to the shards: each message is framed once and sent to the shards
+/// that have subscribers of its topic; each outcome to the shard of its publisher. Runs on the
+/// broker's threads and never blocks: a shard queue that is full loses the message (counted in
+/// the broker's metrics).
+pub struct BrokerSink {
+    /// Set once the shards exist (the engine hands them out when it starts them).
+    peers: OnceLock<Peers<Cmd>>,
+    metrics: OnceLock<Arc<BrokerMetrics>>,
+    /// The largest message any pub/sub route accepts: what is framed for subscribers.
+    max_message: usize,
+}
+
+impl BrokerSink {
+    pub fn new(max_message: usize) -> BrokerSink {
+        BrokerSink {
+            peers: OnceLock::new(),
+            metrics: OnceLock::new(),
+            max_message,
+        }
+    }
+
+    pub fn set_peers(&self, peers: Peers<Cmd>) {
+        let _ = self.peers.set(peers);
+    }
+
+    pub fn set_metrics(&self, metrics: Arc<BrokerMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn count(&self, f: impl FnOnce(&BrokerMetrics)) {
+        if let Some(m) = self.metrics.get() {
+            f(m);
+        }
+    }
+
+    fn to_shards(&self, topic: &Arc<str>, frame: Arc<[u8]>, shards: &ShardSet) {
+        let Some(peers) = self.peers.get() else {
+            return self.count(BrokerMetrics::count_handoff_lost);
+        };
+        for shard in shards.iter().filter(|&s| s < peers.len()) {
+            let cmd = Cmd::Publish {
+                topic: topic.clone(),
+                frame: frame.clone(),
+            };
+            if !peers.send(shard, cmd) {
+                self.count(BrokerMetrics::count_handoff_lost);
+            }
+        }
+    }
+
+    /// The frame for a message from the broker: shardnet's own messages are already encoded
+    /// (`{"topic":…,"data":…}`) and only framed; another program's are encoded like a `POST
+    /// /publish` body.
+    fn frame(&self, topic: &str, data: &[u8], source: Source) -> Option<Arc<[u8]>> {
+        match source {
+            Source::Shardnet => {
+                if data.len() > self.max_message || std::str::from_utf8(data).is_err() {
+                    return None;
+                }
+                let (h, n) = ws::frame_header(ws::OP_TEXT, data.len());
+                let mut v = Vec::with_capacity(n + data.len());
+                v.extend_from_slice(&h[..n]);
+                v.extend_from_slice(data);
+                Some(Arc::from(v))
+            }
+            Source::Other => encode_body(topic, data, self.max_message).ok(),
+        }
+    }
+}
+
+impl Sink for BrokerSink {
+    fn message(&self, topic: &Arc<str>, data: &[u8], shards: &ShardSet, source: Source) {
+        match self.frame(topic, data, source) {
+            Some(frame) => self.to_shards(topic, frame, shards),
+            None => self.count(BrokerMetrics::count_undeliverable),
+        }
+    }
+
+    fn gap(&self, topic: &Arc<str>, shards: &ShardSet) {
+        self.to_shards(topic, gap_frame(topic), shards);
+    }
+
+    fn outcome(&self, ticket: Ticket, topic: &str, outcome: Outcome) {
+        // A WebSocket publish (id 0) that went through is not acknowledged: nothing to send.
+        if ticket.id == 0 && outcome.is_ok() {
+            return;
+        }
+        let Some(peers) = self.peers.get() else {
+            return self.count(BrokerMetrics::count_outcome_lost);
+        };
+        let cmd = Cmd::Outcome {
+            ticket,
+            topic: topic.into(),
+            outcome,
+        };
+        if ticket.shard >= peers.len() || !peers.send(ticket.shard, cmd) {
+            self.count(BrokerMetrics::count_outcome_lost);
+        }
+    }
 }
 
 /// Everything a pub/sub message needs besides the hub.
@@ -855,14 +1077,12 @@ pub struct Client<'a> {
 }
 
 impl Hub {
-    /// Handles one message on a pub/sub route; acknowledgements and errors go to `out`. A
+    /// Handles one message on a pub/sub route, parsed by [`parse_op`] (the router checks the
+    /// rate limit and the permissions in between); acknowledgements and errors go to `out`. A
     /// subscription is acknowledged only once it is in force; what is refused gets
-    /// `{"error":…,"op":…,"topic":…}` and changes nothing.
-    pub fn on_message(&mut self, c: &Client<'_>, msg: &Message<'_>, out: &mut Vec<u8>) {
-        let op = match parse_op(msg) {
-            Ok(op) => op,
-            Err(why) => return reply(out, &serde_json::json!({ "error": why })),
-        };
+    /// `{"error":…,"op":…,"topic":…}` and changes nothing. A `refresh` is the router's on
+    /// routes with tokens; it reaches the hub only on a route without them, and is refused.
+    pub fn on_op(&mut self, c: &Client<'_>, op: Op, out: &mut Vec<u8>) {
         let registry = &*c.fanout.registry;
         let (word, topic, result) = match op {
             Op::Subscribe(t) => {
@@ -878,16 +1098,41 @@ impl Hub {
             }
             Op::Publish(t, data) => {
                 let r = check_topic(&t, c.limits)
-                    .and_then(|()| encode_value(&t, &data, c.limits.max_message))
-                    .and_then(|frame| c.fanout.publish(&t, frame, c.counters).map(|_| ()));
+                    .and_then(|()| encode_value(&t, &data, c.limits.max_message));
                 match r {
                     // A publish that went out is not acknowledged (it is a stream).
-                    Ok(()) => return,
+                    Ok(frame) if c.fanout.broker().is_none() => {
+                        match c.fanout.publish(&t, frame, c.counters) {
+                            Ok(_) => return,
+                            Err(e) => {
+                                c.counters.ws_publish_refused.inc();
+                                ("publish", t, Err(e))
+                            }
+                        }
+                    }
+                    Ok(frame) => {
+                        match c
+                            .fanout
+                            .publish_via_broker(c.token, 0, &t, &frame, c.counters)
+                        {
+                            Ok(()) => return,
+                            Err(refusal) => return publish_refused(out, &t, &refusal),
+                        }
+                    }
                     Err(e) => {
                         c.counters.ws_publish_refused.inc();
                         ("publish", t, Err(e))
                     }
                 }
+            }
+            Op::Refresh(_) => {
+                return reply(
+                    out,
+                    &serde_json::json!({
+                        "error": "this route takes no tokens (auth = \"off\")",
+                        "op": "refresh",
+                    }),
+                )
             }
         };
         match result {
@@ -1015,8 +1260,20 @@ mod tests {
         ));
         assert_eq!(
             parse_op(&Message::Text(r#"{"op":"shout","topic":"t"}"#)).err(),
-            Some("op must be subscribe, unsubscribe or publish")
+            Some("op must be subscribe, unsubscribe, publish or refresh")
         );
         assert_eq!(parse_op(&Message::Text("nope")).err(), Some(USAGE));
+        assert!(matches!(
+            parse_op(&Message::Text(r#"{"op":"refresh","token":"a.b.c"}"#)),
+            Ok(Op::Refresh(t)) if t == "a.b.c"
+        ));
+        for bad in [
+            r#"{"op":"refresh"}"#,
+            r#"{"op":"refresh","token":"a","topic":"t"}"#,
+            r#"{"op":"subscribe","token":"a"}"#,
+            r#"{"op":"subscribe"}"#,
+        ] {
+            assert_eq!(parse_op(&Message::Text(bad)).err(), Some(USAGE), "{bad}");
+        }
     }
 }

@@ -81,6 +81,32 @@ pub struct BenchArgs {
     /// Idle mode: upgrade every connection to WebSocket before holding it.
     #[arg(long)]
     pub idle_ws: bool,
+    /// A token for every WebSocket upgrade (and every --mode connect connection), sent as
+    /// `Authorization: Bearer`.
+    #[arg(long, conflicts_with_all = ["token_file", "mint"])]
+    pub token: Option<String>,
+    /// Tokens, one per line, used by the connections in turn.
+    #[arg(long, conflicts_with = "mint")]
+    pub token_file: Option<PathBuf>,
+    /// Sign one token per connection before the run (sub bench-N, exp in a day, subscribe
+    /// ["*"]): ALG:KEYFILE with HS256 (the secret file) or ES256, RS256, EdDSA (a PEM private key).
+    #[arg(long)]
+    pub mint: Option<String>,
+    /// Claims added to --mint's tokens, as a JSON object (e.g. '{"aud":"shardnet"}'); a "kid"
+    /// member goes into the header instead.
+    #[arg(long, requires = "mint")]
+    pub mint_claims: Option<String>,
+    /// Internal: the number of --mint's first subject (`bench-N`), so that --processes'
+    /// children mint subjects of their own.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub mint_first: usize,
+    /// Send the token as a `token` query parameter instead of a header.
+    #[arg(long)]
+    pub token_in_query: bool,
+    /// Connect mode: each connection is a WebSocket upgrade of --path (default /ws; 101
+    /// expected) instead of a GET. Implied by --token, --token-file and --mint.
+    #[arg(long)]
+    pub upgrade: bool,
     /// WebSocket modes (ws, fanout, idle --idle-ws): offer permessage-deflate as a browser does
     /// (`permessage-deflate; client_max_window_bits`) and fail unless the server accepts; inflate
     /// what the server compresses; in ws mode, send every message compressed.
@@ -146,6 +172,22 @@ pub struct BenchArgs {
     /// The name the server's certificate must carry (--tls).
     #[arg(long, default_value = "localhost")]
     pub tls_name: String,
+    /// With --spawn: start this many shardnet processes (all on --server-cores); connections
+    /// are spread over them round-robin, the fan-out publisher talks to the first.
+    #[arg(long, default_value_t = 1, requires = "spawn")]
+    pub server_processes: usize,
+    /// With --spawn: start this broker (redis-server or nats-server, on a free port, no
+    /// persistence) and run the spawned processes against it (`[broker]`), so a fan-out crosses
+    /// processes through it.
+    #[arg(long, value_enum, requires = "spawn", conflicts_with = "config")]
+    pub broker: Option<BrokerArg>,
+}
+
+/// The brokers `--broker` can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerArg {
+    Redis,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -247,6 +289,8 @@ impl BenchArgs {
                     .map_or(0.0, |r| r / self.connections.max(1) as f64),
             },
             host: host.to_string(),
+            tokens: Arc::from(Vec::new()),
+            token_in_query: self.token_in_query,
             topic: format!("bench-{}", std::process::id()),
             base: Instant::now(),
             // Fan-out counts nothing until the publisher opens the measured window.
@@ -269,10 +313,20 @@ impl BenchArgs {
         }
     }
 
+    /// Whether connections carry tokens.
+    pub fn has_tokens(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some() || self.mint.is_some()
+    }
+
     /// The load and the servers' pinning in one line, for the summary tables.
     pub(super) fn describe(&self) -> String {
+        let tokens = match (&self.mint, self.has_tokens()) {
+            (Some(m), _) => format!(" tokens {}", m.split(':').next().unwrap_or("")),
+            (None, true) => " tokens".to_string(),
+            (None, false) => String::new(),
+        };
         format!(
-            "{:?}{} c={} d={} s={}{}{} server cores {} quota {} client cores {}{}",
+            "{:?}{}{tokens} c={} d={} s={}{}{} server cores {} quota {} client cores {}{}",
             self.mode,
             if self.wrk { " (wrk)" } else { "" },
             self.connections,
@@ -289,6 +343,12 @@ impl BenchArgs {
             self.balance
                 .as_deref()
                 .map_or(String::new(), |b| format!(" balance {b}"))
-        )
+        ) + &match (self.server_processes, self.broker) {
+            (1, None) => String::new(),
+            (n, b) => format!(
+                " server processes {n}{}",
+                b.map_or(String::new(), |b| format!(" broker {b:?}").to_lowercase())
+            ),
+        }
     }
 }

@@ -115,6 +115,10 @@ pub struct Plan {
     pub deflate: bool,
     pub payload: Payload,
     pub host: String,
+    /// Tokens for the WebSocket upgrades, used in turn (empty: none); see [`super::tokens`].
+    pub tokens: Arc<[String]>,
+    /// Send the token as `?token=` rather than `Authorization: Bearer`.
+    pub token_in_query: bool,
     /// Fan-out: the topic, and the clock origin of the publish timestamps.
     pub topic: String,
     pub base: Instant,
@@ -192,6 +196,11 @@ pub struct Client {
     next_seed: u32,
     start: Instant,
     request: Vec<u8>,
+    /// Upgrades sent by this shard, and the shard's place among the client shards: connection
+    /// n of shard s takes token `n * shards + s` (modulo their number).
+    upgrades: usize,
+    shard: usize,
+    shards: usize,
     /// permessage-deflate: the shard's compressor (a client compresses without context
     /// takeover, as the server asks), its inflater for servers without takeover, and buffers.
     deflater: Option<Deflater>,
@@ -231,6 +240,9 @@ impl Client {
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
             start: Instant::now(),
             request,
+            upgrades: 0,
+            shard: info.shard,
+            shards: info.shards.max(1),
             deflater,
             inflater: Inflater::default(),
             inflated: Vec::new(),
@@ -255,13 +267,19 @@ impl Client {
         }
     }
 
-    /// The upgrade request for `path`.
-    fn upgrade_request(&self, path: &str) -> String {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
-            self.plan.host,
-            if self.plan.deflate { DEFLATE_OFFER } else { "" }
+    /// The upgrade request for `path`, with the next token if there are any.
+    fn upgrade_request(&mut self, path: &str) -> String {
+        let tokens = &self.plan.tokens;
+        let token = (!tokens.is_empty())
+            .then(|| tokens[(self.upgrades * self.shards + self.shard) % tokens.len()].as_str());
+        self.upgrades += 1;
+        let offer = if self.plan.deflate { DEFLATE_OFFER } else { "" };
+        super::tokens::upgrade_request(
+            path,
+            &self.plan.host,
+            token,
+            self.plan.token_in_query,
+            offer,
         )
     }
 
@@ -625,12 +643,13 @@ impl Service for Client {
                 self.result.ready += 1;
             }
             Mode::Ws | Mode::Fanout => {
-                let upgrade = self.upgrade_request(&self.plan.path);
+                let plan = self.plan.clone();
+                let upgrade = self.upgrade_request(&plan.path);
                 conn.write(upgrade.as_bytes());
             }
-            Mode::Idle => match &self.plan.idle_ws {
+            Mode::Idle => match self.plan.idle_ws.clone() {
                 Some(path) => {
-                    let upgrade = self.upgrade_request(path);
+                    let upgrade = self.upgrade_request(&path);
                     conn.write(upgrade.as_bytes());
                 }
                 None => self.result.ready += 1,

@@ -10,10 +10,11 @@
 //! Files by concern: [`args`] (the flags), [`run`] (one measured run), [`report`] (the
 //! histogram, the one [`Measurement`] builder, table and JSON), [`compare`] (alternating
 //! servers), [`sweep`] and [`plot`] (shard counts), [`spawn`] (the servers the bench starts,
-//! owned by guards that stop them); the clients: [`client`] (echo, http, ws, idle, fan-out
-//! subscribers on the shard engine), [`fanout`] (the publisher), [`wrk`], [`multi`]
-//! (`--processes`), and [`procfs`] (what the bench reads about a server from /proc);
-//! [`takeover`] measures a hand-over to a new process (`--takeover`).
+//! owned by guards that stop them), [`tokens`] (the tokens of authenticated connections); the
+//! clients: [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine),
+//! [`fanout`] (the publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the
+//! bench reads about a server from /proc); [`takeover`] measures a hand-over to a new process
+//! (`--takeover`).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -30,6 +31,7 @@ pub mod run;
 pub mod spawn;
 mod sweep;
 pub mod takeover;
+pub mod tokens;
 pub mod wrk;
 
 use std::sync::atomic::Ordering;
@@ -67,16 +69,44 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     if !args.compare.is_empty() {
         return compare::compare(&args);
     }
-    let (target, pid, _server) = if args.spawn {
-        let s = spawn::shardnet(&args, args.shards)?;
-        (s.addr(args.listener())?, Some(s.pid()), Some(s))
+    let (targets, pid, _servers, _broker) = if args.spawn {
+        let broker = args.broker.map(spawn::broker).transpose()?;
+        if args.server_processes > 1 && broker.is_none() && args.mode == client::Mode::Fanout {
+            bail!(
+                "--server-processes with --mode fanout needs --broker: without one, subscribers \
+                 of another process do not get the publishes"
+            );
+        }
+        let url = broker.as_ref().map(spawn::SpawnedBroker::url);
+        let servers = (0..args.server_processes.max(1))
+            .map(|i| spawn::shardnet_process(&args, args.shards, url, i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let targets = servers
+            .iter()
+            .map(|s| s.addr(args.listener()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if broker.is_some() {
+            // Publishes are refused until a process has reached the broker.
+            for s in &servers {
+                let admin = s.addr("http")?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while fanout::http_get(admin, "/healthz").as_deref() != Some(b"ok\n") {
+                    if std::time::Instant::now() > deadline {
+                        bail!("a spawned server did not reach the broker within 20 s");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+        let pid = servers.first().map(spawn::Spawned::pid);
+        (targets, pid, servers, broker)
     } else {
         let Some(t) = args.target else {
             bail!("give --target ADDR or --spawn")
         };
-        (t, args.server_pid, None)
+        (vec![t], args.server_pid, Vec::new(), None)
     };
-    let m = measure(&args, target, pid, "shardnet")?;
+    let m = run::measure_on(&args, &targets, pid, "shardnet")?;
     print_table(std::slice::from_ref(&m));
     report::write_json(&args, vec![m.clone()], None, None)?;
     Ok(if m.errors > 0 { 1 } else { 0 })

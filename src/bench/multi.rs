@@ -143,6 +143,26 @@ pub fn measure(
         if args.idle_ws {
             cmd.arg("--idle-ws");
         }
+        // Tokens: each child mints its own share, with subjects of their own.
+        if let Some(t) = &args.token {
+            cmd.arg("--token").arg(t);
+        }
+        if let Some(f) = &args.token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        if let Some(m) = &args.mint {
+            let first: usize = (0..i).map(|j| share(args.connections, j, n)).sum();
+            cmd.arg("--mint")
+                .arg(m)
+                .arg("--mint-first")
+                .arg(first.to_string());
+        }
+        if let Some(c) = &args.mint_claims {
+            cmd.arg("--mint-claims").arg(c);
+        }
+        if args.token_in_query {
+            cmd.arg("--token-in-query");
+        }
         if args.deflate {
             cmd.arg("--deflate");
         }

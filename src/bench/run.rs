@@ -40,6 +40,24 @@ pub fn measure(
     pid: Option<u32>,
     label: &str,
 ) -> anyhow::Result<Measurement> {
+    measure_on(args, &[target], pid, label)
+}
+
+/// [`measure`] against several server processes (`--server-processes`): connection `i` goes to
+/// `targets[i % n]`, the fan-out publisher to the first, the servers' drop counts are summed;
+/// CPU and RSS are the first process's (`pid`).
+pub fn measure_on(
+    args: &BenchArgs,
+    targets: &[SocketAddr],
+    pid: Option<u32>,
+    label: &str,
+) -> anyhow::Result<Measurement> {
+    let Some(&target) = targets.first() else {
+        bail!("no server to measure");
+    };
+    if targets.len() > 1 && (args.processes > 1 || args.wrk || matches!(args.mode, Mode::Connect)) {
+        bail!("--server-processes works with the built-in client in one process (not --processes, --wrk or --mode connect)");
+    }
     if args.processes > 1 && args.child_report.is_none() {
         return multi::measure(args, target, pid, label);
     }
@@ -57,7 +75,9 @@ pub fn measure(
         Some(s) => parse_sources(s)?,
         None => Vec::new(),
     };
-    let plan = Arc::new(args.plan(&target.to_string()));
+    let mut plan = args.plan(&target.to_string());
+    plan.tokens = super::tokens::from_args(args)?.into();
+    let plan = Arc::new(plan);
     let shards = client_cores.len().max(1);
     // Connections are adopted as "listener 0": with --tls, that one speaks TLS.
     let tls = args
@@ -90,6 +110,7 @@ pub fn measure(
     let rss_before = pid.and_then(procfs::rss_bytes);
     for i in 0..args.connections {
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+        let target = targets[i % targets.len()];
         let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
             .with_context(|| {
                 format!(
@@ -191,7 +212,10 @@ pub fn measure(
     // Fan-out rates are over the window of publishes; the wait for the backlog is not in it.
     let seconds = window.map_or(cpu.window, |w| w.3);
     let fanout = window.map(|(first, last, publish_errors, _)| fanout::FanoutReport {
-        dropped_by_server: fanout::server_dropped(target),
+        dropped_by_server: targets
+            .iter()
+            .map(|&t| fanout::server_dropped(t))
+            .sum::<Option<u64>>(),
         ..fanout::FanoutReport::new(&results, first, last, publish_errors)
     });
     if let Some(f) = &fanout {
@@ -243,8 +267,9 @@ fn tls_diagnosis(args: &BenchArgs, target: SocketAddr) -> String {
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
-/// Connection churn: each client thread connects, sends one HTTP request, reads the answer and
-/// closes, as fast as it can (with --tls, after a full TLS handshake).
+/// Connection churn: each client thread connects, sends one HTTP request (or, with --upgrade or
+/// tokens, a WebSocket upgrade carrying the next token), reads the answer and closes, as fast
+/// as it can (with --tls, after a full TLS handshake).
 fn measure_connect(
     args: &BenchArgs,
     target: SocketAddr,
@@ -254,8 +279,33 @@ fn measure_connect(
     use std::io::{Read, Write};
     let cores = parse_cores(&args.client_cores)?;
     let threads = args.connections.clamp(1, 64);
-    let path = args.path.clone().unwrap_or_else(|| "/plaintext".into());
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let upgrade = args.upgrade || args.has_tokens();
+    let default_path = if upgrade { "/ws" } else { "/plaintext" };
+    let path = args.path.clone().unwrap_or_else(|| default_path.into());
+    let host = target.to_string();
+    let tokens = super::tokens::from_args(args)?;
+    // Every request prepared before the clock starts: connection n of thread i sends
+    // requests[(n * threads + i) % len].
+    let requests: Arc<[String]> = if upgrade {
+        let each = |t: Option<&str>| {
+            super::tokens::upgrade_request(&path, &host, t, args.token_in_query, "")
+        };
+        if tokens.is_empty() {
+            vec![each(None)].into()
+        } else {
+            tokens.iter().map(|t| each(Some(t))).collect()
+        }
+    } else {
+        vec![format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )]
+        .into()
+    };
+    let ok_status: &'static [u8] = if upgrade {
+        b"HTTP/1.1 101"
+    } else {
+        b"HTTP/1.1 200"
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     // --tls: a full handshake per connection, which is what this mode measures.
@@ -265,7 +315,8 @@ fn measure_connect(
     let results: Vec<(hdrhistogram::Histogram<u64>, Tally)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let (stop, measuring, request) = (stop.clone(), measuring.clone(), request.clone());
+                let (stop, measuring, requests) =
+                    (stop.clone(), measuring.clone(), requests.clone());
                 let tls = tls.clone();
                 let core = cores.get(i % cores.len().max(1)).copied();
                 scope.spawn(move || {
@@ -275,9 +326,13 @@ fn measure_connect(
                     let mut h = histogram();
                     let mut tally = Tally::default();
                     let mut buf = [0u8; 4096];
+                    let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
+                        let request = &requests[(n * threads + i) % requests.len()];
+                        n += 1;
                         let start = Instant::now();
-                        let r = (|| -> std::io::Result<bool> {
+                        // Ok(None): the expected answer; Ok(Some(line)): another status line.
+                        let r = (|| -> std::io::Result<Option<String>> {
                             let s = std::net::TcpStream::connect_timeout(
                                 &target,
                                 Duration::from_secs(5),
@@ -306,18 +361,27 @@ fn measure_connect(
                                     break;
                                 }
                                 got.extend_from_slice(&buf[..k]);
+                                // An upgraded connection stays open: its answer ends with the
+                                // head.
+                                if upgrade && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                                    break;
+                                }
                             }
-                            Ok(got.starts_with(b"HTTP/1.1 200"))
+                            if got.starts_with(ok_status) {
+                                return Ok(None);
+                            }
+                            let line = got.split(|b| *b == b'\r').next().unwrap_or(&[]);
+                            Ok(Some(String::from_utf8_lossy(line).into_owned()))
                         })();
                         if !measuring.load(Ordering::Relaxed) {
                             continue;
                         }
                         match r {
-                            Ok(true) => {
+                            Ok(None) => {
                                 tally.requests += 1;
                                 let _ = h.record(start.elapsed().as_micros().max(1) as u64);
                             }
-                            Ok(false) => tally.fail(1, || "non-200 answer".to_string()),
+                            Ok(Some(line)) => tally.fail(1, || format!("answered `{line}`")),
                             Err(e) => tally.fail(1, || format!("connect/request failed: {e}")),
                         }
                     }

@@ -63,7 +63,7 @@ pub fn check_command(template: &str) -> anyhow::Result<()> {
     // `VAR=value program args`: the program is the first word that is not an assignment.
     let Some(program) = line
         .split_whitespace()
-        .find(|w| !w.split_once('=').is_some_and(|(k, _)| !k.contains('/')))
+        .find(|w| w.split_once('=').is_none_or(|(k, _)| k.contains('/')))
     else {
         bail!("--compare `{template}`: no command");
     };
@@ -282,6 +282,27 @@ impl StderrTail {
 
 /// The configuration of a bench-spawned shardnet: echo and http listeners on free ports,
 /// timeouts off (the load decides when connections end).
+/// [`generated_config`] with a `[broker]` section for `broker_url` (its kind from the scheme).
+pub fn generated_config_with_broker(
+    args: &BenchArgs,
+    shards: usize,
+    broker_url: Option<&str>,
+) -> String {
+    let mut c = generated_config(args, shards);
+    if let Some(url) = broker_url {
+        let kind = if url.starts_with("nats://") {
+            "nats"
+        } else {
+            "redis"
+        };
+        c.push_str(&format!(
+            "\n[broker]\nkind = \"{kind}\"\nurl = \"{url}\"\nprefix = \"bench.{}.\"\n",
+            std::process::id()
+        ));
+    }
+    c
+}
+
 pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
     let trigger = match args.trigger {
         Some(TriggerArg::Level) => "level",
@@ -305,14 +326,24 @@ pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
+    shardnet_process(args, shards, None, 0)
+}
+
+/// [`shardnet`], one of several (`index`), against `broker_url` if given.
+pub fn shardnet_process(
+    args: &BenchArgs,
+    shards: usize,
+    broker_url: Option<&str>,
+    index: usize,
+) -> anyhow::Result<Spawned> {
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
             let p = std::env::temp_dir().join(format!(
-                "shardnet-bench-{}-{shards}.toml",
+                "shardnet-bench-{}-{shards}-{index}.toml",
                 std::process::id()
             ));
-            std::fs::write(&p, generated_config(args, shards))
+            std::fs::write(&p, generated_config_with_broker(args, shards, broker_url))
                 .with_context(|| format!("cannot write {}", p.display()))?;
             (p.clone(), Some(TempPath(p)))
         }
@@ -441,6 +472,72 @@ pub fn command(template: &str, cores: &[usize], quota: Option<Quota>) -> anyhow:
         cgroup.adopt(server.pid())?;
     }
     Ok(server)
+}
+
+/// A broker the bench started (`--broker`): killed and reaped on drop.
+pub struct SpawnedBroker {
+    child: Child,
+    url: String,
+}
+
+impl SpawnedBroker {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `redis-server` or `nats-server` on a free loopback port, without persistence, and
+/// waits (bounded) until it accepts connections.
+pub fn broker(kind: super::args::BrokerArg) -> anyhow::Result<SpawnedBroker> {
+    use super::args::BrokerArg;
+    let port = free_port()?;
+    let (program, install) = match kind {
+        BrokerArg::Redis => ("redis-server", "apt-get install redis-server"),
+        BrokerArg::Nats => ("nats-server", "apt-get install nats-server"),
+    };
+    let exe = require_program(program, install)?;
+    let mut cmd = Command::new(exe);
+    let port_s = port.to_string();
+    let url = match kind {
+        BrokerArg::Redis => {
+            cmd.args(["--port", &port_s, "--bind", "127.0.0.1"]).args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]);
+            format!("redis://127.0.0.1:{port}/0")
+        }
+        BrokerArg::Nats => {
+            cmd.args(["-a", "127.0.0.1", "-p", &port_s]);
+            format!("nats://127.0.0.1:{port}")
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    let mut broker = SpawnedBroker { child, url };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = broker.child.try_wait()? {
+            bail!("{program} exited at start ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("{program} did not listen on port {port} within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(broker)
 }
 
 #[cfg(test)]

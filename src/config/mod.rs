@@ -12,6 +12,8 @@
 //! after parsing and point at the key, or at its table's header when the key is left to its
 //! default. Parsing runs once per start or SIGHUP, on the main thread; nothing here is shared.
 
+mod auth;
+mod broker;
 mod spans;
 mod tls;
 mod units;
@@ -27,6 +29,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use auth::{AuthConfig, KeyAlg, PublicKeyConfig, RouteAuth};
+pub use broker::{BrokerConfig, BrokerKind, BrokerUrl};
 pub use tls::ListenerTls;
 pub use units::{duration, size};
 
@@ -75,6 +79,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+    /// Pub/sub across processes and hosts (`kind = "none"`: in-process only).
+    pub broker: BrokerConfig,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -315,6 +322,8 @@ pub struct WsRouteConfig {
     /// Longest topic name accepted, in bytes.
     #[serde(with = "size")]
     pub max_topic_length: usize,
+    /// Whether upgrading needs a token (`[auth]` says how tokens are verified).
+    pub auth: RouteAuth,
     /// permessage-deflate (RFC 7692) on this route.
     pub compression: Compression,
     /// The largest window a `dedicated` connection's compressor uses, as a power of two (9..=15).
@@ -333,6 +342,7 @@ impl Default for WsRouteConfig {
             allowed_origins: Vec::new(),
             max_topics: 64,
             max_topic_length: 256,
+            auth: RouteAuth::Off,
             compression: Compression::Shared,
             compression_window_bits: 12,
         }
@@ -580,9 +590,29 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     })
 }
 
+/// A problem found by a check that a layer above makes ([`Config::parse_with`]): the dotted key
+/// at fault and why, located in the file like the configuration's own errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
 impl Config {
     /// Parses and validates `src`; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(src, file, |_| Ok(())).map(|(c, ())| c)
+    }
+
+    /// [`Config::parse`], then `check`, whose error is located at its key: what the layers
+    /// above use for what this module cannot check itself (the product reads the key files
+    /// `[auth]` names, so that `config check` refuses a missing or malformed one at its line).
+    /// Returns what `check` made of the configuration along with it.
+    pub fn parse_with<T>(
+        src: &str,
+        file: &str,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
         let doc = toml_edit::ImDocument::parse(src).map_err(|e| {
             let (line, column) = line_column(src, e.span().map_or(0, |s| s.start));
             ConfigError::Syntax {
@@ -599,7 +629,9 @@ impl Config {
             invalid(src, file, offset, key, one_line(e.message()))
         })?;
         config.check(&spans, src, file)?;
-        Ok(config)
+        let made =
+            check(&config).map_err(|e| invalid(src, file, spans.at(&e.key), e.key, e.reason))?;
+        Ok((config, made))
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -607,7 +639,7 @@ impl Config {
     }
 
     /// [`Config::load`], then [`Config::load_tls`]: everything `config check` checks and `serve`
-    /// needs before it starts.
+    /// needs before it starts, but for the files the product's layers read ([`Config::read_with`]).
     pub fn load_with_tls(path: &Path) -> Result<(Config, ListenerTls), ConfigError> {
         let (config, src) = Config::read(path)?;
         let tls = config.load_tls(&src, &path.display().to_string())?;
@@ -617,12 +649,29 @@ impl Config {
     /// Parses and validates the file at `path`; returns the text too (errors found later, such
     /// as a TLS file that cannot be used, are located in it).
     pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
+        Config::read_with(path, |_| Ok(())).map(|(c, (), src)| (c, src))
+    }
+
+    /// [`Config::load`] with [`Config::parse_with`]'s extra check.
+    pub fn load_with<T>(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T), ConfigError> {
+        Config::read_with(path, check).map(|(c, t, _)| (c, t))
+    }
+
+    /// [`Config::read`] with [`Config::parse_with`]'s extra check: the configuration, what the
+    /// check made of it, and the text.
+    pub fn read_with<T>(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<T, KeyError>,
+    ) -> Result<(Config, T, String), ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        let config = Config::parse(&src, &path.display().to_string())?;
-        Ok((config, src))
+        let (config, made) = Config::parse_with(&src, &path.display().to_string(), check)?;
+        Ok((config, made, src))
     }
 
     /// The embedded default; a unit test guarantees it parses.

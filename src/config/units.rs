@@ -46,7 +46,7 @@ pub mod size {
     /// The largest binary unit that divides `v` exactly: `65536` is `64KiB`, `1000` is `1000B`.
     pub fn format(v: usize) -> String {
         for (u, m) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if v >= m && v % m == 0 {
+            if v >= m && v.is_multiple_of(m) {
                 return format!("{}{u}", v / m);
             }
         }

@@ -5,8 +5,9 @@
 //! leaves to its default is pointed at through its table's header (`[[listener.websocket]]`),
 //! never at 1:1 unless the file has no such table at all.
 
+use super::auth::{bounds, REGISTERED_CLAIMS};
 use super::spans::Spans;
-use super::{size, Config, ConfigError, ServiceKind, Shards};
+use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards, WsMode};
 
 /// The longest WebSocket frame header a client sends (2 bytes, an 8-byte length, a 4-byte mask):
 /// a frame of `max_message` bytes occupies this much more in the read buffer.
@@ -64,6 +65,7 @@ impl Config {
         if limits.max_read_buffer < 1024 {
             return fail("limits.max_read_buffer", "must be at least 1KiB".into());
         }
+        self.check_broker(spans, &fail)?;
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             if l.name.is_empty() {
@@ -183,6 +185,134 @@ impl Config {
                 }
             }
         }
+        self.check_auth(&fail)
+    }
+
+    /// `[auth]`'s values and the routes that need it. Its files and patterns are the product's
+    /// to check (`app::auth::load_config`, through [`Config::parse_with`]).
+    fn check_auth(
+        &self,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.leeway > bounds::MAX_LEEWAY || a.leeway.subsec_nanos() != 0 {
+            return fail(
+                "auth.leeway",
+                format!(
+                    "must be whole seconds, at most {}",
+                    duration::format(bounds::MAX_LEEWAY)
+                ),
+            );
+        }
+        if a.max_token_size < bounds::MIN_TOKEN_SIZE || a.max_token_size > bounds::MAX_TOKEN_SIZE {
+            return fail(
+                "auth.max_token_size",
+                format!(
+                    "must be between {} and {}",
+                    size::format(bounds::MIN_TOKEN_SIZE),
+                    size::format(bounds::MAX_TOKEN_SIZE)
+                ),
+            );
+        }
+        for (key, claim) in [
+            ("auth.subscribe_claim", &a.subscribe_claim),
+            ("auth.publish_claim", &a.publish_claim),
+        ] {
+            if claim.is_empty() {
+                return fail(key, "must name a claim".into());
+            }
+            if REGISTERED_CLAIMS.contains(&claim.as_str()) {
+                return fail(
+                    key,
+                    format!("`{claim}` is a registered claim with a meaning of its own"),
+                );
+            }
+        }
+        if a.subscribe_claim == a.publish_claim {
+            return fail(
+                "auth.publish_claim",
+                "must differ from subscribe_claim (publishing is granted apart)".into(),
+            );
+        }
+        if a.command_rate > bounds::MAX_COMMAND_RATE {
+            return fail(
+                "auth.command_rate",
+                format!("at most {} per second", bounds::MAX_COMMAND_RATE),
+            );
+        }
+        if a.command_burst == 0 || a.command_burst > u32::from(u16::MAX) {
+            return fail(
+                "auth.command_burst",
+                format!("must be between 1 and {}", u16::MAX),
+            );
+        }
+        if !a.hs256_secret_file.is_empty() && !a.hs256_secret_env.is_empty() {
+            return fail(
+                "auth.hs256_secret_env",
+                "give the HS256 secret in a file or in the environment, not both".into(),
+            );
+        }
+        if !a.hs256_kid.is_empty()
+            && a.hs256_secret_file.is_empty()
+            && a.hs256_secret_env.is_empty()
+        {
+            return fail(
+                "auth.hs256_kid",
+                "names the kid of an HS256 secret, and none is configured".into(),
+            );
+        }
+        for (i, k) in a.public_keys.iter().enumerate() {
+            if k.file.is_empty() {
+                return fail(
+                    &format!("auth.public_key[{i}].file"),
+                    "every public key needs its PEM file".into(),
+                );
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            for (j, w) in l.websocket.iter().enumerate() {
+                if w.auth != RouteAuth::Off && !a.has_token_keys() {
+                    return fail(
+                        &format!("listener[{i}].websocket[{j}].auth"),
+                        "needs a key to verify tokens with in [auth] (hs256_secret_file, \
+                         hs256_secret_env, public_key or jwks_file)"
+                            .into(),
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `[broker]`: its own checks, and its byte bound against the largest pub/sub message.
+    fn check_broker(
+        &self,
+        spans: &Spans,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let largest = self
+            .listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.websocket
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.mode == WsMode::Pubsub)
+                    .map(move |(j, w)| {
+                        (
+                            format!("listener[{i}].websocket[{j}].max_message"),
+                            w.max_message,
+                        )
+                    })
+            })
+            .max_by_key(|(_, m)| *m);
+        match self
+            .broker
+            .check(|k| spans.contains(&format!("broker.{k}")), largest)
+        {
+            Ok(()) => Ok(()),
+            Err((key, reason)) => fail(&format!("broker.{key}"), reason),
+        }
     }
 }

@@ -317,7 +317,7 @@ impl Offer {
             (4, self.server_max_window_bits.is_some())
         } else if is("client_max_window_bits") {
             // Without a value: the client can limit its window if asked (we never ask).
-            (8, value.map_or(true, |v| v.window_bits().is_some()))
+            (8, value.is_none_or(|v| v.window_bits().is_some()))
         } else {
             (0, false)
         };

@@ -33,6 +33,10 @@
 //! - The header timer belongs to each request from its first byte: [`Outcome::timer`] says when
 //!   to start, keep or stop it, so a pipelining client whose reads end inside the next request is
 //!   timed per request, not from its first one.
+//! - A handler may answer later ([`Response::defer`]: `POST /publish` waits for the broker). The
+//!   connection then holds a [`Pending`] and reads nothing more (pipelined requests wait in the
+//!   input, bounded by the engine's `max_read_buffer`) until the caller answers it with
+//!   [`HttpConn::take_pending`] and [`Pending::respond`], so responses stay in request order.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,13 +62,15 @@ impl HttpSettings {
     }
 }
 
-/// Per-connection state: two flags.
+/// Per-connection state: two flags, and the request waiting for its answer, if any.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HttpConn {
     /// `100 Continue` was sent for the request being received.
     continue_sent: bool,
     /// The header timer runs for the request being received.
     timer_armed: bool,
+    /// A request answered later ([`Response::defer`]); nothing is read while it waits.
+    pending: Option<Pending>,
 }
 
 impl HttpConn {
@@ -74,7 +80,8 @@ impl HttpConn {
     }
 
     /// The state as one byte, for a hand-over to another process (the partial request itself
-    /// is the engine's unconsumed input, the header timer the engine's timer).
+    /// is the engine's unconsumed input, the header timer the engine's timer). Not for a
+    /// connection with a request [`HttpConn::pending`]: its answer is this process's to give.
     pub fn to_bits(&self) -> u8 {
         self.continue_sent as u8 | (self.timer_armed as u8) << 1
     }
@@ -84,7 +91,45 @@ impl HttpConn {
         HttpConn {
             continue_sent: bits & 1 != 0,
             timer_armed: bits & 2 != 0,
+            pending: None,
         }
+    }
+    /// The request waiting for its answer.
+    pub fn pending(&self) -> Option<Pending> {
+        self.pending
+    }
+
+    /// Takes the waiting request to answer it ([`Pending::respond`]); the caller then offers
+    /// the input left behind it again.
+    pub fn take_pending(&mut self) -> Option<Pending> {
+        self.pending.take()
+    }
+}
+
+/// A request whose answer comes later: what its response needs, and the caller's id for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub id: u64,
+    head: bool,
+    keep_alive: bool,
+    version: u8,
+}
+
+impl Pending {
+    /// The request's one answer, appended to `out`.
+    pub fn respond<'a>(self, out: &'a mut Vec<u8>, date: &'a DateCache) -> Response<'a> {
+        Response {
+            out,
+            date,
+            head: self.head,
+            keep_alive: self.keep_alive,
+            version: self.version,
+        }
+    }
+
+    /// Whether the connection stays open after the answer.
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
     }
 }
 
@@ -122,6 +167,9 @@ pub struct Outcome {
     pub status: u16,
     /// What to do with the header timer.
     pub timer: HeaderTimer,
+    /// The last request handled is answered later ([`Response::defer`]): nothing after it is
+    /// read until [`HttpConn::take_pending`].
+    pub deferred: bool,
 }
 
 impl Outcome {
@@ -137,6 +185,7 @@ impl Outcome {
             errors: 0,
             status: 0,
             timer: HeaderTimer::Keep,
+            deferred: false,
         }
     }
 
@@ -272,6 +321,7 @@ pub struct Response<'a> {
 pub struct Sent {
     status: u16,
     upgrade: Option<usize>,
+    deferred: Option<Pending>,
     deflate: Option<Agreed>,
 }
 
@@ -308,6 +358,23 @@ impl Response<'_> {
         Sent {
             status,
             upgrade: None,
+            deferred: None,
+            deflate: None,
+        }
+    }
+
+    /// Answers later: the connection keeps a [`Pending`] with `id` and reads no further request
+    /// until the caller answers it. Nothing is written now.
+    pub fn defer(self, id: u64) -> Sent {
+        Sent {
+            status: 0,
+            upgrade: None,
+            deferred: Some(Pending {
+                id,
+                head: self.head,
+                keep_alive: self.keep_alive,
+                version: self.version,
+            }),
             deflate: None,
         }
     }
@@ -388,6 +455,7 @@ impl Response<'_> {
         Sent {
             status: 101,
             upgrade: Some(route),
+            deferred: None,
             deflate: answer.map(|a| a.agreed),
         }
     }
@@ -550,6 +618,10 @@ impl Http {
         handler: &mut H,
     ) -> Outcome {
         let mut o = Outcome::new();
+        if conn.pending.is_some() {
+            // Behind a request still waiting for its answer: read nothing yet.
+            return o;
+        }
         self.handle_requests(conn, input, out, budget, date, handler, &mut o);
         // The timer runs from a request's first byte: a request left partial after others
         // completed in this call began here, and gets a timer of its own.
@@ -783,6 +855,11 @@ impl Http {
                 version,
             };
             let sent = handler.request(&request, resp);
+            if let Some(p) = sent.deferred {
+                conn.pending = Some(p);
+                o.deferred = true;
+                return;
+            }
             o.count(sent.status);
             if let Some(route) = sent.upgrade {
                 o.upgrade = Some(route);
@@ -843,6 +920,7 @@ fn reason(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -883,6 +961,7 @@ mod tests {
                 "/ok" => resp.send(200, "text/plain", req.body(), ""),
                 "/ws" => resp.upgrade(req, &[], SHARED, 0),
                 "/ws/plain" => resp.upgrade(req, &[], OFF, 1),
+                "/later" => resp.defer(7),
                 _ => resp.send(404, "text/plain", b"", ""),
             }
         }
@@ -916,6 +995,48 @@ mod tests {
         assert!(o.responses >= 1, "no response to {input:?}");
         assert_eq!(out[9..12].parse::<u16>().unwrap(), o.status);
         o.status
+    }
+
+    #[test]
+    fn a_deferred_answer_holds_back_the_pipeline() {
+        let h = http();
+        let date = DateCache::default();
+        let mut conn = HttpConn::default();
+        let mut out = Vec::new();
+        let input = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPOST /later HTTP/1.1\r\nHost: a\r\n\
+                      Content-Length: 2\r\n\r\nhiGET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
+        let o = h.handle(&mut conn, input, &mut out, usize::MAX, &date, &mut Echo);
+        let first = input.windows(4).position(|w| w == b"hiGE").unwrap() + 2;
+        assert_eq!((o.consumed, o.responses, o.deferred), (first, 1, true));
+        assert_eq!(conn.pending().map(|p| p.id), Some(7));
+        // While it waits, nothing more is read.
+        let o = h.handle(
+            &mut conn,
+            &input[first..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses), (0, 0));
+        let p = conn.take_pending().unwrap();
+        assert!(p.keep_alive());
+        let _ = p
+            .respond(&mut out, &date)
+            .send(503, "text/plain", b"later\n", "");
+        let o = h.handle(
+            &mut conn,
+            &input[first..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses), (input.len() - first, 1));
+        let text = String::from_utf8(out).unwrap();
+        let statuses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+        assert_eq!(statuses, ["200", "503", "200"], "in request order: {text}");
+        assert!(text.contains("later\n"));
     }
 
     #[test]

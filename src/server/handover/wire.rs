@@ -671,7 +671,7 @@ mod tests {
             listener: i as u16,
             flags: FLAG_SPOKE,
             idle_ms: 1234 * i as u32,
-            timer_ms: (i % 2 == 0).then_some(500),
+            timer_ms: i.is_multiple_of(2).then_some(500),
             input: vec![i; i as usize],
             output: vec![i + 1; 3 * i as usize],
             blob: b"state".to_vec(),
