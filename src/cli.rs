@@ -28,13 +28,13 @@ use crate::stats::Snapshot;
     version,
     about = "A sharded epoll server for a million connections: TCP echo, HTTP/1.1, WebSocket pub/sub"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the server (without --config: the embedded default configuration).
     Serve(ServeArgs),
     /// Inspect configuration files.
@@ -54,7 +54,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct UpgradeArgs {
+pub(crate) struct UpgradeArgs {
     /// Configuration for the new process; its `server.control_socket` names the running server
     /// unless --control does.
     #[arg(long, short)]
@@ -68,7 +68,7 @@ pub struct UpgradeArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TOML configuration file; see `shardnet config default` for every key.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -84,7 +84,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Check a configuration file: print the effective configuration (exit 0), or the error with
     /// its file:line:column and key (exit 2).
     Check { file: PathBuf },
@@ -108,7 +108,7 @@ pub fn main() -> i32 {
                 code
             }
         },
-        Command::Bench(args) => match crate::bench::main(*args) {
+        Command::Bench(args) => match bench(*args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("shardnet bench: {e:#}");
@@ -159,8 +159,24 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// `shardnet bench`. The client shards run on the engine: its warnings and errors are the
+/// bench's too, so they are logged; except a shard's warning that it closed its connections at
+/// `shutdown_timeout`, which is how the bench's clients end a run.
+fn bench(args: crate::bench::BenchArgs) -> anyhow::Result<i32> {
+    let mut builder = env_logger::Builder::new();
+    builder
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("shardnet::server::shard", log::LevelFilter::Error)
+        .format_timestamp_millis();
+    if let Ok(spec) = std::env::var("SHARDNET_LOG") {
+        builder.parse_filters(&spec);
+    }
+    let _ = builder.try_init();
+    crate::bench::main(args)
+}
+
 /// Sets up logging to stderr: `SHARDNET_LOG` (env_logger syntax) overrides the config's level.
-pub fn init_logging(level: log::LevelFilter) {
+pub(crate) fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level).format_timestamp_millis();
     if let Ok(spec) = std::env::var("SHARDNET_LOG") {
@@ -551,7 +567,8 @@ fn forward(sig: i32) {
 fn linger_as_init(signals: &Receiver<i32>, upgrades: &Receiver<ChildExit>) -> i32 {
     use crate::sys::process::{reap, Reaped};
     log::info!(
-        "PID 1: staying as this container's init (reaping, passing signals on to the server          that took over)"
+        "PID 1: staying as this container's init (reaping, passing signals on to the server \
+         that took over)"
     );
     let mut last = 0;
     let ticker = tick(Duration::from_millis(100));
@@ -676,6 +693,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     if restart_part(old) != restart_part(new) {
         keys.push("listener");
+    }
+    if old.offload != new.offload {
+        keys.push("offload");
     }
     keys
 }

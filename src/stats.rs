@@ -5,21 +5,32 @@
 //! readers (the stats logger, `/metrics`, the bench) take relaxed snapshots, which are exact per
 //! counter and approximately consistent across counters: good enough for monitoring.
 //!
-//! Writing is crate-private and only the engine holds a [`Stats`]: services and library users get
+//! Writing is crate-private and only the engine holds a `Stats`: services and library users get
 //! a [`StatsView`], which reads snapshots and nothing else, so a single-writer counter cannot get
 //! a second writer.
 //!
 //! Every counter is declared once, below, with its help text; the log line, the JSON snapshot
 //! and the Prometheus exposition are all generated from that one list.
+//!
+//! Two kinds of counters are not the engine's single-writer ones:
+//! - the offload pool's ([`OffloadSnapshot`]): written by its threads and by every shard, so
+//!   they use atomic read-modify-write (once per job, never per event);
+//! - the ones a service registers for itself through its shard's [`Registry`]: single-writer
+//!   like the engine's (a handle cannot leave the shard thread that registered it), listed by
+//!   name in the snapshot so the product's `/metrics` and `/stats` show them.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
 use serde::Serialize;
 
-/// A counter written by one thread only.
+/// A counter written by one thread only (the engine's; services register theirs with a
+/// [`Registry`]).
+#[doc(hidden)]
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
 
@@ -45,6 +56,7 @@ impl Counter {
         self.0.store(v, Relaxed);
     }
 
+    /// The current value.
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
@@ -54,7 +66,9 @@ impl Counter {
 /// Whether a field is a monotonically increasing counter or a gauge (Prometheus type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Kind {
+    /// Only grows (a count of events).
     Counter,
+    /// Goes up and down (a number of things now).
     Gauge,
 }
 
@@ -64,22 +78,24 @@ macro_rules! counters {
         #[derive(Default, Debug)]
         pub struct $name { $(#[doc = $help] pub $field: $crate::stats::Counter,)* }
 
+        #[doc = concat!("A copy of `", stringify!($name), "` at one moment.")]
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, ::serde::Serialize)]
         pub struct $snap { $(#[doc = $help] pub $field: u64,)* }
 
         impl $name {
+            /// Every counter's value now.
             pub fn snapshot(&self) -> $snap {
                 $snap { $($field: self.$field.get(),)* }
             }
         }
 
         impl $snap {
-            /// (name, kind, help, value) for every field, in declaration order.
             /// Adds every field of `other` (sums over shards).
             pub fn accumulate(&mut self, other: &Self) {
                 $(self.$field = self.$field.wrapping_add(other.$field);)*
             }
 
+            /// (name, kind, help, value) for every field, in declaration order.
             pub fn fields(&self) -> [(&'static str, $crate::stats::Kind, &'static str, u64); $crate::stats::counters!(@count $($field)*)] {
                 [$((stringify!($field), $crate::stats::Kind::$kind, $help, self.$field),)*]
             }
@@ -91,7 +107,8 @@ macro_rules! counters {
 pub(crate) use counters;
 
 counters! {
-    /// Counters of one shard.
+    /// Counters of one shard (written by the engine; read them in a [`Snapshot`]).
+    #[doc(hidden)]
     ShardCounters, ShardSnapshot {
         accepted: Counter, "connections taken over from the acceptor";
         open: Gauge, "connections currently open";
@@ -143,11 +160,12 @@ counters! {
 }
 
 counters! {
-    /// Counters of the acceptor thread.
+    /// Counters of the acceptor thread (written by the engine; read them in a [`Snapshot`]).
+    #[doc(hidden)]
     AcceptorCounters, AcceptorSnapshot {
         accepted: Counter, "connections accepted";
         rejected_max_connections: Counter, "connections closed at once because max_connections was reached";
-        rejected_busy: Counter, "connections closed because every shard's queue stayed full";
+        rejected_busy: Counter, "connections closed because every shard's queue stayed full for a second (held, with accepting paused, until then)";
         accept_pauses: Counter, "times accepting paused on resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM)";
         paused_micros: Counter, "time spent with accepting paused, in microseconds";
         accept_errors: Counter, "accept errors that only concerned one connection";
@@ -155,7 +173,7 @@ counters! {
 }
 
 /// All of a server's counters.
-pub struct Stats {
+pub(crate) struct Stats {
     shards: Box<[CachePadded<ShardCounters>]>,
     acceptor: CachePadded<AcceptorCounters>,
     started: Instant,
@@ -165,6 +183,400 @@ pub struct Stats {
     /// connection callback): the product's health check reads it.
     dead: AtomicUsize,
     handover: CachePadded<HandoverCounters>,
+    offload: CachePadded<OffloadCounters>,
+    /// The counters services registered, every shard's (locked at registration and by
+    /// snapshots only; the values themselves are written without a lock).
+    registered: Mutex<Vec<Registered>>,
+}
+
+/// Upper bounds of the offload latency histogram's buckets, in seconds (a last bucket takes
+/// everything slower).
+pub(crate) const OFFLOAD_LATENCY_BOUNDS: [f64; 13] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// A counter any thread may write (atomic read-modify-write): the offload pool's.
+#[derive(Default, Debug)]
+pub(crate) struct SharedCounter(AtomicU64);
+
+impl SharedCounter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn inc(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    pub(crate) fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Relaxed);
+    }
+
+    /// The current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// The offload pool's counters: written by the pool's threads (a job starts, ends) and by the
+/// shards (a job is submitted, its result is delivered or dropped), once per job.
+#[derive(Default, Debug)]
+pub(crate) struct OffloadCounters {
+    /// Set once the pool has been asked for (the first job): until then there is no pool and
+    /// the snapshot leaves it out.
+    pub started: AtomicBool,
+    pub threads: AtomicUsize,
+    /// The admission bound: threads plus queue.
+    pub limit: AtomicUsize,
+    /// Jobs accepted whose result the shard has not taken yet (the admission count).
+    pub in_flight: AtomicUsize,
+    pub queued: SharedCounter,
+    pub running: SharedCounter,
+    pub accepted: SharedCounter,
+    pub done: SharedCounter,
+    pub rejected: SharedCounter,
+    pub dropped: SharedCounter,
+    pub panicked: SharedCounter,
+    /// Submission to result delivery, per bucket of [`OFFLOAD_LATENCY_BOUNDS`] (not cumulative).
+    pub latency: [SharedCounter; OFFLOAD_LATENCY_BOUNDS.len() + 1],
+    pub latency_micros: SharedCounter,
+}
+
+impl OffloadCounters {
+    /// Records one delivered result's latency.
+    pub(crate) fn record_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let bucket = OFFLOAD_LATENCY_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(OFFLOAD_LATENCY_BOUNDS.len());
+        self.latency[bucket].inc();
+        self.latency_micros
+            .add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    fn snapshot(&self) -> Option<OffloadSnapshot> {
+        if !self.started.load(Relaxed) {
+            return None;
+        }
+        let mut cumulative = 0;
+        let buckets = self
+            .latency
+            .iter()
+            .map(|c| {
+                cumulative += c.get();
+                cumulative
+            })
+            .collect();
+        Some(OffloadSnapshot {
+            threads: self.threads.load(Relaxed) as u64,
+            limit: self.limit.load(Relaxed) as u64,
+            queued: self.queued.get(),
+            running: self.running.get(),
+            accepted: self.accepted.get(),
+            done: self.done.get(),
+            rejected: self.rejected.get(),
+            dropped: self.dropped.get(),
+            panicked: self.panicked.get(),
+            latency: LatencyHistogram {
+                bounds_seconds: OFFLOAD_LATENCY_BOUNDS.to_vec(),
+                cumulative: buckets,
+                sum_seconds: self.latency_micros.get() as f64 / 1e6,
+            },
+        })
+    }
+}
+
+/// The offload pool's counters at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OffloadSnapshot {
+    /// Threads the pool runs.
+    pub threads: u64,
+    /// Jobs that may be in flight at once (threads plus queue); one more is refused.
+    pub limit: u64,
+    /// Jobs accepted and waiting for a thread.
+    pub queued: u64,
+    /// Jobs running on a thread now.
+    pub running: u64,
+    /// Jobs accepted.
+    pub accepted: u64,
+    /// Results handed to the connection that asked for them.
+    pub done: u64,
+    /// Jobs refused because the pool was full (or could not start, or was stopping).
+    pub rejected: u64,
+    /// Results dropped because their connection had closed (or was closing), and jobs
+    /// discarded at shutdown.
+    pub dropped: u64,
+    /// Jobs that panicked (their connection was closed).
+    pub panicked: u64,
+    /// Time from submission to the result's delivery, for delivered results.
+    pub latency: LatencyHistogram,
+}
+
+impl OffloadSnapshot {
+    /// (name, kind, help, value) of every scalar field, for renderers.
+    pub fn fields(&self) -> [(&'static str, Kind, &'static str, u64); 9] {
+        [
+            (
+                "threads",
+                Kind::Gauge,
+                "threads of the offload pool",
+                self.threads,
+            ),
+            (
+                "limit",
+                Kind::Gauge,
+                "jobs that may be in flight at once (threads plus queue)",
+                self.limit,
+            ),
+            (
+                "queued",
+                Kind::Gauge,
+                "offloaded jobs waiting for a thread",
+                self.queued,
+            ),
+            (
+                "running",
+                Kind::Gauge,
+                "offloaded jobs running now",
+                self.running,
+            ),
+            (
+                "accepted",
+                Kind::Counter,
+                "offloaded jobs accepted",
+                self.accepted,
+            ),
+            (
+                "done",
+                Kind::Counter,
+                "offload results delivered to their connection",
+                self.done,
+            ),
+            (
+                "rejected",
+                Kind::Counter,
+                "offloaded jobs refused because the pool was full",
+                self.rejected,
+            ),
+            (
+                "dropped",
+                Kind::Counter,
+                "offload results dropped because their connection had closed",
+                self.dropped,
+            ),
+            (
+                "panicked",
+                Kind::Counter,
+                "offloaded jobs that panicked (their connection was closed)",
+                self.panicked,
+            ),
+        ]
+    }
+}
+
+/// A latency histogram in the Prometheus layout: cumulative counts per upper bound.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LatencyHistogram {
+    /// Upper bound of each bucket but the last, in seconds.
+    pub bounds_seconds: Vec<f64>,
+    /// Observations at or under each bound, then the total (the `+Inf` bucket).
+    pub cumulative: Vec<u64>,
+    /// Sum of all observations, in seconds.
+    pub sum_seconds: f64,
+}
+
+impl LatencyHistogram {
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+}
+
+/// One counter a service registered on one shard.
+struct Registered {
+    shard: usize,
+    name: Box<str>,
+    help: Box<str>,
+    kind: Kind,
+    value: Arc<CachePadded<AtomicU64>>,
+}
+
+/// Why a service's counter could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// Names are what Prometheus accepts, in lower case: `[a-z][a-z0-9_]*`, at most 64 bytes,
+    /// not ending in `_total` (added to counters when rendered).
+    #[error(
+        "`{0}` is not a counter name: use [a-z][a-z0-9_]*, at most 64 bytes, not ending in _total"
+    )]
+    InvalidName(String),
+    /// The name was registered already (on this shard or another) as the other kind.
+    #[error("`{0}` is registered already as a {1:?}")]
+    KindMismatch(String, Kind),
+}
+
+/// Where a service registers its own counters: one per shard, in [`ShardInfo`] (and only
+/// usable on that shard's thread).
+///
+/// A counter is declared once per shard at factory time; registering a name again on the same
+/// shard returns the same counter. The product's `/metrics` shows each as
+/// `shardnet_service_<name>_total{shard="N"}` (a gauge without `_total`), and `/stats` lists
+/// them under `service_counters`; library users read them in [`Snapshot::registered`].
+///
+/// [`ShardInfo`]: crate::server::ShardInfo
+pub struct Registry {
+    stats: Arc<Stats>,
+    shard: usize,
+    /// Not `Send`: a handle registered here is written by this shard's thread only.
+    _shard_thread: PhantomData<*const ()>,
+}
+
+impl Registry {
+    pub(crate) fn new(stats: Arc<Stats>, shard: usize) -> Self {
+        Registry {
+            stats,
+            shard,
+            _shard_thread: PhantomData,
+        }
+    }
+
+    /// Declares a counter (a value that only grows) named `name`, described by `help`.
+    pub fn counter(&self, name: &str, help: &str) -> Result<CounterHandle, RegisterError> {
+        self.register(name, help, Kind::Counter)
+            .map(|value| CounterHandle {
+                value,
+                _shard_thread: PhantomData,
+            })
+    }
+
+    /// Declares a gauge (a value that goes up and down) named `name`, described by `help`.
+    pub fn gauge(&self, name: &str, help: &str) -> Result<GaugeHandle, RegisterError> {
+        self.register(name, help, Kind::Gauge)
+            .map(|value| GaugeHandle {
+                value,
+                _shard_thread: PhantomData,
+            })
+    }
+
+    fn register(
+        &self,
+        name: &str,
+        help: &str,
+        kind: Kind,
+    ) -> Result<Arc<CachePadded<AtomicU64>>, RegisterError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !name.ends_with("_total");
+        if !valid {
+            return Err(RegisterError::InvalidName(name.to_string()));
+        }
+        let mut list = self.stats.registered.lock();
+        // One name is one kind on every shard: it renders as one family.
+        if let Some(r) = list.iter().find(|r| &*r.name == name && r.kind != kind) {
+            return Err(RegisterError::KindMismatch(name.to_string(), r.kind));
+        }
+        if let Some(r) = list
+            .iter()
+            .find(|r| r.shard == self.shard && &*r.name == name)
+        {
+            return Ok(r.value.clone());
+        }
+        let value = Arc::new(CachePadded::new(AtomicU64::new(0)));
+        list.push(Registered {
+            shard: self.shard,
+            name: name.into(),
+            // One line: help text goes into the exposition format's `# HELP` line.
+            help: help.replace(['\n', '\r'], " ").into(),
+            kind,
+            value: value.clone(),
+        });
+        Ok(value)
+    }
+}
+
+/// A service's own counter (see [`Registry`]), written only on the shard that registered it.
+#[derive(Clone)]
+pub struct CounterHandle {
+    value: Arc<CachePadded<AtomicU64>>,
+    _shard_thread: PhantomData<*const ()>,
+}
+
+impl CounterHandle {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // One writer (the handle stays on its shard's thread): load and store, no locked
+        // instruction, as the engine's own counters.
+        self.value
+            .store(self.value.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.value.load(Relaxed)
+    }
+}
+
+/// A service's own gauge (see [`Registry`]), written only on the shard that registered it.
+#[derive(Clone)]
+pub struct GaugeHandle {
+    value: Arc<CachePadded<AtomicU64>>,
+    _shard_thread: PhantomData<*const ()>,
+}
+
+impl GaugeHandle {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.value
+            .store(self.value.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Subtracts `n`.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.value
+            .store(self.value.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    /// Sets the value.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.value.store(v, Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.value.load(Relaxed)
+    }
+}
+
+/// One registered counter across the shards, in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegisteredFamily {
+    /// The name it was registered with.
+    pub name: String,
+    /// Counter or gauge.
+    pub kind: Kind,
+    /// Its help text.
+    pub help: String,
+    /// Its value on each shard; `None` where that shard did not register it.
+    pub values: Vec<Option<u64>>,
 }
 
 /// Read-only access to a server's counters: what services and library users get.
@@ -176,10 +588,12 @@ impl StatsView {
         StatsView(stats)
     }
 
+    /// Every counter now.
     pub fn snapshot(&self) -> Snapshot {
         self.0.snapshot()
     }
 
+    /// How many shards the server runs.
     pub fn shard_count(&self) -> usize {
         self.0.shard_count()
     }
@@ -194,15 +608,24 @@ impl StatsView {
 /// A point-in-time copy of every counter.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
+    /// Seconds since the server started.
     pub uptime_seconds: f64,
+    /// The acceptor thread's counters (all zero with `balance = "reuseport"`).
     pub acceptor: AcceptorSnapshot,
+    /// Each shard's counters, by shard index.
     pub shards: Vec<ShardSnapshot>,
     /// Control messages (drain, new limits) that could not be sent to a shard or were not
     /// acknowledged in time.
     pub control_failures: u64,
     /// Shards whose thread has died.
     pub dead_shards: usize,
+    /// Hand-overs to and from other processes (restart without dropping a connection).
     pub handover: HandoverSnapshot,
+    /// The offload pool's counters; `None` while no service has offloaded anything (there is
+    /// no pool then).
+    pub offload: Option<OffloadSnapshot>,
+    /// The counters services registered, in the order they were first registered.
+    pub registered: Vec<RegisteredFamily>,
 }
 
 impl Snapshot {
@@ -259,7 +682,37 @@ impl Stats {
             control_failures: CachePadded::new(AtomicU64::new(0)),
             dead: AtomicUsize::new(0),
             handover: CachePadded::new(HandoverCounters::default()),
+            offload: CachePadded::new(OffloadCounters::default()),
+            registered: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The offload pool's counters.
+    pub(crate) fn offload(&self) -> &OffloadCounters {
+        &self.offload
+    }
+
+    /// Every registered counter, grouped by name across shards.
+    fn registered(&self) -> Vec<RegisteredFamily> {
+        let n = self.shards.len();
+        let mut families: Vec<RegisteredFamily> = Vec::new();
+        for r in self.registered.lock().iter() {
+            let value = Some(r.value.load(Relaxed));
+            match families.iter_mut().find(|f| f.name == *r.name) {
+                Some(f) => f.values[r.shard] = value,
+                None => {
+                    let mut values = vec![None; n];
+                    values[r.shard] = value;
+                    families.push(RegisteredFamily {
+                        name: r.name.to_string(),
+                        kind: r.kind,
+                        help: r.help.to_string(),
+                        values,
+                    });
+                }
+            }
+        }
+        families
     }
 
     /// Shard `i`'s counters, for that shard to write.
@@ -285,15 +738,15 @@ impl Stats {
         self.dead.fetch_add(1, Relaxed);
     }
 
-    pub fn shard_count(&self) -> usize {
+    pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    pub fn dead_shards(&self) -> usize {
+    pub(crate) fn dead_shards(&self) -> usize {
         self.dead.load(Relaxed)
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             acceptor: self.acceptor.snapshot(),
@@ -301,6 +754,8 @@ impl Stats {
             control_failures: self.control_failures.load(Relaxed),
             dead_shards: self.dead_shards(),
             handover: self.handover.snapshot(),
+            offload: self.offload.snapshot(),
+            registered: self.registered(),
         }
     }
 }
@@ -330,5 +785,63 @@ mod tests {
         let view = StatsView::new(Arc::new(stats));
         assert_eq!(view.snapshot().total().accepted, 4);
         assert_eq!(view.shard_count(), 2);
+    }
+
+    #[test]
+    fn services_register_their_own_counters_per_shard() {
+        let stats = Arc::new(Stats::new(2));
+        let (r0, r1) = (
+            Registry::new(stats.clone(), 0),
+            Registry::new(stats.clone(), 1),
+        );
+        let hits0 = r0.counter("kv_hits", "GETs that found their key").unwrap();
+        let again = r0
+            .counter("kv_hits", "ignored: registered already")
+            .unwrap();
+        hits0.add(2);
+        again.inc();
+        assert_eq!(hits0.get(), 3, "one name, one counter per shard");
+        r1.counter("kv_hits", "GETs that found their key")
+            .unwrap()
+            .inc();
+        let keys = r1.gauge("kv_keys", "keys held\nby the shard").unwrap();
+        keys.set(10);
+        keys.sub(4);
+        assert_eq!(
+            r0.gauge("kv_hits", "x").err(),
+            Some(RegisterError::KindMismatch("kv_hits".into(), Kind::Counter)),
+            "one kind per name on every shard"
+        );
+        for bad in [
+            "",
+            "Upper",
+            "9lives",
+            "with-dash",
+            "hits_total",
+            &"x".repeat(65),
+        ] {
+            assert!(
+                matches!(r0.counter(bad, ""), Err(RegisterError::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        let snap = stats.snapshot();
+        assert_eq!(
+            snap.registered,
+            vec![
+                RegisteredFamily {
+                    name: "kv_hits".into(),
+                    kind: Kind::Counter,
+                    help: "GETs that found their key".into(),
+                    values: vec![Some(3), Some(1)],
+                },
+                RegisteredFamily {
+                    name: "kv_keys".into(),
+                    kind: Kind::Gauge,
+                    help: "keys held by the shard".into(),
+                    values: vec![None, Some(6)],
+                },
+            ]
+        );
     }
 }

@@ -38,6 +38,8 @@ pub struct TimerWheel {
     start: Instant,
     tick: Duration,
     mask: u64,
+    /// One list head per slot, allocated at the first `schedule`: a shard that never had a
+    /// connection does not carry 8192 slots (32 KiB) for nothing.
     heads: Vec<u32>,
     links: Vec<Link>,
     /// The last tick whose slot has been processed.
@@ -53,7 +55,7 @@ impl TimerWheel {
             start,
             tick,
             mask: slots as u64 - 1,
-            heads: vec![NIL; slots],
+            heads: Vec::new(),
             links: Vec::new(),
             current: 0,
             scheduled: 0,
@@ -115,6 +117,9 @@ impl TimerWheel {
             self.links.resize(key + 1, EMPTY);
         }
         self.cancel(key);
+        if self.heads.is_empty() {
+            self.heads = vec![NIL; self.mask as usize + 1];
+        }
         let deadline = deadline.max(self.current + 1);
         let slot = (deadline & self.mask) as usize;
         let head = self.heads[slot];

@@ -393,14 +393,27 @@ fn idle_mode_reports_server_rss_and_fails_when_the_server_closes_idle_connection
         "500",
     ]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("bytes per connection"), "{text}");
+    assert!(
+        text.contains("user memory: server PSS (sum over 1 process)")
+            && text.contains("bytes per connection"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kernel memory (this host, both ends"),
+        "{text}"
+    );
+    // Every connection was still open at the end: each echoed its probe.
+    assert!(
+        text.contains("500 of them answered a final probe"),
+        "{text}"
+    );
     // Memory, not throughput: no table of zeros.
     assert!(!text.contains("req/s"), "{text}");
     // Without the server's pid the memory is unknown, not "0 bytes per connection".
     let (code, text) = bench(&["--target", &addr, "--mode", "idle", "-c", "20"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("server memory unknown"), "{text}");
-    assert!(!text.contains("bytes per connection"), "{text}");
+    assert!(!text.contains("server PSS"), "{text}");
     // The same over two client processes: the parent reads the server's RSS while both hold
     // their share.
     let (code, text) = bench(&[
@@ -499,6 +512,167 @@ fn corrupted_echo_fails_loudly() {
     ]);
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("corrupted echo"), "{text}");
+}
+
+/// Runs the bench through `sh -c` (for a `ulimit` prefix); returns its exit code, output and pid.
+fn bench_sh(prefix: &str, args: &[&str]) -> (i32, String, u32) {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{prefix} exec \"$0\" bench \"$@\""))
+        .arg(bin())
+        .args([
+            "--duration",
+            "500ms",
+            "--warmup",
+            "200ms",
+            "--server-cores",
+            "0",
+            "--client-cores",
+            "0",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text, pid)
+}
+
+/// The million-connection layout at a small scale: server processes sharing a port and client
+/// processes, picked for -c under a low descriptor limit or given; idle, open-loop and fan-out
+/// loads over them; memory per connection from the servers' PSS and the kernel; nothing left
+/// running afterwards.
+#[test]
+fn server_and_client_processes_at_small_scale() {
+    if !require_tool("taskset", "apt-get install util-linux") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shardnet-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let read = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+
+    // 1,500 idle connections under a limit of 1,200 descriptors: two server processes and two
+    // client processes, picked and explained; every connection answers its final probe.
+    let idle = json("idle.json");
+    let (code, text, pid) = bench_sh(
+        "ulimit -n 1200 &&",
+        &["--spawn", "--mode", "idle", "-c", "1500", "--json", &idle],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("starting 2 processes of 1 shard on one port"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spreading it over 2 client processes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1500 of them answered a final probe"),
+        "{text}"
+    );
+    assert!(text.contains("(2 client and 2 server processes)"), "{text}");
+    let run = &read(&idle)["runs"][0];
+    assert_eq!(run["server_processes"], 2, "{run}");
+    assert_eq!(run["client_processes"], 2, "{run}");
+    assert_eq!(run["idle"]["verified"], 1500, "{run}");
+    let mem = &run["memory"];
+    assert!(mem["user_bytes_per_connection"].is_number(), "{mem}");
+    assert!(
+        mem["kernel"]["slab_bytes_per_connection"].is_number(),
+        "{mem}"
+    );
+    assert!(run["connects_per_second"].as_f64().unwrap() > 0.0, "{run}");
+    assert_eq!(
+        processes_with(&format!("shardnet-bench-{pid}-")),
+        Vec::<u32>::new(),
+        "{text}"
+    );
+
+    // Given explicitly, with source addresses: an open loop over random connections.
+    let (code, text, _) = bench_sh(
+        "",
+        &[
+            "--spawn",
+            "--server-processes",
+            "2",
+            "--processes",
+            "2",
+            "--source-addrs",
+            "127.0.0.2-127.0.0.3",
+            "--mode",
+            "echo",
+            "-c",
+            "300",
+            "--rate",
+            "1000",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    let rps = requests_of(&text);
+    assert!(
+        (500.0..1500.0).contains(&rps),
+        "open loop at 1000/s: {rps}\n{text}"
+    );
+    assert!(
+        text.contains("from 2 client processes to 2 server processes"),
+        "{text}"
+    );
+
+    // Fan-out over both: every publish goes to each server process, every subscriber has
+    // every one of the 4 measured publishes.
+    let fan = json("fanout.json");
+    let (code, text, _) = bench_sh(
+        "",
+        &[
+            "--spawn",
+            "--server-processes",
+            "2",
+            "--processes",
+            "2",
+            "--mode",
+            "fanout",
+            "-c",
+            "200",
+            "--rate",
+            "20",
+            "--publishes",
+            "4",
+            "--json",
+            &fan,
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    let f = &read(&fan)["runs"][0]["fanout"];
+    assert_eq!(
+        (
+            &f["subscribers"],
+            &f["published"],
+            &f["delivered"],
+            &f["lost"]
+        ),
+        (&200.into(), &4.into(), &800.into(), &0.into()),
+        "{text}"
+    );
+    assert!(
+        f["server_cpu_seconds_per_million_deliveries"].is_number(),
+        "{f}"
+    );
+    assert!(
+        text.contains("0 of the 800 deliveries of the measured publishes not arrived"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

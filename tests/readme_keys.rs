@@ -28,6 +28,10 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("missing_key", "an API key refusal"),
     ("wrong_key", "an API key refusal"),
     ("topic_not_allowed", "an API key refusal"),
+    (
+        "service_counters",
+        "the key of /stats that lists services' own counters",
+    ),
     ("server_no_context_takeover", "RFC 7692 extension parameter"),
     ("client_no_context_takeover", "RFC 7692 extension parameter"),
     ("server_max_window_bits", "RFC 7692 extension parameter"),

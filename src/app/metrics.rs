@@ -20,7 +20,7 @@ use crossbeam_utils::CachePadded;
 use super::auth::FailureCounters;
 use super::broker::{BrokerMetrics, BrokerStats, LATENCY_BOUNDS_US};
 use crate::service::deflate::{DeflateCounters, DeflateSnapshot};
-use crate::stats::{Kind, StatsView};
+use crate::stats::{Kind, Snapshot, StatsView};
 
 crate::stats::counters! {
     /// Counters of the HTTP and WebSocket services, per shard.
@@ -172,6 +172,7 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
         }
     }
     render_deflate(m, &mut out);
+    render_offload_and_registered(&snap, &mut out);
     for (field, kind, help, value) in snap.acceptor.fields() {
         if field == "paused_micros" {
             let name = "shardnet_acceptor_paused_seconds_total";
@@ -257,6 +258,40 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
 
 /// permessage-deflate's counters, per shard: times in seconds (`*_nanos` becomes
 /// `*_seconds_total`), and the compression ratio of what was sent compressed.
+/// The offload pool's families (when there is a pool) and the services' registered counters.
+fn render_offload_and_registered(snap: &Snapshot, out: &mut String) {
+    if let Some(o) = &snap.offload {
+        for (field, kind, help, value) in o.fields() {
+            let name = metric_name("shardnet_offload_", field, kind);
+            header(out, &name, kind_str(kind), help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        let name = "shardnet_offload_latency_seconds";
+        header(
+            out,
+            name,
+            "histogram",
+            "time from an offloaded job's submission to its result's delivery",
+        );
+        let h = &o.latency;
+        for (bound, count) in h.bounds_seconds.iter().zip(&h.cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count());
+        let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count {}", h.count());
+    }
+    for family in &snap.registered {
+        let name = metric_name("shardnet_service_", &family.name, family.kind);
+        header(out, &name, kind_str(family.kind), &family.help);
+        for (shard, value) in family.values.iter().enumerate() {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {v}");
+            }
+        }
+    }
+}
+
 fn render_deflate(m: &Metrics, out: &mut String) {
     let snaps: Vec<DeflateSnapshot> = m.deflate.iter().map(|c| c.snapshot()).collect();
     let per_shard: Vec<_> = snaps.iter().map(|s| s.fields()).collect();
@@ -352,6 +387,8 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
         "auth_failures": failures,
         "deflate": deflate,
         "deflate_total": deflate_total,
+        "offload": snap.offload,
+        "service_counters": snap.registered,
         "process": { "open_fds": p.open_fds, "resident_memory_bytes": p.rss_bytes },
         "broker": m.broker.as_ref().map(|b| broker_json(&b.snapshot())),
     });
@@ -502,4 +539,83 @@ fn broker_json(b: &BrokerStats) -> serde_json::Value {
             "p99": b.latency_quantile_us(0.99),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ListenerSpec, Peers, Server, Service};
+
+    /// A service that registers a counter and offloads one job per connection.
+    struct Counting {
+        peers: Peers<u8>,
+        opened: crate::stats::CounterHandle,
+    }
+
+    impl Service for Counting {
+        type State = ();
+        type Command = u8;
+
+        fn on_open(&mut self, conn: &mut crate::server::Conn<'_, ()>) {
+            self.opened.inc();
+            self.peers.offload(conn, || 7).expect("room in the pool");
+        }
+
+        fn on_data(&mut self, _conn: &mut crate::server::Conn<'_, ()>, input: &mut [u8]) -> usize {
+            input.len()
+        }
+
+        fn on_offload(&mut self, conn: &mut crate::server::Conn<'_, ()>, result: u8) {
+            conn.write(&[result]);
+        }
+    }
+
+    #[test]
+    fn offload_and_registered_counters_are_rendered() {
+        let server = Server::builder()
+            .listener(ListenerSpec::new("t", "127.0.0.1:0".parse().unwrap()))
+            .shards(1)
+            .pinning(crate::server::Pinning::Off)
+            .start(|info, peers| Counting {
+                peers,
+                opened: info
+                    .counters
+                    .counter("opened", "connections opened")
+                    .unwrap(),
+            })
+            .unwrap();
+        let empty = server.snapshot();
+        assert!(empty.offload.is_none(), "no job yet, no pool");
+        let mut client = std::net::TcpStream::connect(server.addr("t").unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut client, &mut byte).unwrap();
+        assert_eq!(byte[0], 7);
+        let snap = server.snapshot();
+        let mut out = String::new();
+        render_offload_and_registered(&snap, &mut out);
+        assert!(out.contains("shardnet_offload_done_total 1\n"), "{out}");
+        assert!(
+            out.contains("# TYPE shardnet_offload_queued gauge\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_count 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_offload_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("# HELP shardnet_service_opened_total connections opened\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("shardnet_service_opened_total{shard=\"0\"} 1\n"),
+            "{out}"
+        );
+    }
 }

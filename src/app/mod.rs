@@ -1,7 +1,7 @@
 //! The product: what `shardnet serve` runs on top of the engine.
 //!
 //! [`start`] is the composition root: it binds the configuration's listeners through the engine
-//! ([`crate::server::Server`]) and gives every shard a [`router::Router`], which decides per
+//! ([`crate::server::Server`]) and gives every shard a `router::Router`, which decides per
 //! listener which protocol a connection speaks (echo, HTTP/1.1, WebSocket after an upgrade) and
 //! binds the protocol codecs of [`crate::service`] to the product's parts:
 //!
@@ -21,7 +21,9 @@
 //! them), and `pubsub` → `broker` (which knows nothing of the others: it hands what comes from
 //! the broker to a `Sink`, `pubsub::BrokerSink`).
 
+#[doc(hidden)]
 pub mod auth;
+#[doc(hidden)]
 pub mod broker;
 mod compression;
 mod metrics;
@@ -38,7 +40,8 @@ use crate::config::{
     Balance as BalanceConfig, BrokerKind, Config, LimitsConfig, ListenerTls, Shards, Trigger,
 };
 use crate::server::{
-    Balance, Limits, ListenerSpec, Pinning, Server, ServerBuilder, ServerError, TlsSpec, Tuning,
+    Balance, Limits, ListenerSpec, OffloadSpec, Pinning, Server, ServerBuilder, ServerError,
+    TlsSpec, Tuning,
 };
 use crate::tls::ServerTls;
 use metrics::Metrics;
@@ -48,10 +51,13 @@ use router::{Router, Shared};
 /// Why the product server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// `[auth]`'s keys could not be loaded.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// A listener's TLS files could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] crate::config::ConfigError),
+    /// The engine did not start (a listener's address, a thread).
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -73,8 +79,11 @@ pub fn start_with_tls(config: &Config, tls: &ListenerTls) -> Result<Server, Star
 }
 
 /// A started product server and, with a broker, the handle to read its state.
+#[doc(hidden)]
 pub struct App {
+    /// The server.
     pub server: Server,
+    /// The broker's handle, with `[broker]` configured.
     pub broker: Option<broker::BrokerHandle>,
 }
 
@@ -86,6 +95,7 @@ pub const HANDOVER_FORMAT: &str = <Router as crate::server::Service>::HANDOVER_F
 /// and `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
 /// having read the files with errors located in the configuration file. Keeps the broker's
 /// handle (the CLI logs its counters).
+#[doc(hidden)]
 pub fn start_app(
     config: &Config,
     tls: &ListenerTls,
@@ -248,6 +258,7 @@ pub fn engine_with_tls(config: &Config, tls: &[Option<ServerTls>]) -> ServerBuil
         })
         .max_connections(max_connections)
         .limits(Limits::from(&config.limits))
+        .offload(OffloadSpec::from(&config.offload))
         .tuning(Tuning {
             edge: sc.trigger == Trigger::Edge,
             read_buffer: sc.read_buffer,

@@ -20,8 +20,8 @@
 //! the shards directly: its encoded message (the frame's payload) goes to the broker, and every
 //! process subscribed to the topic, this one included, gets it back and frames it once; the
 //! broker's [`BrokerSink`] hands the frame to the shards with subscribers of the topic only. So
-//! every subscriber of a topic, on any host, sees its messages in the broker's one order. The
-//! hub tells the broker when a topic gets its first local subscriber on this shard and when it
+//! every subscriber of a topic, on any host, sees its messages in the broker's order (Redis:
+//! one order for all; NATS: each publishing process's order). The hub tells the broker when a topic gets its first local subscriber on this shard and when it
 //! loses its last ([`ShardInterest`]); after a broker outage each local subscriber of a topic
 //! gets `{"topic":T,"gap":true}`: messages may have been missed (at-most-once delivery). A
 //! refused publish answers the publisher: `POST /publish` with 503 and the reason, a WebSocket
@@ -42,10 +42,17 @@
 //!   [`Gate`] holds the publishes made while connections move (in the process they were made
 //!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. With a
 //!   broker, at most once across a hand-over, with a gap notice ([`PubsubHandover`]).
+//! - A delivery round (every pending batch written to its subscribers) starts at most once per
+//!   [`DELIVERY_INTERVAL`]: a publish after a quiet spell goes out at once, publishes that come
+//!   faster wait for the next round and share its writes. Each write to a socket costs the
+//!   same kernel work (on loopback the receiver's TCP processing too) whether it carries one
+//!   message or five, so at 1,000 publishes/s to 1,000 subscribers this halves the writes for
+//!   at most 2 ms of added latency, instead of running the shard at its limit, where latency is
+//!   whatever queue builds up.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -67,6 +74,8 @@ const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub const DELIVERY_BUDGET: usize = 8192;
 /// Publishes a shard holds for delivery at most (beyond it they are counted as lost).
 pub const PENDING_MAX: usize = 65536;
+/// The shortest time between the starts of two delivery rounds (see the module's invariants).
+pub const DELIVERY_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A message between shards' routers.
 #[derive(Clone)]
@@ -610,6 +619,10 @@ pub struct Hub {
     packed: [Packed; WINDOW_SIZES],
     /// A `Continue` is on its way to this shard.
     continuing: bool,
+    /// When the last delivery round started, and whether it ran out of budget with batches
+    /// left (those go out at the next wake, not after the interval).
+    round_started: Option<Instant>,
+    unfinished: bool,
 }
 
 impl Hub {
@@ -754,6 +767,20 @@ impl Hub {
         !self.pending.is_empty()
     }
 
+    /// When the pending publishes' round may start, if they wait for [`DELIVERY_INTERVAL`];
+    /// `None` when nothing waits on it (nothing pending, no round yet, or a round to finish).
+    pub fn next_round(&self) -> Option<Instant> {
+        if self.pending.is_empty() || self.unfinished {
+            return None;
+        }
+        self.round_started.map(|t| t + DELIVERY_INTERVAL)
+    }
+
+    /// Whether a delivery round is due at `now`.
+    pub fn round_due(&self, now: Instant) -> bool {
+        self.has_pending() && self.next_round().is_none_or(|t| t <= now)
+    }
+
     /// Delivers waiting batches, in order, until the wake's budget is spent; asks for another
     /// wake through `fanout` if some are left. `policy` gives a connection's slow-consumer
     /// policy and how its messages are written (compressed or not), or `None` if it is not a
@@ -767,6 +794,9 @@ impl Hub {
         deflate: &mut Deflate<'_>,
         policy: impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
     ) {
+        if !self.unfinished {
+            self.round_started = Some(ctx.now());
+        }
         let mut work = 0;
         while work < DELIVERY_BUDGET {
             let Some(mut batch) = self.pending.pop_front() else {
@@ -802,7 +832,8 @@ impl Hub {
                 self.spare.push(batch.frames);
             }
         }
-        if !self.pending.is_empty() && !self.continuing {
+        self.unfinished = !self.pending.is_empty();
+        if self.unfinished && !self.continuing {
             self.continuing = fanout.wake_self();
         }
     }
@@ -1250,6 +1281,28 @@ mod tests {
         assert_eq!(&*hub.pending.back().unwrap().topic, "t0");
         hub.messages = PENDING_MAX;
         assert!(!hub.queue(Arc::from("t1"), frame), "bounded");
+    }
+
+    #[test]
+    fn delivery_rounds_start_at_most_once_per_interval() {
+        let mut hub = Hub::default();
+        let reg = Registry::default();
+        hub.subscribe(Token(1), "t", &LIMITS, &reg).unwrap();
+        let t0 = Instant::now();
+        assert!(!hub.round_due(t0), "nothing pending");
+        assert!(hub.queue(Arc::from("t"), Arc::from(&b"x"[..])));
+        // No round yet: at once.
+        assert_eq!(hub.next_round(), None);
+        assert!(hub.round_due(t0));
+        // A round just started: the next publish waits for the interval.
+        hub.round_started = Some(t0);
+        assert_eq!(hub.next_round(), Some(t0 + DELIVERY_INTERVAL));
+        assert!(!hub.round_due(t0 + DELIVERY_INTERVAL / 2));
+        assert!(hub.round_due(t0 + DELIVERY_INTERVAL));
+        // A round that ran out of budget goes on at the next wake.
+        hub.unfinished = true;
+        assert_eq!(hub.next_round(), None);
+        assert!(hub.round_due(t0));
     }
 
     #[test]

@@ -1051,6 +1051,12 @@ impl Service for Router {
         self.draining |= ctx.draining();
         self.date.update(SystemTime::now());
         self.hub.flush_interest();
+        self.deliver_if_due(ctx);
+    }
+
+    /// Pub/sub: wake when the waiting publishes' delivery round may start.
+    fn next_wake(&self) -> Option<Instant> {
+        self.hub.next_round()
     }
 
     fn on_command(&mut self, cmd: Cmd, ctx: &mut Ctx<'_, ConnState>) {
@@ -1138,7 +1144,15 @@ impl Service for Router {
     }
 
     fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {
-        if !self.hub.has_pending() {
+        self.deliver_if_due(ctx);
+    }
+}
+
+impl Router {
+    /// Delivers the waiting publishes if their round is due ([`pubsub::DELIVERY_INTERVAL`]);
+    /// otherwise the shard wakes for it ([`Service::next_wake`]).
+    fn deliver_if_due(&mut self, ctx: &mut Ctx<'_, ConnState>) {
+        if !self.hub.round_due(ctx.now()) {
             return;
         }
         let kinds = &self.kinds;

@@ -4,9 +4,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -29,9 +28,15 @@ pub struct BenchArgs {
     /// Configuration for the spawned server (default: a generated one with echo and http listeners).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Shards of the spawned server.
+    /// Shards of the spawned server (of each process, with --server-processes).
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
+    /// Spawned server processes sharing each port (`reuse_port`, as nginx workers do), started
+    /// one after another, each confirmed ready, taking --server-cores in turn. Default: one, or as many as -c needs when one
+    /// process cannot hold them under RLIMIT_NOFILE (the bench says how many it picked). Each
+    /// process also gets an HTTP listener of its own (`admin`), where fan-out publishes.
+    #[arg(long)]
+    pub server_processes: Option<usize>,
     /// Cores for the spawned server's shards (comma list).
     #[arg(long, default_value = "0")]
     pub server_cores: String,
@@ -142,9 +147,17 @@ pub struct BenchArgs {
     #[arg(long)]
     pub wrk: bool,
     /// Spread the connections over this many client processes (past one process's descriptor
-    /// limit); their results are merged (histograms exactly).
-    #[arg(long, default_value_t = 1)]
-    pub processes: usize,
+    /// limit); their results are merged (histograms exactly). Default: one, or as many as -c
+    /// needs under RLIMIT_NOFILE (the bench says how many it picked).
+    #[arg(long)]
+    pub processes: Option<usize>,
+    /// Fan-out: stop after this many measured publishes (after the warm-up's), then wait for
+    /// every subscriber to have them (the broadcast scenario: `--publishes 10 --rate 0.5`).
+    #[arg(long)]
+    pub publishes: Option<u64>,
+    /// Internal: the fan-out topic (the same in every client process of a run).
+    #[arg(long, hide = true)]
+    pub topic: Option<String>,
     /// Internal: run as one of --processes' children, writing the result to this file.
     #[arg(long, hide = true)]
     pub child_report: Option<PathBuf>,
@@ -172,10 +185,6 @@ pub struct BenchArgs {
     /// The name the server's certificate must carry (--tls).
     #[arg(long, default_value = "localhost")]
     pub tls_name: String,
-    /// With --spawn: start this many shardnet processes (all on --server-cores); connections
-    /// are spread over them round-robin, the fan-out publisher talks to the first.
-    #[arg(long, default_value_t = 1, requires = "spawn")]
-    pub server_processes: usize,
     /// With --spawn: start this broker (redis-server or nats-server, on a free port, no
     /// persistence) and run the spawned processes against it (`[broker]`), so a fan-out crosses
     /// processes through it.
@@ -216,7 +225,7 @@ pub fn parse_cores(s: &str) -> anyhow::Result<Vec<usize>> {
         .collect()
 }
 
-/// `127.0.0.2-127.0.0.40` or a comma list.
+/// `127.0.0.2-127.0.0.40` or a comma list (both may be mixed: `127.0.0.2-127.0.0.9,127.0.0.20`).
 pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for part in s.split(',') {
@@ -282,20 +291,30 @@ impl BenchArgs {
             payload: self.payload,
             path,
             // Fan-out: --rate is the publish rate, driven by the controller, not per connection.
-            rate_per_conn: match self.mode {
+            rate_per_shard: match self.mode {
                 Mode::Fanout => 0.0,
-                _ => self
-                    .rate
-                    .map_or(0.0, |r| r / self.connections.max(1) as f64),
+                _ => self.rate.map_or(0.0, |r| r / self.client_shards() as f64),
             },
             host: host.to_string(),
             tokens: Arc::from(Vec::new()),
             token_in_query: self.token_in_query,
-            topic: format!("bench-{}", std::process::id()),
-            base: Instant::now(),
-            // Fan-out counts nothing until the publisher opens the measured window.
-            window_after: Arc::new(AtomicU64::new(u64::MAX)),
+            topic: self
+                .topic
+                .clone()
+                .unwrap_or_else(|| format!("bench-{}", std::process::id())),
+            window_after: self.fanout_window_after(),
         }
+    }
+
+    /// Client shards per client process: one per client core.
+    pub(super) fn client_shards(&self) -> usize {
+        parse_cores(&self.client_cores).map_or(1, |c| c.len().max(1))
+    }
+
+    /// Fan-out: the publishes of the warm-up (at --rate), which are not counted. A sequence
+    /// number rather than an instant, so every client process agrees on it without a clock.
+    pub fn fanout_window_after(&self) -> u64 {
+        (self.warmup.as_secs_f64() * self.rate.unwrap_or(1000.0).max(0.0)).round() as u64
     }
 
     /// Whether the bench starts the server(s) itself (--spawn, --compare, --sweep-shards), and
@@ -326,7 +345,7 @@ impl BenchArgs {
             (None, false) => String::new(),
         };
         format!(
-            "{:?}{}{tokens} c={} d={} s={}{}{} server cores {} quota {} client cores {}{}",
+            "{:?}{}{tokens} c={} d={} s={}{}{} server cores {}{} quota {} client cores {}{}",
             self.mode,
             if self.wrk { " (wrk)" } else { "" },
             self.connections,
@@ -338,17 +357,16 @@ impl BenchArgs {
             },
             if self.deflate { " deflate" } else { "" },
             self.server_cores,
+            self.server_processes
+                .filter(|&k| k > 1)
+                .map_or(String::new(), |k| format!(" x{k} processes")),
             self.server_quota.map_or("none".into(), |q| format!("{q}%")),
             self.client_cores,
             self.balance
                 .as_deref()
                 .map_or(String::new(), |b| format!(" balance {b}"))
-        ) + &match (self.server_processes, self.broker) {
-            (1, None) => String::new(),
-            (n, b) => format!(
-                " server processes {n}{}",
-                b.map_or(String::new(), |b| format!(" broker {b:?}").to_lowercase())
-            ),
-        }
+        ) + &self
+            .broker
+            .map_or(String::new(), |b| format!(" broker {b:?}").to_lowercase())
     }
 }

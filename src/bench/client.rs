@@ -5,9 +5,16 @@
 //! Each client shard keeps its own latency histogram and counters; the controller collects them
 //! with a command. Every response is verified: echo bytes are compared one by one with what was
 //! sent, HTTP statuses and body lengths checked, WebSocket frames decoded and compared.
+//!
+//! The open loop (`--rate`) is a schedule per client shard, not per connection: the shard's
+//! share of the rate, each request sent at its intended time (the shard asks the engine to wake
+//! it then, [`Service::next_wake`]) on a connection chosen at random. So the cost per request
+//! does not grow with the connections held, and a million connections can carry 20,000
+//! requests per second spread over all of them. Idle connections are checked at the end of a
+//! run with one probe each ([`ClientCmd::Verify`]): a byte that must be echoed, or on a
+//! WebSocket a ping that must be answered with its pong (every route answers pings).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,8 +114,9 @@ pub struct Plan {
     pub size: usize,
     /// HTTP path.
     pub path: String,
-    /// Open loop: requests per second per connection (0: closed loop).
-    pub rate_per_conn: f64,
+    /// Open loop: requests per second this client shard sends, over connections chosen at
+    /// random (0: closed loop).
+    pub rate_per_shard: f64,
     /// Idle mode: upgrade to WebSocket at this path first.
     pub idle_ws: Option<String>,
     /// Offer permessage-deflate on WebSocket upgrades, insist on it, and (ws) send compressed.
@@ -119,12 +127,12 @@ pub struct Plan {
     pub tokens: Arc<[String]>,
     /// Send the token as `?token=` rather than `Authorization: Bearer`.
     pub token_in_query: bool,
-    /// Fan-out: the topic, and the clock origin of the publish timestamps.
+    /// Fan-out: the topic (the same in every client process of a run).
     pub topic: String,
-    pub base: Instant,
-    /// Fan-out: the measured window is every publish after this sequence number (set by the
-    /// publisher between two publishes; `u64::MAX` until then: nothing is counted in warm-up).
-    pub window_after: Arc<AtomicU64>,
+    /// Fan-out: the measured window is every publish after this sequence number (the warm-up's
+    /// publishes are not counted). Publish timestamps are CLOCK_MONOTONIC microseconds, the
+    /// same clock in every process.
+    pub window_after: u64,
 }
 
 /// Results of one client shard.
@@ -141,6 +149,8 @@ pub struct ShardResult {
     /// number each subscriber saw (filled by Collect).
     pub gaps: u64,
     pub last_seqs: Vec<u64>,
+    /// Idle: connections that answered the final probe.
+    pub verified: u64,
 }
 
 impl ShardResult {
@@ -155,6 +165,7 @@ impl ShardResult {
             ready: 0,
             gaps: 0,
             last_seqs: Vec::new(),
+            verified: 0,
         }
     }
 }
@@ -162,10 +173,20 @@ impl ShardResult {
 /// Controller → client shard.
 #[derive(Clone)]
 pub enum ClientCmd {
+    /// Every connection is up: start the open loop's schedule (nothing is sent on a schedule
+    /// before, so opening connections is not slowed by, nor crowded with, a backlog of
+    /// requests).
+    Start,
     /// Start counting (end of warm-up): clear everything measured so far.
     Reset,
+    /// End of the measured window: the open loop sends nothing more (what is in flight is
+    /// still answered and counted).
+    Stop,
     /// Send a copy of the results.
     Collect(Sender<ShardResult>),
+    /// Idle: send every connection one probe that must come back (counted in `verified`);
+    /// answers how many were sent.
+    Verify(Sender<u64>),
 }
 
 /// Per-connection state.
@@ -176,8 +197,9 @@ pub struct ClientConn {
     recv_bytes: u64,
     /// Send (or, open loop, intended send) time of each request in flight.
     inflight: VecDeque<Instant>,
-    scheduled: u64,
     upgraded: bool,
+    /// Idle: the final probe was sent (and not yet answered).
+    probing: bool,
     started: Option<Instant>,
     /// Fan-out: subscribed (ack seen), and the last sequence number received.
     subscribed: bool,
@@ -194,7 +216,13 @@ pub struct Client {
     result: ShardResult,
     conns: Vec<Token>,
     next_seed: u32,
-    start: Instant,
+    /// Open loop: the schedule's origin (set by [`ClientCmd::Start`]), requests scheduled so
+    /// far, and whether it has stopped (draining).
+    start: Option<Instant>,
+    scheduled: u64,
+    stopped: bool,
+    /// xorshift64 state: which connection the next open-loop request goes to.
+    rng: u64,
     request: Vec<u8>,
     /// Upgrades sent by this shard, and the shard's place among the client shards: connection
     /// n of shard s takes token `n * shards + s` (modulo their number).
@@ -208,6 +236,9 @@ pub struct Client {
     inflated: Vec<u8>,
     scratch: Vec<u8>,
 }
+
+/// The one byte of an idle connection's final probe.
+const PROBE: u8 = b'?';
 
 /// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
 /// a misplaced, dropped or corrupted byte show.
@@ -238,7 +269,10 @@ impl Client {
             result: ShardResult::new(),
             conns: Vec::new(),
             next_seed: (info.shard as u32).wrapping_mul(0x9e37_79b9) | 1,
-            start: Instant::now(),
+            start: None,
+            scheduled: 0,
+            stopped: false,
+            rng: (info.shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             request,
             upgrades: 0,
             shard: info.shard,
@@ -367,7 +401,7 @@ impl Client {
         self.result.requests += 1;
         if self.plan.mode == Mode::Connect {
             conn.close();
-        } else if self.plan.rate_per_conn == 0.0 {
+        } else if self.plan.rate_per_shard == 0.0 {
             self.send(conn, now);
         }
     }
@@ -489,7 +523,7 @@ impl Client {
             } else {
                 self.result.ready += 1;
             }
-            if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
+            if self.plan.mode == Mode::Ws && self.plan.rate_per_shard == 0.0 {
                 let now = conn.now();
                 for _ in 0..self.plan.depth {
                     self.send(conn, now);
@@ -525,6 +559,13 @@ impl Client {
                 payload = &inflated;
             }
             match op {
+                ws::OP_PONG if self.plan.mode == Mode::Idle => {
+                    let answered = self.probe_answered(conn, payload);
+                    if !answered {
+                        conn.close();
+                        return input.len();
+                    }
+                }
                 ws::OP_BINARY => {
                     let (seed, from) = (conn.state().seed, conn.state().recv_bytes);
                     if payload != &self.payload(seed, from)[..] {
@@ -558,6 +599,48 @@ impl Client {
             }
         }
         pos
+    }
+}
+
+impl Client {
+    /// A uniformly chosen index below `n` (xorshift64, multiply-shift: no modulo bias).
+    fn pick(&mut self, n: usize) -> usize {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        ((x as u128 * n as u128) >> 64) as usize
+    }
+
+    /// Sends an idle connection its final probe (once); false if it cannot take one (a
+    /// WebSocket not upgraded yet, or a probe already out).
+    fn probe(&mut self, conn: &mut Conn<'_, ClientConn>) -> bool {
+        let st = conn.state();
+        if st.probing || (self.plan.idle_ws.is_some() && !st.upgraded) {
+            return false;
+        }
+        st.probing = true;
+        if self.plan.idle_ws.is_some() {
+            ws::write_masked(conn.out(), ws::OP_PING, true, &[PROBE], MASK);
+        } else {
+            conn.write(&[PROBE]);
+        }
+        true
+    }
+
+    /// What an idle connection received: only the echo of its probe is expected.
+    fn probe_answered(&mut self, conn: &mut Conn<'_, ClientConn>, data: &[u8]) -> bool {
+        if !conn.state().probing || data != [PROBE] {
+            self.error(format!(
+                "unexpected data on an idle connection: {:?}",
+                String::from_utf8_lossy(&data[..data.len().min(40)])
+            ));
+            return false;
+        }
+        conn.state().probing = false;
+        self.result.verified += 1;
+        true
     }
 }
 
@@ -598,7 +681,7 @@ impl Client {
             ));
             return false;
         }
-        let window_after = self.plan.window_after.load(Ordering::SeqCst);
+        let window_after = self.plan.window_after;
         let before = st.last_seq;
         st.last_seq = seq;
         if seq <= window_after {
@@ -606,13 +689,10 @@ impl Client {
         }
         // Messages of the window this subscriber skipped (seq > window_after, seq > before).
         self.result.gaps += seq - 1 - before.max(window_after);
-        let intended = self.plan.base + Duration::from_micros(t);
-        let micros = conn
-            .now()
-            .max(Instant::now())
-            .saturating_duration_since(intended)
-            .as_micros()
-            .max(1) as u64;
+        // `t` is the publish's intended time on CLOCK_MONOTONIC, which every process shares.
+        let micros = crate::sys::process::monotonic_micros()
+            .saturating_sub(t)
+            .max(1);
         let _ = self.result.hist.record(micros.min(MAX_LATENCY_US));
         self.result.requests += 1;
         true
@@ -630,7 +710,7 @@ impl Service for Client {
         st.seed = self.next_seed;
         st.started = Some(now);
         self.conns.push(conn.token());
-        let closed_loop = self.plan.rate_per_conn == 0.0;
+        let closed_loop = self.plan.rate_per_shard == 0.0;
         match self.plan.mode {
             Mode::Echo | Mode::Http if closed_loop => {
                 for _ in 0..self.plan.depth {
@@ -671,7 +751,9 @@ impl Service for Client {
                 if self.plan.idle_ws.is_some() {
                     self.on_ws(conn, input)
                 } else {
-                    self.error("unexpected data on an idle connection".into());
+                    if !self.probe_answered(conn, input) {
+                        conn.close();
+                    }
                     input.len()
                 }
             }
@@ -699,41 +781,53 @@ impl Service for Client {
     }
 
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ClientConn>) {
-        let rate = self.plan.rate_per_conn;
-        if rate == 0.0 || ctx.draining() {
+        let rate = self.plan.rate_per_shard;
+        let Some(start) = self.start.filter(|_| rate > 0.0 && !self.stopped) else {
+            return;
+        };
+        if ctx.draining() {
+            self.stopped = true;
             return;
         }
-        // Open loop: send every request whose intended time has come; latency counts from that
-        // intended time, so a stalled server cannot hide its stall.
-        let elapsed = ctx
-            .now()
-            .saturating_duration_since(self.start)
-            .as_secs_f64();
-        let due_total = (elapsed * rate) as u64;
-        let start = self.start;
-        for i in 0..self.conns.len() {
+        // Open loop: send every request whose intended time has come, each on a connection
+        // chosen at random; latency counts from the intended time, so a stalled server (or a
+        // late client) cannot hide its stall. Requests 0..=k are due once start + k/rate has
+        // passed.
+        let elapsed = ctx.now().saturating_duration_since(start).as_secs_f64();
+        let due_now = due(elapsed, rate);
+        while self.scheduled < due_now {
+            let k = self.scheduled;
+            self.scheduled += 1;
+            if self.conns.is_empty() {
+                continue; // not connected yet (warm-up)
+            }
+            let i = self.pick(self.conns.len());
             let token = self.conns[i];
+            let at = start + Duration::from_secs_f64(k as f64 / rate);
             ctx.with_conn(token, |conn| {
                 let ready = self.plan.mode != Mode::Ws || conn.state().upgraded;
-                while ready && conn.state().scheduled < due_total {
-                    let k = conn.state().scheduled;
-                    conn.state().scheduled += 1;
-                    if conn.state().inflight.len() >= 100_000 {
-                        continue; // the server is this far behind: the latency shows it
-                    }
-                    let at = start + Duration::from_secs_f64(k as f64 / rate);
+                // A connection this far behind shows in the latency already.
+                if ready && conn.state().inflight.len() < 100_000 {
                     self.send(conn, at);
                 }
             });
         }
     }
 
-    fn wants_ticks(&self) -> bool {
-        self.plan.rate_per_conn > 0.0
+    fn next_wake(&self) -> Option<Instant> {
+        let rate = self.plan.rate_per_shard;
+        let start = self.start.filter(|_| rate > 0.0 && !self.stopped)?;
+        Some(start + Duration::from_secs_f64(self.scheduled as f64 / rate))
     }
 
     fn on_command(&mut self, cmd: ClientCmd, ctx: &mut Ctx<'_, ClientConn>) {
         match cmd {
+            ClientCmd::Start => {
+                if self.start.is_none() {
+                    self.start = Some(ctx.now());
+                }
+            }
+            ClientCmd::Stop => self.stopped = true,
             ClientCmd::Reset => {
                 let ready = self.result.ready;
                 let errors = (self.result.errors, self.result.first_error.take());
@@ -742,6 +836,14 @@ impl Service for Client {
                 // Errors during warm-up still fail the run.
                 self.result.errors = errors.0;
                 self.result.first_error = errors.1;
+            }
+            ClientCmd::Verify(tx) => {
+                let mut sent = 0;
+                for i in 0..self.conns.len() {
+                    let token = self.conns[i];
+                    ctx.with_conn(token, |conn| sent += u64::from(self.probe(conn)));
+                }
+                let _ = tx.send(sent);
             }
             ClientCmd::Collect(tx) => {
                 let mut r = self.result.clone();
@@ -753,5 +855,27 @@ impl Service for Client {
                 let _ = tx.send(r);
             }
         }
+    }
+}
+
+/// Requests of one open-loop client shard due `elapsed` seconds after the start at `rate` per
+/// second. Request k (from 0) is due at k / rate, so the first is due at once: counting only
+/// whole intervals (`elapsed * rate`) would send each request one interval after its intended
+/// time and charge that interval to the server as latency.
+fn due(elapsed: f64, rate: f64) -> u64 {
+    (elapsed * rate) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn a_request_is_due_at_its_intended_time_not_one_interval_later() {
+        // 40 requests/s: one every 25 ms, the first at 0.
+        assert_eq!(due(0.0, 40.0), 1);
+        assert_eq!(due(0.024, 40.0), 1);
+        assert_eq!(due(0.0251, 40.0), 2);
+        assert_eq!(due(1.0, 40.0), 41);
     }
 }

@@ -7,7 +7,7 @@
 
 use super::args::{parse_cores, BenchArgs};
 use super::report::{us, write_json, Measurement};
-use super::run::measure;
+use super::run::{measure, Servers};
 use super::spawn::{self, Quota, Spawned};
 
 /// The middle value (the upper one of an even count); 0 for none.
@@ -58,7 +58,7 @@ pub(super) fn compare(args: &BenchArgs) -> anyhow::Result<i32> {
                 server.addr("main")?
             };
             let label = format!("{name}#{}", round + 1);
-            match measure(args, target, Some(server.pid()), &label) {
+            match measure(args, &Servers::one(target, Some(server.pid())), &label) {
                 Ok(mut m) => {
                     errors += m.errors;
                     m.label = name.clone();

@@ -1,12 +1,18 @@
-//! Fan-out mode's publisher: one keep-alive HTTP connection that POSTs `/publish/{topic}` at a
-//! fixed rate (open loop: each message carries its intended send time, so a publisher or server
-//! that falls behind shows up as delivery latency), and the server's own count of messages it
-//! dropped for slow subscribers, read from `/metrics`.
+//! Fan-out mode's publisher: one keep-alive HTTP connection per server process that POSTs
+//! `/publish/{topic}` at a fixed rate (open loop: each message carries its intended send time on
+//! CLOCK_MONOTONIC, so a publisher or server that falls behind shows up as delivery latency, and
+//! subscribers in other processes read the same clock), and the servers' own count of messages
+//! they dropped for slow subscribers, read from `/metrics`.
+//!
+//! Several server processes (`--server-processes`) share no pub/sub state: a publish reaches
+//! the subscribers of the process that receives it only. So every publish is posted to every
+//! process, at its own HTTP listener; a subscriber receives it from the process it is
+//! connected to.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,7 +23,7 @@ use super::client::ShardResult;
 /// What a fan-out run adds to the report. The measured window is a range of sequence numbers:
 /// the publishes after the warm-up (`published` of them). Every count below is of deliveries of
 /// those publishes only, so `delivered + lost = expected = subscribers x published`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FanoutReport {
     pub subscribers: u64,
     /// Publishes during the measured window.
@@ -32,8 +38,10 @@ pub struct FanoutReport {
     pub lost: u64,
     pub gaps: u64,
     pub tail_missing: u64,
-    /// The server's `shardnet_ws_dropped_total` (None when /metrics is not served there).
+    /// The servers' `shardnet_ws_dropped_total` (None when /metrics is not served there).
     pub dropped_by_server: Option<u64>,
+    /// Server CPU-seconds (all processes, the window of publishes) per million deliveries.
+    pub server_cpu_seconds_per_million_deliveries: Option<f64>,
 }
 
 impl FanoutReport {
@@ -57,8 +65,35 @@ impl FanoutReport {
             gaps,
             tail_missing,
             dropped_by_server: None,
+            server_cpu_seconds_per_million_deliveries: None,
         }
     }
+
+    /// The accounting of client processes added up (each saw the same publishes).
+    pub fn merge(parts: &[FanoutReport], publish_errors: u64) -> FanoutReport {
+        let sum = |f: fn(&FanoutReport) -> u64| parts.iter().map(f).sum::<u64>();
+        FanoutReport {
+            subscribers: sum(|p| p.subscribers),
+            published: parts.iter().map(|p| p.published).max().unwrap_or(0),
+            publish_errors,
+            expected: sum(|p| p.expected),
+            delivered: sum(|p| p.delivered),
+            lost: sum(|p| p.lost),
+            gaps: sum(|p| p.gaps),
+            tail_missing: sum(|p| p.tail_missing),
+            dropped_by_server: None,
+            server_cpu_seconds_per_million_deliveries: None,
+        }
+    }
+}
+
+/// Counts the lost messages the servers did not count as dropped (slow_consumer = "drop") as
+/// errors: those are bugs, not policy.
+pub fn fail_uncounted(tally: &mut super::report::Tally, f: &FanoutReport) {
+    let uncounted = f.lost.saturating_sub(f.dropped_by_server.unwrap_or(0));
+    tally.fail(uncounted, || {
+        format!("{uncounted} messages lost that the server did not count as dropped")
+    });
 }
 
 /// Deliveries of the publishes `first + 1 ..= last` that some subscriber has not received yet:
@@ -77,14 +112,16 @@ pub fn tail_missing(results: &[ShardResult], first: u64, last: u64) -> u64 {
 /// socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
 /// `collect` asks every client shard for its results; `shards` is how many must answer. The
 /// measured window is the publishes after `first`; the line printed counts those only, like the
-/// report.
+/// report. `quiet` (a client process of several): only what is missing is printed, the parent
+/// prints the summary. Returns how long the backlog took.
 pub fn settle(
     collect: impl Fn() -> Vec<ShardResult>,
     shards: usize,
     first: u64,
     last: u64,
     label: &str,
-) {
+    quiet: bool,
+) -> Duration {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
     let (mut before, mut still_since) = (u64::MAX, Instant::now());
@@ -104,7 +141,7 @@ pub fn settle(
         }
         if Instant::now() > deadline {
             eprintln!("{label}: the backlog did not settle within 60 s");
-            return;
+            return start.elapsed();
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -126,10 +163,22 @@ pub fn settle(
         );
     }
     let subscribers = r.iter().map(|x| x.last_seqs.len() as u64).sum::<u64>();
+    if !quiet {
+        backlog_line(
+            label,
+            start.elapsed(),
+            missing,
+            subscribers * last.saturating_sub(first),
+        );
+    }
+    start.elapsed()
+}
+
+/// The summary of a backlog: how long it took and what did not arrive.
+pub fn backlog_line(label: &str, took: Duration, missing: u64, expected: u64) {
     eprintln!(
-        "{label}: backlog after the last publish: {:.1} s; {missing} of the {} deliveries of the measured publishes not arrived{}",
-        start.elapsed().as_secs_f64(),
-        subscribers * last.saturating_sub(first),
+        "{label}: backlog after the last publish: {:.1} s; {missing} of the {expected} deliveries of the measured publishes not arrived{}",
+        took.as_secs_f64(),
         if missing == 0 {
             ""
         } else {
@@ -141,56 +190,50 @@ pub fn settle(
 pub struct Publisher {
     stop: Arc<AtomicBool>,
     seq: Arc<AtomicU64>,
-    /// Held while a publish is numbered and written, so that opening the window falls between
-    /// two publishes.
-    writing: Arc<Mutex<()>>,
-    window_after: Arc<AtomicU64>,
     thread: JoinHandle<anyhow::Result<u64>>,
 }
 
 impl Publisher {
-    /// Starts publishing `rate` messages per second on `topic` at the HTTP listener `target`.
-    /// `window_after` is the client shards' start of the measured window (see `open_window`).
-    /// With `pad_to`, each message is padded with JSON quote records to about that many bytes.
+    /// Starts publishing `rate` messages per second on `topic`, each one to every HTTP listener
+    /// of `targets` (one per server process); after publish `limit`, if given, it stops. With
+    /// `pad_to`, each message is padded with JSON quote records to about that many bytes.
     pub fn start(
-        target: SocketAddr,
+        targets: Vec<SocketAddr>,
         topic: String,
-        base: Instant,
-        rate: f64,
-        window_after: Arc<AtomicU64>,
+        pace: Pace,
         pad_to: Option<usize>,
     ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
-        let writing = Arc::new(Mutex::new(()));
-        let (st, sq, w) = (stop.clone(), seq.clone(), writing.clone());
+        let (st, sq) = (stop.clone(), seq.clone());
         let thread = std::thread::Builder::new()
             .name("publisher".into())
-            .spawn(move || {
-                let pace = Pace {
-                    base,
-                    rate: rate.max(1.0),
-                    pad_to,
-                };
-                publish_loop(target, &topic, pace, &st, &sq, &w)
-            })
+            .spawn(move || publish_loop(&targets, &topic, pace, pad_to, &st, &sq))
             .expect("spawn the publisher thread");
-        Publisher {
-            stop,
-            seq,
-            writing,
-            window_after,
-            thread,
-        }
+        Publisher { stop, seq, thread }
     }
 
-    /// Starts the measured window: the clients count the deliveries of every later publish.
-    /// Returns the sequence number of the last publish before it.
-    pub fn open_window(&self) -> u64 {
-        let _between_publishes = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let first = self.seq.load(Ordering::SeqCst);
-        self.window_after.store(first, Ordering::SeqCst);
-        first
+    /// The sequence number of the last publish written (to every target).
+    pub fn published(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Whether publishing has ended (the limit reached, or an error).
+    pub fn finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits (at most `within`) until publish `seq` has been written or publishing ended;
+    /// false on timeout.
+    pub fn wait_for(&self, seq: u64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.published() < seq && !self.finished() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 
     /// Stops; returns the last sequence number and the publish errors (0 or 1: the first
@@ -209,101 +252,143 @@ impl Publisher {
     }
 }
 
-/// When and what the publisher publishes.
-struct Pace {
-    /// The clock origin of the timestamps in the messages.
-    base: Instant,
-    /// Publishes per second.
-    rate: f64,
-    /// Pad each message to about this many bytes with JSON quote records.
-    pad_to: Option<usize>,
+/// One target's connection and the thread that checks its answers.
+struct Outlet {
+    stream: TcpStream,
+    answered: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    reader: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Outlet {
+    fn open(target: SocketAddr) -> anyhow::Result<Outlet> {
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .with_context(|| format!("publisher cannot connect to {target}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // Open loop: publishes are written on schedule whatever the server answers (pipelined
+        // on one keep-alive connection); the reader thread checks every answer.
+        let mut reader = s.try_clone()?;
+        let answered = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let (a, d) = (answered.clone(), done.clone());
+        let reader = std::thread::Builder::new()
+            .name("publish-answers".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let mut buf = Vec::with_capacity(4096);
+                while !d.load(Ordering::Acquire) {
+                    read_response(&mut reader, &mut buf)?;
+                    a.fetch_add(1, Ordering::AcqRel);
+                }
+                Ok(())
+            })?;
+        Ok(Outlet {
+            stream: s,
+            answered,
+            done,
+            reader,
+        })
+    }
+
+    /// Waits (bounded) for the answers to `k` publishes, then closes.
+    fn finish(self, k: u64, target: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.answered.load(Ordering::Acquire) < k && !self.reader.is_finished() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {k} publishes to {target} unanswered",
+                    k - self.answered.load(Ordering::Acquire)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.done.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        match self.reader.join() {
+            Ok(Err(e)) if self.answered.load(Ordering::Acquire) < k => {
+                Err(e.context(format!("publishing to {target}")))
+            }
+            Err(_) => bail!("the publish reader panicked"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How fast and how many: publishes per second, and the last one (`None`: until stopped).
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub rate: f64,
+    pub limit: Option<u64>,
 }
 
 /// The body of publish `k` intended at `t` microseconds: `{"seq":K,"t":T}`, padded to about
 /// `pad_to` bytes with `"quotes":[...]` (the subscribers read `seq` and `t` only).
-fn publish_body(k: u64, t: u128, pad_to: Option<usize>) -> Vec<u8> {
-    let mut body = format!(r#"{{"seq":{k},"t":{t}"#).into_bytes();
+fn publish_body(k: u64, t: u64, pad_to: Option<usize>, body: &mut Vec<u8>) {
+    use std::io::Write as _;
+    body.clear();
+    let _ = write!(body, r#"{{"seq":{k},"t":{t}"#);
     if let Some(size) = pad_to {
         body.extend_from_slice(br#","quotes":["#);
         let room = size.saturating_sub(body.len() + 2);
-        super::client::json_records(&mut body, k, room);
+        super::client::json_records(body, k, room);
         body.push(b']');
     }
     body.push(b'}');
-    body
 }
 
 fn publish_loop(
-    target: SocketAddr,
+    targets: &[SocketAddr],
     topic: &str,
     pace: Pace,
+    pad_to: Option<usize>,
     stop: &AtomicBool,
     seq: &AtomicU64,
-    writing: &Mutex<()>,
 ) -> anyhow::Result<u64> {
-    let Pace { base, rate, pad_to } = pace;
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .with_context(|| format!("publisher cannot connect to {target}"))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    // Open loop: publishes are written on schedule whatever the server answers (pipelined on
-    // one keep-alive connection); a reader thread checks every answer.
-    let mut reader = s.try_clone()?;
-    let answered = Arc::new(AtomicU64::new(0));
-    let reader_done = Arc::new(AtomicBool::new(false));
-    let (a, d) = (answered.clone(), reader_done.clone());
-    let reader = std::thread::Builder::new()
-        .name("publish-answers".into())
-        .spawn(move || -> anyhow::Result<()> {
-            let mut buf = Vec::with_capacity(4096);
-            while !d.load(Ordering::Acquire) {
-                read_response(&mut reader, &mut buf)?;
-                a.fetch_add(1, Ordering::AcqRel);
-            }
-            Ok(())
-        })?;
-    let start = Instant::now();
+    let Pace { rate, limit } = pace;
+    let rate = rate.max(0.001);
+    let mut outlets = targets
+        .iter()
+        .map(|&t| Outlet::open(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Intended times on CLOCK_MONOTONIC: the clock origin every subscriber process shares.
+    let (start, start_micros) = (Instant::now(), crate::sys::process::monotonic_micros());
     let mut k: u64 = 0;
-    while !stop.load(Ordering::Acquire) {
-        let intended = start + Duration::from_secs_f64(k as f64 / rate);
+    let mut body = Vec::new();
+    let mut req = Vec::new();
+    while !stop.load(Ordering::Acquire) && limit.is_none_or(|n| k < n) {
+        let offset = Duration::from_secs_f64(k as f64 / rate);
+        let intended = start + offset;
+        // Sleep in slices, so a stop is seen within 100 ms at a slow rate.
         let now = Instant::now();
         if intended > now {
-            std::thread::sleep(intended - now);
+            std::thread::sleep((intended - now).min(Duration::from_millis(100)));
+            continue;
         }
-        if reader.is_finished() {
+        if outlets.iter().any(|o| o.reader.is_finished()) {
             break;
         }
-        let _numbering = writing.lock().unwrap_or_else(|e| e.into_inner());
         k += 1;
-        let t = intended.saturating_duration_since(base).as_micros();
-        let body = publish_body(k, t, pad_to);
-        let mut req = format!(
-            "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(&body);
-        s.write_all(&req).context("publisher: write failed")?;
-        seq.store(k, Ordering::SeqCst);
-    }
-    // Every publish must be answered with 200 (bounded wait).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while answered.load(Ordering::Acquire) < k && !reader.is_finished() {
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {k} publishes unanswered",
-                k - answered.load(Ordering::Acquire)
+        let t = start_micros + offset.as_micros() as u64;
+        publish_body(k, t, pad_to, &mut body);
+        for (o, target) in outlets.iter_mut().zip(targets) {
+            req.clear();
+            let _ = write!(
+                req,
+                "POST /publish/{topic} HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
             );
+            req.extend_from_slice(&body);
+            o.stream
+                .write_all(&req)
+                .with_context(|| format!("publisher: write to {target} failed"))?;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        seq.store(k, Ordering::Release);
     }
-    reader_done.store(true, Ordering::Release);
-    let _ = s.shutdown(std::net::Shutdown::Both);
-    match reader.join() {
-        Ok(Err(e)) if answered.load(Ordering::Acquire) < k => Err(e),
-        Err(_) => bail!("the publish reader panicked"),
-        _ => Ok(k),
+    // Every publish must be answered with 200 by every target.
+    for (o, &target) in outlets.into_iter().zip(targets) {
+        o.finish(k, target)?;
     }
+    Ok(k)
 }
 
 /// Reads one response with a Content-Length body; fails on a status other than 200.
@@ -351,6 +436,15 @@ pub fn http_get(target: SocketAddr, path: &str) -> Option<Vec<u8>> {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .ok()?;
     read_response(&mut s, &mut Vec::new()).ok()
+}
+
+/// Sum of `shardnet_ws_dropped_total` over the shards of every server at `targets` (their
+/// /metrics); `None` if none of them serves it.
+pub fn servers_dropped(targets: &[SocketAddr]) -> Option<u64> {
+    targets
+        .iter()
+        .filter_map(|&t| server_dropped(t))
+        .reduce(|a, b| a + b)
 }
 
 /// Sum of `shardnet_ws_dropped_total` over shards, from the server's /metrics on `target`.

@@ -7,14 +7,15 @@
 //! reads the server's CPU time per thread from /proc, which gives the per-core throughput:
 //! requests per server CPU-second.
 //!
-//! Files by concern: [`args`] (the flags), [`run`] (one measured run), [`report`] (the
-//! histogram, the one [`Measurement`] builder, table and JSON), [`compare`] (alternating
-//! servers), [`sweep`] and [`plot`] (shard counts), [`spawn`] (the servers the bench starts,
-//! owned by guards that stop them), [`tokens`] (the tokens of authenticated connections); the
-//! clients: [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine),
-//! [`fanout`] (the publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the
-//! bench reads about a server from /proc); [`takeover`] measures a hand-over to a new process
-//! (`--takeover`).
+//! Files by concern: [`args`] (the flags), [`scale`] (server and client processes and source
+//! addresses picked for `-c`), [`run`] (one measured run), [`report`] (the histogram, the one
+//! [`Measurement`] builder, table and JSON), [`memory`] (the servers' PSS and the kernel's
+//! memory per connection), [`compare`] (alternating servers), [`sweep`] and [`plot`] (shard
+//! counts), [`spawn`] (the servers the bench starts, one or a group on one port, owned by
+//! guards that stop them), [`tokens`] (the tokens of authenticated connections); the clients:
+//! [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine), [`fanout`] (the
+//! publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the bench reads about a
+//! server from /proc); [`takeover`] measures a hand-over to a new process (`--takeover`).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -23,11 +24,13 @@ pub mod args;
 pub mod client;
 mod compare;
 pub mod fanout;
+pub mod memory;
 pub mod multi;
 mod plot;
 pub mod procfs;
 pub mod report;
 pub mod run;
+pub mod scale;
 pub mod spawn;
 mod sweep;
 pub mod takeover;
@@ -40,14 +43,14 @@ use anyhow::{bail, Context};
 
 pub use args::{parse_cores, parse_sources, BenchArgs, TriggerArg};
 pub use report::{print_table, IdleReport, Latency, Measurement, Report};
-pub use run::measure;
+pub use run::{measure, Servers};
 
 /// Runs `shardnet bench`. Returns the process exit code.
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     if let Some(path) = &args.child_report {
         run::CHILD.store(true, Ordering::Relaxed);
         let target = args.target.context("a child needs --target")?;
-        let m = measure(&args, target, None, "child")?;
+        let m = measure(&args, &Servers::one(target, None), "child")?;
         let report = multi::ChildReport {
             requests: m.requests,
             seconds: m.seconds,
@@ -55,6 +58,8 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
             errors: m.errors,
             first_error: m.first_error.clone(),
             histogram: multi::encode_histogram(m.histogram.as_ref().context("no histogram")?),
+            verified: m.idle.as_ref().map(|i| i.verified),
+            fanout: m.fanout.clone(),
         };
         std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -69,26 +74,28 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     if !args.compare.is_empty() {
         return compare::compare(&args);
     }
-    let (targets, pid, _servers, _broker) = if args.spawn {
+    let args = scale::fill_in(&args)?;
+    let (servers, _group, _broker) = if args.spawn {
         let broker = args.broker.map(spawn::broker).transpose()?;
-        if args.server_processes > 1 && broker.is_none() && args.mode == client::Mode::Fanout {
-            bail!(
-                "--server-processes with --mode fanout needs --broker: without one, subscribers \
-                 of another process do not get the publishes"
-            );
-        }
+        let k = args.server_processes.unwrap_or(1);
         let url = broker.as_ref().map(spawn::SpawnedBroker::url);
-        let servers = (0..args.server_processes.max(1))
-            .map(|i| spawn::shardnet_process(&args, args.shards, url, i))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let targets = servers
-            .iter()
-            .map(|s| s.addr(args.listener()))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let group = spawn::shardnet_group(&args, args.shards, k, url)?;
+        let admin = group.own_http()?;
+        // With a broker, one process takes each publish and the broker carries it to all.
+        let publish = if broker.is_some() {
+            admin[..1].to_vec()
+        } else {
+            admin.clone()
+        };
+        let servers = Servers {
+            target: group.addr(args.listener())?,
+            pids: group.pids(),
+            publish,
+            admin,
+        };
         if broker.is_some() {
             // Publishes are refused until a process has reached the broker.
-            for s in &servers {
-                let admin = s.addr("http")?;
+            for &admin in &servers.admin {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
                 while fanout::http_get(admin, "/healthz").as_deref() != Some(b"ok\n") {
                     if std::time::Instant::now() > deadline {
@@ -98,15 +105,14 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        let pid = servers.first().map(spawn::Spawned::pid);
-        (targets, pid, servers, broker)
+        (servers, Some(group), broker)
     } else {
         let Some(t) = args.target else {
             bail!("give --target ADDR or --spawn")
         };
-        (vec![t], args.server_pid, Vec::new(), None)
+        (Servers::one(t, args.server_pid), None, None)
     };
-    let m = run::measure_on(&args, &targets, pid, "shardnet")?;
+    let m = measure(&args, &servers, "shardnet")?;
     print_table(std::slice::from_ref(&m));
     report::write_json(&args, vec![m.clone()], None, None)?;
     Ok(if m.errors > 0 { 1 } else { 0 })

@@ -1,15 +1,21 @@
 //! `--processes N`: the load spread over N client processes, for connection counts past one
 //! process's descriptor limit (RLIMIT_NOFILE binds at about 20k here, 1M on a tuned host).
 //!
-//! The parent starts the server (with `--spawn`), then N copies of this binary's `bench` against
-//! it, each with its share of the connections, of the open-loop rate and of the source addresses.
-//! Each child prints `ready` once its connections are up and writes its measurement, with its
-//! latency histogram serialised, to a file; the parent reads the server's CPU and RSS from /proc
-//! while every child is measuring, and merges: requests and bytes add up, histograms merge
-//! exactly, and the idle report divides the RSS growth by the total connections.
+//! The parent starts N copies of this binary's `bench` against the server(s), each with its
+//! share of the connections and of the open-loop rate, and every source address (rotated, so
+//! the connections spread evenly over them whatever N is). The children start one after
+//! another, each once the previous one has its connections up, so that connection setup does
+//! not overflow the servers' accept queues (somaxconn) with parallel bursts; each prints
+//! `ready`, waits for `go`, and writes its measurement, with its latency histogram serialised,
+//! to a file. The parent reads the servers' CPU and memory from /proc while every child is
+//! measuring, and merges: requests and bytes add up, histograms merge exactly, fan-out and idle
+//! accounting add up.
+//!
+//! Fan-out: the children are subscribers only; the parent publishes (to every server process)
+//! and, once it has stopped, tells each child the last sequence number (`done N`), so each
+//! child waits for exactly the publishes that were made.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,8 +27,10 @@ use hdrhistogram::Histogram;
 
 use super::args::{parse_sources, BenchArgs};
 use super::client::Mode;
-use super::procfs;
-use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
+use super::fanout::{self, FanoutReport};
+use super::memory::Snapshot;
+use super::report::{histogram, CpuMeter, IdleReport, Measurement, MemoryReport, Tally};
+use super::run::Servers;
 
 /// What a child writes for the parent.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -34,6 +42,10 @@ pub struct ChildReport {
     pub first_error: Option<String>,
     /// V2-serialised hdrhistogram, base64.
     pub histogram: String,
+    /// Idle: connections that answered the final probe.
+    pub verified: Option<u64>,
+    /// Fan-out: this child's subscribers' accounting.
+    pub fanout: Option<FanoutReport>,
 }
 
 pub fn encode_histogram(h: &Histogram<u64>) -> String {
@@ -70,6 +82,32 @@ impl Drop for ChildProc {
     }
 }
 
+impl ChildProc {
+    /// Writes one line to the child's stdin.
+    fn say(&mut self, line: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().context("no stdin")?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .context("cannot talk to a client process")
+    }
+
+    /// Waits (until `deadline`) for the child to exit; kills it past that.
+    fn wait_until(&mut self, deadline: Instant) -> anyhow::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Ok(self.child.wait()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Waits (bounded) for a child's `ready` line.
 fn wait_ready(c: &mut ChildProc, i: usize, label: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -90,38 +128,43 @@ fn wait_ready(c: &mut ChildProc, i: usize, label: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the load from `args.processes` client processes against `target`.
-pub fn measure(
-    args: &BenchArgs,
-    target: SocketAddr,
-    pid: Option<u32>,
-    label: &str,
-) -> anyhow::Result<Measurement> {
-    let n = args.processes.max(1);
-    if args.wrk || matches!(args.mode, Mode::Connect | Mode::Fanout) {
-        bail!("--processes spreads echo, http, ws and idle loads (not connect, fanout or --wrk)");
+/// Runs the load from `args.processes` client processes against `servers`.
+pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Result<Measurement> {
+    let n = args.processes.unwrap_or(1).max(1);
+    if args.wrk || args.mode == Mode::Connect {
+        bail!("--processes spreads echo, http, ws, idle and fanout loads (not connect or --wrk)");
     }
     if args.connections < n {
         bail!("--processes {n} needs at least {n} connections");
     }
+    let (target, pids) = (servers.target, &servers.pids[..]);
     let sources = match &args.source_addrs {
         Some(s) => parse_sources(s)?,
         None => Vec::new(),
     };
+    // One topic for every child (and the publisher here).
+    let topic = args
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", std::process::id()));
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let rss_before = pid.and_then(procfs::rss_bytes);
+    let memory_before = Snapshot::take(pids);
+    let connect_start = Instant::now();
     let mut children = Vec::new();
+    let mut offset = 0;
     for i in 0..n {
+        let count = share(args.connections, i, n);
         let report =
             std::env::temp_dir().join(format!("shardnet-bench-{}-{i}.json", std::process::id()));
         let mut cmd = Command::new(&exe);
+        crate::sys::process::die_with_parent(&mut cmd);
         cmd.arg("bench")
             .arg("--target")
             .arg(target.to_string())
             .arg("--mode")
             .arg(format!("{:?}", args.mode).to_lowercase())
             .arg("-c")
-            .arg(share(args.connections, i, n).to_string())
+            .arg(count.to_string())
             .arg("-d")
             .arg(args.depth.to_string())
             .arg("-s")
@@ -132,13 +175,21 @@ pub fn measure(
             .arg(format!("{}ms", args.warmup.as_millis()))
             .arg("--client-cores")
             .arg(&args.client_cores)
+            .arg("--topic")
+            .arg(&topic)
             .arg("--child-report")
             .arg(&report);
         if let Some(p) = &args.path {
             cmd.arg("--path").arg(p);
         }
         if let Some(r) = args.rate {
-            cmd.arg("--rate").arg((r / n as f64).to_string());
+            // Fan-out children only need the rate to agree on the warm-up's publishes.
+            let r = if args.mode == Mode::Fanout {
+                r
+            } else {
+                r / n as f64
+            };
+            cmd.arg("--rate").arg(r.to_string());
         }
         if args.idle_ws {
             cmd.arg("--idle-ws");
@@ -176,17 +227,15 @@ pub fn measure(
                 .arg("--tls-name")
                 .arg(&args.tls_name);
         }
-        // Source addresses dealt out: child i takes every n-th one.
-        let mine: Vec<String> = sources
-            .iter()
-            .skip(i)
-            .step_by(n)
-            .map(|a| a.to_string())
-            .collect();
-        if !mine.is_empty() {
+        // Every source address, rotated to where the previous child's connections ended, so
+        // that every address carries the same number of connections.
+        if !sources.is_empty() {
+            let k = sources.len();
+            let mine: Vec<String> = (0..k)
+                .map(|j| sources[(offset + j) % k].to_string())
+                .collect();
             cmd.arg("--source-addrs").arg(mine.join(","));
-        } else if !sources.is_empty() {
-            bail!("--processes {n} needs at least {n} source addresses");
+            offset = (offset + count) % k;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         // Owned by the guard from here on: any early return stops it.
@@ -211,34 +260,72 @@ pub fn measure(
         wait_ready(&mut c, i, label)?;
         children.push(c);
     }
-    // Every child ready: they were started one after another (below), each once the previous
-    // one had its connections up, so that connection setup does not overflow the server's
-    // accept queue (somaxconn) with parallel bursts. Now all start together.
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    // Every child ready: now all start together.
     for c in children.iter_mut() {
-        if let Some(stdin) = c.child.stdin.as_mut() {
-            use std::io::Write;
-            stdin
-                .write_all(b"go\n")
-                .and_then(|_| stdin.flush())
-                .context("cannot start a client process's measurement")?;
-        }
+        c.say("go")?;
     }
-    // Every child now warms up, then measures for `duration`: read the server in that window.
-    std::thread::sleep(args.warmup + Duration::from_millis(100));
-    let cpu = CpuMeter::start(pid);
-    std::thread::sleep(args.duration / 2);
-    let rss_held = pid.and_then(procfs::rss_bytes);
-    std::thread::sleep(
-        args.duration
-            .saturating_sub(args.duration / 2 + Duration::from_millis(100)),
-    );
-    let cpu = cpu.stop();
+    let memory_held;
+    let mut published = None;
+    let cpu;
+    if args.mode == Mode::Fanout {
+        // Every subscriber is in: what they cost is read before the publishes.
+        memory_held = Snapshot::take(pids);
+        let rate = args.rate.unwrap_or(1000.0).max(0.001);
+        let window_after = args.fanout_window_after();
+        let p = fanout::Publisher::start(
+            servers.publish.clone(),
+            topic.clone(),
+            fanout::Pace {
+                rate,
+                limit: args.publishes.map(|k| window_after + k),
+            },
+            (args.payload == super::client::Payload::Json).then_some(args.size),
+        );
+        let within = args.warmup * 2 + Duration::from_secs(30);
+        if !p.wait_for(window_after, within) {
+            bail!("{label}: the publisher did not reach publish {window_after} within {within:?}");
+        }
+        let meter = CpuMeter::start(pids);
+        let t0 = Instant::now();
+        match args.publishes {
+            Some(k) => {
+                let within = Duration::from_secs_f64(k as f64 / rate) + Duration::from_secs(30);
+                if !p.wait_for(window_after + k, within) {
+                    eprintln!("{label}: {k} publishes did not go out within {within:?}");
+                }
+            }
+            None => std::thread::sleep(args.duration),
+        }
+        let (last, errors) = p.stop()?;
+        let seconds = t0.elapsed().as_secs_f64();
+        for c in children.iter_mut() {
+            c.say(&format!("done {last}"))?;
+        }
+        cpu = meter.stop();
+        published = Some((errors, seconds, Instant::now()));
+    } else {
+        // Every child now warms up, then measures for `duration`: read the servers then.
+        std::thread::sleep(args.warmup + Duration::from_millis(100));
+        let meter = CpuMeter::start(pids);
+        std::thread::sleep(args.duration / 2);
+        memory_held = Snapshot::take(pids);
+        std::thread::sleep(
+            args.duration
+                .saturating_sub(args.duration / 2 + Duration::from_millis(100)),
+        );
+        cpu = meter.stop();
+    }
 
     let mut hist = histogram();
     let mut tally = Tally::default();
     let mut seconds = 0f64;
+    let mut verified = 0;
+    let mut fanouts = Vec::new();
+    // A child settles a fan-out backlog (at most 60 s) or probes its idle connections (40 s).
+    let deadline = Instant::now() + args.warmup + args.duration + Duration::from_secs(120);
     for (i, c) in children.iter_mut().enumerate() {
-        let status = c.child.wait()?;
+        let status = c.wait_until(deadline)?;
         let text = std::fs::read_to_string(&c.report).with_context(|| {
             format!(
                 "{label}: client process {} wrote no report ({status})",
@@ -251,13 +338,35 @@ pub fn measure(
         tally.requests += r.requests;
         tally.bytes += r.bytes;
         seconds = f64::max(seconds, r.seconds);
+        verified += r.verified.unwrap_or(0);
+        fanouts.extend(r.fanout);
         tally.fail(r.errors, || r.first_error.clone().unwrap_or_default());
         if !status.success() && r.errors == 0 {
             tally.fail(1, || format!("client process {} failed", i + 1));
         }
     }
-    let idle = (args.mode == Mode::Idle)
-        .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_held));
+    let fanout = published.map(|(errors, window, done)| {
+        seconds = window;
+        let mut f = FanoutReport::merge(&fanouts, errors);
+        // Every child has settled (exited): the backlog took at most this long.
+        fanout::backlog_line(label, done.elapsed(), f.tail_missing, f.expected);
+        f.dropped_by_server = fanout::servers_dropped(&servers.admin);
+        tally.fail(errors, || "a publish failed".into());
+        fanout::fail_uncounted(&mut tally, &f);
+        f
+    });
+    let idle = (args.mode == Mode::Idle).then_some(IdleReport {
+        connections: args.connections,
+        held_seconds: seconds,
+        verified,
+    });
+    let memory = MemoryReport::new(
+        args.connections,
+        servers.processes(),
+        &memory_before,
+        &memory_held,
+        true,
+    );
     // The CPU window is the parent's view of the children's common measuring time.
     let window = cpu.window;
     Ok(Measurement::builder(label, args)
@@ -266,6 +375,11 @@ pub fn measure(
         .server_cpu(cpu)
         .cpu_window(window)
         .idle(idle)
+        .fanout(fanout)
+        .memory(Some(memory))
+        .server_processes(servers.processes())
+        .client_processes(n)
+        .connected_in(Some(connect_seconds))
         .build())
 }
 

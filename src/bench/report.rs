@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::args::BenchArgs;
 use super::client::{Mode, Payload};
+pub use super::memory::MemoryReport;
 use super::{fanout, procfs, spawn};
 
 /// Longest latency a histogram records, in microseconds; longer ones are recorded as this.
@@ -56,35 +57,14 @@ pub fn us(v: Option<u64>) -> String {
     v.map_or_else(|| "n/a".to_string(), |v| v.to_string())
 }
 
-/// The server's memory with idle connections. The RSS figures are `None` when the server's pid
-/// is unknown (a `--target` without `--server-pid`).
+/// Idle connections held: how many, how long, and how many were still open at the end (each
+/// answered a final probe). What they cost is in the run's [`MemoryReport`].
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleReport {
     pub connections: usize,
     pub held_seconds: f64,
-    pub rss_before: Option<u64>,
-    pub rss_after: Option<u64>,
-    pub bytes_per_connection: Option<f64>,
-}
-
-impl IdleReport {
-    /// The server's RSS growth while `connections` were held, per connection.
-    pub fn new(
-        connections: usize,
-        held_seconds: f64,
-        before: Option<u64>,
-        after: Option<u64>,
-    ) -> Self {
-        IdleReport {
-            connections,
-            held_seconds,
-            rss_before: before,
-            rss_after: after,
-            bytes_per_connection: before
-                .zip(after)
-                .map(|(b, a)| a.saturating_sub(b) as f64 / connections.max(1) as f64),
-        }
-    }
+    /// Connections that echoed their final probe.
+    pub verified: u64,
 }
 
 /// One measured run.
@@ -116,6 +96,15 @@ pub struct Measurement {
     pub per_core_throughput: Option<f64>,
     pub idle: Option<IdleReport>,
     pub fanout: Option<fanout::FanoutReport>,
+    /// What the connections cost the servers and the host's kernel (measured while held).
+    pub memory: Option<MemoryReport>,
+    /// Server processes loaded (several share the port with --server-processes), and the
+    /// client processes the load came from (--processes).
+    pub server_processes: usize,
+    pub client_processes: usize,
+    /// Seconds from the first connect until every connection was ready, and the rate.
+    pub connect_seconds: Option<f64>,
+    pub connects_per_second: Option<f64>,
     /// The merged latency histogram (for --processes; not in the JSON report).
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
@@ -140,9 +129,9 @@ impl Tally {
     }
 }
 
-/// The server's CPU time per thread over a measured window, from two /proc snapshots.
+/// The servers' CPU time per thread over a measured window, from two /proc snapshots.
 pub struct CpuMeter {
-    pid: Option<u32>,
+    pids: Vec<u32>,
     before: Vec<procfs::ThreadCpu>,
     started: Instant,
 }
@@ -150,50 +139,58 @@ pub struct CpuMeter {
 /// What a [`CpuMeter`] measured.
 #[derive(Debug, Default)]
 pub struct CpuUse {
-    /// CPU seconds per thread that spent any.
+    /// CPU seconds per thread name that spent any (summed over the server processes: `shard-00
+    /// x56` is the first shard of 56 processes).
     pub threads: Vec<(String, f64)>,
-    /// Their sum; `None` when the server's pid is unknown.
+    /// Their sum; `None` when the servers' pids are unknown.
     pub seconds: Option<f64>,
     /// Wall-clock seconds between the two snapshots.
     pub window: f64,
 }
 
 impl CpuMeter {
-    pub fn start(pid: Option<u32>) -> CpuMeter {
+    /// Starts measuring the processes `pids` (none: unknown).
+    pub fn start(pids: &[u32]) -> CpuMeter {
         CpuMeter {
-            pid,
-            before: snapshot(pid),
+            pids: pids.to_vec(),
+            before: snapshot(pids),
             started: Instant::now(),
         }
     }
 
     pub fn stop(self) -> CpuUse {
         let window = self.started.elapsed().as_secs_f64();
-        let after = snapshot(self.pid);
-        let threads: Vec<(String, f64)> = after
-            .iter()
-            .map(|t| {
-                let before = self
-                    .before
-                    .iter()
-                    .find(|b| b.tid == t.tid)
-                    .map_or(0.0, |b| b.seconds);
-                (t.name.clone(), t.seconds - before)
-            })
-            .filter(|(_, s)| *s > 0.0)
+        let after = snapshot(&self.pids);
+        let before: std::collections::HashMap<u32, f64> =
+            self.before.iter().map(|b| (b.tid, b.seconds)).collect();
+        // Summed by thread name, in the order names first appear (thread ids are unique across
+        // processes).
+        let mut threads: Vec<(String, f64, usize)> = Vec::new();
+        for t in &after {
+            let spent = t.seconds - before.get(&t.tid).copied().unwrap_or(0.0);
+            match threads.iter_mut().find(|(n, _, _)| *n == t.name) {
+                Some(entry) => {
+                    entry.1 += spent;
+                    entry.2 += 1;
+                }
+                None => threads.push((t.name.clone(), spent, 1)),
+            }
+        }
+        let threads: Vec<(String, f64)> = threads
+            .into_iter()
+            .filter(|(_, s, _)| *s > 0.0)
+            .map(|(n, s, k)| (if k > 1 { format!("{n} x{k}") } else { n }, s))
             .collect();
         CpuUse {
-            seconds: self
-                .pid
-                .map(|_| threads.iter().map(|(_, s)| s).sum::<f64>()),
+            seconds: (!self.pids.is_empty()).then(|| threads.iter().map(|(_, s)| s).sum::<f64>()),
             threads,
             window,
         }
     }
 }
 
-fn snapshot(pid: Option<u32>) -> Vec<procfs::ThreadCpu> {
-    pid.map(procfs::threads).unwrap_or_default()
+fn snapshot(pids: &[u32]) -> Vec<procfs::ThreadCpu> {
+    pids.iter().flat_map(|&p| procfs::threads(p)).collect()
 }
 
 /// Builds a [`Measurement`]: every client hands over what it counted, and the derived figures
@@ -231,6 +228,11 @@ impl Measurement {
                 per_core_throughput: None,
                 idle: None,
                 fanout: None,
+                memory: None,
+                server_processes: 1,
+                client_processes: 1,
+                connect_seconds: None,
+                connects_per_second: None,
                 histogram: None,
             },
             bytes: 0.0,
@@ -292,6 +294,27 @@ impl MeasurementBuilder {
         self
     }
 
+    pub fn memory(mut self, m: Option<MemoryReport>) -> Self {
+        self.m.memory = m;
+        self
+    }
+
+    pub fn server_processes(mut self, k: usize) -> Self {
+        self.m.server_processes = k.max(1);
+        self
+    }
+
+    pub fn client_processes(mut self, n: usize) -> Self {
+        self.m.client_processes = n.max(1);
+        self
+    }
+
+    /// Every connection was ready `seconds` after the first connect.
+    pub fn connected_in(mut self, seconds: Option<f64>) -> Self {
+        self.m.connect_seconds = seconds;
+        self
+    }
+
     pub fn build(self) -> Measurement {
         let mut m = self.m;
         let seconds = m.seconds.max(1e-9);
@@ -304,6 +327,17 @@ impl MeasurementBuilder {
                     Some(w) => m.requests_per_second * w / s,
                     None => m.requests as f64 / s,
                 });
+        m.connects_per_second = m
+            .connect_seconds
+            .filter(|&s| s > 0.0)
+            .map(|s| m.connections as f64 / s);
+        if let Some(f) = &mut m.fanout {
+            // The servers' CPU over the window of publishes, per million deliveries made in it.
+            f.server_cpu_seconds_per_million_deliveries = m
+                .server_cpu_seconds
+                .filter(|_| f.delivered > 0)
+                .map(|s| s / f.delivered as f64 * 1e6);
+        }
         m
     }
 }
@@ -458,19 +492,45 @@ pub fn print_table(runs: &[Measurement]) {
 
 fn print_idle(m: &Measurement) {
     let Some(i) = &m.idle else { return };
-    let memory = match (i.rss_before, i.rss_after, i.bytes_per_connection) {
-        (Some(b), Some(a), Some(per)) => {
-            format!("server RSS {b} -> {a} bytes: {per:.0} bytes per connection")
-        }
-        _ => "server memory unknown (give --server-pid PID, or --spawn)".to_string(),
-    };
     println!(
-        "{}: idle: {} connections held {:.1}s; {memory}; {} errors",
-        m.label, i.connections, i.held_seconds, m.errors
+        "{}: idle: {} connections held {:.1}s{}; {} of them answered a final probe; {} errors ({} client and {} server process{})",
+        m.label,
+        i.connections,
+        i.held_seconds,
+        connect_note(m),
+        i.verified,
+        m.errors,
+        m.client_processes,
+        m.server_processes,
+        if m.server_processes == 1 { "" } else { "es" }
     );
 }
 
+/// `, opened in 12.3 s (81,300/s)` when the connect time is known.
+fn connect_note(m: &Measurement) -> String {
+    match (m.connect_seconds, m.connects_per_second) {
+        (Some(s), Some(r)) => format!(", opened in {s:.1}s ({r:.0}/s)"),
+        _ => String::new(),
+    }
+}
+
 fn print_details(m: &Measurement) {
+    if m.mode != Mode::Idle && m.connect_seconds.is_some() {
+        println!(
+            "    {} connections{} from {} client process{} to {} server process{}",
+            m.connections,
+            connect_note(m),
+            m.client_processes,
+            if m.client_processes == 1 { "" } else { "es" },
+            m.server_processes,
+            if m.server_processes == 1 { "" } else { "es" }
+        );
+    }
+    if let Some(mem) = &m.memory {
+        for line in mem.lines() {
+            println!("    {line}");
+        }
+    }
     if !m.server_cpu.is_empty() {
         let per: Vec<String> = m
             .server_cpu
@@ -485,7 +545,7 @@ fn print_details(m: &Measurement) {
     if let Some(f) = &m.fanout {
         let window = m.seconds.max(1e-9);
         println!(
-            "    fan-out: {} subscribers x {} publishes ({:.0}/s) = {} deliveries expected: {} delivered ({:.0}/s), {} lost ({} gaps, {} never arrived), {} dropped by the server, {} publish errors",
+            "    fan-out: {} subscribers x {} publishes ({:.1}/s) = {} deliveries expected: {} delivered ({:.0}/s), {} lost ({} gaps, {} never arrived), {} dropped by the server, {} publish errors; server CPU {} per million deliveries",
             f.subscribers,
             f.published,
             f.published as f64 / window,
@@ -497,7 +557,9 @@ fn print_details(m: &Measurement) {
             f.tail_missing,
             f.dropped_by_server
                 .map_or("unknown".into(), |d| d.to_string()),
-            f.publish_errors
+            f.publish_errors,
+            f.server_cpu_seconds_per_million_deliveries
+                .map_or("unknown".into(), |s| format!("{s:.2} s")),
         );
     }
     if let Some(e) = &m.first_error {
@@ -571,11 +633,23 @@ mod tests {
     }
 
     #[test]
-    fn idle_memory_is_unknown_without_the_server_pid() {
-        let i = IdleReport::new(100, 1.0, None, None);
-        assert_eq!(i.bytes_per_connection, None);
-        let i = IdleReport::new(100, 1.0, Some(1000), Some(11_000));
-        assert_eq!(i.bytes_per_connection, Some(100.0));
+    fn connect_rate_and_fanout_cpu_per_million_deliveries() {
+        let f = fanout::FanoutReport::new(&[], 0, 0, 0);
+        let m = Measurement::builder("x", &args(&["-c", "1000"]))
+            .connected_in(Some(0.5))
+            .server_cpu(CpuUse {
+                threads: Vec::new(),
+                seconds: Some(3.0),
+                window: 1.0,
+            })
+            .fanout(Some(fanout::FanoutReport {
+                delivered: 2_000_000,
+                ..f
+            }))
+            .build();
+        assert_eq!(m.connects_per_second, Some(2000.0));
+        let per = m.fanout.unwrap().server_cpu_seconds_per_million_deliveries;
+        assert_eq!(per, Some(1.5));
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! One measured run against one server: connect every connection, wait until they are ready,
-//! warm up, reset the counters, measure for `--duration`, collect every client shard's results
-//! and hand them to the [`Measurement`] builder. Connect mode (a thread per client, a new
+//! One measured run against one server (or a group sharing a port): connect every connection,
+//! wait until they are ready, warm up, reset the counters, measure for `--duration`, collect
+//! every client shard's results and hand them to the [`Measurement`] builder. The servers'
+//! memory is read before the connections open and while they are held ([`super::memory`]);
+//! idle connections answer a final probe each; fan-out's window is the publishes after the
+//! warm-up's, by sequence number. Connect mode (a thread per client, a new
 //! connection per request) has its own loop here; `--wrk` and `--processes` are delegated to
 //! their modules.
 //!
@@ -17,58 +20,119 @@ use anyhow::{bail, Context};
 
 use super::args::{parse_cores, parse_sources, BenchArgs};
 use super::client::{Client, ClientCmd, Mode, Payload, ShardResult};
-use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
-use super::{fanout, multi, procfs, wrk};
-use crate::server::{Limits, PoolSpec, ShardPool, TlsSpec, Tuning};
+use super::memory::Snapshot;
+use super::report::{histogram, CpuMeter, IdleReport, Measurement, MemoryReport, Tally};
+use super::{fanout, multi, wrk};
+use crate::server::{Limits, OffloadSpec, PoolSpec, ShardPool, TlsSpec, Tuning};
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
 
 /// Asks every client shard for a copy of its results (each answers within 5 s or is left out).
 fn collect(peers: &crate::server::Peers<ClientCmd>) -> Vec<ShardResult> {
+    collect_within(peers, Duration::from_secs(5))
+}
+
+/// [`collect`], waiting at most `within` for all the answers.
+fn collect_within(peers: &crate::server::Peers<ClientCmd>, within: Duration) -> Vec<ShardResult> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let n = peers.broadcast(ClientCmd::Collect(tx));
+    let deadline = Instant::now() + within;
     (0..n)
-        .filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .filter_map(|_| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()
+        })
         .collect()
 }
 
-/// One run against `target`: connect, warm up, measure, collect.
-pub fn measure(
-    args: &BenchArgs,
-    target: SocketAddr,
-    pid: Option<u32>,
-    label: &str,
-) -> anyhow::Result<Measurement> {
-    measure_on(args, &[target], pid, label)
+/// The server(s) a run loads, and what the bench knows of them.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// Where the load connects (with several server processes: their shared port).
+    pub target: SocketAddr,
+    /// The server processes' pids; empty when unknown (a `--target` without `--server-pid`):
+    /// then there are no CPU or user memory figures.
+    pub pids: Vec<u32>,
+    /// Fan-out: where each publish is posted: one HTTP listener per server process, or only
+    /// the first process's with a broker (which carries each publish to every process).
+    pub publish: Vec<SocketAddr>,
+    /// Every server process's own HTTP listener, where its counters are read.
+    pub admin: Vec<SocketAddr>,
 }
 
-/// [`measure`] against several server processes (`--server-processes`): connection `i` goes to
-/// `targets[i % n]`, the fan-out publisher to the first, the servers' drop counts are summed;
-/// CPU and RSS are the first process's (`pid`).
-pub fn measure_on(
-    args: &BenchArgs,
-    targets: &[SocketAddr],
-    pid: Option<u32>,
-    label: &str,
-) -> anyhow::Result<Measurement> {
-    let Some(&target) = targets.first() else {
-        bail!("no server to measure");
-    };
-    if targets.len() > 1 && (args.processes > 1 || args.wrk || matches!(args.mode, Mode::Connect)) {
-        bail!("--server-processes works with the built-in client in one process (not --processes, --wrk or --mode connect)");
+impl Servers {
+    /// One server process at `target`.
+    pub fn one(target: SocketAddr, pid: Option<u32>) -> Servers {
+        Servers {
+            target,
+            pids: pid.into_iter().collect(),
+            publish: vec![target],
+            admin: vec![target],
+        }
     }
-    if args.processes > 1 && args.child_report.is_none() {
-        return multi::measure(args, target, pid, label);
+
+    /// How many server processes the run loads (one when they are not known).
+    pub fn processes(&self) -> usize {
+        self.pids.len().max(1)
     }
+}
+
+/// A `--processes` child: tells the parent its connections are up, then waits for its `go`
+/// (every child warms up and measures over the same window).
+fn child_handshake() {
+    use std::io::{BufRead, Write};
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+}
+
+/// A fan-out child: waits for the parent's `done LAST` (the last publish's sequence number).
+fn child_wait_done() -> anyhow::Result<u64> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    line.trim()
+        .strip_prefix("done ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("expected `done N` from the parent, got {:?}", line.trim()))
+}
+
+/// Asks every client shard to probe its idle connections and waits (bounded) for the answers;
+/// returns how many answered.
+fn verify_idle(peers: &crate::server::Peers<ClientCmd>, connections: usize) -> u64 {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let n = peers.broadcast(ClientCmd::Verify(tx));
+    let sent: u64 = (0..n)
+        .filter_map(|_| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .sum();
+    let want = sent.min(connections as u64);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let verified: u64 = collect(peers).iter().map(|r| r.verified).sum();
+        if verified >= want || Instant::now() > deadline {
+            return verified;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One run against `servers`: connect, warm up, measure, collect.
+pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Result<Measurement> {
+    let child = args.child_report.is_some();
+    if args.processes.unwrap_or(1) > 1 && !child {
+        return multi::measure(args, servers, label);
+    }
+    let (target, pids) = (servers.target, &servers.pids[..]);
     if args.mode == Mode::Connect {
-        return measure_connect(args, target, pid, label);
+        return measure_connect(args, target, pids, label);
     }
     if args.wrk {
         if args.mode != Mode::Http {
             bail!("--wrk drives HTTP load only (--mode http)");
         }
-        return wrk::measure(args, target, pid, label);
+        return wrk::measure(args, target, pids, label);
     }
     let client_cores = parse_cores(&args.client_cores)?;
     let sources = match &args.source_addrs {
@@ -100,6 +164,7 @@ pub fn measure_on(
             events_per_wait: 1024,
             shutdown_timeout: Duration::from_secs(2),
         },
+        offload: OffloadSpec::default(),
     };
     let p = plan.clone();
     let (mut pool, peers) = ShardPool::start(&spec, move |info, peers| {
@@ -107,16 +172,17 @@ pub fn measure_on(
     })
     .context("cannot start the client shards")?;
 
-    let rss_before = pid.and_then(procfs::rss_bytes);
+    let memory_before = (!child).then(|| Snapshot::take(pids));
+    let connect_start = Instant::now();
     for i in 0..args.connections {
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
-        let target = targets[i % targets.len()];
         let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
             .with_context(|| {
                 format!(
-                    "connection {} of {} to {target} failed",
+                    "connection {} of {} to {target}{} failed",
                     i + 1,
-                    args.connections
+                    args.connections,
+                    src.map_or(String::new(), |s| format!(" from {s}"))
                 )
             })?;
         if !pool.adopt(i % shards, fd, 0) {
@@ -142,15 +208,6 @@ pub fn measure_on(
             );
         }
         if ready as usize >= args.connections {
-            if args.child_report.is_some() {
-                // Tell the parent (--processes) that this child's connections are up, then wait
-                // for its go: every child warms up and measures over the same window.
-                use std::io::{BufRead, Write};
-                println!("ready");
-                let _ = std::io::stdout().flush();
-                let mut line = String::new();
-                let _ = std::io::stdin().lock().read_line(&mut line);
-            }
             break;
         }
         if Instant::now() > deadline {
@@ -161,38 +218,76 @@ pub fn measure_on(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-
-    let publisher = (args.mode == Mode::Fanout).then(|| {
-        fanout::Publisher::start(
-            target,
-            plan.topic.clone(),
-            plan.base,
-            args.rate.unwrap_or(1000.0),
-            plan.window_after.clone(),
-            (args.payload == Payload::Json).then_some(args.size),
-        )
-    });
-    let bar = progress(args.warmup + args.duration, label);
-    sleep_with(&bar, args.warmup);
-    peers.broadcast(ClientCmd::Reset);
-    let first = publisher.as_ref().map(|p| {
-        // Every shard has reset (a collect answers after the reset) before the window opens, so
-        // no delivery of the window is wiped by a late reset.
-        let _ = collect(&peers);
-        p.open_window()
-    });
-    let cpu = CpuMeter::start(pid);
-    let t0 = Instant::now();
-    sleep_with(&bar, args.duration);
-    let mut window = None;
-    if let (Some(p), Some(first)) = (publisher, first) {
-        let (last, publish_errors) = p.stop()?;
-        window = Some((first, last, publish_errors, t0.elapsed().as_secs_f64()));
-        fanout::settle(|| collect(&peers), shards, first, last, label);
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    if child {
+        child_handshake();
     }
-    let results = collect(&peers);
+    peers.broadcast(ClientCmd::Start);
+
+    let fanout_mode = args.mode == Mode::Fanout;
+    let window_after = plan.window_after;
+    // Fan-out: every subscriber is in: what they cost is read now, before the publishes.
+    let mut memory_held = None;
+    if fanout_mode && !child {
+        memory_held = Some(Snapshot::take(pids));
+    }
+    let bar = progress(args.warmup + args.duration, label);
+    let mut publisher = None;
+    if fanout_mode && !child {
+        let p = fanout::Publisher::start(
+            servers.publish.clone(),
+            plan.topic.clone(),
+            fanout::Pace {
+                rate: args.rate.unwrap_or(1000.0),
+                limit: args.publishes.map(|n| window_after + n),
+            },
+            (args.payload == Payload::Json).then_some(args.size),
+        );
+        // The warm-up is the publishes up to `window_after` (the window is a sequence range).
+        let within = args.warmup * 2 + Duration::from_secs(30);
+        if !p.wait_for(window_after, within) {
+            bail!("{label}: the publisher did not reach publish {window_after} within {within:?}");
+        }
+        publisher = Some(p);
+    } else if !fanout_mode {
+        sleep_with(&bar, args.warmup);
+        peers.broadcast(ClientCmd::Reset);
+    }
+    let cpu = CpuMeter::start(pids);
+    let t0 = Instant::now();
+    let mut window = None;
+    if let Some(p) = publisher {
+        match args.publishes {
+            Some(n) => {
+                let rate = args.rate.unwrap_or(1000.0).max(0.001);
+                let within = Duration::from_secs_f64(n as f64 / rate) + Duration::from_secs(30);
+                if !p.wait_for(window_after + n, within) {
+                    eprintln!("{label}: {n} publishes did not go out within {within:?}");
+                }
+            }
+            None => sleep_with(&bar, args.duration),
+        }
+        let (last, publish_errors) = p.stop()?;
+        window = Some((last, publish_errors, t0.elapsed().as_secs_f64()));
+        fanout::settle(|| collect(&peers), shards, window_after, last, label, false);
+    } else if fanout_mode {
+        // A fan-out child: the parent publishes, then says which was the last.
+        let last = child_wait_done()?;
+        window = Some((last, 0, 0.0));
+        fanout::settle(|| collect(&peers), shards, window_after, last, label, true);
+    } else {
+        sleep_with(&bar, args.duration / 2);
+        if !child {
+            memory_held = Some(Snapshot::take(pids));
+        }
+        sleep_with(&bar, args.duration - args.duration / 2);
+    }
+    peers.broadcast(ClientCmd::Stop);
     let cpu = cpu.stop();
-    let rss_after = pid.and_then(procfs::rss_bytes);
+    let verified = (args.mode == Mode::Idle).then(|| verify_idle(&peers, args.connections));
+    // A shard with a backlog of answers to read (an overloaded run) may take a while to get to
+    // the command; its results still count.
+    let results = collect_within(&peers, Duration::from_secs(30));
     bar.finish_and_clear();
     pool.shutdown();
 
@@ -210,36 +305,48 @@ pub fn measure_on(
         tally.fail(1, || "a client shard did not report".into());
     }
     // Fan-out rates are over the window of publishes; the wait for the backlog is not in it.
-    let seconds = window.map_or(cpu.window, |w| w.3);
-    let fanout = window.map(|(first, last, publish_errors, _)| fanout::FanoutReport {
-        dropped_by_server: targets
-            .iter()
-            .map(|&t| fanout::server_dropped(t))
-            .sum::<Option<u64>>(),
-        ..fanout::FanoutReport::new(&results, first, last, publish_errors)
+    let seconds = window.map_or(cpu.window, |w| w.2);
+    let fanout = window.map(|(last, publish_errors, _)| fanout::FanoutReport {
+        dropped_by_server: (!child)
+            .then(|| fanout::servers_dropped(&servers.admin))
+            .flatten(),
+        ..fanout::FanoutReport::new(&results, window_after, last, publish_errors)
     });
     if let Some(f) = &fanout {
         tally.fail(f.publish_errors, || "a publish failed".into());
-        // A lost message is an error unless the server counted it (slow_consumer = "drop").
-        let uncounted = f.lost.saturating_sub(f.dropped_by_server.unwrap_or(0));
-        tally.fail(uncounted, || {
-            format!("{uncounted} messages lost that the server did not count as dropped")
-        });
+        // A lost message is an error unless the server counted it (slow_consumer = "drop"); a
+        // child cannot tell, its parent (which reads the servers' counts) judges.
+        if !child {
+            fanout::fail_uncounted(&mut tally, f);
+        }
         tally.fail(closed, || format!("the server closed {closed} subscribers"));
     }
-    if args.mode == Mode::Idle {
+    let idle = verified.map(|verified| {
         tally.fail(closed, || {
             format!("the server closed {closed} idle connections")
         });
-    }
-    let idle = (args.mode == Mode::Idle)
-        .then(|| IdleReport::new(args.connections, seconds, rss_before, rss_after));
+        let silent = (args.connections as u64).saturating_sub(verified + closed);
+        tally.fail(silent, || {
+            format!("{silent} idle connections did not answer their final probe")
+        });
+        IdleReport {
+            connections: args.connections,
+            held_seconds: seconds,
+            verified,
+        }
+    });
+    let memory = memory_before
+        .zip(memory_held)
+        .map(|(b, h)| MemoryReport::new(args.connections, servers.processes(), &b, &h, true));
     Ok(Measurement::builder(label, args)
         .counted(tally, seconds)
         .histogram(hist)
         .server_cpu(cpu)
         .idle(idle)
         .fanout(fanout)
+        .memory(memory)
+        .server_processes(servers.processes())
+        .connected_in(Some(connect_seconds))
         .build())
 }
 
@@ -273,7 +380,7 @@ impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 fn measure_connect(
     args: &BenchArgs,
     target: SocketAddr,
-    pid: Option<u32>,
+    pids: &[u32],
     label: &str,
 ) -> anyhow::Result<Measurement> {
     use std::io::{Read, Write};
@@ -390,7 +497,7 @@ fn measure_connect(
             })
             .collect();
         sleep_with(&bar, args.warmup);
-        cpu = Some(CpuMeter::start(pid));
+        cpu = Some(CpuMeter::start(pids));
         measuring.store(true, Ordering::Relaxed);
         sleep_with(&bar, args.duration);
         stop.store(true, Ordering::Relaxed);

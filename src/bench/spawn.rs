@@ -2,11 +2,17 @@
 //! `taskset` and optionally held to a CPU quota in a cgroup of their own.
 //!
 //! Every process is owned by a [`Spawned`] guard from the moment it exists, so any error after
-//! that (no readiness, no cgroup, a server that exits) stops it: the guard kills and reaps it on
-//! drop, then removes its cgroup. The quota's cgroup is created before the process, so a host
-//! where it cannot be (not root) fails before anything starts. A spawned shardnet announces its
-//! listeners over the sd_notify socket ([`crate::ready`]); another command is ready when its
-//! port accepts.
+//! that (no readiness, no cgroup, a server that exits) stops it: the guard kills it by pid and
+//! reaps it on drop, then removes its cgroup. If the bench itself is killed, the kernel kills
+//! every child with it (the parent-death signal, [`crate::sys::process::die_with_parent`]). The
+//! quota's cgroup is created before the process, so a host where it cannot be (not root) fails
+//! before anything starts. A spawned shardnet announces its listeners over the sd_notify socket
+//! ([`crate::ready`]); another command is ready when its port accepts.
+//!
+//! Past one process's descriptor limit, a [`ServerGroup`] of shardnet processes shares the
+//! ports with `reuse_port` (the kernel spreads connections over them by a hash of the
+//! addresses); each also has an HTTP listener of its own (`admin`) for what must reach one
+//! process: a publish, /metrics.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -281,14 +287,69 @@ impl StderrTail {
 }
 
 /// The configuration of a bench-spawned shardnet: echo and http listeners on free ports,
-/// timeouts off (the load decides when connections end).
-/// [`generated_config`] with a `[broker]` section for `broker_url` (its kind from the scheme).
-pub fn generated_config_with_broker(
+/// timeouts off (the load decides when connections end). With `--server-processes` above one,
+/// see [`group_config`].
+pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
+    config_with_broker(args, shards, None)
+}
+
+/// [`generated_config`] against `broker_url`, if given.
+fn config_with_broker(args: &BenchArgs, shards: usize, broker_url: Option<&str>) -> String {
+    match args.server_processes {
+        Some(k) if k > 1 => group_config(args, shards, 0, 0, broker_url),
+        _ => config_text(args, shards, None, broker_url),
+    }
+}
+
+/// The configuration of each process of a [`ServerGroup`]: the echo and http listeners on the
+/// given ports (0 for the first process, which picks them) with `reuse_port`, and an `admin`
+/// HTTP listener of the process's own on a free port.
+pub fn group_config(
     args: &BenchArgs,
     shards: usize,
+    echo: u16,
+    http: u16,
     broker_url: Option<&str>,
 ) -> String {
-    let mut c = generated_config(args, shards);
+    config_text(args, shards, Some((echo, http)), broker_url)
+}
+
+/// The generated configuration; with `broker_url`, a `[broker]` section for it (its kind from
+/// the scheme, a prefix of this bench's own so that runs sharing a broker do not mix).
+fn config_text(
+    args: &BenchArgs,
+    shards: usize,
+    shared: Option<(u16, u16)>,
+    broker_url: Option<&str>,
+) -> String {
+    let trigger = match args.trigger {
+        Some(TriggerArg::Level) => "level",
+        _ => "edge",
+    };
+    let balance = args.balance.as_deref().unwrap_or("round-robin");
+    let (echo, http) = shared.unwrap_or((0, 0));
+    let reuse = if shared.is_some() {
+        "reuse_port = true\n"
+    } else {
+        ""
+    };
+    let admin = if shared.is_some() {
+        "\n[[listener]]\nname = \"admin\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n"
+    } else {
+        ""
+    };
+    let compression = args
+        .compression
+        .as_deref()
+        .map_or(String::new(), |c| format!("compression = \"{c}\"\n"));
+    let mut c = format!(
+        "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
+         [limits]\nidle_timeout = \"0s\"\n\n\
+         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:{echo}\"\nservice = \"echo\"\nbacklog = 65535\n{reuse}\n\
+         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:{http}\"\nservice = \"http\"\nbacklog = 65535\n{reuse}\n\
+         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n{compression}\n\
+         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{compression}{admin}"
+    );
     if let Some(url) = broker_url {
         let kind = if url.starts_with("nats://") {
             "nats"
@@ -303,68 +364,172 @@ pub fn generated_config_with_broker(
     c
 }
 
-pub fn generated_config(args: &BenchArgs, shards: usize) -> String {
-    let trigger = match args.trigger {
-        Some(TriggerArg::Level) => "level",
-        _ => "edge",
+/// Connections one spawned shardnet process of `shards` shards holds under the descriptor limit
+/// `nofile` (its `max_connections = "auto"`).
+pub fn capacity(args: &BenchArgs, shards: usize, nofile: u64) -> usize {
+    let text = group_config(args, shards, 0, 0, None);
+    crate::config::Config::parse(&text, "generated")
+        .map(|c| c.max_connections_for(shards, Some(nofile)))
+        .unwrap_or(nofile.saturating_sub(64) as usize)
+}
+
+/// `K` shardnet processes on the same ports (`reuse_port`); each stopped by its own guard on
+/// drop, then the configuration file removed.
+pub struct ServerGroup {
+    procs: Vec<Spawned>,
+    _config: Option<TempPath>,
+}
+
+impl ServerGroup {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Spawned::pid).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// The listener `name` (the same port in every process).
+    pub fn addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        self.procs.first().context("no server process")?.addr(name)
+    }
+
+    /// Every process's own HTTP listener: where a publish or a /metrics read reaches that
+    /// process (`admin` in a group, the `http` listener of a single process).
+    pub fn own_http(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let name = if self.procs.len() > 1 {
+            "admin"
+        } else {
+            "http"
+        };
+        self.procs.iter().map(|p| p.addr(name)).collect()
+    }
+}
+
+/// Starts `k` shardnet processes of `shards` shards one after another, each confirmed ready by
+/// its announcement before the next starts. The first picks the ports; the others bind the same
+/// ones. They take `--server-cores` in turn ([`group_cores`]).
+pub fn shardnet_group(
+    args: &BenchArgs,
+    shards: usize,
+    k: usize,
+    broker_url: Option<&str>,
+) -> anyhow::Result<ServerGroup> {
+    if k <= 1 {
+        return Ok(ServerGroup {
+            procs: vec![shardnet_at(args, shards, None, broker_url)?],
+            _config: None,
+        });
+    }
+    if args.config.is_some() {
+        bail!(
+            "--server-processes {k} runs the generated configuration (shared ports with \
+             reuse_port, an admin listener per process): leave out --config"
+        );
+    }
+    if args.server_quota.is_some() {
+        bail!(
+            "--server-quota holds one process: it cannot be combined with --server-processes {k}"
+        );
+    }
+    let started = Instant::now();
+    let first = shardnet_at(args, shards, Some(0), broker_url)?;
+    let (echo, http) = (first.addr("echo")?.port(), first.addr("http")?.port());
+    let path = std::env::temp_dir().join(format!(
+        "shardnet-bench-{}-{shards}-group.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, group_config(args, shards, echo, http, broker_url))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut group = ServerGroup {
+        procs: vec![first],
+        _config: Some(TempPath(path.clone())),
     };
-    let balance = args.balance.as_deref().unwrap_or("round-robin");
-    let compression = args
-        .compression
-        .as_deref()
-        .map_or(String::new(), |c| format!("compression = \"{c}\"\n"));
-    format!(
-        "[server]\nshards = {shards}\npin = true\ntrigger = \"{trigger}\"\nbalance = \"{balance}\"\nstats_interval = \"0s\"\nshutdown_timeout = \"2s\"\n\n\
-         [limits]\nidle_timeout = \"0s\"\n\n\
-         [[listener]]\nname = \"echo\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\nbacklog = 65535\n\n\
-         [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\nbacklog = 65535\n\n\
-         [[listener.websocket]]\npath = \"/ws/echo\"\nmode = \"echo\"\nping_interval = \"0s\"\n{compression}\n\
-         [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nping_interval = \"0s\"\n{compression}"
-    )
+    for i in 1..k {
+        let p = start(args, shards, false, &path, None, Some(i))
+            .with_context(|| format!("server process {} of {k}", i + 1))?;
+        group.procs.push(p);
+    }
+    eprintln!(
+        "bench: {k} server processes of {shards} shard{} ready on ports {echo} (echo) and {http} (http) in {:.1}s",
+        if shards == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(group)
 }
 
 /// Starts this binary's `serve`, pinned to the server cores, and waits for its readiness
 /// announcement (its listeners' addresses); then puts it under the quota, if any.
 pub fn shardnet(args: &BenchArgs, shards: usize) -> anyhow::Result<Spawned> {
-    shardnet_process(args, shards, None, 0)
+    shardnet_at(args, shards, None, None)
 }
 
-/// [`shardnet`], one of several (`index`), against `broker_url` if given.
-pub fn shardnet_process(
+/// [`shardnet`], as process `index` of a group, against `broker_url` if given.
+fn shardnet_at(
     args: &BenchArgs,
     shards: usize,
+    index: Option<usize>,
     broker_url: Option<&str>,
-    index: usize,
 ) -> anyhow::Result<Spawned> {
     let (config_path, temp) = match &args.config {
         Some(p) => (p.clone(), None),
         None => {
             let p = std::env::temp_dir().join(format!(
-                "shardnet-bench-{}-{shards}-{index}.toml",
-                std::process::id()
+                "shardnet-bench-{}-{shards}-{}.toml",
+                std::process::id(),
+                index.unwrap_or(0)
             ));
-            std::fs::write(&p, generated_config_with_broker(args, shards, broker_url))
+            std::fs::write(&p, config_with_broker(args, shards, broker_url))
                 .with_context(|| format!("cannot write {}", p.display()))?;
             (p.clone(), Some(TempPath(p)))
         }
     };
-    let shards_flag = args.config.is_some().then_some(shards);
-    start_serve(args, &config_path, shards_flag, temp)
+    start(
+        args,
+        shards,
+        args.config.is_some(),
+        &config_path,
+        temp,
+        index,
+    )
 }
 
 /// Starts this binary's `serve --config PATH` like [`shardnet`] (pinned, under the quota), with
-/// a configuration the caller wrote.
+/// a configuration the caller wrote (its shard count is the file's).
 pub fn shardnet_with_config(args: &BenchArgs, config_path: &Path) -> anyhow::Result<Spawned> {
-    start_serve(args, config_path, None, None)
+    start(args, 1, false, config_path, None, None)
 }
 
-fn start_serve(
+/// The cores of process `i` of a group: its `shards` cores taken in turn from `cores`, so the
+/// processes spread over all of them (a single process gets them all).
+pub fn group_cores(cores: &[usize], shards: usize, i: Option<usize>) -> Vec<usize> {
+    let Some(i) = i.filter(|_| !cores.is_empty()) else {
+        return cores.to_vec();
+    };
+    let mut mine: Vec<usize> = (0..shards.max(1))
+        .map(|j| cores[(i * shards.max(1) + j) % cores.len()])
+        .collect();
+    mine.sort_unstable();
+    mine.dedup();
+    mine
+}
+
+/// Starts one shardnet process on `config_path` (removed with it when `temp` is given);
+/// `index` is its place in a group (its cores: [`group_cores`]); `shards_flag` passes `shards`
+/// as `--shards` (for a configuration file of the user's).
+fn start(
     args: &BenchArgs,
+    shards: usize,
+    shards_flag: bool,
     config_path: &Path,
-    shards: Option<usize>,
     temp: Option<TempPath>,
+    index: Option<usize>,
 ) -> anyhow::Result<Spawned> {
-    let cores = parse_cores(&args.server_cores)?;
+    let cores = group_cores(&parse_cores(&args.server_cores)?, shards, index);
     let taskset = taskset()?;
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let cgroup = args
@@ -373,8 +538,9 @@ fn start_serve(
         .transpose()?;
     let ready = ReadyListener::bind().context("cannot open the readiness socket")?;
     let mut cmd = pinned(&taskset, &cores);
+    crate::sys::process::die_with_parent(&mut cmd);
     cmd.arg(exe).arg("serve").arg("--config").arg(config_path);
-    if let Some(shards) = shards {
+    if shards_flag {
         cmd.arg("--shards").arg(shards.to_string());
     }
     let mut server = Spawned {
@@ -438,6 +604,7 @@ pub fn command(template: &str, cores: &[usize], quota: Option<Quota>) -> anyhow:
     let line = template.replace("{port}", &port.to_string());
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut cmd = pinned(&taskset, cores);
+    crate::sys::process::die_with_parent(&mut cmd);
     cmd.arg("sh").arg("-c").arg(format!("exec {line}"));
     let mut server = Spawned {
         child: cmd
@@ -543,6 +710,15 @@ pub fn broker(kind: super::args::BrokerArg) -> anyhow::Result<SpawnedBroker> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_processes_take_the_server_cores_in_turn() {
+        assert_eq!(group_cores(&[0, 1], 1, None), vec![0, 1]);
+        assert_eq!(group_cores(&[0, 1], 1, Some(0)), vec![0]);
+        assert_eq!(group_cores(&[0, 1], 1, Some(3)), vec![1]);
+        assert_eq!(group_cores(&[0, 1, 2, 3], 2, Some(1)), vec![2, 3]);
+        assert_eq!(group_cores(&[5], 2, Some(7)), vec![5]);
+    }
 
     #[test]
     fn programs_are_found_on_path_or_by_path() {

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use super::args::BenchArgs;
 use super::compare::median;
 use super::report::{us, write_json};
-use super::run::measure;
+use super::run::{measure, Servers};
 use super::{plot, spawn};
 
 /// Where the sweep writes its JSON (and the SVG beside it) without `--json`: under bench-out/,
@@ -38,12 +38,8 @@ pub(super) fn sweep(args: &BenchArgs, list: &str) -> anyhow::Result<i32> {
         let mut p99 = Vec::new();
         for round in 0..args.rounds.max(1) {
             let server = spawn::shardnet(args, n)?;
-            let m = measure(
-                args,
-                server.addr(args.listener())?,
-                Some(server.pid()),
-                &format!("shards={n}#{}", round + 1),
-            )?;
+            let servers = Servers::one(server.addr(args.listener())?, Some(server.pid()));
+            let m = measure(args, &servers, &format!("shards={n}#{}", round + 1))?;
             eprintln!(
                 "shards={n} round {}: {:.0} req/s, p99 {} us",
                 round + 1,

@@ -29,7 +29,7 @@ pub struct WrkOutput {
 pub fn measure(
     args: &BenchArgs,
     target: SocketAddr,
-    pid: Option<u32>,
+    pids: &[u32],
     label: &str,
 ) -> anyhow::Result<Measurement> {
     // Both programs are checked here, so that a missing wrk is not reported as taskset's
@@ -80,7 +80,7 @@ pub fn measure(
         if !args.warmup.is_zero() {
             run(args.warmup, false)?;
         }
-        let cpu = CpuMeter::start(pid);
+        let cpu = CpuMeter::start(pids);
         let text = run(args.duration, true)?;
         let cpu = cpu.stop();
         let parsed =

@@ -101,6 +101,7 @@ impl AuthConfig {
 pub struct PublicKeyConfig {
     /// Selects this key by the token header's `kid`; empty = the key for tokens without one.
     pub kid: String,
+    /// The one algorithm this key verifies.
     pub alg: KeyAlg,
     /// The PEM file (`-----BEGIN PUBLIC KEY-----`).
     pub file: String,
@@ -119,8 +120,11 @@ impl Default for PublicKeyConfig {
 /// The public-key algorithms a key can be fixed to (HS256 is the secret's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyAlg {
+    /// RSA with SHA-256 (keys of at least 2048 bits).
     RS256,
+    /// ECDSA on P-256 with SHA-256.
     ES256,
+    /// Ed25519.
     EdDSA,
 }
 

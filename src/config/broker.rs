@@ -21,7 +21,9 @@ use super::{duration, size};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// Which broker, if any.
     pub kind: BrokerKind,
+    /// Where it is (its password or token is never shown).
     pub url: BrokerUrl,
     /// Prepended to every topic to make the channel (Redis) or subject (NATS) name, so that
     /// several deployments can share one broker.
@@ -101,15 +103,20 @@ impl Serialize for BrokerConfig {
     }
 }
 
+/// `broker.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
+    /// No broker: pub/sub within the process.
     None,
+    /// Redis or Valkey pub/sub.
     Redis,
+    /// NATS core subjects.
     Nats,
 }
 
 impl BrokerKind {
+    /// The value as the file spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             BrokerKind::None => "none",
@@ -152,6 +159,7 @@ impl BrokerUrl {
         &self.0
     }
 
+    /// Whether no url is set.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

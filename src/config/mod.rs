@@ -32,35 +32,51 @@ use serde::{Deserialize, Serialize, Serializer};
 pub use auth::{AuthConfig, KeyAlg, PublicKeyConfig, RouteAuth};
 pub use broker::{BrokerConfig, BrokerKind, BrokerUrl};
 pub use tls::ListenerTls;
-pub use units::{duration, size};
+pub(crate) use units::{duration, size};
 
+/// The embedded default configuration (`config/shardnet.toml`): what `shardnet serve` runs
+/// without `--config`, and the documentation of every key.
 pub const DEFAULT_TOML: &str = include_str!("../../config/shardnet.toml");
+/// How errors in [`DEFAULT_TOML`] name it.
 pub const DEFAULT_NAME: &str = "<embedded default>";
 
+/// Why a configuration was refused. Each names the file and, where it can, the line, column
+/// and dotted key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The Display includes the OS error; print it alone, not with its `source()` chain after it
-    /// (the CLI does), or the reason appears twice.
+    /// The file could not be read. The Display includes the OS error; print it alone, not with
+    /// its `source()` chain after it (the CLI does), or the reason appears twice.
     #[error("{path}: cannot read: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// A key has a value that is refused (a wrong type, out of range, inconsistent with another).
     #[error("{file}:{line}:{column}: {}{reason}", key_label(.key))]
     Invalid {
+        /// The file, as it was named.
         file: String,
+        /// 1-based line of the key (or of its table, for a defaulted key).
         line: usize,
+        /// 1-based column.
         column: usize,
         /// The dotted key at fault, such as `listener[1].websocket[0].path`.
         key: String,
+        /// Why, in one line.
         reason: String,
     },
     /// The file is not TOML: there is no key to name, only where the parser stopped.
     #[error("{file}:{line}:{column}: syntax error: {reason}")]
     Syntax {
+        /// The file, as it was named.
         file: String,
+        /// 1-based line where the parser stopped.
         line: usize,
+        /// 1-based column.
         column: usize,
+        /// The parser's message, in one line.
         reason: String,
     },
 }
@@ -73,37 +89,58 @@ fn key_label(key: &str) -> String {
     }
 }
 
+/// A whole configuration file: `shardnet serve`'s, or one a service built on the library loads
+/// ([`Config::load`]) to start the engine with [`crate::app::engine`]. Every key is optional;
+/// `config/shardnet.toml` ([`DEFAULT_TOML`]) documents each with its default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: shards, pinning, balance, connection limit, buffers.
     pub server: ServerConfig,
+    /// `[limits]`: per-connection timeouts and buffer bounds (reloadable).
     pub limits: LimitsConfig,
+    /// `[log]`.
     pub log: LogConfig,
+    /// `[offload]`: the pool blocking work goes to.
+    pub offload: OffloadConfig,
+    /// `[auth]`: who may connect, subscribe and publish (tokens, API keys, rate limit).
     pub auth: AuthConfig,
     /// Pub/sub across processes and hosts (`kind = "none"`: in-process only).
     pub broker: BrokerConfig,
+    /// Every `[[listener]]`, in order (at least one).
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
 }
 
+/// `[server]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// Shards (worker threads): `"auto"` or a count.
     pub shards: Shards,
+    /// Pin each shard to a core.
     pub pin: bool,
+    /// The cores to pin to, one per shard (empty: the allowed cores in order).
     pub cores: Vec<usize>,
+    /// How new connections are spread over the shards.
     pub balance: Balance,
+    /// Edge- or level-triggered epoll.
     pub trigger: Trigger,
     /// Connections the server holds at once; see [`Config::max_connections_for`].
     pub max_connections: MaxConnections,
+    /// How long a drain may take before the rest is closed.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Period of the statistics log line (zero: off).
     #[serde(with = "duration")]
     pub stats_interval: Duration,
+    /// Size of each shard's one read buffer.
     #[serde(with = "size")]
     pub read_buffer: usize,
+    /// Bytes read from one connection per wake before the others get a turn.
     #[serde(with = "size")]
     pub read_budget: usize,
+    /// Events fetched per `epoll_wait`.
     pub events_per_wait: usize,
     /// The Unix socket a new process takes this one over through (`serve --takeover`,
     /// `shardnet upgrade`); `None` (the file's `""`): off.
@@ -130,15 +167,20 @@ impl Default for ServerConfig {
     }
 }
 
+/// `[limits]`: what each connection may hold and how long it may stall (reloadable).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// A connection with nothing queued is closed after this long without input (zero: never).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// Queued output at which reading from the connection pauses.
     #[serde(with = "size")]
     pub max_write_buffer: usize,
+    /// A connection whose queued output made no progress for this long is closed.
     #[serde(with = "duration")]
     pub write_timeout: Duration,
+    /// Unconsumed input beyond which a connection is closed.
     #[serde(with = "size")]
     pub max_read_buffer: usize,
 }
@@ -154,9 +196,43 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[offload]`: the pool of threads a service hands blocking work to
+/// ([`crate::server::Peers::offload`]). It exists only once a service offloads something; the
+/// built-in services do not, so these keys matter to services built on the library that load
+/// this configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// Threads that run jobs.
+    pub threads: usize,
+    /// Jobs that may wait for a thread; one more (beyond the running ones) is refused.
+    pub queue: usize,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        let spec = crate::server::OffloadSpec::default();
+        OffloadConfig {
+            threads: spec.threads,
+            queue: spec.queue,
+        }
+    }
+}
+
+impl From<&OffloadConfig> for crate::server::OffloadSpec {
+    fn from(c: &OffloadConfig) -> Self {
+        crate::server::OffloadSpec {
+            threads: c.threads,
+            queue: c.queue,
+        }
+    }
+}
+
+/// `[log]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// The log level (`SHARDNET_LOG` overrides it).
     pub level: LogLevel,
 }
 
@@ -168,18 +244,26 @@ impl Default for LogConfig {
     }
 }
 
+/// A log level, as the file spells it (`"info"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
+    /// Nothing.
     Off,
+    /// Errors only.
     Error,
+    /// Warnings and errors.
     Warn,
+    /// The default: start, reloads, statistics, warnings, errors.
     Info,
+    /// More detail.
     Debug,
+    /// Everything.
     Trace,
 }
 
 impl LogLevel {
+    /// The `log` crate's filter for this level.
     pub fn to_level_filter(self) -> log::LevelFilter {
         match self {
             LogLevel::Off => log::LevelFilter::Off,
@@ -210,20 +294,29 @@ impl LogLevel {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
+    /// Unique name, used in logs and metrics.
     pub name: String,
+    /// Address and port (port 0 picks one).
     #[serde(deserialize_with = "socket_addr")]
     pub addr: SocketAddr,
+    /// What the built-in server runs on it.
     pub service: ServiceKind,
+    /// `listen(2)` backlog.
     pub backlog: u32,
+    /// SO_REUSEPORT, for a zero-downtime restart.
     pub reuse_port: bool,
+    /// HTTP: a request head larger than this gets 431.
     #[serde(deserialize_with = "size::deserialize")]
     pub max_header: usize,
+    /// HTTP: a body larger than this gets 413.
     #[serde(deserialize_with = "size::deserialize")]
     pub max_body: usize,
+    /// HTTP: a request not complete within this gets 408.
     #[serde(deserialize_with = "duration::deserialize")]
     pub header_timeout: Duration,
     /// Serve /metrics and /stats on this listener (turn off on public listeners).
     pub admin_routes: bool,
+    /// HTTP: the listener's WebSocket routes.
     pub websocket: Vec<WsRouteConfig>,
     /// Terminate TLS on this listener (echo or HTTP).
     pub tls: Option<TlsConfig>,
@@ -283,6 +376,7 @@ pub struct TlsConfig {
     /// PEM CA certificates; when set, every client must present a certificate they signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<PathBuf>,
+    /// The oldest TLS version accepted.
     #[serde(default)]
     pub min_version: TlsVersion,
     /// A handshake not finished within this is closed (and counted).
@@ -297,25 +391,35 @@ fn default_handshake_timeout() -> Duration {
 /// The oldest TLS version a listener accepts: `"1.2"` or `"1.3"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (the default).
     #[default]
     #[serde(rename = "1.2")]
     Tls12,
+    /// TLS 1.3 only.
     #[serde(rename = "1.3")]
     Tls13,
 }
 
+/// One `[[listener.websocket]]` route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WsRouteConfig {
+    /// URL path of the upgrade.
     pub path: String,
+    /// Echo or pub/sub.
     pub mode: WsMode,
+    /// Larger messages close the connection with 1009.
     #[serde(with = "size")]
     pub max_message: usize,
+    /// Ping a connection idle this long (zero: never).
     #[serde(with = "duration")]
     pub ping_interval: Duration,
+    /// Close a pinged connection that does not answer within this.
     #[serde(with = "duration")]
     pub pong_timeout: Duration,
+    /// What happens to pub/sub messages for a subscriber that does not read.
     pub slow_consumer: SlowConsumer,
+    /// Origin values accepted on upgrade (empty: any).
     pub allowed_origins: Vec<String>,
     /// Topics one connection may subscribe to at once (pub/sub routes).
     pub max_topics: usize,
@@ -352,11 +456,14 @@ impl Default for WsRouteConfig {
 /// `"auto"` (the CPUs this process may use, cgroup quota included) or a positive count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shards {
+    /// The CPUs this process may use.
     Auto,
+    /// This many.
     Count(NonZeroUsize),
 }
 
 impl Shards {
+    /// The count, given the CPUs `available`.
     pub fn resolve(&self, available: usize) -> usize {
         match self {
             Shards::Auto => available.max(1),
@@ -369,7 +476,9 @@ impl Shards {
 /// at start by [`Config::max_connections_for`]) or a positive count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaxConnections {
+    /// The descriptor limit less a reserve.
     Auto,
+    /// This many.
     Count(NonZeroUsize),
 }
 
@@ -496,32 +605,45 @@ mod auto_or_count {
     }
 }
 
+/// `server.balance`: how new connections are spread over the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balance {
+    /// In turn.
     RoundRobin,
+    /// To the shard with the fewest open connections.
     LeastConnections,
+    /// Each shard accepts on its own SO_REUSEPORT socket (no acceptor thread).
     Reuseport,
 }
 
+/// `server.trigger`: the epoll mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
+    /// EPOLLET: read until drained or `read_budget`.
     Edge,
+    /// Level-triggered.
     Level,
 }
 
+/// `listener.service`: what the built-in server runs on a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceKind {
+    /// Echo every byte back.
     Echo,
+    /// HTTP/1.1, with its WebSocket routes.
     Http,
 }
 
+/// `listener.websocket.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WsMode {
+    /// Echo every message back.
     Echo,
+    /// Subscribe to and publish on topics.
     Pubsub,
 }
 
@@ -537,10 +659,13 @@ pub enum Compression {
     Dedicated,
 }
 
+/// `listener.websocket.slow_consumer`: a subscriber whose output is over `max_write_buffer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumer {
+    /// Its messages are dropped (and counted).
     Drop,
+    /// It is closed with 1008.
     Disconnect,
 }
 
@@ -594,7 +719,9 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
 /// at fault and why, located in the file like the configuration's own errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyError {
+    /// The dotted key at fault.
     pub key: String,
+    /// Why, in one line.
     pub reason: String,
 }
 
@@ -634,6 +761,7 @@ impl Config {
         Ok((config, made))
     }
 
+    /// Reads and parses the file at `path` ([`Config::parse`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Ok(Config::read(path)?.0)
     }
@@ -1115,6 +1243,28 @@ mod tests {
             "[limits]\nmax_read_buffer = \"64KiB\"\n",
         );
         assert_eq!(err(&over).2, "listener[0].websocket[0].max_message");
+    }
+
+    #[test]
+    fn offload_takes_bounded_threads_and_queue() {
+        let c = Config::parse(L, "t").unwrap();
+        assert_eq!((c.offload.threads, c.offload.queue), (8, 1024));
+        let c = Config::parse(&format!("[offload]\nthreads = 2\nqueue = 10\n{L}"), "t").unwrap();
+        let spec = crate::server::OffloadSpec::from(&c.offload);
+        assert_eq!((spec.threads, spec.queue), (2, 10));
+        for (k, v) in [
+            ("threads", "0"),
+            ("threads", "1025"),
+            ("queue", "0"),
+            ("queue", "1000001"),
+        ] {
+            let (line, col, key, reason) = err(&format!("[offload]\n{k} = {v}\n{L}"));
+            assert_eq!((line, col), (2, 1), "{k} = {v}: {reason}");
+            assert_eq!(key, format!("offload.{k}"));
+            assert!(reason.contains("between"), "{reason}");
+        }
+        let (line, _, key, _) = err(&format!("[offload]\nthreads = \"many\"\n{L}"));
+        assert_eq!((line, key.as_str()), (2, "offload.threads"));
     }
 
     #[test]

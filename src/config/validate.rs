@@ -13,6 +13,11 @@ use super::{duration, size, Config, ConfigError, RouteAuth, ServiceKind, Shards,
 /// a frame of `max_message` bytes occupies this much more in the read buffer.
 const WS_MAX_FRAME_HEADER: usize = 14;
 
+/// Bounds of `[offload]`: threads beyond a thousand are a misconfiguration, and a queue beyond a
+/// million jobs is no longer backpressure.
+const MAX_OFFLOAD_THREADS: usize = 1024;
+const MAX_OFFLOAD_QUEUE: usize = 1_000_000;
+
 /// Keys a listener takes only when `service = "http"`.
 const HTTP_ONLY_KEYS: &[&str] = &["max_header", "max_body", "header_timeout", "admin_routes"];
 
@@ -57,6 +62,18 @@ impl Config {
                     ),
                 );
             }
+        }
+        if !(1..=MAX_OFFLOAD_THREADS).contains(&self.offload.threads) {
+            return fail(
+                "offload.threads",
+                format!("must be between 1 and {MAX_OFFLOAD_THREADS}"),
+            );
+        }
+        if !(1..=MAX_OFFLOAD_QUEUE).contains(&self.offload.queue) {
+            return fail(
+                "offload.queue",
+                format!("must be between 1 and {MAX_OFFLOAD_QUEUE}"),
+            );
         }
         let limits = &self.limits;
         if limits.max_write_buffer == 0 {

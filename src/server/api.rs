@@ -14,7 +14,7 @@
 //! - Output that makes no progress for `write_timeout` closes the connection, whatever its size;
 //!   reading pauses while `max_write_buffer` or more is queued.
 //! - A callback that panics closes that connection only ([`CloseReason::Panic`], counted in
-//!   `service_panics`); the shard carries on. `wants_ticks` and `State::default` must not panic:
+//!   `service_panics`); the shard carries on. `next_wake` and `State::default` must not panic:
 //!   a panic there ends the shard, which the server then reports (`dead_shards`).
 //!
 //! ```
@@ -59,10 +59,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::conn::Token;
-use crate::server::port::DataTx;
+use crate::server::offload::{Offload, OffloadError};
+use crate::server::port::QueueTx;
 use crate::server::shard::state::{Ctl, Env, Flags};
 use crate::server::shard::Core;
-use crate::stats::StatsView;
+use crate::stats::{Registry, StatsView};
 use crate::sys::{socket, waker::Waker};
 
 /// Why a connection closed.
@@ -125,13 +126,16 @@ pub trait Service: 'static {
         conn.close();
     }
 
-    /// Called once per timer tick (10 ms) while the shard is awake, before its events.
+    /// Called once per timer tick (10 ms) while the shard is awake, before its events, and at
+    /// the instant [`Service::next_wake`] asked for.
     fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
-    /// Whether the shard must wake every tick even with nothing else to do (the load
-    /// generator's open loop). Otherwise an idle shard sleeps until an event or a timer.
-    fn wants_ticks(&self) -> bool {
-        false
+    /// An instant at which the shard must wake and call [`Service::on_tick`] even with nothing
+    /// else to do, to the microsecond rather than at the next 10 ms tick (the load generator's
+    /// open loop sends each request at its intended time). `None` (the default): an idle shard
+    /// sleeps until an event or a timer. Asked once per loop turn.
+    fn next_wake(&self) -> Option<std::time::Instant> {
+        None
     }
 
     /// A message from another thread.
@@ -176,15 +180,28 @@ pub trait Service: 'static {
     fn import(&mut self, _conn: &mut Conn<'_, Self::State>, _blob: &[u8]) -> Result<(), String> {
         Err("this service takes no connection over".into())
     }
+    // --- Offloaded work ([`Peers::offload`]) ---
+
+    /// The result of a job this connection handed to the offload pool with
+    /// [`Peers::offload`], back on the connection's own shard. Results come in the order the
+    /// jobs finish, not the order they were submitted. Not called when the connection closed
+    /// (or began closing) meanwhile: that result is dropped and counted. The default drops it.
+    fn on_offload(&mut self, _conn: &mut Conn<'_, Self::State>, _result: Self::Command) {}
 }
 
 /// What a service's constructor gets, on the shard's own thread.
 pub struct ShardInfo {
     /// The pool's counters, read-only (for `/metrics` and health checks).
     pub stats: StatsView,
+    /// Where this shard's service registers counters of its own.
+    pub counters: Registry,
+    /// This shard's index (0-based).
     pub shard: usize,
+    /// How many shards the server runs.
     pub shards: usize,
+    /// When the server started.
     pub started: Instant,
+    /// The timer tick: timers and timeouts are rounded up to it.
     pub tick: Duration,
 }
 
@@ -198,6 +215,8 @@ pub struct Conn<'a, St> {
 }
 
 impl<St> Conn<'_, St> {
+    /// The connection's token: its name on this shard for its whole life (for
+    /// [`Ctx::with_conn`] and [`Service::on_close`]), never reused by a later connection.
     pub fn token(&self) -> Token {
         self.token
     }
@@ -207,10 +226,12 @@ impl<St> Conn<'_, St> {
         self.ctl.listener as usize
     }
 
+    /// The shard the connection lives on.
     pub fn shard(&self) -> usize {
         self.env.shard
     }
 
+    /// The service's state for this connection.
     pub fn state(&mut self) -> &mut St {
         self.state
     }
@@ -268,6 +289,32 @@ impl<St> Conn<'_, St> {
         self.ctl.flags.set(Flags::RESUME);
     }
 
+    /// Stops reading from this connection (and offering it input) until [`Conn::resume_reading`]:
+    /// for a service waiting on something (an offloaded job, another shard) before it takes the
+    /// next request. Input already received stays buffered; the socket's buffers then fill and
+    /// TCP holds the client back. While paused a reset from the peer is noticed, its FIN only
+    /// once reading resumes (so a half-closed client still gets its answers). Timeouts run as
+    /// usual.
+    pub fn pause_reading(&mut self) {
+        self.ctl.flags.set(Flags::HELD);
+    }
+
+    /// Undoes [`Conn::pause_reading`]: the input left unconsumed is offered again (without
+    /// waiting for new bytes) and the socket is read again.
+    pub fn resume_reading(&mut self) {
+        if self.ctl.flags.has(Flags::HELD) {
+            self.ctl.flags.clear(Flags::HELD);
+            if self.ctl.input.is_some() {
+                self.ctl.flags.set(Flags::RESUME);
+            }
+        }
+    }
+
+    /// Whether reading is paused by [`Conn::pause_reading`].
+    pub fn reading_paused(&self) -> bool {
+        self.ctl.flags.has(Flags::HELD)
+    }
+
     /// Whether the connection is closing (asked to, or already on its way out).
     pub fn is_closing(&self) -> bool {
         !self.ctl.is_open()
@@ -280,6 +327,7 @@ impl<St> Conn<'_, St> {
         self.ctl.flags.set(Flags::TIMER.union(Flags::TIMER_SET));
     }
 
+    /// Disarms the timer set with [`Conn::set_timer`].
     pub fn clear_timer(&mut self) {
         self.ctl.flags.clear(Flags::TIMER);
     }
@@ -311,31 +359,37 @@ impl<St> Ctx<'_, St> {
         self.core.call(token, f)
     }
 
+    /// The time of the current wake-up (read once per loop, not per call).
     pub fn now(&self) -> Instant {
         self.core.env.now
     }
 
+    /// The shard this runs on.
     pub fn shard(&self) -> usize {
         self.core.env.shard
     }
 
+    /// The server is shutting down.
     pub fn draining(&self) -> bool {
         self.core.env.draining
     }
 
+    /// Connections open on this shard.
     pub fn connections(&self) -> usize {
         self.core.conns.len()
     }
 }
 
-/// A service's way to reach every shard (pub/sub fan-out): each shard's bounded data channel,
-/// followed by a wake of its eventfd.
+/// A service's way to reach other threads: every shard (pub/sub fan-out, requests to the shard
+/// that owns some data), through each shard's bounded data channel followed by a wake of its
+/// eventfd; and the offload pool ([`Peers::offload`]), whose results come back the same way.
 pub struct Peers<C> {
     pub(crate) ports: Arc<[PeerPort<C>]>,
+    pub(crate) offload: Arc<Offload<C>>,
 }
 
 pub(crate) struct PeerPort<C> {
-    pub(crate) data: DataTx<C>,
+    pub(crate) data: QueueTx<C>,
     pub(crate) waker: Waker,
 }
 
@@ -343,29 +397,56 @@ impl<C> Clone for Peers<C> {
     fn clone(&self) -> Self {
         Peers {
             ports: self.ports.clone(),
+            offload: self.offload.clone(),
         }
     }
 }
 
 impl<C: Send + 'static> Peers<C> {
+    /// How many shards there are (the valid indexes of [`Peers::send`]).
     pub fn len(&self) -> usize {
         self.ports.len()
     }
 
+    /// Whether there are no shards (never, for a running server).
     pub fn is_empty(&self) -> bool {
         self.ports.is_empty()
+    }
+
+    /// How many commands each shard's data channel holds before [`Peers::send`] refuses: a
+    /// service that must never lose a reply keeps its messages in flight under it.
+    pub fn capacity(&self) -> usize {
+        self.ports.first().map_or(0, |p| p.data.capacity())
+    }
+
+    /// Runs `job` on a thread of the offload pool (started by the first job), and hands its
+    /// result to [`Service::on_offload`] with this connection, on this connection's shard. Never
+    /// blocks: a full pool (`threads + queue` jobs in flight) refuses at once, and the job is
+    /// dropped without running.
+    ///
+    /// The job must not borrow from the connection or the service (it runs on another thread):
+    /// move what it needs into it, and the result carries what comes back.
+    pub fn offload<St>(
+        &self,
+        conn: &Conn<'_, St>,
+        job: impl FnOnce() -> C + Send + 'static,
+    ) -> Result<(), OffloadError> {
+        self.offload
+            .submit(conn.env.shard, conn.token, Box::new(job))
     }
 
     /// Sends to one shard without blocking; false if its queue is full or the shard is gone
     /// (the caller counts it).
     pub fn send(&self, shard: usize, msg: C) -> bool {
+        self.try_send(shard, msg).is_ok()
+    }
+
+    /// [`Peers::send`], giving the message back when it is refused.
+    pub fn try_send(&self, shard: usize, msg: C) -> Result<(), C> {
         let port = &self.ports[shard];
-        if port.data.try_send(msg).is_ok() {
-            port.waker.wake();
-            true
-        } else {
-            false
-        }
+        port.data.try_send(msg)?;
+        port.waker.wake();
+        Ok(())
     }
 
     /// Sends a clone to every shard; returns how many queues accepted it.

@@ -10,25 +10,34 @@
 //! Ownership rule: a shard alone owns its connections, its epoll instance, its timer wheel and
 //! its buffers. Only three things cross threads: messages on a shard's bounded channels (control:
 //! drain and new limits, each acknowledged; new sockets from the acceptor; data: a service's
-//! pub/sub messages), each followed by a wake of the shard's eventfd; the per-shard counters,
-//! written by their owner and read by anyone; and stats snapshots. No lock is taken on the hot
-//! path.
+//! messages to other shards; results of offloaded jobs), each followed by a wake of the shard's
+//! eventfd when it sleeps; the per-shard counters, written by their owner and read by anyone; and
+//! stats snapshots. No lock is taken on the hot path.
+//!
+//! The API: a protocol implements [`Service`] and is given a [`Conn`] during a connection's
+//! callbacks, a [`Ctx`] for the shard's other connections, [`Peers`] to reach the other shards
+//! and the offload pool ([`Peers::offload`]), and a [`ShardInfo`] when it is built; a
+//! [`ServerBuilder`] takes listeners ([`ListenerSpec`]), shards, [`Pinning`], [`Balance`],
+//! [`Limits`], [`Tuning`] and an [`OffloadSpec`], and starts a [`Server`] with one service per
+//! shard.
 //!
 //! Layers: the engine (`sys`, `conn`, `timer`, `stats`, `server`) knows nothing of the product
 //! (its configuration file, routes, pub/sub or metrics pages): the product builds a [`Server`]
 //! with [`Server::builder`] from its own configuration. `tests/layers.rs` holds the rule.
 //!
-//! Files: [`api`] (the service trait and its handles), `listener` (one accept step and its
-//! overload policy), `acceptor` (the acceptor thread), `port` (a shard's channels), `pool` (the
-//! shard threads, control and acknowledgements), `shard/` (the run loop, the connection
+//! Files: `api` (the service trait and its handles), `offload` (the offload pool), `listener`
+//! (one accept step and its overload policy), `acceptor` (the acceptor thread), `port` (a
+//! shard's channels), `pool` (the shard threads, control and acknowledgements), `shard/` (the
+//! run loop, the connection
 //! lifecycle, the read and write paths, and TLS between the socket and the service for the
 //! listeners with [`ListenerSpec::tls`]), [`handover`] (restart without dropping a connection:
 //! the control socket, and listeners and connections moving to a new process).
 
 pub(crate) mod acceptor;
-pub mod api;
+mod api;
 pub mod handover;
 pub(crate) mod listener;
+pub(crate) mod offload;
 mod pool;
 pub(crate) mod port;
 pub(crate) mod shard;
@@ -42,14 +51,17 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+pub use crate::tls::TlsAcceptor;
 pub use api::{CloseReason, Conn, Ctx, Peers, Service, ShardInfo, Token};
 pub use handover::{Takeover, TakeoverReport};
-pub use pool::{ControlError, PoolSpec, ShardPool};
+pub use offload::{OffloadError, OffloadSpec};
+pub use pool::ControlError;
+pub(crate) use pool::{PoolSpec, ShardPool};
 pub use shard::TICK;
 
 use crate::stats::{Snapshot, StatsView};
 use crate::sys::{affinity, socket, waker::Waker};
-use crate::tls::{TlsAcceptor, TlsConnector};
+use crate::tls::TlsConnector;
 use acceptor::{Acceptor, AcceptorControl};
 use handover::{ControlEvent, ControlThread, Giver, HandoverError, OfferedSockets};
 use listener::Listener;
@@ -88,6 +100,7 @@ pub struct Tuning {
     pub read_buffer: usize,
     /// Bytes read from one connection per wake before the others get a turn.
     pub read_budget: usize,
+    /// Events fetched per `epoll_wait`.
     pub events_per_wait: usize,
     /// How long a drain may take before the remaining connections are closed.
     pub shutdown_timeout: Duration,
@@ -137,6 +150,7 @@ pub struct ListenerSpec {
     pub name: String,
     /// Port 0 picks a free port ([`Server::addr`] tells which).
     pub addr: SocketAddr,
+    /// The `listen(2)` backlog.
     pub backlog: u32,
     /// SO_REUSEPORT, so another process can bind the same port (zero-downtime restart).
     pub reuse_port: bool,
@@ -145,10 +159,11 @@ pub struct ListenerSpec {
     pub tls: Option<TlsSpec>,
 }
 
-/// TLS on a listener (or, for the load generator's pool, on the connections it adopts).
+/// TLS on a listener ([`TlsSpec::server`]); for the load generator's pool, on the connections
+/// it adopts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSpec {
-    pub side: TlsSide,
+    pub(crate) side: TlsSide,
     /// A handshake not finished within this closes its connection (counted in
     /// `tls_handshake_timeouts`).
     pub handshake_timeout: Duration,
@@ -156,7 +171,7 @@ pub struct TlsSpec {
 
 /// Which end of TLS the shard is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TlsSide {
+pub(crate) enum TlsSide {
     /// A listener's: the configuration new handshakes use ([`Server::set_tls`] replaces it).
     Server(TlsAcceptor),
     /// The load generator's: it sends the ClientHello when it adopts a connection.
@@ -164,6 +179,8 @@ pub enum TlsSide {
 }
 
 impl TlsSpec {
+    /// A listener terminating TLS with `acceptor`'s configuration (certificate, key, versions,
+    /// ALPN); a handshake not finished within `handshake_timeout` closes its connection.
     pub fn server(acceptor: TlsAcceptor, handshake_timeout: Duration) -> TlsSpec {
         TlsSpec {
             side: TlsSide::Server(acceptor),
@@ -171,7 +188,8 @@ impl TlsSpec {
         }
     }
 
-    pub fn client(connector: TlsConnector, handshake_timeout: Duration) -> TlsSpec {
+    /// The load generator's side: each adopted connection starts a handshake with `connector`.
+    pub(crate) fn client(connector: TlsConnector, handshake_timeout: Duration) -> TlsSpec {
         TlsSpec {
             side: TlsSide::Client(connector),
             handshake_timeout,
@@ -192,17 +210,25 @@ impl ListenerSpec {
     }
 }
 
+/// Why a server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// A listener's address could not be bound (in use, not local, not permitted).
     #[error("listener `{name}`: cannot listen on {addr}")]
     Bind {
+        /// The listener's name.
         name: String,
+        /// The address asked for.
         addr: SocketAddr,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// A thread or a descriptor the server needs could not be created.
     #[error("cannot start {what}")]
     Start {
+        /// What could not be started (`a shard thread`, `the acceptor's eventfd`, ...).
         what: String,
+        /// What the OS said.
         source: std::io::Error,
     },
 }
@@ -218,6 +244,7 @@ pub struct ServerBuilder {
     max_connections: Option<usize>,
     limits: Limits,
     tuning: Tuning,
+    offload: OffloadSpec,
     /// Listening sockets taken over from an old process, by listener name: used instead of
     /// binding ([`handover::Takeover::take_listeners`]).
     inherited: Vec<(String, Arc<[TcpListener]>)>,
@@ -258,13 +285,23 @@ impl ServerBuilder {
         self
     }
 
+    /// The limits every shard starts with (default [`Limits::default`]; changed later with
+    /// [`Server::set_limits`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
     }
 
+    /// Engine settings (default [`Tuning::default`]).
     pub fn tuning(mut self, tuning: Tuning) -> Self {
         self.tuning = tuning;
+        self
+    }
+
+    /// The size of the offload pool ([`Peers::offload`]); default [`OffloadSpec::default`]. The
+    /// pool's threads start with the first job: a server whose service never offloads has none.
+    pub fn offload(mut self, spec: OffloadSpec) -> Self {
+        self.offload = spec;
         self
     }
 
@@ -283,7 +320,7 @@ impl ServerBuilder {
 
     /// The pool layout this builder asks for, resolved on this host: shard count and the core
     /// of each shard.
-    pub fn pool_spec(&self) -> PoolSpec {
+    pub(crate) fn pool_spec(&self) -> PoolSpec {
         let n = self.shards.unwrap_or_else(affinity::usable_cpus).max(1);
         let cores: Vec<Option<usize>> = match &self.pinning {
             Pinning::Off => vec![None; n],
@@ -308,6 +345,7 @@ impl ServerBuilder {
             cores,
             limits: self.limits,
             tuning: self.tuning,
+            offload: self.offload,
             tls: self.listeners.iter().map(|l| l.tls.clone()).collect(),
         }
     }
@@ -354,7 +392,8 @@ impl ServerBuilder {
                 // sockets taken over are dealt out first.
                 if sockets.len() < spec.shards && !reusable {
                     log::warn!(
-                        "listener `{}`: the socket taken over has no SO_REUSEPORT, so only {} of                          {} shards accept on it until the next restart",
+                        "listener `{}`: the socket taken over has no SO_REUSEPORT, so only {} of \
+                         {} shards accept on it until the next restart",
                         l.name,
                         sockets.len(),
                         spec.shards
@@ -457,6 +496,7 @@ pub struct Server {
 }
 
 impl Server {
+    /// A builder with no listener and every default.
     pub fn builder() -> ServerBuilder {
         ServerBuilder::default()
     }
@@ -476,10 +516,12 @@ impl Server {
         self.pool.stats()
     }
 
+    /// Every counter now (engine, offload pool, the services' registered counters).
     pub fn snapshot(&self) -> Snapshot {
         self.pool.stats().snapshot()
     }
 
+    /// How many shards run.
     pub fn shard_count(&self) -> usize {
         self.pool.len()
     }

@@ -18,10 +18,11 @@ use crossbeam_channel::bounded;
 
 use crate::server::api::{PeerPort, Peers, Service, ShardInfo};
 use crate::server::listener::Listener;
+use crate::server::offload::{Offload, OffloadSpec, ResultPort, Stop};
 use crate::server::port::{shard_channels, Control, ControlMsg, NewConn, ShardPort};
 use crate::server::shard::{Shard, ShardSetup, TICK};
 use crate::server::{Limits, ServerError, TlsSpec, Tuning};
-use crate::stats::{Stats, StatsView};
+use crate::stats::{Registry, Stats, StatsView};
 use crate::sys::{affinity, waker::Waker};
 use crate::tls::TlsAcceptor;
 
@@ -40,13 +41,15 @@ const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct ControlError {
     /// What was asked (`new limits`, `drain`).
     pub what: &'static str,
+    /// How many shards did not.
     pub missing: usize,
+    /// How many shards there are.
     pub shards: usize,
 }
 
 /// How to run a pool's shards.
 #[derive(Debug, Clone)]
-pub struct PoolSpec {
+pub(crate) struct PoolSpec {
     pub shards: usize,
     /// Core for each shard (`None`: not pinned).
     pub cores: Vec<Option<usize>>,
@@ -54,11 +57,15 @@ pub struct PoolSpec {
     pub tuning: Tuning,
     /// TLS of each listener, by listener index (`None` or missing: plain).
     pub tls: Vec<Option<TlsSpec>>,
+    /// The offload pool the shards' services share (its threads start with the first job).
+    pub offload: OffloadSpec,
 }
 
 /// A set of running shards with their channels.
-pub struct ShardPool {
+pub(crate) struct ShardPool {
     stats: Arc<Stats>,
+    /// Stopped after the shards.
+    offload: Arc<dyn Stop>,
     ports: Vec<ShardPort>,
     handles: Vec<JoinHandle<()>>,
     cores: Vec<Option<usize>>,
@@ -128,19 +135,26 @@ impl ShardPool {
         };
         let mut ports = Vec::with_capacity(n);
         let mut peer_ports = Vec::with_capacity(n);
+        let mut result_ports = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
         for _ in 0..n {
             let waker = Waker::new().map_err(start_err("a shard's eventfd"))?;
-            let (port, data, inbox) = shard_channels(waker.clone());
+            let (port, senders, inbox) = shard_channels(waker.clone());
             ports.push(port);
             peer_ports.push(PeerPort {
-                data,
+                data: senders.data,
+                waker: waker.clone(),
+            });
+            result_ports.push(ResultPort {
+                tx: senders.results,
                 waker: waker.clone(),
             });
             inboxes.push((waker, inbox));
         }
+        let offload = Arc::new(Offload::new(spec.offload, stats.clone(), result_ports));
         let peers = Peers {
             ports: peer_ports.into(),
+            offload: offload.clone(),
         };
 
         let factory = Arc::new(factory);
@@ -165,6 +179,7 @@ impl ShardPool {
                         }
                     }
                     let info = ShardInfo {
+                        counters: Registry::new(stats.clone(), i),
                         shard: i,
                         shards: n,
                         started,
@@ -203,6 +218,7 @@ impl ShardPool {
         drop(ready_tx);
         let mut pool = ShardPool {
             stats,
+            offload,
             ports,
             handles,
             cores: spec.cores.clone(),
@@ -237,10 +253,6 @@ impl ShardPool {
         self.ports.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
-    }
-
     pub fn cores(&self) -> &[Option<usize>] {
         &self.cores
     }
@@ -258,12 +270,22 @@ impl ShardPool {
     /// that shard's queue is full.
     pub fn adopt(&self, shard: usize, fd: OwnedFd, listener: usize) -> bool {
         let port = &self.ports[shard % self.ports.len()];
-        let ok = port
-            .conns
-            .send_timeout(NewConn::accepted(fd, listener), Duration::from_secs(5))
-            .is_ok();
-        port.waker.wake();
-        ok
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut nc = NewConn::accepted(fd, listener);
+        loop {
+            match port.conns.try_send(nc) {
+                Ok(()) => {
+                    port.waker.wake();
+                    return true;
+                }
+                Err(back) if std::time::Instant::now() < deadline => {
+                    nc = back;
+                    port.waker.wake();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Applies new limits in every shard; `Ok` once every shard has acknowledged them.
@@ -289,8 +311,9 @@ impl ShardPool {
         control_all(&self.ports, &self.stats, control, what, wait)
     }
 
-    /// Drains every shard and waits for the threads (at most `shutdown_timeout` plus a margin).
-    /// False if a thread had to be abandoned or had died. Later calls do nothing.
+    /// Drains every shard and waits for the threads (at most `shutdown_timeout` plus a margin),
+    /// then stops the offload pool. False if a thread had to be abandoned or had died. Later
+    /// calls do nothing.
     pub fn shutdown(&mut self) -> bool {
         if std::mem::replace(&mut self.stopped, true) {
             return true;
@@ -310,6 +333,8 @@ impl ShardPool {
                 clean = false;
             }
         }
+        // After the shards: their connections took the results of the jobs still running.
+        clean &= self.offload.stop();
         clean
     }
 }

@@ -4,12 +4,17 @@
 //! 1. **control** (drain, new limits): small and bounded; every message carries an
 //!    acknowledgement channel the shard answers once it has applied it, and the shard reads it
 //!    first in every loop turn, before any connection or data;
-//! 2. **new connections** from the acceptor (or the load generator): bounded, a full one makes
-//!    the acceptor try another shard;
+//! 2. **new connections** from the acceptor (or the load generator): bounded at [`CONN_QUEUE`],
+//!    a full one makes the acceptor try another shard;
 //! 3. **data**: the service's commands from other shards (pub/sub fan-out). Bounded at
-//!    [`DATA_QUEUE`] messages, but allocated as it fills (a list channel guarded by an atomic
-//!    length) rather than a preallocated ring of 65,536 slots per shard that an idle process
-//!    would carry for nothing.
+//!    [`DATA_QUEUE`] messages;
+//! 4. **results** of offloaded jobs, from the offload pool's threads: bounded by the pool's
+//!    admission (a job holds its place until the shard takes its result), so the channel itself
+//!    needs no bound of its own.
+//!
+//! The second and third are [`queue`]s: bounded, but allocated as they fill (a list channel
+//! guarded by an atomic length) rather than preallocated rings (65,536 command slots, 1,024
+//! socket slots of 24 bytes) that an idle shard would carry for nothing.
 //!
 //! Senders live on any thread; the receivers ([`Inbox`]) belong to the shard.
 
@@ -21,6 +26,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::server::handover::wire::Record;
 use crate::server::handover::{ExportJob, ImportJob};
+use crate::server::offload::Done;
 use crate::server::Limits;
 use crate::sys::waker::Waker;
 use crate::tls::TlsAcceptor;
@@ -100,27 +106,28 @@ impl NewConn {
 #[derive(Clone)]
 pub(crate) struct ShardPort {
     pub control: Sender<ControlMsg>,
-    pub conns: Sender<NewConn>,
+    pub conns: QueueTx<NewConn>,
     pub waker: Waker,
 }
 
 /// One shard's receiving ends.
 pub(crate) struct Inbox<C> {
     pub control: Receiver<ControlMsg>,
-    pub conns: Receiver<NewConn>,
-    pub data: DataRx<C>,
+    pub conns: QueueRx<NewConn>,
+    pub data: QueueRx<C>,
+    pub results: Receiver<Done<C>>,
 }
 
-/// The sending end of a data channel: bounded by a shared length, allocated as it fills.
-pub(crate) struct DataTx<C> {
+/// The sending end of a queue: bounded by a shared length, allocated as it fills.
+pub(crate) struct QueueTx<C> {
     tx: Sender<C>,
     len: Arc<AtomicUsize>,
     cap: usize,
 }
 
-impl<C> Clone for DataTx<C> {
+impl<C> Clone for QueueTx<C> {
     fn clone(&self) -> Self {
-        DataTx {
+        QueueTx {
             tx: self.tx.clone(),
             len: self.len.clone(),
             cap: self.cap,
@@ -128,7 +135,12 @@ impl<C> Clone for DataTx<C> {
     }
 }
 
-impl<C> DataTx<C> {
+impl<C> QueueTx<C> {
+    /// The channel's bound.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
     pub fn try_send(&self, msg: C) -> Result<(), C> {
         // Reserve a place first: the bound holds however many threads send at once.
@@ -143,16 +155,20 @@ impl<C> DataTx<C> {
     }
 }
 
-/// The receiving end of a data channel.
-pub(crate) struct DataRx<C> {
+/// The receiving end of a queue.
+pub(crate) struct QueueRx<C> {
     rx: Receiver<C>,
     len: Arc<AtomicUsize>,
 }
 
-impl<C> DataRx<C> {
+impl<C> QueueRx<C> {
     pub fn try_recv(&self) -> Option<C> {
         // Empty and disconnected alike: nothing to handle now.
         self.rx.try_recv().ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 
     /// Gives back the places of `n` received messages (once per batch, not per message).
@@ -163,36 +179,49 @@ impl<C> DataRx<C> {
     }
 }
 
-/// A data channel bounded at `cap` messages.
-pub(crate) fn data_channel<C>(cap: usize) -> (DataTx<C>, DataRx<C>) {
+/// A queue bounded at `cap` messages; a received message's place is given back by
+/// [`QueueRx::release`].
+pub(crate) fn queue<C>(cap: usize) -> (QueueTx<C>, QueueRx<C>) {
     let (tx, rx) = unbounded();
     let len = Arc::new(AtomicUsize::new(0));
     (
-        DataTx {
+        QueueTx {
             tx,
             len: len.clone(),
             cap,
         },
-        DataRx { rx, len },
+        QueueRx { rx, len },
     )
 }
 
-/// Every channel of one shard: its port (control and connections), its data sender, its inbox.
-pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, DataTx<C>, Inbox<C>) {
+/// The senders other threads use to reach one shard, besides its [`ShardPort`].
+pub(crate) struct ShardSenders<C> {
+    pub data: QueueTx<C>,
+    pub results: Sender<Done<C>>,
+}
+
+/// Every channel of one shard: its port (control and connections), its data and result
+/// senders, its inbox.
+pub(crate) fn shard_channels<C>(waker: Waker) -> (ShardPort, ShardSenders<C>, Inbox<C>) {
     let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
-    let (conn_tx, conn_rx) = bounded(CONN_QUEUE);
-    let (data_tx, data_rx) = data_channel(DATA_QUEUE);
+    let (conn_tx, conn_rx) = queue(CONN_QUEUE);
+    let (data_tx, data_rx) = queue(DATA_QUEUE);
+    let (results_tx, results_rx) = unbounded();
     (
         ShardPort {
             control: control_tx,
             conns: conn_tx,
             waker,
         },
-        data_tx,
+        ShardSenders {
+            data: data_tx,
+            results: results_tx,
+        },
         Inbox {
             control: control_rx,
             conns: conn_rx,
             data: data_rx,
+            results: results_rx,
         },
     )
 }
@@ -202,8 +231,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_channel_keeps_its_bound_and_gives_places_back() {
-        let (tx, rx) = data_channel::<u32>(3);
+    fn queue_keeps_its_bound_and_gives_places_back() {
+        let (tx, rx) = queue::<u32>(3);
         assert!(tx.try_send(1).is_ok());
         assert!(tx.try_send(2).is_ok());
         assert!(tx.try_send(3).is_ok());

@@ -3,7 +3,7 @@
 //! trait. Nothing here knows the configuration file
 //! or the product's routes (`crate::app` binds them).
 //!
-//! The service trait and its handles live in the engine ([`crate::server::api`]); they are
+//! The service trait and its handles live in the engine ([`crate::server`]); they are
 //! re-exported here so `crate::service::{Service, Conn, Ctx, Token, ShardInfo}` keeps working.
 
 pub mod deflate;
@@ -11,4 +11,4 @@ pub mod echo;
 pub mod http;
 pub mod ws;
 
-pub use crate::server::api::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
+pub use crate::server::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};

@@ -5,6 +5,7 @@
 
 pub mod affinity;
 pub mod fdpass;
+pub mod mem;
 pub mod notify;
 pub mod page;
 pub mod poller;
@@ -26,4 +27,12 @@ pub fn clock_ticks() -> f64 {
         .ok()
         .flatten()
         .map_or(100.0, |v| v as f64)
+}
+
+/// The size of a memory page in bytes (/proc/net/sockstat counts socket memory in pages).
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |v| v as u64)
 }

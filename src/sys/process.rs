@@ -1,10 +1,18 @@
-//! Processes: reaping children and passing signals on, for a server that is PID 1 of a
-//! container and has handed over to a new process (it stays as the container's init rather than
-//! ending the container).
+//! Processes.
 //!
-//! Used by the main thread only, after the hand-over, when nothing else runs.
+//! - Reaping children and passing signals on, for a server that is PID 1 of a container and has
+//!   handed over to a new process (it stays as the container's init rather than ending the
+//!   container). Used by the main thread only, after the hand-over, when nothing else runs.
+//! - Child processes the bench starts: they die with it. A spawned server or client process is
+//!   owned by a guard that kills it on drop, but a drop does not run when the bench itself is
+//!   killed (SIGKILL, or a signal without a handler). The parent-death signal covers that: the
+//!   kernel sends the child SIGKILL the moment the thread that started it ends, so no server is
+//!   left holding a port and thousands of sockets.
+#![allow(unsafe_code)]
 
 use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -72,6 +80,35 @@ pub fn children() -> Vec<u32> {
         .collect()
 }
 
+/// Makes the process `cmd` starts receive SIGKILL when the calling thread ends. Start such
+/// children from a thread that lives as long as they should (the bench's main thread): the
+/// signal follows the thread, not the process. It survives `exec` (through `taskset` and
+/// `sh -c exec`).
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, and makes only
+    // async-signal-safe calls (prctl, getppid, _exit); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died before the prctl: then no signal will come.
+            if nix::unistd::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds: the same clock in every process of the host (unlike
+/// `Instant`, which cannot be sent to another process), for timestamps a publisher writes
+/// and subscribers in other processes compare with their own clock.
+pub fn monotonic_micros() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +127,39 @@ mod tests {
         signal(pid, libc::SIGTERM).unwrap();
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
         assert!(!children().contains(&pid));
+    }
+
+    #[test]
+    fn the_monotonic_clock_advances_with_instant() {
+        let (a, t) = (monotonic_micros(), std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (b, d) = (monotonic_micros(), t.elapsed().as_micros() as u64);
+        assert!(a > 0 && b >= a + 20_000, "{a} {b}");
+        assert!(b - a <= d + 2_000, "{} vs {d}", b - a);
+    }
+
+    #[test]
+    fn a_child_dies_with_its_parent_thread() {
+        // A thread starts `sleep 30` and ends: the child is killed at once.
+        let child = std::thread::spawn(|| {
+            die_with_parent(Command::new("sleep").arg("30"))
+                .spawn()
+                .expect("spawn sleep")
+        })
+        .join()
+        .unwrap();
+        let mut child = child;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(!status.success());
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child outlived its parent thread"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }

@@ -356,7 +356,7 @@ fn close_reasons_reach_the_service_and_a_panic_closes_only_its_connection() {
     );
 }
 
-/// Panics in `wants_ticks` on shard 0 once told to: outside any connection callback, so the
+/// Panics in `next_wake` on shard 0 once told to: outside any connection callback, so the
 /// shard thread dies.
 struct DiesOnCue {
     shard: usize,
@@ -372,11 +372,11 @@ impl Service for DiesOnCue {
         input.len()
     }
 
-    fn wants_ticks(&self) -> bool {
+    fn next_wake(&self) -> Option<std::time::Instant> {
         if self.shard == 0 && self.cue.load(Ordering::Relaxed) {
             panic!("shard 0 dies on cue");
         }
-        false
+        None
     }
 }
 

@@ -44,14 +44,21 @@ pub enum ControlEvent {
     /// `shardnet upgrade` asks for a new process, with this configuration file (`None`: the one
     /// this process runs). The product starts it with `serve --takeover`; the session that
     /// follows answers the asker.
-    UpgradeRequested { config: Option<PathBuf> },
+    UpgradeRequested {
+        /// The new process's configuration file.
+        config: Option<PathBuf>,
+    },
     /// A hand-over committed: the new process (`pid`) owns the listeners and `connections`;
     /// `kept` connections could not move and are this process's to close gracefully. This
     /// process should now drain and exit.
     HandedOver {
+        /// The new process.
         pid: u32,
+        /// Connections it took.
         connections: u64,
+        /// Connections that stayed here.
         kept: u64,
+        /// From hello to commit.
         took: Duration,
     },
 }

@@ -66,6 +66,7 @@
 
 mod give;
 mod take;
+#[doc(hidden)]
 pub mod wire;
 
 use std::io;
@@ -149,25 +150,47 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
+/// Why a hand-over did not happen (or did not complete), on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    /// The control socket could not be created, connected to or used.
     #[error("control socket {path}: {source}")]
-    Socket { path: String, source: io::Error },
+    Socket {
+        /// The socket's path.
+        path: String,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// A message on the control socket could not be read or written.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The old process said no (another hand-over under way, another state format, ...).
     #[error("the running server refused the hand-over: {0}")]
     Refused(String),
+    /// No hand-over version both sides understand.
     #[error(
         "the running server speaks hand-over version {theirs}; this build understands {min} to {max}"
     )]
-    Version { theirs: u16, min: u16, max: u16 },
+    Version {
+        /// The version the other side asked for.
+        theirs: u16,
+        /// The oldest version this build understands.
+        min: u16,
+        /// The newest version this build understands.
+        max: u16,
+    },
+    /// A message out of order.
     #[error("the running server sent {got} where {want} was expected")]
     Unexpected {
+        /// The message that came.
         got: &'static str,
+        /// The message this step waits for.
         want: &'static str,
     },
+    /// The old process gave up (and keeps serving everything).
     #[error("the running server aborted the hand-over: {0}")]
     Aborted(String),
+    /// This side failed (a shard, an import, a timeout), with the reason.
     #[error("{0}")]
     Failed(String),
 }

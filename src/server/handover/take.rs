@@ -20,8 +20,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
-
 use super::wire::{self, FrameReader, Message, Offered, Record};
 use super::{HandoverError, ImportJob, EXPORT_TIMEOUT, STEP_TIMEOUT, TEST_KILL_VAR};
 use crate::server::pool::control_all;
@@ -33,6 +31,7 @@ use crate::sys::fdpass;
 /// What a takeover achieved.
 #[derive(Debug, Clone)]
 pub struct TakeoverReport {
+    /// The process taken over.
     pub old_pid: u32,
     /// Listeners taken over (the others were bound afresh).
     pub listeners: usize,
@@ -352,17 +351,7 @@ impl Takeover {
             for k in 0..ports.len() {
                 let shard = (first + k) % ports.len();
                 let port = &ports[shard];
-                let sent = match port.conns.try_send(nc) {
-                    Ok(()) => Ok(()),
-                    Err(TrySendError::Full(back)) => {
-                        // Let the shard empty its channel, then wait for room.
-                        port.waker.wake();
-                        port.conns
-                            .send_timeout(back, STEP_TIMEOUT)
-                            .map_err(|e| e.into_inner())
-                    }
-                    Err(TrySendError::Disconnected(back)) => Err(back),
-                };
+                let sent = send_waiting(port, nc, STEP_TIMEOUT);
                 match sent {
                     Ok(()) => {
                         spread.placed(shard);
@@ -466,5 +455,23 @@ impl Spread {
         self.open[shard] += 1;
         self.next = shard + 1;
         self.woken[shard] = true;
+    }
+}
+
+/// Queues `nc` on `port`, waking the shard and waiting (bounded) while its channel is full;
+/// gives the connection back if it stayed full (or the shard is gone).
+fn send_waiting(port: &ShardPort, mut nc: NewConn, wait: Duration) -> Result<(), NewConn> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match port.conns.try_send(nc) {
+            Ok(()) => return Ok(()),
+            Err(back) if Instant::now() < deadline => {
+                nc = back;
+                // Let the shard empty its channel, then try again.
+                port.waker.wake();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(back) => return Err(back),
+        }
     }
 }

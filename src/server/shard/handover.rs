@@ -5,7 +5,7 @@
 //! connection the service can describe goes out in batches of up to `MAX_FDS` descriptors and
 //! becomes `Lent`: out of epoll and the wheel, untouched), then either restore (the hand-over
 //! failed: back to `Open`, registered again) or release (it committed: forgotten without being
-//! closed). In the new process: receive (each connection arrives `HELD`: in the slab with its
+//! closed). In the new process: receive (each connection arrives `UNCOMMITTED`: in the slab with its
 //! buffers, deadlines and service state, but not in epoll or the wheel, its output queued),
 //! prepare (take what is still in the channel), then activate (register and serve) or abandon.
 //!
@@ -96,9 +96,7 @@ impl<S: Service> Shard<S> {
     /// the active ones (a client in the middle of an exchange) are paused the shortest.
     fn export(&mut self, job: &ExportJob) {
         // Sockets the acceptor handed over before it paused move too.
-        while let Ok(nc) = self.inbox.conns.try_recv() {
-            self.adopt(nc);
-        }
+        self.take_queued_conns();
         self.reap();
         // Commands already here (pub/sub publishes made before the hand-over began: the product
         // holds later ones) are delivered first, so what they wrote travels in the output.
@@ -168,7 +166,7 @@ impl<S: Service> Shard<S> {
         let exportable = !tls
             && self.core.conns.get(token).is_some_and(|e| {
                 e.ctl.is_open()
-                    && !e.ctl.flags.has(Flags::HELD)
+                    && !e.ctl.flags.has(Flags::UNCOMMITTED)
                     && job.moves(e.ctl.listener as usize)
             });
         if !exportable {
@@ -308,7 +306,7 @@ impl<S: Service> Shard<S> {
         let core = &mut self.core;
         let env = &core.env;
         let mut ctl = Ctl::new(nc.fd, nc.listener, env.stamp());
-        ctl.flags = Flags::HELD;
+        ctl.flags = Flags::UNCOMMITTED;
         if record.flags & wire::FLAG_SPOKE != 0 {
             ctl.flags.set(Flags::SPOKE);
         }
@@ -359,10 +357,16 @@ impl<S: Service> Shard<S> {
 
     /// Takes everything the taking thread queued so far (new connections it accepted too).
     fn take_queued(&mut self) {
-        while let Ok(nc) = self.inbox.conns.try_recv() {
+        self.take_queued_conns();
+        self.reap();
+    }
+
+    /// Adopts every connection in the channel, giving their places back.
+    fn take_queued_conns(&mut self) {
+        while let Some(nc) = self.inbox.conns.try_recv() {
+            self.inbox.conns.release(1);
             self.adopt(nc);
         }
-        self.reap();
     }
 
     /// The hand-over committed: serve every held connection.
@@ -374,10 +378,10 @@ impl<S: Service> Shard<S> {
             let Some(e) = self.core.conns.get_mut(token) else {
                 continue;
             };
-            if !e.ctl.flags.has(Flags::HELD) {
+            if !e.ctl.flags.has(Flags::UNCOMMITTED) {
                 continue;
             }
-            e.ctl.flags.clear(Flags::HELD);
+            e.ctl.flags.clear(Flags::UNCOMMITTED);
             n += 1;
             if e.ctl.flags.has(Flags::CLOSE_REQ) {
                 // The service asked to close while importing.

@@ -77,7 +77,7 @@ impl<St> Core<St> {
                 out.push(data);
                 counters.output_queued.add(data.len() as u64);
             }
-            None if c.flags.has(Flags::HELD) => {
+            None if c.flags.has(Flags::UNCOMMITTED) => {
                 // Received in a hand-over not committed yet: the old process may still take the
                 // connection back, so nothing reaches the socket before the commit.
                 c.output = Some(self.pool.output_from(data));
@@ -284,7 +284,8 @@ impl<S: Service> Shard<S> {
         let Some(e) = core.conns.get_mut(token) else {
             return;
         };
-        if matches!(e.ctl.phase, Phase::Doomed | Phase::Lent) || e.ctl.flags.has(Flags::HELD) {
+        if matches!(e.ctl.phase, Phase::Doomed | Phase::Lent) || e.ctl.flags.has(Flags::UNCOMMITTED)
+        {
             return;
         }
         let Some(out) = e.ctl.output.as_mut() else {

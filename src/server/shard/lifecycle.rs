@@ -138,7 +138,7 @@ impl<St> Core<St> {
         if c.phase == Phase::Doomed {
             return;
         }
-        if c.flags.has(Flags::HELD) {
+        if c.flags.has(Flags::UNCOMMITTED) {
             // Not this process's to drive yet: a close request, the timer and epoll interest are
             // acted on when the hand-over commits (`Shard::activate`).
             return;
@@ -166,7 +166,7 @@ impl<St> Core<St> {
             return;
         };
         let c = &mut e.ctl;
-        if matches!(c.phase, Phase::Doomed | Phase::Lent) || c.flags.has(Flags::HELD) {
+        if matches!(c.phase, Phase::Doomed | Phase::Lent) || c.flags.has(Flags::UNCOMMITTED) {
             return;
         }
         let read = c.reading();
@@ -293,7 +293,7 @@ impl<St> Core<St> {
     fn next_deadline(&self, c: &Ctl) -> Option<u64> {
         let env = &self.env;
         let limits = &env.limits;
-        if c.flags.has(Flags::HELD) {
+        if c.flags.has(Flags::UNCOMMITTED) {
             return None;
         }
         match c.phase {

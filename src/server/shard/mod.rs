@@ -10,15 +10,23 @@
 //! [`state`] is a connection's lifecycle, [`lifecycle`] the callback helper and the close and
 //! deadline rules, [`io`] the read and write paths. One loop turn, in order:
 //!
-//! 1. `epoll_wait`, for no longer than the next timer, a paused listener's retry or the drain
-//!    deadline (zero while work is left over from the last turn);
+//! 1. `epoll_wait`, for no longer than the next timer, the service's `next_wake`, a paused
+//!    listener's retry or the drain deadline (zero while work is left over from the last turn or
+//!    waits in a channel);
 //! 2. the clock (read once per turn), then **control** (drain, new limits), each message applied
 //!    and acknowledged before anything else is looked at;
-//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came;
-//! 4. the events: the waker (control again, new connections, then at most 4096 data commands,
-//!    with control looked at every 64 of them), reads and writes;
+//! 3. a new tick: the service's `on_tick`, then the connections whose deadline came (or, between
+//!    ticks, `on_tick` alone at the instant the service's `next_wake` asked for);
+//! 4. the events: reads and writes (and the eventfd, whose count is consumed);
 //! 5. connections whose read budget ran out, then the shard's own listeners;
-//! 6. once draining and empty (or past `shutdown_timeout`), the end.
+//! 6. the channels: control again, new connections, then at most 4096 data commands (with
+//!    control looked at every 64 of them), then at most 4096 results of offloaded jobs;
+//! 7. once draining and empty (or past `shutdown_timeout`), the end.
+//!
+//! The channels are looked at every turn, so a shard that is awake needs no wake: senders
+//! write its eventfd only once it has said it is going to sleep ([`Waker::arm`]), and it looks
+//! at its channels once more after saying so. A busy shard exchanging commands with another
+//! makes no eventfd system call at all.
 //!
 //! Per event in the steady state the shard makes the same system calls as a minimal epoll loop
 //! (one `recv`, one `send`) and allocates nothing.
@@ -37,9 +45,11 @@ use std::time::{Duration, Instant};
 use crate::conn::{BufferPool, Slab, Token, TokenKind};
 use crate::server::api::{CloseReason, Ctx, Service};
 use crate::server::listener::{AcceptCounters, Listener, Step};
+use crate::server::offload::{Done, Outcome};
 use crate::server::port::{Control, Inbox, NewConn};
 use crate::server::{Limits, TlsSide, TlsSpec, Tuning};
 use crate::stats::{ShardCounters, Stats};
+use crate::sys::mem::Zeroed;
 use crate::sys::poller::{Events, Interest, Poller};
 use crate::sys::waker::Waker;
 use crate::timer::TimerWheel;
@@ -48,8 +58,8 @@ use state::{Ctl, Env};
 
 /// Wheel slots: 8192 ticks of 10 ms span 82 s; longer deadlines wait for their round.
 const WHEEL_SLOTS: usize = 8192;
-/// Commands (and new connections) handled per wake; the waker is re-armed when more are left,
-/// so a flood of commands cannot stall I/O.
+/// Commands (and new connections, and offload results) handled per loop turn; the rest wait for
+/// the next turn, which does not sleep, so a flood of commands cannot stall I/O.
 const WAKE_BATCH: usize = 4096;
 /// Within a batch of data commands, control is looked at again after this many.
 const CONTROL_EVERY: usize = 64;
@@ -68,7 +78,8 @@ pub(crate) struct Core<St> {
     pub(crate) poller: Poller,
     pub(crate) conns: Slab<Entry<St>>,
     pub(crate) wheel: TimerWheel,
-    pub(crate) read_buf: Box<[u8]>,
+    /// Resident only as far as reads have reached (see [`crate::sys::mem`]).
+    pub(crate) read_buf: Zeroed<u8>,
     /// Where a callback's output is staged before one `send`.
     pub(crate) scratch: Vec<u8>,
     pub(crate) pool: BufferPool,
@@ -152,7 +163,7 @@ impl<S: Service> Shard<S> {
                 poller,
                 conns: Slab::default(),
                 wheel: TimerWheel::new(setup.start, TICK, WHEEL_SLOTS),
-                read_buf: vec![0u8; tuning.read_buffer.max(512)].into_boxed_slice(),
+                read_buf: Zeroed::new(tuning.read_buffer.max(512)),
                 scratch: Vec::with_capacity(16 * 1024),
                 pool: BufferPool::new(256, 256 * 1024),
                 stats: setup.stats,
@@ -181,8 +192,19 @@ impl<S: Service> Shard<S> {
         let mut events = Events::with_capacity(self.core.tuning.events_per_wait);
         let mut ready = Vec::new();
         loop {
-            let timeout = self.timeout();
-            if let Err(e) = self.core.poller.wait(&mut events, timeout) {
+            let mut timeout = self.timeout();
+            if timeout != Some(Duration::ZERO) {
+                // Going to sleep: from here on a message wakes us, and one sent just before is
+                // looked for now.
+                self.waker.arm();
+                if self.inbox_waiting() {
+                    self.waker.disarm();
+                    timeout = Some(Duration::ZERO);
+                }
+            }
+            let waited = self.core.poller.wait(&mut events, timeout);
+            self.waker.disarm();
+            if let Err(e) = waited {
                 // The event array is empty after an error: nothing stale is handled below.
                 log::error!("{}: epoll_wait failed: {e}; retrying", self.name);
                 std::thread::sleep(Duration::from_millis(10));
@@ -192,6 +214,12 @@ impl<S: Service> Shard<S> {
             self.on_control();
             if new_tick {
                 self.fire_timers();
+            } else if self
+                .service
+                .next_wake()
+                .is_some_and(|t| t <= self.core.env.now)
+            {
+                self.with_ctx("on_tick", |service, ctx| service.on_tick(ctx));
             }
 
             let n = events.len();
@@ -200,7 +228,10 @@ impl<S: Service> Shard<S> {
                 let ev = events.get(i);
                 let token = Token(ev.token);
                 match token.kind() {
-                    TokenKind::Waker => self.on_wake(),
+                    TokenKind::Waker => {
+                        self.core.counters().wakeups.inc();
+                        self.waker.consume();
+                    }
                     TokenKind::Listener(l) => {
                         if let Some(l) = self.listeners.get_mut(l) {
                             l.mark_ready();
@@ -217,6 +248,9 @@ impl<S: Service> Shard<S> {
                         if ev.readable || ev.error {
                             self.on_readable(token, ev.read_closed);
                         }
+                        if ev.error {
+                            self.on_error_unread(token);
+                        }
                     }
                 }
                 self.reap();
@@ -228,6 +262,7 @@ impl<S: Service> Shard<S> {
                 self.reap();
             }
             self.accept_ready();
+            self.on_inbox();
 
             if let Some(deadline) = self.drain_deadline {
                 if self.core.conns.is_empty() {
@@ -259,8 +294,8 @@ impl<S: Service> Shard<S> {
         for t in self.listeners.iter().filter_map(Listener::paused_until) {
             consider(t);
         }
-        if self.service.wants_ticks() {
-            consider(self.core.wheel.instant_of(self.core.env.tick + 1));
+        if let Some(t) = self.service.next_wake() {
+            consider(t);
         }
         if let Some(d) = self.drain_deadline {
             consider(d);
@@ -341,19 +376,27 @@ impl<S: Service> Shard<S> {
         }
     }
 
-    fn on_wake(&mut self) {
-        self.core.counters().wakeups.inc();
-        // Reset before draining the channels: a message sent after the drain wakes again.
-        self.waker.reset();
+    /// Whether a channel holds something (looked at after arming the waker, before sleeping).
+    fn inbox_waiting(&self) -> bool {
+        let inbox = &self.inbox;
+        !inbox.control.is_empty()
+            || !inbox.conns.is_empty()
+            || !inbox.data.is_empty()
+            || !inbox.results.is_empty()
+    }
+
+    /// The channels, every loop turn: control, new connections, data commands, offload results.
+    fn on_inbox(&mut self) {
         self.on_control();
         let mut adopted = 0;
         while adopted < WAKE_BATCH {
-            match self.inbox.conns.try_recv() {
-                Ok(nc) => self.adopt(nc),
-                Err(_) => break,
-            }
+            let Some(nc) = self.inbox.conns.try_recv() else {
+                break;
+            };
+            self.adopt(nc);
             adopted += 1;
         }
+        self.inbox.conns.release(adopted);
         let mut commands = 0;
         while commands < WAKE_BATCH {
             let Some(cmd) = self.inbox.data.try_recv() else {
@@ -373,8 +416,61 @@ impl<S: Service> Shard<S> {
                 service.on_commands_done(ctx)
             });
         }
-        if commands == WAKE_BATCH || adopted == WAKE_BATCH || !self.inbox.conns.is_empty() {
-            self.waker.wake();
+        let mut results = 0;
+        while results < WAKE_BATCH {
+            let Ok(done) = self.inbox.results.try_recv() else {
+                break;
+            };
+            results += 1;
+            self.on_result(done);
+        }
+        // What is left past a batch's bound waits for the next turn, which does not sleep
+        // (`inbox_waiting`).
+        self.reap();
+    }
+
+    /// An offloaded job's result: to its connection if that is still open, else dropped.
+    fn on_result(&mut self, done: Done<S::Command>) {
+        let offload = self.core.stats.offload();
+        // The place this job held in the pool's bound is free once its result is taken.
+        offload
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let open = self
+            .core
+            .conns
+            .get(done.token)
+            .is_some_and(|e| e.ctl.is_open());
+        match done.outcome {
+            Outcome::Ok(result) if open => {
+                offload.done.inc();
+                offload.record_latency(done.queued_at.elapsed());
+                let service = &mut self.service;
+                self.core
+                    .call(done.token, |conn| service.on_offload(conn, result));
+            }
+            Outcome::Ok(_) => offload.dropped.inc(),
+            Outcome::Panicked(message) => {
+                offload.panicked.inc();
+                log::error!(
+                    "{}: an offloaded job panicked: {message}; closing its connection",
+                    self.name
+                );
+                self.core.doom(done.token, CloseReason::Panic);
+            }
+        }
+        self.reap();
+    }
+
+    /// An error or hang-up event for a connection the read path did not look at (its service
+    /// paused reading) and the write path had nothing for: the peer is gone (a reset), so
+    /// the connection is closed now rather than when reading resumes.
+    fn on_error_unread(&mut self, token: Token) {
+        let Some(e) = self.core.conns.get(token) else {
+            return;
+        };
+        if e.ctl.is_open() && !e.ctl.reading() && e.ctl.output.is_none() {
+            self.core.doom(token, CloseReason::Error);
         }
     }
 
@@ -390,7 +486,8 @@ impl<S: Service> Shard<S> {
         self.listeners.clear();
         self.handover.paused.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
-        while let Ok(nc) = self.inbox.conns.try_recv() {
+        while let Some(nc) = self.inbox.conns.try_recv() {
+            self.inbox.conns.release(1);
             self.adopt(nc);
         }
         // Serve what each client already sent; each connection then closes once it has been

@@ -69,10 +69,12 @@ impl Flags {
     /// An event said the peer's FIN is pending behind the data (`EPOLLRDHUP`): read on to end
     /// of stream, even after a short read.
     pub const EOF_PENDING: Flags = Flags(1 << 9);
+    /// The service paused reading (`Conn::pause_reading`) until it resumes it.
+    pub const HELD: Flags = Flags(1 << 10);
     /// Received from an old process whose hand-over this process has not committed yet: not in
     /// epoll or the wheel, and output is queued rather than sent (the old process may still
     /// take the connection back).
-    pub const HELD: Flags = Flags(1 << 10);
+    pub const UNCOMMITTED: Flags = Flags(1 << 11);
 
     #[inline]
     pub fn has(self, f: Flags) -> bool {
@@ -144,7 +146,9 @@ impl Ctl {
     #[inline]
     pub fn reading(&self) -> bool {
         match self.phase {
-            Phase::Open => !self.flags.has(Flags::PAUSED.union(Flags::HELD)),
+            Phase::Open => !self
+                .flags
+                .has(Flags::PAUSED.union(Flags::HELD).union(Flags::UNCOMMITTED)),
             Phase::Lingering { .. } => true,
             Phase::Closing { .. } | Phase::Doomed | Phase::Lent => false,
         }
