@@ -281,6 +281,115 @@ fn connections_a_service_cannot_describe_stay_and_close_gracefully() {
     drop((c, fresh, new));
 }
 
+/// Answers every line with its length, worked out on the offload pool after `delay`.
+struct SlowLines {
+    peers: shardnet::server::Peers<usize>,
+    delay: Duration,
+}
+
+impl Service for SlowLines {
+    type State = ();
+    type Command = usize;
+
+    fn on_data(&mut self, conn: &mut Conn<'_, ()>, input: &mut [u8]) -> usize {
+        let mut used = 0;
+        while let Some(end) = input[used..].iter().position(|&b| b == b'\n') {
+            let delay = self.delay;
+            self.peers
+                .offload(conn, move || {
+                    std::thread::sleep(delay);
+                    end
+                })
+                .expect("the pool has room");
+            used += end + 1;
+        }
+        used
+    }
+
+    fn on_offload(&mut self, conn: &mut Conn<'_, ()>, len: usize) {
+        conn.write(format!("{len}\n").as_bytes());
+    }
+
+    const HANDOVER_FORMAT: &'static str = "test-slow-lines/1";
+
+    fn export(&mut self, _conn: &mut Conn<'_, ()>) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
+
+    fn import(&mut self, _conn: &mut Conn<'_, ()>, _blob: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn slow_lines(builder: shardnet::server::ServerBuilder, delay: Duration) -> Server {
+    builder
+        .shards(1)
+        .pinning(shardnet::server::Pinning::Off)
+        .offload(shardnet::server::OffloadSpec {
+            threads: 2,
+            queue: 16,
+        })
+        .start(move |_, peers| SlowLines { peers, delay })
+        .expect("server starts")
+}
+
+/// The rule for offloaded work: a shard exports only once its connections' jobs have come
+/// back, so a result is answered once, by the old process, and travels in the moved output.
+#[test]
+fn an_offloaded_job_in_flight_finishes_before_its_connection_moves() {
+    let dir = TempDir::new("offload");
+    let path = dir.path("control.sock");
+    let mut old = slow_lines(
+        Server::builder().listener(spec()),
+        Duration::from_millis(600),
+    );
+    let events = old.open_control(&path, false).unwrap();
+    let addr = old.addr("main").unwrap();
+    let mut c = connect(addr);
+    c.write_all(b"hello\n").unwrap();
+    wait_until(Duration::from_secs(10), "the job is accepted", || {
+        old.snapshot().offload.is_some_and(|o| o.accepted == 1)
+    });
+    // The takeover starts while the job runs.
+    let p = path.clone();
+    let new = std::thread::spawn(move || {
+        let mut t = Takeover::connect(&p, SlowLines::HANDOVER_FORMAT).expect("hello");
+        let builder = t
+            .take_listeners(Server::builder().listener(spec()))
+            .expect("listeners");
+        let server = slow_lines(builder, Duration::from_millis(1));
+        t.take_connections(&server).expect("connections");
+        server
+    })
+    .join()
+    .expect("the taking thread");
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ControlEvent::HandedOver {
+            connections, kept, ..
+        } => assert_eq!((connections, kept), (1, 0), "the connection moved"),
+        other => panic!("{other:?}"),
+    }
+    let offload = old.snapshot().offload.expect("the old pool ran");
+    assert_eq!((offload.done, offload.dropped), (1, 0), "{offload:?}");
+    assert!(old.shutdown());
+    assert_eq!(read_line(&mut c), "5", "answered once, before the move");
+    // The next line is the new process's, whose pool answers it.
+    c.write_all(b"abc\n").unwrap();
+    assert_eq!(read_line(&mut c), "3", "nothing repeated");
+    assert_eq!(new.snapshot().offload.map(|o| o.done), Some(1));
+    drop((c, new));
+}
+
+/// One line from `c` (without its newline).
+fn read_line(c: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while c.read(&mut b).expect("a line within the read timeout") == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
 #[test]
 fn a_takeover_refused_for_its_format_moves_nothing() {
     let dir = TempDir::new("format");

@@ -432,7 +432,10 @@ impl<C: Send + 'static> Peers<C> {
         job: impl FnOnce() -> C + Send + 'static,
     ) -> Result<(), OffloadError> {
         self.offload
-            .submit(conn.env.shard, conn.token, Box::new(job))
+            .submit(conn.env.shard, conn.token, Box::new(job))?;
+        // The shard's own count (a hand-over waits for its jobs): this runs on its thread.
+        conn.env.offloads.set(conn.env.offloads.get() + 1);
+        Ok(())
     }
 
     /// Sends to one shard without blocking; false if its queue is full or the shard is gone

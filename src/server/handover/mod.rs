@@ -46,7 +46,13 @@
 //! counting from there), its service timer's remaining time and the service's blob. Bytes not
 //! yet read stay in the socket and are read by the new process. A connection that is closing,
 //! or that its service cannot describe (the default), stays: the old process keeps serving it
-//! until the commit, then closes it gracefully (`on_drain`, within `shutdown_timeout`).
+//! until the commit, then closes it gracefully (`on_drain`, within `shutdown_timeout`). So does
+//! a connection whose service paused its reading ([`Conn::pause_reading`]: it waits for
+//! something of this process's). Offloaded jobs ([`Peers::offload`]) finish first: a shard
+//! exports once its connections' results have come back (waiting at most `shutdown_timeout`),
+//! so a result is delivered by this process into the output that moves; one that comes back
+//! later, for a lent connection, is delivered if the hand-over fails and dropped and counted
+//! (offload `dropped`) once it commits.
 //! Listeners are matched by name (and address, unless the new configuration says port 0); a
 //! listener the new configuration moves elsewhere or drops is not taken, and its connections
 //! stay with the old process.
@@ -62,6 +68,8 @@
 //! the job's lock.
 //!
 //! [`Service::export`]: crate::server::Service::export
+//! [`Conn::pause_reading`]: crate::server::Conn::pause_reading
+//! [`Peers::offload`]: crate::server::Peers::offload
 //! [`Service::HANDOVER_FORMAT`]: crate::server::Service::HANDOVER_FORMAT
 
 mod give;

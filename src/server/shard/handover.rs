@@ -25,6 +25,7 @@ use crate::server::api::{CloseReason, Service};
 use crate::server::handover::wire::{self, BatchWriter, Record, RecordRef};
 use crate::server::handover::{ExportJob, ImportJob};
 use crate::server::listener::Listener;
+use crate::server::offload::{Done, Outcome};
 use crate::server::port::{Handover, NewConn};
 use crate::sys::fdpass;
 use crate::sys::poller::Interest;
@@ -33,16 +34,30 @@ use crate::sys::poller::Interest;
 const BATCH_BYTES: usize = 4 << 20;
 
 /// What a shard keeps during a hand-over.
-#[derive(Default)]
-pub(crate) struct HandoverState {
+pub(crate) struct HandoverState<C> {
     /// Old process: connections sent and not yet released or restored.
     pub(super) lent: Vec<Token>,
+    /// Old process: results of offloaded jobs that came back for lent connections, delivered
+    /// if they are restored, dropped and counted if they are released.
+    pub(super) results: Vec<Done<C>>,
     /// New process: connections received and not yet activated or abandoned.
     pub(super) held: Vec<Token>,
     /// New process: where imports report.
     pub(super) job: Option<Arc<ImportJob>>,
     /// Old process: this shard's own listeners while accepting is paused (reuseport).
     pub(super) paused: Vec<Listener>,
+}
+
+impl<C> Default for HandoverState<C> {
+    fn default() -> Self {
+        HandoverState {
+            lent: Vec::new(),
+            results: Vec::new(),
+            held: Vec::new(),
+            job: None,
+            paused: Vec::new(),
+        }
+    }
 }
 
 fn millis(d: Duration) -> u32 {
@@ -97,6 +112,7 @@ impl<S: Service> Shard<S> {
     fn export(&mut self, job: &ExportJob) {
         // Sockets the acceptor handed over before it paused move too.
         self.take_queued_conns();
+        self.wait_for_offloads();
         self.reap();
         // Commands already here (pub/sub publishes made before the hand-over began: the product
         // holds later ones) are delivered first, so what they wrote travels in the output.
@@ -151,6 +167,50 @@ impl<S: Service> Shard<S> {
         job.add(sent, kept);
     }
 
+    /// Offloaded jobs of this shard's connections finish before anything is exported: their
+    /// results are delivered here, into the output that moves with the connections. The wait
+    /// is bounded by `shutdown_timeout`; a result that comes back later, for a connection that
+    /// is lent by then, is kept: delivered if the hand-over fails, dropped and counted (offload
+    /// `dropped`) once it commits.
+    fn wait_for_offloads(&mut self) {
+        if self.core.env.offloads.get() == 0 {
+            return;
+        }
+        let deadline = std::time::Instant::now() + self.core.tuning.shutdown_timeout;
+        while self.core.env.offloads.get() > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "{}: {} offloaded jobs still running after {:?}: exporting their \
+                     connections without their results",
+                    self.name,
+                    self.core.env.offloads.get(),
+                    self.core.tuning.shutdown_timeout
+                );
+                return;
+            }
+            match self.inbox.results.recv_timeout(left) {
+                Ok(done) => self.on_result(done),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// An offloaded job's result for a lent connection is kept until the hand-over's outcome;
+    /// `Some` gives back one that is not for a lent connection.
+    pub(crate) fn keep_if_lent(&mut self, done: Done<S::Command>) -> Option<Done<S::Command>> {
+        let lent = self
+            .core
+            .conns
+            .get(done.token)
+            .is_some_and(|e| e.ctl.phase == Phase::Lent);
+        if !lent {
+            return Some(done);
+        }
+        self.handover.results.push(done);
+        None
+    }
+
     /// Lends one connection into `batch`, or says why not (false: it stays here).
     fn export_one(
         &mut self,
@@ -167,6 +227,9 @@ impl<S: Service> Shard<S> {
             && self.core.conns.get(token).is_some_and(|e| {
                 e.ctl.is_open()
                     && !e.ctl.flags.has(Flags::UNCOMMITTED)
+                    // Its service paused reading to wait for something of this process's (a
+                    // reply from another shard, an offloaded job): it stays and finishes here.
+                    && !e.ctl.flags.has(Flags::HELD)
                     && job.moves(e.ctl.listener as usize)
             });
         if !exportable {
@@ -281,6 +344,9 @@ impl<S: Service> Shard<S> {
                 self.core.ready.push(token);
             }
         }
+        for done in std::mem::take(&mut self.handover.results) {
+            self.deliver_result(done);
+        }
         self.reap();
     }
 
@@ -290,6 +356,14 @@ impl<S: Service> Shard<S> {
         let n = lent.len() as u64;
         for token in lent {
             self.forget(token);
+        }
+        // Results that came back after their connection moved: nobody here to give them to.
+        let offload = self.core.stats.offload();
+        for done in std::mem::take(&mut self.handover.results) {
+            match done.outcome {
+                Outcome::Ok(_) => offload.dropped.inc(),
+                Outcome::Panicked(_) => offload.panicked.inc(),
+            }
         }
         self.core.counters().handed_over.add(n);
     }

@@ -119,7 +119,7 @@ pub(crate) struct Shard<S: Service> {
     /// `shard N`, for log lines.
     name: String,
     /// Connections lent to or held from another process during a hand-over.
-    handover: handover::HandoverState,
+    handover: handover::HandoverState<S::Command>,
 }
 
 /// What a shard is started with.
@@ -436,6 +436,17 @@ impl<S: Service> Shard<S> {
         offload
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let env = &self.core.env;
+        env.offloads.set(env.offloads.get().saturating_sub(1));
+        let Some(done) = self.keep_if_lent(done) else {
+            return;
+        };
+        self.deliver_result(done);
+    }
+
+    /// [`Shard::on_result`] once the result is known to be this process's to deliver.
+    pub(crate) fn deliver_result(&mut self, done: Done<S::Command>) {
+        let offload = self.core.stats.offload();
         let open = self
             .core
             .conns

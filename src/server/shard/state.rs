@@ -12,6 +12,7 @@
 //! bounds live in the phase itself, apart from the service's timer, so a service that asks for
 //! a bounded close and sets a timer in the same callback keeps both.
 
+use std::cell::Cell;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -190,6 +191,10 @@ pub(crate) struct Env {
     pub tick: u64,
     pub limits: Limits,
     pub draining: bool,
+    /// Offloaded jobs of this shard's connections whose results have not come back yet:
+    /// counted up by `Peers::offload` (on this shard's thread, inside a callback), down when
+    /// the shard takes a result. A hand-over waits for it to reach zero before exporting.
+    pub offloads: Cell<usize>,
 }
 
 impl Env {
@@ -200,6 +205,7 @@ impl Env {
             tick: 0,
             limits,
             draining: false,
+            offloads: Cell::new(0),
         }
     }
 
