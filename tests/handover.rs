@@ -1346,6 +1346,76 @@ fn http_websocket_and_pubsub_connections_move_with_their_state() {
     drop((subscribers, echo, keep, half, p, idle, new));
 }
 
+/// An authenticated subscriber moves with its token's expiry and permissions (never the token):
+/// the new process allows and refuses what the old one did. An anonymous one stays anonymous.
+#[test]
+fn authenticated_websocket_connections_move_with_their_permissions() {
+    let dir = TempDir::new("auth");
+    let path = dir.path("control.sock");
+    let secret = dir.path("hs256.secret");
+    std::fs::write(&secret, "a test secret that is long enough for HS256\n").unwrap();
+    let toml = |shards| {
+        format!(
+            "[server]\nshards = {shards}\npin = false\nstats_interval = \"0s\"\n\
+             shutdown_timeout = \"5s\"\ncontrol_socket = \"{}\"\n\
+             [auth]\nhs256_secret_file = \"{}\"\nanonymous_subscribe = [\"public:*\"]\n\
+             [[listener]]\nname = \"http\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n\
+             [[listener.websocket]]\npath = \"/ws\"\nmode = \"pubsub\"\nauth = \"optional\"\n",
+            path.display(),
+            secret.display()
+        )
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("subscribe".into(), serde_json::json!(["chat:*"]));
+    extra.insert("publish".into(), serde_json::json!(["chat:*"]));
+    let spec = format!("HS256:{}", secret.display());
+    let token = shardnet::bench::tokens::mint(&spec, 0, 1, &extra)
+        .unwrap()
+        .remove(0);
+    let (_, mut old) = product(&toml(1));
+    let events = old.open_control(&path, false).unwrap();
+    let http = old.addr("http").unwrap();
+    let mut alice = Ws::connect(http, &format!("/ws?token={token}"));
+    alice.text(r#"{"op":"subscribe","topic":"chat:a"}"#);
+    assert!(alice.next_text().contains("\"ok\":\"subscribe\""));
+    let mut anon = Ws::connect(http, "/ws");
+    anon.text(r#"{"op":"subscribe","topic":"public:news"}"#);
+    assert!(anon.next_text().contains("\"ok\":\"subscribe\""));
+
+    let new = product_takeover(&path, &toml(2));
+    match events.recv_timeout(Duration::from_secs(10)).unwrap() {
+        ControlEvent::HandedOver { kept, .. } => assert_eq!(kept, 0, "both moved"),
+        other => panic!("{other:?}"),
+    }
+    assert!(old.shutdown());
+    // The token's rights, in the new process: chat:* yes, the rest no.
+    alice.text(r#"{"op":"subscribe","topic":"chat:b"}"#);
+    assert!(alice.next_text().contains("\"ok\":\"subscribe\""));
+    alice.text(r#"{"op":"subscribe","topic":"public:news"}"#);
+    let refused = alice.next_text();
+    assert!(
+        refused.contains("subscribe claim does not allow"),
+        "{refused}"
+    );
+    anon.text(r#"{"op":"subscribe","topic":"chat:a"}"#);
+    let refused = anon.next_text();
+    assert!(refused.contains("anonymous connection"), "{refused}");
+    // Alice publishes where her token allows; her subscription from before the move gets it.
+    alice.text(r#"{"op":"publish","topic":"chat:a","data":{"seq":1}}"#);
+    assert_eq!(topic_seq(&alice.next_text()), ("chat:a".to_string(), 1));
+    let stats = stats(new.addr("http").unwrap());
+    let total = &stats["services_total"];
+    assert_eq!(
+        (
+            total["ws_authenticated"].as_u64(),
+            total["ws_anonymous"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{total}"
+    );
+    drop((alice, anon, new));
+}
+
 /// Python `websockets` subscribers: each subscribes to the topics on its URL, says `ready` once
 /// all are in force, then reads until nothing came for `quiet` seconds, and prints one JSON
 /// line with, per subscriber and topic, the first and last sequence number, gaps and
