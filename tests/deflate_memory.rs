@@ -124,10 +124,13 @@ fn memory_per_connection_and_per_shard() {
     let at = |b: u8| figures.iter().find(|f| f.0 == b).unwrap().1;
     assert!(at(9) > 200 << 10 && at(9) < 300 << 10, "{}", at(9));
     assert!(at(15) > 300 << 10 && at(15) < 420 << 10, "{}", at(15));
+    // Each step up in the window costs more, to within what the allocator's rounding moves
+    // between two measurements (a few KiB: 11 bits measured 266,724 B once, 12 bits 265,344 B).
     assert!(
-        figures.windows(2).all(|w| w[0].1 <= w[1].1),
-        "memory grows with the window"
+        figures.windows(2).all(|w| w[0].1 <= w[1].1 + (4 << 10)),
+        "memory grows with the window: {figures:?}"
     );
+    assert!(at(15) > at(9) + (100 << 10), "{figures:?}");
     assert!(inflater_bytes < 64 << 10, "{inflater_bytes}");
 }
 
