@@ -40,8 +40,8 @@
 //!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
 //! - Across a hand-over to a new process every publish reaches every subscriber once: the
 //!   [`Gate`] holds the publishes made while connections move (in the process they were made
-//!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. With a
-//!   broker, at most once across a hand-over, with a gap notice ([`PubsubHandover`]).
+//!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. Not with
+//!   a broker: a gap notice then, and rarely a repeat ([`PubsubHandover`]).
 //! - A delivery round (every pending batch written to its subscribers) starts at most once per
 //!   [`DELIVERY_INTERVAL`]: a publish after a quiet spell goes out at once, publishes that come
 //!   faster wait for the next round and share its writes. Each write to a socket costs the
@@ -345,9 +345,10 @@ fn decode_publishes(mut data: &[u8]) -> Result<Vec<Publish>, String> {
 /// subscriber's topics enter the new process's hub at import, before the commit, so that
 /// process subscribes at the broker (interest notices) before the old one lets go (at the commit,
 /// when its lent connections are released). Between the two, the processes' two broker
-/// connections share no point to cut at: delivery across the switch is then at most once, like
-/// after a broker outage, and each moved subscriber gets `{"topic":T,"gap":true}` for each of its
-/// topics, first thing after its moved output (`Router::import_ws`).
+/// connections share no point to cut at: across the switch a message may be missed (each moved
+/// subscriber gets `{"topic":T,"gap":true}` for each of its topics, first thing after its moved
+/// output, `Router::import_ws`, as after a broker outage) or, when the new process already had
+/// the topic and its broker connection lags the old one's, delivered twice.
 pub struct PubsubHandover {
     pub registry: Arc<Registry>,
 }
