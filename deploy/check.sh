@@ -21,9 +21,12 @@ if out=$(systemd-analyze verify "$tmp/shardnet.service" 2>&1) && [ -z "$out" ]; 
 else
   bad "systemd-analyze verify: $out"
 fi
-for key in Type=notify LimitNOFILE=1048576 Restart=on-failure NoNewPrivileges=yes ProtectSystem=strict DynamicUser=yes ExecReload=; do
+for key in Type=notify LimitNOFILE=1048576 Restart=on-failure NoNewPrivileges=yes ProtectSystem=strict DynamicUser=yes ExecReload= NotifyAccess=all RuntimeDirectory=shardnet; do
   grep -q "^$key" deploy/systemd/shardnet.service && ok "unit has $key" || bad "unit lacks $key"
 done
+# Reload is the hand-over to a new process (restart without dropping a connection).
+grep -q '^ExecReload=.*shardnet upgrade --config' deploy/systemd/shardnet.service \
+  && ok "reload runs shardnet upgrade" || bad "ExecReload does not run shardnet upgrade"
 
 # 2. sysctl: every non-comment line is `key = value`, and the keys a million connections need.
 if awk '!/^[[:space:]]*(#|$)/ && !/^[a-z0-9_.-]+ = [^=]+$/ {print "bad line: " $0; bad=1} END {exit bad}' deploy/sysctl.d/90-shardnet.conf; then
@@ -62,6 +65,13 @@ need(any("configMap" in vols[m] and vols[m]["configMap"]["name"] == docs["Config
 svc = docs["Service"]["spec"]
 need({p["port"] for p in svc["ports"]} >= {7000, 8080}, "Service exposes 7000 and 8080")
 cm = docs["ConfigMap"]["data"]["shardnet.toml"]
+import re
+sock = re.search(r'^control_socket = "([^"]+)"', cm, re.M)
+need(sock is not None, "the pod's configuration sets server.control_socket (shardnet upgrade)")
+if sock:
+    d = str(pathlib.PurePosixPath(sock.group(1)).parent)
+    need(any(m["mountPath"] == d and "emptyDir" in vols[m["name"]] for m in c["volumeMounts"]),
+         f"{d}, the control socket's directory, is a writable volume")
 need(cm == pathlib.Path("deploy/k8s/shardnet.toml").read_text(), "ConfigMap TOML identical to deploy/k8s/shardnet.toml")
 sys.exit(1 if need.failed else 0)
 PY

@@ -1,22 +1,25 @@
-//! The command line: `serve`, `config check|default` (and the commands later modules add).
+//! The command line: `serve` (with `--takeover`), `upgrade`, `config check|default` (and the
+//! commands later modules add).
 //!
 //! This is the crate's outer edge: errors become `anyhow` messages here and exit codes below.
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use crossbeam_channel::{select, tick, unbounded};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 
 use crate::app::auth::{self, Auth, Reloadable};
 use crate::config::{
     duration, size, Config, ConfigError, ListenerConfig, ListenerTls, MaxConnections, Shards,
     TlsVersion, DEFAULT_NAME, DEFAULT_TOML,
 };
-use crate::server::Server;
+use crate::server::handover::{self, ControlEvent};
+use crate::server::{Server, Takeover};
 use crate::stats::Snapshot;
 
 #[derive(Parser, Debug)]
@@ -42,6 +45,26 @@ pub(crate) enum Command {
     /// Print the recommended shards and cores for this host and every kernel limit that matters
     /// for a million connections, with the command to change it. Changes nothing.
     Tune,
+    /// Restart the running server without dropping a connection: it starts a new process (with
+    /// --config, checked here first, or its own configuration file), which takes over its
+    /// listeners and open connections; the old one then exits. Waits for the outcome: exit 0
+    /// once the new process owns everything, 1 if the hand-over failed (the old process keeps
+    /// serving), 2 for a configuration that does not parse.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct UpgradeArgs {
+    /// Configuration for the new process; its `server.control_socket` names the running server
+    /// unless --control does.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The running server's control socket (its `server.control_socket`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// How long to wait for the outcome.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +75,12 @@ pub(crate) struct ServeArgs {
     /// Number of shards (worker threads), overriding `server.shards`.
     #[arg(long)]
     pub shards: Option<std::num::NonZeroUsize>,
+    /// Take over the server behind this control socket (its `server.control_socket`): its
+    /// listeners and open connections move to this process, and it exits. The configuration is
+    /// checked before anything is asked; if the takeover fails, this process exits 1 and the
+    /// old one keeps serving.
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,7 +97,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => match serve(args) {
-            Ok(()) => 0,
+            Ok(code) => code,
             Err(e) => {
                 let code = if e.downcast_ref::<ConfigError>().is_some() {
                     2
@@ -90,6 +119,7 @@ pub fn main() -> i32 {
             print!("{}", crate::tune::report());
             0
         }
+        Command::Upgrade(args) => upgrade(args),
         Command::Config(ConfigCommand::Default) => {
             print!("{DEFAULT_TOML}");
             0
@@ -194,7 +224,128 @@ fn log_auth(config: &Config, auth: &Auth) {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// `shardnet upgrade`: asks the running server (over its control socket) for a hand-over to a
+/// new process, and waits for the outcome.
+fn upgrade(args: UpgradeArgs) -> i32 {
+    let config_path = args
+        .config
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    let config = match &config_path {
+        Some(p) => match load(Some(p)) {
+            Ok((c, _, _)) => Some(c),
+            Err(e) => {
+                eprintln!("shardnet upgrade: {e}; nothing was asked of the running server");
+                return 2;
+            }
+        },
+        None => None,
+    };
+    let control = args.control.clone().or_else(|| {
+        config
+            .as_ref()
+            .and_then(|c| c.server.control_socket.clone())
+    });
+    let Some(control) = control else {
+        eprintln!(
+            "shardnet upgrade: no control socket: give --control PATH, or --config FILE with \
+             [server] control_socket"
+        );
+        return 2;
+    };
+    match handover::control_request(&control, config_path.as_deref(), args.timeout) {
+        Ok(message) => {
+            println!("{message}");
+            0
+        }
+        Err(e) => {
+            eprintln!("shardnet upgrade: {e}");
+            1
+        }
+    }
+}
+
+/// A process started for an upgrade that ended: (pid, its exit status, as an exit code).
+type ChildExit = (u32, String, i32);
+
+/// Starts `exe serve --config CONFIG --takeover CONTROL` for an upgrade, and a thread that
+/// reports on `exits` if it ends.
+fn start_upgrade(
+    exe: Option<&Path>,
+    config: Option<&Path>,
+    control: &Path,
+    exits: &Sender<ChildExit>,
+) -> Result<u32, String> {
+    let exe = exe.ok_or("the path of this program is unknown")?;
+    let config = config.ok_or("this server runs the embedded default configuration")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--takeover")
+        .arg(control)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let pid = child.id();
+    let exits = exits.clone();
+    std::thread::Builder::new()
+        .name("upgrade-child".into())
+        .spawn(move || {
+            use std::os::unix::process::ExitStatusExt;
+            let (status, code) = match child.wait() {
+                Ok(s) => (
+                    s.to_string(),
+                    s.code().or(s.signal().map(|g| 128 + g)).unwrap_or(1),
+                ),
+                Err(e) => (e.to_string(), 1),
+            };
+            let _ = exits.send((pid, status, code));
+        })
+        .map_err(|e| format!("cannot watch the new process: {e}"))?;
+    log::info!(
+        "upgrade: started pid {pid}: {} serve --config {} --takeover {}",
+        exe.display(),
+        config.display(),
+        control.display()
+    );
+    Ok(pid)
+}
+
+/// Starts the server: fresh, or (`--takeover`) on the listeners and connections of the server
+/// behind that control socket.
+fn start_server(
+    config: &Config,
+    tls: &ListenerTls,
+    auth: Arc<Reloadable<Auth>>,
+    takeover: Option<&Path>,
+) -> anyhow::Result<(crate::app::App, Option<handover::TakeoverReport>)> {
+    let Some(path) = takeover else {
+        let app = crate::app::start_app(config, tls, auth).context("cannot start the server")?;
+        return Ok((app, None));
+    };
+    let mut t = Takeover::connect(path, crate::app::HANDOVER_FORMAT)
+        .with_context(|| format!("takeover through {}", path.display()))?;
+    let builder = t
+        .take_listeners(crate::app::engine_with_tls(config, tls))
+        .context("takeover: the listeners")?;
+    let mut app =
+        crate::app::start_app_on(config, tls, auth, builder).context("cannot start the server")?;
+    match t.take_connections(&app.server) {
+        Ok(report) => Ok((app, Some(report))),
+        Err(e) => {
+            // Everything went back to the old process; what this one accepted meanwhile closes
+            // gracefully.
+            app.server.shutdown();
+            Err(anyhow::Error::new(e).context("takeover failed; the old process keeps serving"))
+        }
+    }
+}
+
+/// Runs the server; returns the exit code (0, or the last server's as a container's init).
+fn serve(args: ServeArgs) -> anyhow::Result<i32> {
+    // The configuration first: a file that does not parse ends here, before a takeover asks
+    // the running server for anything.
     let (mut config, auth, mut tls) = load(args.config.as_ref())?;
     if let Some(n) = args.shards {
         config.server.shards = Shards::Count(n);
@@ -216,7 +367,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     // Signal handling first: once the acceptor runs it may use every descriptor left.
     let (sig_tx, sig_rx) = unbounded();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR2])
         .context("cannot install signal handlers")?;
     let sig_handle = signals.handle();
     std::thread::Builder::new()
@@ -230,11 +381,48 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
+    // What an upgrade needs to start the next process: this program and the configuration
+    // file, as absolute paths (the binary may have been replaced on disk since: the path then
+    // runs the new one).
+    let exe = std::env::current_exe().ok();
+    let config_path = args
+        .config
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
     log_auth(&config, &auth);
     let auth = Arc::new(Reloadable::new(auth));
-    let app =
-        crate::app::start_app(&config, &tls, auth.clone()).context("cannot start the server")?;
+    let (app, took_over) = start_server(&config, &tls, auth.clone(), args.takeover.as_deref())?;
     let (mut server, broker) = (app.server, app.broker);
+    if let Some(r) = &took_over {
+        log::info!(
+            "took over from pid {}: {} listeners, {} connections ({} kept there) in {:?}",
+            r.old_pid,
+            r.listeners,
+            r.connections,
+            r.kept,
+            r.took
+        );
+    }
+    let control = config.server.control_socket.clone();
+    let control_events: Receiver<ControlEvent> = match &control {
+        Some(path) => {
+            let replace = args.takeover.as_deref() == Some(path.as_path());
+            server
+                .open_control(path, replace)
+                .context("cannot open the control socket")?
+        }
+        None => {
+            if took_over.is_some() {
+                log::warn!(
+                    "no server.control_socket in this configuration: this process cannot be \
+                     taken over in turn"
+                );
+            }
+            never()
+        }
+    };
+    let (child_tx, child_rx) = unbounded::<ChildExit>();
+    let mut upgrading: Option<u32> = None;
     log_summary(&config, &server);
 
     // Ready, with the pid and every listener's bound address (port 0 picks one): supervisors,
@@ -242,7 +430,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     notify(&crate::ready::Ready::of_this_process(server.addrs()).message());
     let mut ticker = stats_ticker(config.server.stats_interval);
     let mut last: Option<Snapshot> = None;
+    let mut handed_over = false;
     loop {
+        let mut upgrade_with: Option<Option<PathBuf>> = None;
         select! {
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
@@ -251,6 +441,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         ticker = stats_ticker(config.server.stats_interval);
                     }
                     notify("READY=1");
+                }
+                Ok(SIGUSR2) => {
+                    if control.is_some() {
+                        log::info!("SIGUSR2: upgrade (a new process takes this one over)");
+                        upgrade_with = Some(None);
+                    } else {
+                        log::warn!(
+                            "SIGUSR2: an upgrade needs server.control_socket; ignored"
+                        );
+                    }
                 }
                 Ok(s) => {
                     log::info!("signal {s}: draining (a second signal exits at once)");
@@ -271,6 +471,44 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
                 last = Some(snap);
             }
+            recv(control_events) -> event => match event {
+                Ok(ControlEvent::UpgradeRequested { config }) => upgrade_with = Some(config),
+                Ok(ControlEvent::HandedOver { pid, connections, kept, took }) => {
+                    log::info!(
+                        "handed over to pid {pid} ({connections} connections moved, {kept} kept) \
+                         in {took:?}: closing the rest and exiting"
+                    );
+                    // The service manager's main process is the new one now.
+                    notify(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
+                    handed_over = true;
+                    break;
+                }
+                Err(_) => {}
+            },
+            recv(child_rx) -> exit => {
+                if let Ok((pid, status, _)) = exit {
+                    if upgrading == Some(pid) {
+                        upgrading = None;
+                        let why = format!(
+                            "the new process (pid {pid}) ended ({status}) before it took over; \
+                             its log says why"
+                        );
+                        log::warn!("upgrade: {why}");
+                        server.upgrade_failed(why);
+                    }
+                }
+            }
+        }
+        if let Some(requested) = upgrade_with {
+            let path = control.as_deref().expect("upgrades need a control socket");
+            let config_file = requested.or_else(|| config_path.clone());
+            match start_upgrade(exe.as_deref(), config_file.as_deref(), path, &child_tx) {
+                Ok(pid) => upgrading = Some(pid),
+                Err(why) => {
+                    log::error!("upgrade: {why}");
+                    server.upgrade_failed(why);
+                }
+            }
         }
     }
 
@@ -283,19 +521,84 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = done_tx.send(clean);
         })
         .context("cannot start the drain thread")?;
-    select! {
-        recv(done_rx) -> clean => {
-            sig_handle.close();
-            if clean.unwrap_or(false) {
-                log::info!("drained; exiting");
-            } else {
-                log::warn!("some shards did not finish within shutdown_timeout; exiting");
+    // PID 1 of a container: ending would end the container under the new process.
+    let init = handed_over && std::process::id() == 1;
+    let clean = loop {
+        select! {
+            recv(done_rx) -> clean => break clean.unwrap_or(false),
+            recv(sig_rx) -> sig => {
+                let sig = sig.unwrap_or(SIGTERM);
+                if init {
+                    forward(sig);
+                    continue;
+                }
+                log::warn!("second signal ({sig}): exiting now");
+                std::process::exit(128 + sig);
             }
-            Ok(())
         }
-        recv(sig_rx) -> sig => {
-            log::warn!("second signal ({}): exiting now", sig.unwrap_or(0));
-            std::process::exit(128 + sig.unwrap_or(SIGTERM));
+    };
+    match (clean, handed_over) {
+        (true, false) => log::info!("drained; exiting"),
+        (true, true) if !init => log::info!("handed over and closed what stayed; exiting"),
+        (true, true) => {}
+        (false, _) => log::warn!("some shards did not finish within shutdown_timeout"),
+    }
+    if init {
+        return Ok(linger_as_init(&sig_rx, &child_rx));
+    }
+    sig_handle.close();
+    Ok(0)
+}
+
+/// Passes signal `sig` on to every child (the server that took over, and the ones after it,
+/// which the kernel reparents to PID 1).
+fn forward(sig: i32) {
+    for pid in crate::sys::process::children() {
+        match crate::sys::process::signal(pid, sig) {
+            Ok(()) => log::info!("signal {sig} passed on to pid {pid}"),
+            Err(e) => log::warn!("signal {sig} to pid {pid}: {e}"),
+        }
+    }
+}
+
+/// After a hand-over as PID 1 (a container's entrypoint): stays as the container's init,
+/// reaping every process that ends and passing signals on, until no process is left; returns
+/// the exit code of the last one (the server of the moment), which becomes the container's.
+fn linger_as_init(signals: &Receiver<i32>, upgrades: &Receiver<ChildExit>) -> i32 {
+    use crate::sys::process::{reap, Reaped};
+    log::info!(
+        "PID 1: staying as this container's init (reaping, passing signals on to the server \
+         that took over)"
+    );
+    let mut last = 0;
+    let ticker = tick(Duration::from_millis(100));
+    loop {
+        select! {
+            recv(signals) -> sig => if let Ok(sig) = sig { forward(sig) },
+            // The thread watching a process this one started reaps it itself.
+            recv(upgrades) -> exit => if let Ok((pid, _, code)) = exit {
+                log::info!("pid {pid} ended ({code})");
+                last = code;
+            },
+            recv(ticker) -> _ => loop {
+                match reap() {
+                    Ok(Reaped::Ended { pid, code }) => {
+                        log::info!("pid {pid} ended ({code})");
+                        last = code;
+                    }
+                    Ok(Reaped::Running) => break,
+                    Ok(Reaped::None) | Err(_) => {
+                        if crate::sys::process::children().is_empty() {
+                            while let Ok((_, _, code)) = upgrades.try_recv() {
+                                last = code;
+                            }
+                            log::info!("no process left; exiting with {last}");
+                            return last;
+                        }
+                        break;
+                    }
+                }
+            },
         }
     }
 }
@@ -367,7 +670,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     macro_rules! check {
         ($($f:ident)*) => { $(if a.$f != b.$f { keys.push(concat!("server.", stringify!($f))); })* };
     }
-    check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait);
+    check!(shards pin cores balance trigger max_connections shutdown_timeout read_buffer read_budget events_per_wait control_socket);
     // The broker thread's connections and bounds are set up once, at start.
     let (a, b) = (&old.broker, &new.broker);
     macro_rules! check_broker {

@@ -140,6 +140,22 @@ counters! {
         tls_handshake_failures: Counter, "TLS handshakes refused or failed (not TLS, no common version or cipher, a client certificate missing or refused); the connection closed";
         tls_handshake_timeouts: Counter, "TLS handshakes not finished within handshake_timeout; the connection closed";
         tls_errors: Counter, "TLS connections closed by a protocol error after the handshake";
+        handed_over: Counter, "connections this shard handed to a new process (restart without dropping a connection)";
+        received: Counter, "connections this shard took over from an old process";
+    }
+}
+
+counters! {
+    /// Counters of hand-overs between processes (`shardnet upgrade`, `serve --takeover`),
+    /// written by the thread that runs the hand-over (one at a time).
+    HandoverCounters, HandoverSnapshot {
+        sessions: Counter, "hand-over sessions opened on the control socket by a new process";
+        given: Counter, "hand-overs this process completed as the old one: its listeners and connections moved to the new process";
+        failed: Counter, "hand-overs refused or failed as the old process, which kept serving everything";
+        taken: Counter, "hand-overs this process completed as the new one";
+        kept: Counter, "connections the service could not hand over (closed gracefully after the commit)";
+        last_micros: Gauge, "duration of the last completed hand-over, from the new process's hello to its commit, in microseconds";
+        last_moving_micros: Gauge, "in the last completed hand-over, from the first batch of connections sent (old process) or received (new) to the commit, in microseconds: about the longest any moved connection was paused";
     }
 }
 
@@ -166,6 +182,7 @@ pub(crate) struct Stats {
     /// Shards whose thread ended by a panic (the engine's own, or a service's outside a
     /// connection callback): the product's health check reads it.
     dead: AtomicUsize,
+    handover: CachePadded<HandoverCounters>,
     offload: CachePadded<OffloadCounters>,
     /// The counters services registered, every shard's (locked at registration and by
     /// snapshots only; the values themselves are written without a lock).
@@ -602,6 +619,8 @@ pub struct Snapshot {
     pub control_failures: u64,
     /// Shards whose thread has died.
     pub dead_shards: usize,
+    /// Hand-overs to and from other processes (restart without dropping a connection).
+    pub handover: HandoverSnapshot,
     /// The offload pool's counters; `None` while no service has offloaded anything (there is
     /// no pool then).
     pub offload: Option<OffloadSnapshot>,
@@ -662,6 +681,7 @@ impl Stats {
             started: Instant::now(),
             control_failures: CachePadded::new(AtomicU64::new(0)),
             dead: AtomicUsize::new(0),
+            handover: CachePadded::new(HandoverCounters::default()),
             offload: CachePadded::new(OffloadCounters::default()),
             registered: Mutex::new(Vec::new()),
         }
@@ -705,6 +725,11 @@ impl Stats {
         &self.acceptor
     }
 
+    /// The hand-over counters, for the thread running a hand-over to write.
+    pub(crate) fn handover(&self) -> &HandoverCounters {
+        &self.handover
+    }
+
     pub(crate) fn control_failed(&self, n: u64) {
         self.control_failures.fetch_add(n, Relaxed);
     }
@@ -728,6 +753,7 @@ impl Stats {
             shards: self.shards.iter().map(|s| s.snapshot()).collect(),
             control_failures: self.control_failures.load(Relaxed),
             dead_shards: self.dead_shards(),
+            handover: self.handover.snapshot(),
             offload: self.offload.snapshot(),
             registered: self.registered(),
         }

@@ -676,6 +676,48 @@ fn server_and_client_processes_at_small_scale() {
 }
 
 #[test]
+fn takeover_mode_moves_every_connection_and_reports_the_pause() {
+    if !require_tool("taskset", "Debian/Ubuntu: apt-get install util-linux") {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("bench-takeover-{}.json", std::process::id()));
+    let (code, text) = bench(&[
+        "--takeover",
+        "--spawn",
+        "-c",
+        "200",
+        "--probes",
+        "2",
+        "--shards",
+        "2",
+        "--takeover-shards",
+        "3",
+        "--server-cores",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("takeover: 202 connections"), "{text}");
+    assert!(text.contains("2 -> 3 shards"), "{text}");
+    let lost = text
+        .lines()
+        .find(|l| l.contains("connections lost:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(lost.trim_end().ends_with(" 0"), "{lost}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["moved"], 202);
+    assert_eq!(report["lost"], 0);
+    assert!(report["moving_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["probe_round_trips"].as_u64().unwrap() > 10,
+        "{report}"
+    );
+}
+
+#[test]
 fn tls_modes_run_and_verify() {
     let pki = common::pki::Pki::new();
     let tls = format!(

@@ -217,7 +217,7 @@ fn max_connections_auto_is_logged_once_at_info_without_a_warning() {
         server.log().contains("max_connections=")
     });
     let log = server.log();
-    // 2000 less 16 + 4 per shard + (shards + 1) for the one listener, with one shard.
+    // 2000 less 16 + 4 per shard + 2 per shard for the one listener, with one shard.
     assert_eq!(
         log.matches("max_connections = \"auto\": 1978 (RLIMIT_NOFILE 2000 less 22 ")
             .count(),

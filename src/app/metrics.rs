@@ -4,8 +4,8 @@
 //! [`ServiceCounters`] are the HTTP, WebSocket and pub/sub counters, one set per shard, written
 //! by that shard's router only. Rendering is generated from the counter lists in
 //! [`crate::stats`] and here: each counter becomes `shardnet_<name>_total{shard="N"}` (gauges lose
-//! the `_total`), acceptor counters `shardnet_acceptor_<name>_total`; times are exposed in
-//! seconds. Process gauges follow the Prometheus client conventions (`process_open_fds`,
+//! the `_total`), acceptor counters `shardnet_acceptor_<name>_total`, hand-over counters
+//! `shardnet_handover_<name>_total`; times are exposed in seconds. Process gauges follow the Prometheus client conventions (`process_open_fds`,
 //! `process_resident_memory_bytes`). Rendering runs on the shard that answers the request, off
 //! the hot path; it reads other shards' counters without locks.
 
@@ -189,6 +189,18 @@ fn render(m: &Metrics, buf: &mut Vec<u8>) {
         header(&mut out, &name, kind_str(kind), help);
         let _ = writeln!(out, "{name} {value}");
     }
+    // Hand-overs between processes; durations in seconds.
+    for (field, kind, help, value) in snap.handover.fields() {
+        if let Some(stem) = field.strip_suffix("_micros") {
+            let name = format!("shardnet_handover_{stem}_seconds");
+            header(&mut out, &name, kind_str(kind), help);
+            let _ = writeln!(out, "{name} {}", value as f64 / 1e6);
+            continue;
+        }
+        let name = metric_name("shardnet_handover_", field, kind);
+        header(&mut out, &name, kind_str(kind), help);
+        let _ = writeln!(out, "{name} {value}");
+    }
 
     header(
         &mut out,
@@ -363,10 +375,12 @@ fn render_json(m: &Metrics, buf: &mut Vec<u8>) {
     let p = process();
     let v = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "uptime_seconds": snap.uptime_seconds,
         "shards": snap.shards.len(),
         "total": snap.total(),
         "acceptor": snap.acceptor,
+        "handover": snap.handover,
         "per_shard": snap.shards,
         "services": services,
         "services_total": services_total,

@@ -45,6 +45,7 @@ use crate::server::{
 };
 use crate::tls::ServerTls;
 use metrics::Metrics;
+use pubsub::{PubsubHandover, Registry};
 use router::{Router, Shared};
 
 /// Why the product server did not start.
@@ -86,6 +87,10 @@ pub struct App {
     pub broker: Option<broker::BrokerHandle>,
 }
 
+/// The state format of the product's connections in a hand-over (`Service::HANDOVER_FORMAT` of
+/// its router): what `serve --takeover` announces.
+pub const HANDOVER_FORMAT: &str = <Router as crate::server::Service>::HANDOVER_FORMAT;
+
 /// The composition root: the TLS side of every listener already loaded ([`Config::load_tls`])
 /// and `[auth]` loaded in the handle a reload (SIGHUP) replaces it through: what the CLI runs,
 /// having read the files with errors located in the configuration file. Keeps the broker's
@@ -95,6 +100,28 @@ pub fn start_app(
     config: &Config,
     tls: &ListenerTls,
     auth: Arc<auth::Reloadable<auth::Auth>>,
+) -> Result<App, ServerError> {
+    start_app_on(config, tls, auth, engine_with_tls(config, tls))
+}
+
+/// [`start_with_tls`] on a given engine `builder` (one whose listeners were taken over from an
+/// old process, `Takeover::take_listeners`), `[auth]` loaded here.
+pub fn start_on(
+    config: &Config,
+    tls: &ListenerTls,
+    builder: ServerBuilder,
+) -> Result<Server, StartError> {
+    let auth = auth::Auth::load(&config.auth)?;
+    let app = start_app_on(config, tls, Arc::new(auth::Reloadable::new(auth)), builder)?;
+    Ok(app.server)
+}
+
+/// [`start_app`] on a given engine `builder`.
+pub fn start_app_on(
+    config: &Config,
+    tls: &ListenerTls,
+    auth: Arc<auth::Reloadable<auth::Auth>>,
+    builder: ServerBuilder,
 ) -> Result<App, ServerError> {
     if let Some(l) = config
         .listeners
@@ -134,8 +161,14 @@ pub fn start_app(
     // The pool's counters exist once the pool does: the first shard to start completes the
     // shared state with them, the others take the same.
     let slot: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-    let server = engine_with_tls(config, tls)
+    // Pub/sub across a hand-over goes through the registry's gate (see `pubsub::Gate`).
+    let registry: Arc<Registry> = Arc::default();
+    let hooks = Arc::new(PubsubHandover {
+        registry: registry.clone(),
+    });
+    let server = builder
         .shards(shards)
+        .handover_hooks(hooks)
         .start(move |info, peers| {
             let shared = slot
                 .lock()
@@ -143,13 +176,14 @@ pub fn start_app(
                     if let Some(sink) = &sink {
                         sink.set_peers(peers.clone());
                     }
+                    registry.gate.set_peers(&peers);
                     let mut metrics = Metrics::new(info.stats.clone(), info.shards, started);
                     if let Some(b) = &broker_handle {
                         metrics = metrics.with_broker(b.metrics().clone());
                     }
                     Arc::new(Shared {
                         metrics,
-                        registry: Arc::default(),
+                        registry: registry.clone(),
                         config: owned.clone(),
                         auth: auth.clone(),
                         broker: broker_handle.clone(),

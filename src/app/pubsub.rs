@@ -38,6 +38,10 @@
 //!   messages handled) and continues on the next wake, which the hub requests by sending itself
 //!   a command: other connections on the shard are served between batches. Publishes waiting
 //!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
+//! - Across a hand-over to a new process every publish reaches every subscriber once: the
+//!   [`Gate`] holds the publishes made while connections move (in the process they were made
+//!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. Not with
+//!   a broker: a gap notice then, and rarely a repeat ([`PubsubHandover`]).
 //! - A delivery round (every pending batch written to its subscribers) starts at most once per
 //!   [`DELIVERY_INTERVAL`]: a publish after a quiet spell goes out at once, publishes that come
 //!   faster wait for the next round and share its writes. Each write to a socket costs the
@@ -112,12 +116,276 @@ pub enum Refused {
     TooLarge { size: usize, max: usize },
     #[error("body is neither JSON nor UTF-8 text: send binary data base64-encoded")]
     NotText,
+    /// A hand-over is under way and this publish cannot be held for it (the hold is full, or
+    /// the connection stays with a process that is handing over): publish again.
+    #[error("the server is handing its connections to a new process: publish again in a moment")]
+    Moving,
 }
 
-/// Subscribers per topic, all shards together.
+/// Subscribers per topic, all shards together, and the gate every publish goes through.
 #[derive(Default)]
 pub struct Registry {
     counts: Mutex<HashMap<Box<str>, usize>>,
+    pub gate: Gate,
+}
+
+/// Publishes held at most while a hand-over runs (beyond either bound a publish is refused
+/// with [`Refused::Moving`]).
+pub const HELD_MAX: usize = 65536;
+pub const HELD_BYTES: usize = 64 << 20;
+
+/// How long releasing held publishes waits for room in a shard's full command channel.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// One publish: its topic and its encoded frame.
+pub type Publish = (Arc<str>, Arc<[u8]>);
+
+/// Where the process's publishes go: to every shard at once (the normal case), or held while
+/// connections move to or from another process.
+///
+/// Why: between its export and the commit a moving subscriber is in neither process's hub, and
+/// a publisher of either process reaches only its own process's subscribers. So once the
+/// listeners have moved, the old process holds its publishes ([`Gate::hold`], before any
+/// connection is exported); what was published before is delivered before the export
+/// ([`Hub::flush`]), into the subscribers' output, which moves with them. The new process
+/// refuses publishes until its commit ([`Gate::refuse`]: `503` with `Retry-After`, or the
+/// WebSocket error message), rather than hold them: it could still fail, after its publishers
+/// had been told their publish was taken. At the end the old process relays its held
+/// publishes to the new one ([`Gate::take_relay`], before `End`) and refuses further ones (only
+/// connections that stay with it can still publish there); the new process, after its commit,
+/// broadcasts them ([`Gate::release`]) to subscribers that are all its own by then, and opens.
+/// If the hand-over fails, the old process broadcasts what it held itself: nothing is lost
+/// unless the old process dies, which takes its connections along too.
+///
+/// Publishers take the read side of one lock per publish (one atomic operation uncontended);
+/// switching modes takes the write side, which waits for the publishes under way to finish, so
+/// none slips past a switch.
+#[derive(Default)]
+pub struct Gate {
+    mode: parking_lot::RwLock<GateMode>,
+    held: Mutex<Held>,
+    /// Every shard's command channel, for releasing held publishes.
+    peers: std::sync::OnceLock<Peers<Cmd>>,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum GateMode {
+    #[default]
+    Open,
+    Holding,
+    Refusing,
+}
+
+#[derive(Default)]
+struct Held {
+    /// What the old process relayed (new process only).
+    relayed: Vec<Publish>,
+    /// This process's own (old process only), in the order they were made, kept after they
+    /// were relayed until the outcome is known.
+    own: Vec<Publish>,
+    bytes: usize,
+}
+
+impl Gate {
+    /// The first shard to start gives the gate the way to every shard.
+    pub fn set_peers(&self, peers: &Peers<Cmd>) {
+        let _ = self.peers.set(peers.clone());
+    }
+
+    /// Publishes from now on are held.
+    pub fn hold(&self) {
+        *self.mode.write() = GateMode::Holding;
+    }
+
+    /// Publishes from now on are refused ([`Refused::Moving`]).
+    pub fn refuse(&self) {
+        *self.mode.write() = GateMode::Refusing;
+    }
+
+    /// Old process, every connection sent: what was held, encoded for the new process; further
+    /// publishes are refused until the outcome. The held publishes stay here too: the
+    /// subscribers that stay get them after the commit, everyone after a failure.
+    pub fn take_relay(&self) -> Vec<u8> {
+        *self.mode.write() = GateMode::Refusing;
+        encode_publishes(&self.held.lock().own)
+    }
+
+    /// New process: publishes the old one relayed.
+    pub fn add_relayed(&self, data: &[u8]) -> Result<(), String> {
+        let publishes = decode_publishes(data)?;
+        let mut held = self.held.lock();
+        held.bytes += publishes
+            .iter()
+            .map(|(t, f)| t.len() + f.len())
+            .sum::<usize>();
+        held.relayed.extend(publishes);
+        Ok(())
+    }
+
+    /// Broadcasts everything held (relayed first, then this process's own, then `extra`) to
+    /// this process's shards, in order; then publishes go out again (`open`) or stay refused (a
+    /// process that has handed over).
+    pub fn release(&self, extra: Vec<Publish>, open: bool) {
+        let mut mode = self.mode.write();
+        let held = std::mem::take(&mut *self.held.lock());
+        if let Some(peers) = self.peers.get() {
+            let mut missed = 0;
+            for (topic, frame) in held.relayed.into_iter().chain(held.own).chain(extra) {
+                missed += broadcast_waiting(peers, Cmd::Publish { topic, frame });
+            }
+            if missed > 0 {
+                log::error!(
+                    "pub/sub: {missed} shard deliveries of held publishes lost: their queues \
+                     stayed full"
+                );
+            }
+        }
+        *mode = if open {
+            GateMode::Open
+        } else {
+            GateMode::Refusing
+        };
+    }
+
+    /// Sends one publish to every shard, or holds or refuses it; returns how many shards'
+    /// queues refused it.
+    fn publish(&self, peers: &Peers<Cmd>, topic: &str, frame: Arc<[u8]>) -> Result<usize, Refused> {
+        let mode = self.mode.read();
+        match *mode {
+            GateMode::Open => {
+                let sent = peers.broadcast(Cmd::Publish {
+                    topic: Arc::from(topic),
+                    frame,
+                });
+                Ok(peers.len() - sent)
+            }
+            GateMode::Holding => {
+                let mut held = self.held.lock();
+                let size = topic.len() + frame.len();
+                let count = held.own.len() + held.relayed.len();
+                if count >= HELD_MAX || held.bytes + size > HELD_BYTES {
+                    return Err(Refused::Moving);
+                }
+                held.bytes += size;
+                held.own.push((Arc::from(topic), frame));
+                Ok(0)
+            }
+            GateMode::Refusing => Err(Refused::Moving),
+        }
+    }
+}
+
+/// Broadcasts `cmd`, waiting (bounded) for room in a full queue; returns the shards it missed.
+fn broadcast_waiting(peers: &Peers<Cmd>, cmd: Cmd) -> usize {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    let mut missed = 0;
+    for shard in 0..peers.len() {
+        while !peers.send(shard, cmd.clone()) {
+            if std::time::Instant::now() >= deadline {
+                missed += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    missed
+}
+
+/// `u32 count`, then per publish `u32 topic length | topic | u32 frame length | frame`
+/// (little-endian); empty for none.
+fn encode_publishes(publishes: &[Publish]) -> Vec<u8> {
+    if publishes.is_empty() {
+        return Vec::new();
+    }
+    let size: usize = publishes.iter().map(|(t, f)| 8 + t.len() + f.len()).sum();
+    let mut out = Vec::with_capacity(4 + size);
+    out.extend_from_slice(&(publishes.len() as u32).to_le_bytes());
+    for (topic, frame) in publishes {
+        out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(frame);
+    }
+    out
+}
+
+fn decode_publishes(mut data: &[u8]) -> Result<Vec<Publish>, String> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if data.len() < n {
+            return Err("held publishes that end early".into());
+        }
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Ok(head)
+    }
+    fn len(data: &mut &[u8]) -> Result<usize, String> {
+        Ok(u32::from_le_bytes(take(data, 4)?.try_into().expect("4 bytes")) as usize)
+    }
+    if data.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = len(&mut data)?;
+    let mut out = Vec::with_capacity(n.min(HELD_MAX));
+    for _ in 0..n {
+        let t = len(&mut data)?;
+        let topic = std::str::from_utf8(take(&mut data, t)?)
+            .map_err(|_| "a held publish whose topic is not UTF-8".to_string())?;
+        let f = len(&mut data)?;
+        let frame = take(&mut data, f)?;
+        out.push((Arc::from(topic), Arc::from(frame)));
+    }
+    Ok(out)
+}
+
+/// What the product hands across a process hand-over: its publishes, through the [`Gate`].
+///
+/// With a broker (`[broker] kind` other than `"none"`) publishes do not go through the gate:
+/// they go to the broker, which has taken them once it answers (a publisher's 200 stands whatever
+/// becomes of the hand-over), and comes back to each process on its own connection. A moved
+/// subscriber's topics enter the new process's hub at import, before the commit, so that
+/// process subscribes at the broker (interest notices) before the old one lets go (at the commit,
+/// when its lent connections are released). Between the two, the processes' two broker
+/// connections share no point to cut at: across the switch a message may be missed (each moved
+/// subscriber gets `{"topic":T,"gap":true}` for each of its topics, first thing after its moved
+/// output, `Router::import_ws`, as after a broker outage) or, when the new process already had
+/// the topic and its broker connection lags the old one's, delivered twice.
+pub struct PubsubHandover {
+    pub registry: Arc<Registry>,
+}
+
+impl crate::server::handover::HandoverHooks for PubsubHandover {
+    fn begin(&self) {
+        self.registry.gate.hold();
+    }
+
+    fn relay(&self) -> Vec<u8> {
+        self.registry.gate.take_relay()
+    }
+
+    fn committed(&self) {
+        // The subscribers that stayed here (until they close) get what was held; publishing
+        // here stays refused: this process is on its way out.
+        self.registry.gate.release(Vec::new(), false);
+    }
+
+    fn failed(&self, _returned: Vec<Vec<u8>>) {
+        // The new process holds nothing of its own to give back (it refuses publishes).
+        self.registry.gate.release(Vec::new(), true);
+    }
+
+    fn taking(&self) {
+        self.registry.gate.refuse();
+    }
+
+    fn received(&self, data: &[u8]) {
+        if let Err(e) = self.registry.gate.add_relayed(data) {
+            log::error!("pub/sub: the old process relayed {e}");
+        }
+    }
+
+    fn took(&self) {
+        self.registry.gate.release(Vec::new(), true);
+    }
 }
 
 impl Registry {
@@ -269,18 +537,22 @@ impl Fanout {
     /// Sends an encoded frame to every shard (this one included, through its channel, so that
     /// every subscriber sees publishes in one order per publisher); returns the subscribers
     /// counted on `topic`.
-    pub fn publish(&self, topic: &str, frame: Arc<[u8]>, counters: &ServiceCounters) -> usize {
+    ///
+    /// While a hand-over runs the publish is held for the commit ([`Gate`]), or refused with
+    /// [`Refused::Moving`] when it cannot be.
+    pub fn publish(
+        &self,
+        topic: &str,
+        frame: Arc<[u8]>,
+        counters: &ServiceCounters,
+    ) -> Result<usize, Refused> {
         let reached = self.registry.count(topic);
+        let lost = self.registry.gate.publish(&self.peers, topic, frame)?;
         counters.ws_published.inc();
-        let sent = self.peers.broadcast(Cmd::Publish {
-            topic: Arc::from(topic),
-            frame,
-        });
-        let lost = self.peers.len() - sent;
         if lost > 0 {
             counters.ws_fanout_lost.add(lost as u64);
         }
-        reached
+        Ok(reached)
     }
 
     /// Asks this shard to wake again (to go on delivering); false if its queue is full, in which
@@ -566,6 +838,21 @@ impl Hub {
             self.continuing = fanout.wake_self();
         }
     }
+
+    /// Delivers everything waiting, whatever the budget: the shard is about to export its
+    /// connections (a hand-over), and what they are owed must be in their output by then.
+    pub fn flush<S>(
+        &mut self,
+        ctx: &mut Ctx<'_, S>,
+        fanout: &Fanout,
+        counters: &ServiceCounters,
+        deflate: &mut Deflate<'_>,
+        policy: impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
+    ) {
+        while self.has_pending() {
+            self.deliver(ctx, fanout, counters, deflate, &policy);
+        }
+    }
 }
 
 /// One subscriber of the batch being delivered.
@@ -847,8 +1134,13 @@ impl Hub {
                 match r {
                     // A publish that went out is not acknowledged (it is a stream).
                     Ok(frame) if c.fanout.broker().is_none() => {
-                        c.fanout.publish(&t, frame, c.counters);
-                        return;
+                        match c.fanout.publish(&t, frame, c.counters) {
+                            Ok(_) => return,
+                            Err(e) => {
+                                c.counters.ws_publish_refused.inc();
+                                ("publish", t, Err(e))
+                            }
+                        }
                     }
                     Ok(frame) => {
                         match c

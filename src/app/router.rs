@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::auth::{
-    Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Reloadable, Verdict,
+    Auth, ConnAuth, FailureCounters, Grant, Local, PermTable, Permissions, Reloadable, Verdict,
     CLOSE_TOKEN_EXPIRED,
 };
 use super::broker::{Broker, BrokerHandle, Outcome, Ticket};
@@ -42,6 +42,148 @@ use crate::service::{CloseReason, Conn, Ctx, Service, ShardInfo, Token};
 /// The longest WebSocket frame header (with the mask): what a frame needs in the input buffer
 /// beyond its payload.
 const MAX_FRAME_HEADER: usize = 14;
+
+/// Hand-over blobs (the router's state format, [`Router::HANDOVER_FORMAT`]): the first byte
+/// names the state. Echo: nothing more. HTTP: [`HttpConn::to_bits`] (a partial request is the
+/// engine's input, the header timer its timer). WebSocket: the route's mode, `awaiting_pong`,
+/// the permessage-deflate agreement, the route's path, the topics subscribed to, the
+/// authentication state ([`MovedAuth`]), then [`WsConn::export`].
+const BLOB_ECHO: u8 = 1;
+const BLOB_HTTP: u8 = 2;
+const BLOB_WS: u8 = 3;
+
+/// What a WebSocket connection's [`ConnAuth`] becomes on the wire: the token's expiry and its
+/// permissions (`None`: anonymous), interned again in the new shard's [`PermTable`]. The token
+/// itself was never kept and does not travel. The rate-limit bucket does not either: its clock
+/// is the process's, so a moved connection starts with a full bucket.
+struct MovedAuth {
+    expires: u32,
+    perms: Option<Permissions>,
+}
+
+/// A WebSocket state from a hand-over blob, before it is checked against this configuration.
+struct MovedWs {
+    pubsub: bool,
+    awaiting_pong: bool,
+    deflate: Option<Agreed>,
+    path: String,
+    topics: Vec<String>,
+    /// `None`: a plain connection (no grant, no bucket).
+    auth: Option<MovedAuth>,
+    conn: WsConn,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+fn put_list<S: AsRef<str>>(b: &mut Vec<u8>, list: &[S]) {
+    b.extend_from_slice(&(list.len() as u16).to_le_bytes());
+    for s in list {
+        put_str(b, s.as_ref());
+    }
+}
+
+impl MovedWs {
+    fn encode(
+        s: &WsState,
+        path: &str,
+        topics: &[Arc<str>],
+        auth: Option<(ConnAuth, &PermTable)>,
+    ) -> Vec<u8> {
+        let mut b = vec![BLOB_WS];
+        b.push(0); // the mode, set by the caller
+        b.push(s.awaiting_pong as u8);
+        match s.deflate {
+            None => b.extend_from_slice(&[0, 0, 0]),
+            Some(a) => b.extend_from_slice(&[1, a.window_bits, a.takeover as u8]),
+        }
+        put_str(&mut b, path);
+        put_list(&mut b, topics);
+        match auth {
+            None => b.push(0),
+            Some((a, table)) => match table.permissions(a.grant.perms) {
+                None => {
+                    b.push(1);
+                    b.extend_from_slice(&a.grant.expires.to_le_bytes());
+                }
+                Some(p) => {
+                    b.push(2);
+                    b.extend_from_slice(&a.grant.expires.to_le_bytes());
+                    put_str(&mut b, &p.sub);
+                    put_list(&mut b, &p.subscribe);
+                    put_list(&mut b, &p.publish);
+                }
+            },
+        }
+        s.conn.export(&mut b);
+        b
+    }
+
+    /// Reads a blob after its first byte.
+    fn decode(mut b: &[u8]) -> Result<MovedWs, String> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if b.len() < n {
+                return Err("a WebSocket connection's state ends early".into());
+            }
+            let (head, rest) = b.split_at(n);
+            *b = rest;
+            Ok(head)
+        }
+        fn string(b: &mut &[u8]) -> Result<String, String> {
+            let n = u16::from_le_bytes(take(b, 2)?.try_into().expect("2 bytes")) as usize;
+            String::from_utf8(take(b, n)?.to_vec()).map_err(|_| "a name that is not UTF-8".into())
+        }
+        fn list(b: &mut &[u8]) -> Result<Vec<String>, String> {
+            let n = u16::from_le_bytes(take(b, 2)?.try_into().expect("2 bytes"));
+            (0..n).map(|_| string(b)).collect()
+        }
+        fn expires(b: &mut &[u8]) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(take(b, 4)?.try_into().expect("4 bytes")))
+        }
+        let head = take(&mut b, 5)?;
+        let deflate = (head[2] != 0).then_some(Agreed {
+            window_bits: head[3],
+            takeover: head[4] != 0,
+        });
+        let path = string(&mut b)?;
+        let topics = list(&mut b)?;
+        let auth = match take(&mut b, 1)?[0] {
+            0 => None,
+            1 => Some(MovedAuth {
+                expires: expires(&mut b)?,
+                perms: None,
+            }),
+            2 => {
+                let expires = expires(&mut b)?;
+                let boxed = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
+                Some(MovedAuth {
+                    expires,
+                    perms: Some(Permissions {
+                        sub: string(&mut b)?.into_boxed_str(),
+                        subscribe: boxed(list(&mut b)?),
+                        publish: boxed(list(&mut b)?),
+                    }),
+                })
+            }
+            k => return Err(format!("unknown authentication state {k}")),
+        };
+        let conn = WsConn::import(&mut b)?;
+        if !b.is_empty() {
+            return Err("a WebSocket connection's state is longer than its format".into());
+        }
+        Ok(MovedWs {
+            pubsub: head[0] != 0,
+            awaiting_pong: head[1] != 0,
+            deflate,
+            path,
+            topics,
+            auth,
+            conn,
+        })
+    }
+}
 
 /// How long past `broker.publish_timeout` a `POST /publish` waits for the broker's outcome before
 /// it answers 503 itself (the outcome may have been lost to a full shard queue).
@@ -381,6 +523,129 @@ impl Router {
 
     fn route(&self, listener: u16, route: u16) -> &WsRoute {
         route_of(&self.kinds, listener, route)
+    }
+
+    /// A WebSocket connection from an old process: its route (found by path, in the same
+    /// mode), compression, grant and subscriptions here. If this configuration no longer serves
+    /// it that way (the route is gone or changed mode, now requires a token the connection did
+    /// not show, a subscription is over the limits or outside its permissions now), it gets a
+    /// 1001 close (sent once the hand-over commits) rather than a different service.
+    fn import_ws(&mut self, conn: &mut Conn<'_, ConnState>, moved: MovedWs) {
+        self.sync_auth();
+        let listener = conn.listener();
+        let token = conn.token();
+        let Kind::Http { websocket, .. } = &self.kinds[listener] else {
+            return;
+        };
+        let route = websocket.iter().position(|r| {
+            r.config.path == moved.path && (r.config.mode == WsMode::Pubsub) == moved.pubsub
+        });
+        let going_away = |conn: &mut Conn<'_, ConnState>, why: &str| {
+            ws::write_close(conn.out(), ws::CLOSE_GOING_AWAY, why);
+            conn.close();
+        };
+        let Some(route) = route else {
+            log::warn!(
+                "hand-over: WebSocket route `{}` is not served here in the same mode; closing \
+                 a connection that used it (1001)",
+                moved.path
+            );
+            return going_away(conn, "route not served after restart");
+        };
+        let cfg = &websocket[route].config;
+        let gated = cfg.auth != RouteAuth::Off;
+        let limits = websocket[route].topics;
+        // The grant: the token's permissions where the route still looks at them (interned in
+        // this shard's table), anonymous otherwise; a bucket where the route is gated or the
+        // command rate is limited, as at an upgrade.
+        let mut grant = Grant::ANONYMOUS;
+        if gated {
+            if let Some(MovedAuth {
+                expires,
+                perms: Some(p),
+            }) = &moved.auth
+            {
+                grant = Grant {
+                    perms: self.perms.acquire(p),
+                    expires: *expires,
+                };
+            }
+        }
+        let with_auth = gated || self.auth.cached().rate_limit().is_some();
+        let counters = self.shared.metrics.shard(self.shard);
+        counters.ws_open.inc();
+        if !grant.is_anonymous() {
+            counters.ws_authenticated.inc();
+        } else if gated {
+            counters.ws_anonymous.inc();
+        }
+        let mut conn_state = moved.conn;
+        if let Some(agreed) = moved.deflate {
+            // A `dedicated` connection gets a fresh compressor: its next message starts new
+            // deflate blocks after the last one's sync flush, which the client's inflater (with
+            // its window of the earlier messages) reads as it would any block.
+            let deflate = self.shared.metrics.deflate(self.shard);
+            self.compression.open(token, agreed, deflate);
+        }
+        // From here the connection is this shard's (`on_close` undoes all of the above).
+        let state = WsState {
+            conn: WsConn::default(),
+            listener: listener as u16,
+            route: route as u16,
+            awaiting_pong: moved.awaiting_pong,
+            deflate: moved.deflate,
+        };
+        let required = cfg.auth == RouteAuth::Required;
+        let refused = moved.topics.iter().find_map(|t| {
+            if gated && !self.perms.may_subscribe(grant.perms, t) {
+                return Some((
+                    t.clone(),
+                    "outside the connection's permissions".to_string(),
+                ));
+            }
+            self.hub
+                .subscribe(token, t, &limits, &self.shared.registry)
+                .err()
+                .map(|e| (t.clone(), e.to_string()))
+        });
+        if required && grant.is_anonymous() {
+            log::warn!(
+                "hand-over: WebSocket route `{}` now requires a token; closing a connection \
+                 that has none (1001)",
+                moved.path
+            );
+            conn_state.close_sent = true;
+            going_away(conn, "token required after restart");
+        } else if let Some((topic, why)) = refused {
+            log::warn!(
+                "hand-over: a subscriber's topic `{topic}` is refused here ({why}); closing it"
+            );
+            conn_state.close_sent = true;
+            going_away(conn, "subscription refused after restart");
+        } else if self.fanout.broker().is_some() {
+            // Through a broker the two processes receive a topic's messages on two connections
+            // of their own, with no common point to cut at: what the broker delivered between
+            // this connection's export there and this process's subscription here may be
+            // missed. The subscriber is told, as after a broker outage.
+            for t in self.hub.topics_of(token) {
+                conn.out().extend_from_slice(&pubsub::gap_frame(t));
+            }
+        }
+        let state = WsState {
+            conn: conn_state,
+            ..state
+        };
+        *conn.state() = if with_auth {
+            ConnState::WsAuth(Box::new(WsAuthState {
+                ws: state,
+                auth: ConnAuth {
+                    grant,
+                    ..ConnAuth::default()
+                },
+            }))
+        } else {
+            ConnState::Ws(Box::new(state))
+        };
     }
 
     fn on_ws(&mut self, conn: &mut Conn<'_, ConnState>, input: &mut [u8]) -> usize {
@@ -773,6 +1038,11 @@ impl Service for Router {
 
     fn on_drain(&mut self, conn: &mut Conn<'_, ConnState>) {
         self.draining = true;
+        if matches!(conn.state(), ConnState::Http(hc) if hc.pending().is_some()) {
+            // A `POST /publish` waiting for the broker's outcome is answered first (by the
+            // outcome or its timer, both within `shutdown_timeout`), then closed there.
+            return;
+        }
         if let Some(s) = conn.state().ws() {
             if !s.conn.close_sent {
                 s.conn.close_sent = true;
@@ -810,6 +1080,72 @@ impl Service for Router {
         // topic's messages of this wake in one write (one syscall, not one per message).
         let counters = self.shared.metrics.shard(self.shard);
         self.hub.on_command(cmd, counters);
+    }
+
+    /// Version 3: echo, HTTP (keep-alive or mid-request; not one waiting for the broker) and
+    /// WebSocket connections (route, close and ping state, fragment assembly, compression
+    /// agreement, topics, the token's expiry and permissions) all move; see the blob constants.
+    const HANDOVER_FORMAT: &'static str = "shardnet-router/3";
+
+    fn before_export(&mut self, ctx: &mut Ctx<'_, ConnState>) {
+        // Publishes received but not yet written go into the subscribers' output, which moves
+        // with them (later publishes are held by the gate: `pubsub::Gate`).
+        let kinds = &self.kinds;
+        let counters = self.shared.metrics.shard(self.shard);
+        let mut deflate = Deflate {
+            compression: &mut self.compression,
+            counters: self.shared.metrics.deflate(self.shard),
+        };
+        self.hub
+            .flush(ctx, &self.fanout, counters, &mut deflate, |state| {
+                state
+                    .ws_ref()
+                    .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
+            });
+    }
+
+    fn export(&mut self, conn: &mut Conn<'_, ConnState>) -> Option<Vec<u8>> {
+        let token = conn.token();
+        match conn.state() {
+            ConnState::Echo => Some(vec![BLOB_ECHO]),
+            // Its answer comes from the broker, to this process: it stays, is answered here
+            // and then closes (`on_drain`); the client reconnects to the new process.
+            ConnState::Http(hc) if hc.pending().is_some() => None,
+            ConnState::Http(hc) => Some(vec![BLOB_HTTP, hc.to_bits()]),
+            ConnState::Ws(_) | ConnState::WsAuth(_) => {
+                let auth = conn.state().conn_auth().map(|a| (a, &self.perms));
+                let s = conn.state().ws_ref()?;
+                let route = &route_of(&self.kinds, s.listener, s.route).config;
+                let mut blob = MovedWs::encode(s, &route.path, self.hub.topics_of(token), auth);
+                blob[1] = (route.mode == WsMode::Pubsub) as u8;
+                Some(blob)
+            }
+            ConnState::Fresh => None,
+        }
+    }
+
+    fn import(&mut self, conn: &mut Conn<'_, ConnState>, blob: &[u8]) -> Result<(), String> {
+        let listener = conn.listener();
+        let (&kind, rest) = blob.split_first().ok_or("an empty connection state")?;
+        match (kind, &self.kinds[listener]) {
+            (BLOB_ECHO, Kind::Echo) => *conn.state() = ConnState::Echo,
+            (BLOB_HTTP, Kind::Http { .. }) => {
+                let bits = *rest.first().ok_or("an HTTP state without its byte")?;
+                *conn.state() = ConnState::Http(HttpConn::from_bits(bits));
+            }
+            (BLOB_WS, Kind::Http { .. }) => self.import_ws(conn, MovedWs::decode(rest)?),
+            (BLOB_ECHO | BLOB_HTTP | BLOB_WS, _) => {
+                // The listener's service changed in the new configuration: the client closes
+                // and reconnects rather than speak to the wrong protocol.
+                log::warn!(
+                    "hand-over: a connection of listener {listener} speaks another protocol \
+                     than it does now; closing it"
+                );
+                conn.close();
+            }
+            _ => return Err(format!("unknown connection state {kind}")),
+        }
+        Ok(())
     }
 
     fn on_commands_done(&mut self, ctx: &mut Ctx<'_, ConnState>) {
@@ -882,7 +1218,7 @@ impl Router {
         if sent.status() >= 400 {
             counters.http_errors.inc();
         }
-        if pending.keep_alive() {
+        if pending.keep_alive() && !self.draining {
             conn.clear_timer();
             // The requests that came behind it wait in the input: read them now.
             conn.resume_later();

@@ -250,21 +250,27 @@ impl Routes<'_> {
                 }
             })
             .and_then(|()| pubsub::encode_body(topic, r.body(), limits.max_message));
-        match frame {
+        let local = match frame {
             Ok(frame) if self.fanout.broker().is_some() => {
                 let id = self.next_request.get().max(1);
                 self.next_request.set(id.wrapping_add(1).max(1));
-                match self
-                    .fanout
-                    .publish_via_broker(self.token, id, topic, &frame, self.counters)
-                {
+                return match self.fanout.publish_via_broker(
+                    self.token,
+                    id,
+                    topic,
+                    &frame,
+                    self.counters,
+                ) {
                     // Answered when the broker's outcome comes back (`publish_answer`).
                     Ok(()) => resp.defer(id),
                     Err(refusal) => publish_answer(resp, topic, &Err(refusal), ""),
-                }
+                };
             }
-            Ok(frame) => {
-                let n = self.fanout.publish(topic, frame, self.counters);
+            Ok(frame) => self.fanout.publish(topic, frame, self.counters),
+            Err(e) => Err(e),
+        };
+        match local {
+            Ok(n) => {
                 let body = serde_json::json!({ "topic": topic, "subscribers": n }).to_string();
                 resp.send(200, "application/json", body.as_bytes(), "")
             }
@@ -274,7 +280,12 @@ impl Routes<'_> {
                     Refused::TooLarge { .. } => 413,
                     Refused::NotText => 415,
                     Refused::Topic { .. } | Refused::TooManyTopics { .. } => 400,
+                    Refused::Moving => 503,
                 };
+                if e == Refused::Moving {
+                    let why = format!("{e}\n");
+                    return resp.send(status, "text/plain", why.as_bytes(), "Retry-After: 1\r\n");
+                }
                 let why = match e {
                     Refused::Topic { max } => {
                         format!("topic must be 1 to {max} bytes without '/' (max_topic_length)\n")

@@ -164,6 +164,17 @@ pub struct BenchArgs {
     /// Rounds for --compare and --sweep-shards (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Measure a hand-over (with --spawn): -c idle connections and --probes busy ones move to a
+    /// new process with --takeover-shards shards; reports the hand-over time, the longest round
+    /// trip a probe saw, and whether any connection was lost.
+    #[arg(long, requires = "spawn")]
+    pub takeover: bool,
+    /// Shards of the process that takes over (default: --shards).
+    #[arg(long)]
+    pub takeover_shards: Option<usize>,
+    /// Busy connections measuring echo round trips throughout a --takeover run.
+    #[arg(long, default_value_t = 4)]
+    pub probes: usize,
     /// Speak TLS (https, wss, TLS echo) to the target, with rustls; the server must have `tls`
     /// on the listener. In connect mode every connection makes a full handshake (no resumption).
     #[arg(long, requires = "tls_ca")]

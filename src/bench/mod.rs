@@ -15,7 +15,7 @@
 //! guards that stop them), [`tokens`] (the tokens of authenticated connections); the clients:
 //! [`client`] (echo, http, ws, idle, fan-out subscribers on the shard engine), [`fanout`] (the
 //! publisher), [`wrk`], [`multi`] (`--processes`), and [`procfs`] (what the bench reads about a
-//! server from /proc).
+//! server from /proc); [`takeover`] measures a hand-over to a new process (`--takeover`).
 //!
 //! Everything here runs on the controller thread except the client shards and helper threads
 //! each module names.
@@ -33,6 +33,7 @@ pub mod run;
 pub mod scale;
 pub mod spawn;
 mod sweep;
+pub mod takeover;
 pub mod tokens;
 pub mod wrk;
 
@@ -63,6 +64,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         std::fs::write(path, serde_json::to_string(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(if m.errors > 0 { 1 } else { 0 });
+    }
+    if args.takeover {
+        return takeover::run(&args);
     }
     if let Some(list) = &args.sweep_shards {
         return sweep::sweep(&args, list);

@@ -186,6 +186,20 @@ impl Spawned {
             .with_context(|| format!("the server has no listener named `{name}`"))
     }
 
+    /// Waits up to `within` for the process to end; its status, if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The exit status, if the process has ended.
     fn exited(&mut self) -> Option<String> {
         self.child.try_wait().ok().flatten().map(|s| s.to_string())
@@ -436,7 +450,7 @@ pub fn shardnet_group(
         _config: Some(TempPath(path.clone())),
     };
     for i in 1..k {
-        let p = start(args, shards, &path, None, Some(i))
+        let p = start(args, shards, false, &path, None, Some(i))
             .with_context(|| format!("server process {} of {k}", i + 1))?;
         group.procs.push(p);
     }
@@ -474,7 +488,20 @@ fn shardnet_at(
             (p.clone(), Some(TempPath(p)))
         }
     };
-    start(args, shards, &config_path, temp, index)
+    start(
+        args,
+        shards,
+        args.config.is_some(),
+        &config_path,
+        temp,
+        index,
+    )
+}
+
+/// Starts this binary's `serve --config PATH` like [`shardnet`] (pinned, under the quota), with
+/// a configuration the caller wrote (its shard count is the file's).
+pub fn shardnet_with_config(args: &BenchArgs, config_path: &Path) -> anyhow::Result<Spawned> {
+    start(args, 1, false, config_path, None, None)
 }
 
 /// The cores of process `i` of a group: its `shards` cores taken in turn from `cores`, so the
@@ -492,10 +519,12 @@ pub fn group_cores(cores: &[usize], shards: usize, i: Option<usize>) -> Vec<usiz
 }
 
 /// Starts one shardnet process on `config_path` (removed with it when `temp` is given);
-/// `index` is its place in a group (its cores: [`group_cores`]).
+/// `index` is its place in a group (its cores: [`group_cores`]); `shards_flag` passes `shards`
+/// as `--shards` (for a configuration file of the user's).
 fn start(
     args: &BenchArgs,
     shards: usize,
+    shards_flag: bool,
     config_path: &Path,
     temp: Option<TempPath>,
     index: Option<usize>,
@@ -511,7 +540,7 @@ fn start(
     let mut cmd = pinned(&taskset, &cores);
     crate::sys::process::die_with_parent(&mut cmd);
     cmd.arg(exe).arg("serve").arg("--config").arg(config_path);
-    if args.config.is_some() {
+    if shards_flag {
         cmd.arg("--shards").arg(shards.to_string());
     }
     let mut server = Spawned {

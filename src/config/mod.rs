@@ -142,6 +142,10 @@ pub struct ServerConfig {
     pub read_budget: usize,
     /// Events fetched per `epoll_wait`.
     pub events_per_wait: usize,
+    /// The Unix socket a new process takes this one over through (`serve --takeover`,
+    /// `shardnet upgrade`); `None` (the file's `""`): off.
+    #[serde(with = "control_socket")]
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +162,7 @@ impl Default for ServerConfig {
             read_buffer: 64 * 1024,
             read_budget: 256 * 1024,
             events_per_wait: 1024,
+            control_socket: None,
         }
     }
 }
@@ -483,10 +488,12 @@ pub const MAX_CONNECTIONS_UNKNOWN_LIMIT: usize = 1_000_000;
 impl Config {
     /// Descriptors the process keeps besides connections: stdio, the signal pipe, the sd_notify
     /// socket and a few files read while serving (16); per shard its epoll, its eventfd and room
-    /// for a `/proc` read (4); per listener one socket, plus one per shard under reuseport.
+    /// for a `/proc` read (4); per listener and shard two (its socket, one per shard under
+    /// reuseport, and a second descriptor of it kept to offer it to a new process in a
+    /// hand-over).
     pub fn descriptor_reserve(&self, shards: usize) -> u64 {
         let (shards, listeners) = (shards as u64, self.listeners.len() as u64);
-        16 + 4 * shards + listeners * (shards + 1)
+        16 + 4 * shards + 2 * listeners * shards.max(1)
     }
 
     /// The connection limit to run with: an explicit count as given, `"auto"` as the soft
@@ -660,6 +667,43 @@ pub enum SlowConsumer {
     Drop,
     /// It is closed with 1008.
     Disconnect,
+}
+
+/// `server.control_socket`: `""` (off) or an absolute path short enough for a Unix socket's
+/// address once the server adds its temporary suffix while binding.
+mod control_socket {
+    use super::*;
+
+    /// `sun_path` holds 108 bytes; binding goes through `PATH.<pid>.new` (up to 15 more).
+    pub(super) const MAX_LEN: usize = 90;
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &v.as_ref()
+                .map_or_else(String::new, |p| p.display().to_string()),
+        )
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        if !s.starts_with('/') {
+            return Err(de::Error::custom(format!(
+                "`{s}` is not an absolute path (a new process started elsewhere must find it)"
+            )));
+        }
+        if s.len() > MAX_LEN || s.contains('\0') {
+            return Err(de::Error::custom(format!(
+                "a Unix socket path must be at most {MAX_LEN} bytes without NUL; this one has {}",
+                s.len()
+            )));
+        }
+        Ok(Some(PathBuf::from(s)))
+    }
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -843,6 +887,25 @@ mod tests {
         assert_eq!(http.websocket.len(), 2);
         assert_eq!(http.websocket[0].mode, WsMode::Pubsub);
         assert_eq!(http.websocket[1].path, "/ws/echo");
+    }
+
+    #[test]
+    fn control_socket_is_off_by_default_and_checked_when_set() {
+        assert_eq!(Config::embedded_default().server.control_socket, None);
+        let c = Config::parse(
+            &format!("[server]\ncontrol_socket = \"/run/s.sock\"\n{L}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.server.control_socket, Some(PathBuf::from("/run/s.sock")));
+        assert_eq!(Config::parse(&c.to_toml(), "again").unwrap(), c);
+        let (line, _, key, reason) = err(&format!("[server]\ncontrol_socket = \"run/s\"\n{L}"));
+        assert_eq!((line, key.as_str()), (2, "server.control_socket"));
+        assert!(reason.contains("absolute"), "{reason}");
+        let long = format!("/{}", "x".repeat(100));
+        let (_, _, key, reason) = err(&format!("[server]\ncontrol_socket = \"{long}\"\n{L}"));
+        assert_eq!(key, "server.control_socket");
+        assert!(reason.contains("at most 90 bytes"), "{reason}");
     }
 
     #[test]
@@ -1209,8 +1272,8 @@ mod tests {
         let c = Config::parse(L, "t").unwrap();
         assert_eq!(c.server.max_connections, MaxConnections::Auto);
         let reserve = c.descriptor_reserve(2);
-        assert_eq!(reserve, 16 + 8 + 3);
-        assert_eq!(c.max_connections_for(2, Some(20_000)), 20_000 - 27);
+        assert_eq!(reserve, 16 + 8 + 4);
+        assert_eq!(c.max_connections_for(2, Some(20_000)), 20_000 - 28);
         assert_eq!(c.max_connections_for(2, Some(10)), 1);
         assert_eq!(
             c.max_connections_for(2, None),

@@ -10,9 +10,16 @@
 //! backlog, and retries every millisecond; only a socket that found every queue full for
 //! [`HOLD_LIMIT`] (stuck shards) is closed and counted. Beyond `max_connections` open
 //! connections, new sockets are closed at once and counted.
+//!
+//! Its waker announces a control message ([`AcceptorControl`]): stop (the listeners are closed),
+//! or pause and resume accepting during a hand-over (the listeners leave epoll but stay open, so
+//! a new process accepting on the same sockets gets their queues whole; a socket held in hand is
+//! given to a shard before the pause is acknowledged, so that it moves with the shard's others).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::conn::{Token, TokenKind};
 use crate::server::listener::{AcceptCounters, Listener, Step};
@@ -32,10 +39,22 @@ const HOLD_LIMIT: Duration = Duration::from_secs(1);
 /// How often a held socket is offered again.
 const HOLD_RETRY: Duration = Duration::from_millis(1);
 
+/// What the server asks of its acceptor (each followed by a wake).
+pub(crate) enum AcceptorControl {
+    /// Close the listeners and end the thread.
+    Stop,
+    /// Stop accepting, keeping the sockets; acknowledged once no accept can start any more.
+    Pause(Sender<()>),
+    /// Accept again; acknowledged.
+    Resume(Sender<()>),
+}
+
 pub(crate) struct Acceptor {
     poller: Poller,
-    stop: Waker,
+    wake: Waker,
+    control: Receiver<AcceptorControl>,
     listeners: Vec<Listener>,
+    paused: bool,
     dispatch: Dispatch,
     stats: Arc<Stats>,
 }
@@ -63,11 +82,12 @@ impl Acceptor {
         balance: Balance,
         max_connections: usize,
         stats: Arc<Stats>,
-        stop: Waker,
+        wake: Waker,
+        control: Receiver<AcceptorControl>,
     ) -> std::io::Result<Self> {
         let poller = Poller::new()?;
         poller.add(
-            stop.fd(),
+            wake.fd(),
             Token::WAKER.0,
             Interest {
                 read: true,
@@ -89,8 +109,10 @@ impl Acceptor {
         let n = shards.len();
         Ok(Acceptor {
             poller,
-            stop,
+            wake,
+            control,
             listeners,
+            paused: false,
             stats: stats.clone(),
             dispatch: Dispatch {
                 shards,
@@ -105,11 +127,13 @@ impl Acceptor {
         })
     }
 
-    /// Runs until the stop waker fires; then the listeners are closed (dropped).
+    /// Runs until told to stop; then the listeners are closed (dropped).
     pub fn run(mut self) {
         let mut events = Events::with_capacity(64);
         loop {
-            let timeout = if self.dispatch.held.is_some() {
+            let timeout = if self.paused {
+                None
+            } else if self.dispatch.held.is_some() {
                 Some(HOLD_RETRY)
             } else if self.listeners.iter().any(Listener::is_ready) {
                 Some(Duration::ZERO)
@@ -129,13 +153,18 @@ impl Acceptor {
             for i in 0..events.len() {
                 match Token(events.get(i).token).kind() {
                     TokenKind::Waker => {
-                        self.stop.reset();
-                        log::info!("acceptor: stopped; listeners closed");
-                        return;
+                        self.wake.reset();
+                        if !self.on_control() {
+                            log::info!("acceptor: stopped; listeners closed");
+                            return;
+                        }
                     }
                     TokenKind::Listener(l) => self.listeners[l].mark_ready(),
                     TokenKind::Conn => {}
                 }
+            }
+            if self.paused {
+                continue;
             }
             let now = Instant::now();
             let counters = AcceptCounters::acceptor(self.stats.acceptor());
@@ -149,11 +178,7 @@ impl Acceptor {
                     match l.accept("acceptor", &counters) {
                         Step::Conn(fd) => {
                             self.stats.acceptor().accepted.inc();
-                            let nc = NewConn {
-                                fd,
-                                listener: l.index,
-                            };
-                            if !self.dispatch.dispatch(nc, now) {
+                            if !self.dispatch.dispatch(NewConn::accepted(fd, l.index), now) {
                                 room = false;
                                 break;
                             }
@@ -165,6 +190,55 @@ impl Acceptor {
                 // A batch used up leaves the listener ready: the loop comes back at once.
             }
             self.dispatch.wake_all();
+        }
+    }
+}
+
+impl Acceptor {
+    /// Applies every pending control message; false once told to stop (or the server is gone).
+    fn on_control(&mut self) -> bool {
+        loop {
+            match self.control.try_recv() {
+                Ok(AcceptorControl::Stop) => return false,
+                Ok(AcceptorControl::Pause(ack)) => {
+                    if !self.paused {
+                        for l in &self.listeners {
+                            let _ = self.poller.delete(l.fd());
+                        }
+                        self.paused = true;
+                        // A socket in hand goes to a shard first (or is closed and counted after
+                        // HOLD_LIMIT, as always): the shards export what they were given.
+                        while !self.dispatch.retry_held(Instant::now()) {
+                            std::thread::sleep(HOLD_RETRY);
+                        }
+                        self.dispatch.wake_all();
+                        log::info!("acceptor: paused (hand-over); listeners kept open");
+                    }
+                    let _ = ack.send(());
+                }
+                Ok(AcceptorControl::Resume(ack)) => {
+                    if self.paused {
+                        for (i, l) in self.listeners.iter_mut().enumerate() {
+                            let interest = Interest {
+                                read: true,
+                                write: false,
+                                edge: true,
+                            };
+                            if let Err(e) = self.poller.add(l.fd(), Token::listener(i).0, interest)
+                            {
+                                log::error!("acceptor: cannot accept again on a listener: {e}");
+                            }
+                            // Connections queued while paused raised no edge we saw.
+                            l.mark_ready();
+                        }
+                        self.paused = false;
+                        log::info!("acceptor: accepting again");
+                    }
+                    let _ = ack.send(());
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return false,
+            }
         }
     }
 }

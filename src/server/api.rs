@@ -87,6 +87,10 @@ pub enum CloseReason {
     Service,
     /// A service callback panicked on this connection.
     Panic,
+    /// The connection moved to another process (a hand-over): to the new process once it
+    /// committed, or back to the old one from a new process whose hand-over failed. The
+    /// connection itself stays open; only this process's part of it ends.
+    HandedOver,
     /// TLS failed: a record that does not decrypt or another protocol error after the
     /// handshake. (A connection whose handshake fails or times out never reaches the service.)
     Tls,
@@ -142,6 +146,40 @@ pub trait Service: 'static {
     /// for a subscriber in one write instead of one write per message.
     fn on_commands_done(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
 
+    // Hand-over to a new process (restart without dropping a connection, see
+    // `crate::server::handover`): the four items below belong together.
+
+    /// Names the format of this service's [`Service::export`] blobs, version included. A
+    /// hand-over moves connections only between two services with the same format (the new
+    /// process refuses before anything moves otherwise). The default, empty, moves none: the
+    /// listeners still move, and the old process keeps serving its connections until the
+    /// hand-over commits, then closes them gracefully ([`Service::on_drain`]).
+    const HANDOVER_FORMAT: &'static str = "";
+
+    /// This shard is about to export its connections: finish delivering what is under way
+    /// (pub/sub messages received but not yet written), so that it travels in the connections'
+    /// output. The engine has already handed this shard's pending commands to `on_command`.
+    fn before_export(&mut self, _ctx: &mut Ctx<'_, Self::State>) {}
+
+    /// The connection is about to move to a new process: its state as bytes, or `None` if it
+    /// cannot move (this process then keeps it and closes it gracefully once the hand-over has
+    /// committed). Called on open connections only, between callbacks. The engine carries its
+    /// own part itself: unconsumed input, unsent output, the timer, the idle age. Output written
+    /// here is queued behind what is already queued and sent by whichever process ends up with
+    /// the connection. After `Some`, no callback runs for the connection in this process unless
+    /// the hand-over fails (then it carries on as if nothing happened) or it ends
+    /// ([`CloseReason::HandedOver`]).
+    fn export(&mut self, _conn: &mut Conn<'_, Self::State>) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// The new process's side of [`Service::export`], instead of [`Service::on_open`]: rebuild
+    /// the state from `blob`. The connection is not live yet: output written here is queued and
+    /// sent once the hand-over commits, a close request takes effect then, and an error
+    /// refuses the whole hand-over (the old process keeps every connection).
+    fn import(&mut self, _conn: &mut Conn<'_, Self::State>, _blob: &[u8]) -> Result<(), String> {
+        Err("this service takes no connection over".into())
+    }
     // --- Offloaded work ([`Peers::offload`]) ---
 
     /// The result of a job this connection handed to the offload pool with
@@ -394,7 +432,10 @@ impl<C: Send + 'static> Peers<C> {
         job: impl FnOnce() -> C + Send + 'static,
     ) -> Result<(), OffloadError> {
         self.offload
-            .submit(conn.env.shard, conn.token, Box::new(job))
+            .submit(conn.env.shard, conn.token, Box::new(job))?;
+        // The shard's own count (a hand-over waits for its jobs): this runs on its thread.
+        conn.env.offloads.set(conn.env.offloads.get() + 1);
+        Ok(())
     }
 
     /// Sends to one shard without blocking; false if its queue is full or the shard is gone

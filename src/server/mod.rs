@@ -25,26 +25,35 @@
 //! (its configuration file, routes, pub/sub or metrics pages): the product builds a [`Server`]
 //! with [`Server::builder`] from its own configuration. `tests/layers.rs` holds the rule.
 //!
-//! Files: `api` (the service trait and its handles), `offload` (the offload pool), `listener` (one accept step and its
-//! overload policy), `acceptor` (the acceptor thread), `port` (a shard's channels), `pool` (the
-//! shard threads, control and acknowledgements), `shard/` (the run loop, the connection
+//! Files: `api` (the service trait and its handles), `offload` (the offload pool), `listener`
+//! (one accept step and its overload policy), `acceptor` (the acceptor thread), `port` (a
+//! shard's channels), `pool` (the shard threads, control and acknowledgements), `shard/` (the
+//! run loop, the connection
 //! lifecycle, the read and write paths, and TLS between the socket and the service for the
-//! listeners with [`ListenerSpec::tls`]).
+//! listeners with [`ListenerSpec::tls`]), [`handover`] (restart without dropping a connection:
+//! the control socket, and listeners and connections moving to a new process).
 
 pub(crate) mod acceptor;
 mod api;
+pub mod handover;
 pub(crate) mod listener;
 pub(crate) mod offload;
 mod pool;
 pub(crate) mod port;
 pub(crate) mod shard;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender};
+
 pub use crate::tls::TlsAcceptor;
 pub use api::{CloseReason, Conn, Ctx, Peers, Service, ShardInfo, Token};
+pub use handover::{Takeover, TakeoverReport};
 pub use offload::{OffloadError, OffloadSpec};
 pub use pool::ControlError;
 pub(crate) use pool::{PoolSpec, ShardPool};
@@ -53,7 +62,8 @@ pub use shard::TICK;
 use crate::stats::{Snapshot, StatsView};
 use crate::sys::{affinity, socket, waker::Waker};
 use crate::tls::TlsConnector;
-use acceptor::Acceptor;
+use acceptor::{Acceptor, AcceptorControl};
+use handover::{ControlEvent, ControlThread, Giver, HandoverError, OfferedSockets};
 use listener::Listener;
 
 /// The limits a shard enforces; they can change at run time ([`Server::set_limits`]).
@@ -235,6 +245,12 @@ pub struct ServerBuilder {
     limits: Limits,
     tuning: Tuning,
     offload: OffloadSpec,
+    /// Listening sockets taken over from an old process, by listener name: used instead of
+    /// binding ([`handover::Takeover::take_listeners`]).
+    inherited: Vec<(String, Arc<[TcpListener]>)>,
+    hooks: handover::Hooks,
+    /// The server takes an old process over: its hooks' `taking` runs before the shards start.
+    taking_over: bool,
 }
 
 impl ServerBuilder {
@@ -289,6 +305,19 @@ impl ServerBuilder {
         self
     }
 
+    /// What the product carries across a hand-over besides connections (default: nothing).
+    pub fn handover_hooks(mut self, hooks: Arc<dyn handover::HandoverHooks>) -> Self {
+        self.hooks = handover::Hooks(hooks);
+        self
+    }
+
+    /// Serve listener `name` on these already listening sockets instead of binding it.
+    pub(crate) fn inherit(mut self, name: &str, sockets: Vec<TcpListener>) -> Self {
+        self.inherited.retain(|(n, _)| n != name);
+        self.inherited.push((name.to_string(), sockets.into()));
+        self
+    }
+
     /// The pool layout this builder asks for, resolved on this host: shard count and the core
     /// of each shard.
     pub(crate) fn pool_spec(&self) -> PoolSpec {
@@ -329,38 +358,80 @@ impl ServerBuilder {
         F: Fn(ShardInfo, Peers<S::Command>) -> S + Send + Sync + 'static,
     {
         let spec = self.pool_spec();
+        if self.taking_over {
+            // Before a shard runs: the product holds what must wait for the commit.
+            self.hooks.0.taking();
+        }
         let max_connections = self.max_connections.unwrap_or(usize::MAX);
         let reuseport = self.balance == Balance::Reuseport;
         let mut shared = Vec::new();
         let mut own: Vec<Vec<Listener>> = (0..spec.shards).map(|_| Vec::new()).collect();
         let mut addrs = Vec::new();
+        let mut offer = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let bind_err = |source| ServerError::Bind {
                 name: l.name.clone(),
                 addr: l.addr,
                 source,
             };
-            let socket =
-                socket::listen(l.addr, l.backlog, l.reuse_port || reuseport).map_err(bind_err)?;
-            let addr = socket::local_addr(&socket).map_err(bind_err)?;
+            let inherited = self.inherited.iter().find(|(n, _)| *n == l.name);
+            let mut sockets: Vec<TcpListener> = match inherited {
+                Some((_, taken)) => taken
+                    .iter()
+                    .map(TcpListener::try_clone)
+                    .collect::<std::io::Result<_>>()
+                    .map_err(bind_err)?,
+                None => vec![socket::listen(l.addr, l.backlog, l.reuse_port || reuseport)
+                    .map_err(bind_err)?],
+            };
+            let addr = socket::local_addr(&sockets[0]).map_err(bind_err)?;
+            let reusable = socket::has_reuse_port(sockets[0].as_fd());
             addrs.push((l.name.clone(), addr));
             if reuseport {
-                // One socket per shard on the same port (the first fixed the port if it was 0).
-                own[0].push(Listener::new(socket, i, &l.name));
-                for shard_listeners in own.iter_mut().skip(1) {
-                    let extra = socket::listen(addr, l.backlog, true).map_err(bind_err)?;
-                    shard_listeners.push(Listener::new(extra, i, &l.name));
+                // One socket per shard on the same port (the first fixed the port if it was 0);
+                // sockets taken over are dealt out first.
+                if sockets.len() < spec.shards && !reusable {
+                    log::warn!(
+                        "listener `{}`: the socket taken over has no SO_REUSEPORT, so only {} of \
+                         {} shards accept on it until the next restart",
+                        l.name,
+                        sockets.len(),
+                        spec.shards
+                    );
+                }
+                while sockets.len() < spec.shards && reusable {
+                    sockets.push(socket::listen(addr, l.backlog, true).map_err(bind_err)?);
+                }
+                for (k, sock) in sockets.iter().enumerate() {
+                    let sock = sock.try_clone().map_err(bind_err)?;
+                    own[k % spec.shards].push(Listener::new(sock, i, &l.name));
                 }
             } else {
-                shared.push(Listener::new(socket, i, &l.name));
+                for sock in &sockets {
+                    let sock = sock.try_clone().map_err(bind_err)?;
+                    shared.push(Listener::new(sock, i, &l.name));
+                }
             }
+            // The second descriptors, kept to offer these sockets to a new process.
+            offer.push(OfferedSockets {
+                name: l.name.clone(),
+                addr,
+                reuse_port: reusable,
+                sockets,
+            });
         }
+        let format = S::HANDOVER_FORMAT;
         if reuseport {
             let (pool, _) = ShardPool::start_with_listeners(&spec, own, max_connections, factory)?;
             return Ok(Server {
                 addrs,
                 pool,
                 acceptor: None,
+                balance: self.balance,
+                format,
+                offer,
+                control: None,
+                hooks: self.hooks,
             });
         }
         let (pool, _) = ShardPool::start(&spec, factory)?;
@@ -368,14 +439,16 @@ impl ServerBuilder {
             let what = what.to_string();
             move |source| ServerError::Start { what, source }
         };
-        let stop = Waker::new().map_err(start_err("the acceptor's eventfd"))?;
+        let wake = Waker::new().map_err(start_err("the acceptor's eventfd"))?;
+        let (control, control_rx) = crossbeam_channel::bounded(4);
         let acceptor = Acceptor::new(
             shared,
             pool.ports(),
             self.balance,
             max_connections,
             pool.stats_arc(),
-            stop.clone(),
+            wake.clone(),
+            control_rx,
         )
         .map_err(start_err("the acceptor"))?;
         let handle = std::thread::Builder::new()
@@ -385,16 +458,41 @@ impl ServerBuilder {
         Ok(Server {
             addrs,
             pool,
-            acceptor: Some((stop, handle)),
+            acceptor: Some(AcceptorHandle {
+                wake,
+                control,
+                handle,
+            }),
+            balance: self.balance,
+            format,
+            offer,
+            control: None,
+            hooks: self.hooks,
         })
     }
+}
+
+/// The acceptor thread and how to reach it.
+struct AcceptorHandle {
+    wake: Waker,
+    control: Sender<AcceptorControl>,
+    handle: JoinHandle<()>,
 }
 
 /// A running server. Dropping it shuts it down gracefully.
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     pool: ShardPool,
-    acceptor: Option<(Waker, JoinHandle<()>)>,
+    acceptor: Option<AcceptorHandle>,
+    balance: Balance,
+    /// The service's hand-over format (`Service::HANDOVER_FORMAT`).
+    format: &'static str,
+    /// Second descriptors of every listening socket, to offer to a new process; they go to the
+    /// control thread when it starts, and are closed before the listeners at shutdown (so a
+    /// closing listener is really closed).
+    offer: Vec<OfferedSockets>,
+    control: Option<ControlThread>,
+    hooks: handover::Hooks,
 }
 
 impl Server {
@@ -450,13 +548,59 @@ impl Server {
         self.pool.set_tls(listener, acceptor)
     }
 
+    /// Serves the control socket at `path` (a Unix socket, mode 0600): a new process can take
+    /// this server over (`serve --takeover`), and `shardnet upgrade` can ask for one. The events
+    /// say when an upgrade is asked for and when a hand-over has committed (this process should
+    /// then drain and exit). `replace`: the path is the one of a process this one took over
+    /// from, replaced even though that process may still answer on it. Once per server.
+    pub fn open_control(
+        &mut self,
+        path: &Path,
+        replace: bool,
+    ) -> Result<Receiver<ControlEvent>, HandoverError> {
+        if self.control.is_some() {
+            return Err(HandoverError::Failed(
+                "the control socket is open already".into(),
+            ));
+        }
+        let giver = Giver {
+            ports: self.pool.ports(),
+            stats: self.pool.stats_arc(),
+            acceptor: self
+                .acceptor
+                .as_ref()
+                .map(|a| (a.control.clone(), a.wake.clone())),
+            offer: std::mem::take(&mut self.offer),
+            format: self.format,
+            hooks: self.hooks.clone(),
+        };
+        let (thread, events) = ControlThread::start(path, replace, giver)?;
+        self.control = Some(thread);
+        Ok(events)
+    }
+
+    /// The process started for an upgrade ended before taking over: the control thread tells
+    /// whoever asked (`shardnet upgrade`).
+    pub fn upgrade_failed(&self, why: String) {
+        if let Some(c) = &self.control {
+            c.upgrade_failed(why);
+        }
+    }
+
     /// Graceful shutdown: stop accepting and close the listeners, then every shard answers what
     /// it has read, flushes, closes its connections and exits (forcibly after
-    /// `shutdown_timeout`). Blocks until the threads are gone; false if one had to be abandoned.
+    /// `shutdown_timeout`). A hand-over in progress ends first (its connections come back here
+    /// unless it had committed). Blocks until the threads are gone; false if one had to be
+    /// abandoned.
     pub fn shutdown(&mut self) -> bool {
-        if let Some((stop, handle)) = self.acceptor.take() {
-            stop.wake();
-            let _ = handle.join();
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
+        self.offer.clear();
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.control.send(AcceptorControl::Stop);
+            a.wake.wake();
+            let _ = a.handle.join();
         }
         self.pool.shutdown()
     }

@@ -271,7 +271,7 @@ impl ShardPool {
     pub fn adopt(&self, shard: usize, fd: OwnedFd, listener: usize) -> bool {
         let port = &self.ports[shard % self.ports.len()];
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let mut nc = NewConn { fd, listener };
+        let mut nc = NewConn::accepted(fd, listener);
         loop {
             match port.conns.try_send(nc) {
                 Ok(()) => {
@@ -301,69 +301,14 @@ impl ShardPool {
     }
 
     /// Sends `control` to every shard and waits (up to `wait` in all) for their
-    /// acknowledgements. Every shard that could not be reached or did not answer is logged and
-    /// counted.
-    fn control(
+    /// acknowledgements; see [`control_all`].
+    pub(crate) fn control(
         &self,
         control: Control,
         what: &'static str,
         wait: Duration,
     ) -> Result<(), ControlError> {
-        let n = self.ports.len();
-        let (ack_tx, ack_rx) = bounded(n);
-        let mut sent = 0;
-        for (i, port) in self.ports.iter().enumerate() {
-            let msg = ControlMsg {
-                control: control.clone(),
-                ack: ack_tx.clone(),
-            };
-            match port.control.send_timeout(msg, CONTROL_SEND_TIMEOUT) {
-                Ok(()) => {
-                    port.waker.wake();
-                    sent += 1;
-                }
-                Err(e) => {
-                    let why = if e.is_timeout() {
-                        "its control channel stayed full"
-                    } else {
-                        "its thread is gone"
-                    };
-                    log::error!("shard {i}: cannot send {what}: {why}");
-                }
-            }
-        }
-        drop(ack_tx);
-        let deadline = Instant::now() + wait;
-        let mut acked = vec![false; n];
-        let mut count = 0;
-        while count < sent {
-            match ack_rx.recv_deadline(deadline) {
-                Ok(shard) => {
-                    if !std::mem::replace(&mut acked[shard], true) {
-                        count += 1;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        if count == n {
-            return Ok(());
-        }
-        let missing = n - count;
-        self.stats.control_failed(missing as u64);
-        let unacked: Vec<String> = (0..n)
-            .filter(|&i| !acked[i])
-            .map(|i| i.to_string())
-            .collect();
-        log::error!(
-            "{missing} of {n} shards did not acknowledge {what} within {wait:?} (shards {})",
-            unacked.join(", ")
-        );
-        Err(ControlError {
-            what,
-            missing,
-            shards: n,
-        })
+        control_all(&self.ports, &self.stats, control, what, wait)
     }
 
     /// Drains every shard and waits for the threads (at most `shutdown_timeout` plus a margin),
@@ -392,6 +337,73 @@ impl ShardPool {
         clean &= self.offload.stop();
         clean
     }
+}
+
+/// Sends `control` to every shard of `ports` and waits (up to `wait` in all) for their
+/// acknowledgements. Every shard that could not be reached or did not answer is logged and
+/// counted (`control_failures`).
+pub(crate) fn control_all(
+    ports: &[ShardPort],
+    stats: &Stats,
+    control: Control,
+    what: &'static str,
+    wait: Duration,
+) -> Result<(), ControlError> {
+    let n = ports.len();
+    let (ack_tx, ack_rx) = bounded(n);
+    let mut sent = 0;
+    for (i, port) in ports.iter().enumerate() {
+        let msg = ControlMsg {
+            control: control.clone(),
+            ack: ack_tx.clone(),
+        };
+        match port.control.send_timeout(msg, CONTROL_SEND_TIMEOUT) {
+            Ok(()) => {
+                port.waker.wake();
+                sent += 1;
+            }
+            Err(e) => {
+                let why = if e.is_timeout() {
+                    "its control channel stayed full"
+                } else {
+                    "its thread is gone"
+                };
+                log::error!("shard {i}: cannot send {what}: {why}");
+            }
+        }
+    }
+    drop(ack_tx);
+    let deadline = Instant::now() + wait;
+    let mut acked = vec![false; n];
+    let mut count = 0;
+    while count < sent {
+        match ack_rx.recv_deadline(deadline) {
+            Ok(shard) => {
+                if !std::mem::replace(&mut acked[shard], true) {
+                    count += 1;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if count == n {
+        return Ok(());
+    }
+    let missing = n - count;
+    stats.control_failed(missing as u64);
+    let unacked: Vec<String> = (0..n)
+        .filter(|&i| !acked[i])
+        .map(|i| i.to_string())
+        .collect();
+    log::error!(
+        "{missing} of {n} shards did not acknowledge {what} within {wait:?} (shards {})",
+        unacked.join(", ")
+    );
+    Err(ControlError {
+        what,
+        missing,
+        shards: n,
+    })
 }
 
 impl Drop for ShardPool {

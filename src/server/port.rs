@@ -24,6 +24,8 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use crate::server::handover::wire::Record;
+use crate::server::handover::{ExportJob, ImportJob};
 use crate::server::offload::Done;
 use crate::server::Limits;
 use crate::sys::waker::Waker;
@@ -45,6 +47,34 @@ pub(crate) enum Control {
     Limits(Limits),
     /// New TLS configuration for listener `.0` (a certificate reload): new handshakes use it.
     Tls(usize, TlsAcceptor),
+    /// A step of a hand-over to or from another process (see [`crate::server::handover`]).
+    Handover(Handover),
+}
+
+/// The hand-over steps a shard takes, each acknowledged like any control message.
+#[derive(Debug, Clone)]
+pub(crate) enum Handover {
+    /// Old process: stop accepting on this shard's own listeners (reuseport), keeping the
+    /// sockets and their queues (the new process accepts on the same sockets).
+    PauseAccept,
+    /// Old process: accept again (the hand-over failed).
+    ResumeAccept,
+    /// Old process: send every connection that can move, in batches, and lend them.
+    Export(Arc<ExportJob>),
+    /// Old process: the hand-over failed; serve the lent connections again.
+    Restore,
+    /// Old process: the new process committed; forget the lent connections (without closing
+    /// them: they are the new process's).
+    Release,
+    /// New process: connections with state are coming (`NewConn::import`): hold each, and
+    /// report to this job.
+    Receive(Arc<ImportJob>),
+    /// New process: take every connection the taking thread has queued so far.
+    Prepare,
+    /// New process: the hand-over committed; serve the held connections.
+    Activate,
+    /// New process: the hand-over failed; let the held connections go back to the old one.
+    Abandon,
 }
 
 /// A control message and where to acknowledge it (the shard sends its index once applied).
@@ -57,6 +87,19 @@ pub(crate) struct ControlMsg {
 pub(crate) struct NewConn {
     pub fd: OwnedFd,
     pub listener: usize,
+    /// A connection taken over from an old process, with its state: held until the hand-over
+    /// commits.
+    pub import: Option<Box<Record>>,
+}
+
+impl NewConn {
+    pub fn accepted(fd: OwnedFd, listener: usize) -> NewConn {
+        NewConn {
+            fd,
+            listener,
+            import: None,
+        }
+    }
 }
 
 /// The senders of one shard's control and connection channels, and its waker.

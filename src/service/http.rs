@@ -85,6 +85,21 @@ impl HttpConn {
         self.timer_armed = false;
     }
 
+    /// The state as one byte, for a hand-over to another process (the partial request itself
+    /// is the engine's unconsumed input, the header timer the engine's timer). Not for a
+    /// connection with a request [`HttpConn::pending`]: its answer is this process's to give.
+    pub fn to_bits(&self) -> u8 {
+        self.continue_sent as u8 | (self.timer_armed as u8) << 1
+    }
+
+    /// The state [`HttpConn::to_bits`] wrote.
+    pub fn from_bits(bits: u8) -> HttpConn {
+        HttpConn {
+            continue_sent: bits & 1 != 0,
+            timer_armed: bits & 2 != 0,
+            pending: None,
+        }
+    }
     /// The request waiting for its answer.
     pub fn pending(&self) -> Option<Pending> {
         self.pending

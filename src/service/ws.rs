@@ -94,6 +94,67 @@ pub struct WsConn {
     pub close_sent: bool,
 }
 
+impl WsConn {
+    /// Appends the state, for a hand-over to another process: a fragmented message being
+    /// assembled travels whole, and `unmasked` keeps its meaning because the engine moves the
+    /// connection's unconsumed input (already unmasked in place) as it is.
+    pub fn export(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.unmasked.to_le_bytes());
+        out.push(self.tail);
+        out.push(self.close_sent as u8);
+        match &self.assembly {
+            None => out.push(0),
+            Some(a) => {
+                out.push(1);
+                out.push(a.opcode);
+                out.push(a.compressed as u8);
+                out.extend_from_slice(&(a.validated as u32).to_le_bytes());
+                out.extend_from_slice(&(a.data.len() as u32).to_le_bytes());
+                out.extend_from_slice(&a.data);
+            }
+        }
+    }
+
+    /// Reads what [`WsConn::export`] wrote from the front of `input`, advancing it.
+    pub fn import(input: &mut &[u8]) -> Result<WsConn, String> {
+        fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if input.len() < n {
+                return Err("a WebSocket state that ends early".into());
+            }
+            let (head, rest) = input.split_at(n);
+            *input = rest;
+            Ok(head)
+        }
+        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let unmasked = u32_of(take(input, 4)?);
+        let head = take(input, 3)?;
+        let (tail, close_sent, has_assembly) = (head[0], head[1] != 0, head[2] != 0);
+        let assembly = if has_assembly {
+            let h = take(input, 2)?;
+            let validated = u32_of(take(input, 4)?) as usize;
+            let len = u32_of(take(input, 4)?) as usize;
+            let data = take(input, len)?.to_vec();
+            if validated > data.len() || tail > 3 {
+                return Err("an inconsistent WebSocket state".into());
+            }
+            Some(Box::new(Assembly {
+                opcode: h[0],
+                compressed: h[1] != 0,
+                data,
+                validated,
+            }))
+        } else {
+            None
+        };
+        Ok(WsConn {
+            assembly,
+            unmasked,
+            tail,
+            close_sent,
+        })
+    }
+}
+
 /// What one call did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -746,6 +807,34 @@ mod tests {
             assert_eq!(close_code(&out), CLOSE_PROTOCOL, "{name}");
             assert!(msgs.is_empty());
         }
+    }
+
+    #[test]
+    fn a_message_half_assembled_moves_with_its_state_and_completes_once() {
+        // The first fragment and half of the second (text split inside a UTF-8 sequence), then
+        // the state moves (as in a hand-over) with the unconsumed input, and the rest arrives.
+        let mut c = WsConn::default();
+        let first = masked(OP_TEXT, false, "caf\u{e9} ".as_bytes());
+        let second = masked(OP_CONT, true, "na\u{ef}ve".as_bytes());
+        let mut input = first.clone();
+        input.extend_from_slice(&second[..second.len() - 3]);
+        let mut out = Vec::new();
+        let mut msgs: Vec<String> = Vec::new();
+        let p = c.process(&mut input, 1 << 20, &mut out, &mut |m, _| {
+            msgs.push(format!("{m:?}"))
+        });
+        assert!(msgs.is_empty(), "{msgs:?}");
+        let mut state = Vec::new();
+        c.export(&mut state);
+        let mut reader = &state[..];
+        let mut moved = WsConn::import(&mut reader).unwrap();
+        assert!(reader.is_empty(), "import reads exactly what export wrote");
+        let mut rest = input[p.consumed..].to_vec();
+        rest.extend_from_slice(&second[second.len() - 3..]);
+        let (p2, _, msgs) = run(&mut moved, &rest, 1 << 20);
+        assert_eq!(msgs, vec!["t:caf\u{e9} na\u{ef}ve"]);
+        assert_eq!(p2.consumed, rest.len());
+        assert!(WsConn::import(&mut &state[..state.len() - 1]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! block of the crate lives here, each with a `// SAFETY:` line.
 
 pub mod affinity;
+pub mod fdpass;
 pub mod mem;
 pub mod notify;
 pub mod page;

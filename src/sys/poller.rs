@@ -114,6 +114,13 @@ impl Poller {
         self.epoll.modify(fd, &mut ev).map_err(io_err)
     }
 
+    /// Removes a registration. Needed before closing a descriptor whose file another process
+    /// still holds (a hand-over): epoll forgets a registration only when the file itself is
+    /// released, so a closed descriptor would keep reporting events otherwise.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.epoll.delete(fd).map_err(io_err)
+    }
+
     /// Waits up to `timeout` (`None`: until an event). `EINTR` counts as zero events. After any
     /// error the array holds zero events, so a caller cannot handle the previous wait's again.
     ///

@@ -103,6 +103,12 @@ pub fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Tc
     Ok(TcpListener::from(fd))
 }
 
+/// Whether a socket has SO_REUSEPORT (so more listeners can bind its port): asked of an
+/// inherited listener.
+pub fn has_reuse_port(fd: BorrowedFd<'_>) -> bool {
+    sock::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false)
+}
+
 /// Accepts one connection, non-blocking and close-on-exec, with `TCP_NODELAY` set.
 pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, AcceptError> {
     let raw = sock::accept4(

@@ -170,6 +170,45 @@ impl Child {
     /// waits (bounded) for its readiness announcement on the sd_notify socket, which names every
     /// listener's bound address (see `shardnet::ready`; the log's wording does not matter).
     pub fn spawn(config_toml: &str, shell_prefix: &str) -> Child {
+        Child::spawn_with(config_toml, shell_prefix, &[], &[])
+    }
+
+    /// [`Child::spawn`] with more arguments after `serve --config FILE` and more environment.
+    pub fn spawn_with(
+        config_toml: &str,
+        shell_prefix: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Child {
+        let mut child = Child::launch(config_toml, shell_prefix, args, envs);
+        let ready = child.notify.wait(Duration::from_secs(20), || {
+            child.child.try_wait().ok().flatten().map(|s| s.to_string())
+        });
+        let ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = child.child.kill();
+                let _ = child.child.wait();
+                panic!("server did not start: {e}; log:\n{}", child.log());
+            }
+        };
+        assert_eq!(
+            ready.pid,
+            child.child.id(),
+            "the announcement names the server's pid"
+        );
+        child.addrs = ready.listeners;
+        child
+    }
+
+    /// Starts the server like [`Child::spawn_with`] without waiting for it to be ready (one
+    /// expected to fail, or to announce itself later); `addrs` is empty.
+    pub fn launch(
+        config_toml: &str,
+        shell_prefix: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Child {
         use std::io::BufRead;
         let dir = std::env::temp_dir().join(format!(
             "shardnet-test-{}-{}",
@@ -180,19 +219,24 @@ impl Child {
         let path = dir.join("config.toml");
         std::fs::write(&path, config_toml).unwrap();
         let notify = shardnet::ready::ReadyListener::bind().expect("readiness socket");
-        let script = format!("{shell_prefix} exec \"$0\" serve --config \"$1\"");
-        let mut child = std::process::Command::new("sh")
+        let script =
+            format!("cfg=\"$1\"; shift; {shell_prefix} exec \"$0\" serve --config \"$cfg\" \"$@\"");
+        let mut command = std::process::Command::new("sh");
+        command
             .arg("-c")
             .arg(script)
             .arg(bin())
             .arg(&path)
+            .args(args)
             .env("SHARDNET_LOG", "info")
             .env("NOTIFY_SOCKET", notify.notify_socket())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn shardnet");
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn shardnet");
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let log2 = log.clone();
@@ -206,25 +250,9 @@ impl Child {
                 l.push('\n');
             }
         });
-        let ready = notify.wait(Duration::from_secs(20), || {
-            child.try_wait().ok().flatten().map(|s| s.to_string())
-        });
-        let ready = match ready {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("server did not start: {e}; log:\n{}", log.lock().unwrap());
-            }
-        };
-        assert_eq!(
-            ready.pid,
-            child.id(),
-            "the announcement names the server's pid"
-        );
         Child {
             child,
-            addrs: ready.listeners,
+            addrs: Vec::new(),
             stderr: log,
             notify,
         }

@@ -255,6 +255,20 @@ impl PermTable {
         self.slots.get(id.0 as usize)?.entry.as_deref()
     }
 
+    /// The permissions behind `id` (`None` for the anonymous entry or a free one): what a
+    /// connection carries to another process in a hand-over, to be interned there again.
+    pub fn permissions(&self, id: PermId) -> Option<Permissions> {
+        if id == PermId::ANONYMOUS {
+            return None;
+        }
+        let e = self.get(id)?;
+        Some(Permissions {
+            sub: e.sub.clone(),
+            subscribe: e.rules.subscribe.to_vec(),
+            publish: e.rules.publish.to_vec(),
+        })
+    }
+
     pub fn may_subscribe(&self, id: PermId, topic: &str) -> bool {
         self.get(id)
             .is_some_and(|e| any_matches(&e.rules.subscribe, &e.sub, topic))
@@ -378,6 +392,20 @@ mod tests {
             check_pattern(&long, true),
             Err(PatternError::TooLong(MAX_PATTERN))
         );
+    }
+
+    #[test]
+    fn permissions_come_back_out_as_they_went_in() {
+        let mut t = PermTable::new(&[]);
+        let p = perms("alice", &["chat:*", "user:{sub}"], &["chat:*"]);
+        let id = t.acquire(&p);
+        assert_eq!(t.permissions(id), Some(p.clone()));
+        assert_eq!(t.permissions(PermId::ANONYMOUS), None);
+        // Interned again (another shard, another process): the same rights.
+        let mut other = PermTable::new(&[]);
+        let again = other.acquire(&t.permissions(id).unwrap());
+        assert!(other.may_subscribe(again, "user:alice"));
+        assert!(!other.may_publish(again, "user:alice"));
     }
 
     #[test]

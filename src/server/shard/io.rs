@@ -77,6 +77,12 @@ impl<St> Core<St> {
                 out.push(data);
                 counters.output_queued.add(data.len() as u64);
             }
+            None if c.flags.has(Flags::UNCOMMITTED) => {
+                // Received in a hand-over not committed yet: the old process may still take the
+                // connection back, so nothing reaches the socket before the commit.
+                c.output = Some(self.pool.output_from(data));
+                counters.output_queued.add(data.len() as u64);
+            }
             None => {
                 let written = match send(c.fd.as_fd(), data) {
                     Io::Done(n) => {
@@ -278,7 +284,8 @@ impl<S: Service> Shard<S> {
         let Some(e) = core.conns.get_mut(token) else {
             return;
         };
-        if e.ctl.phase == Phase::Doomed {
+        if matches!(e.ctl.phase, Phase::Doomed | Phase::Lent) || e.ctl.flags.has(Flags::UNCOMMITTED)
+        {
             return;
         }
         let Some(out) = e.ctl.output.as_mut() else {

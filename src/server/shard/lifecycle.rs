@@ -138,6 +138,11 @@ impl<St> Core<St> {
         if c.phase == Phase::Doomed {
             return;
         }
+        if c.flags.has(Flags::UNCOMMITTED) {
+            // Not this process's to drive yet: a close request, the timer and epoll interest are
+            // acted on when the hand-over commits (`Shard::activate`).
+            return;
+        }
         let rearm = queue_started || c.flags.has(Flags::TIMER_SET);
         c.flags.clear(Flags::TIMER_SET);
         if c.flags.has(Flags::CLOSE_REQ) {
@@ -161,7 +166,7 @@ impl<St> Core<St> {
             return;
         };
         let c = &mut e.ctl;
-        if c.phase == Phase::Doomed {
+        if matches!(c.phase, Phase::Doomed | Phase::Lent) || c.flags.has(Flags::UNCOMMITTED) {
             return;
         }
         let read = c.reading();
@@ -217,7 +222,7 @@ impl<St> Core<St> {
 
     /// A connection that just entered `Closing`: finish at once if nothing is queued, else stop
     /// reading and wait for the flush (bounded by the phase's deadline).
-    fn continue_close(&mut self, token: Token) {
+    pub(crate) fn continue_close(&mut self, token: Token) {
         let Some(e) = self.conns.get_mut(token) else {
             return;
         };
@@ -248,7 +253,7 @@ impl<St> Core<St> {
         };
         let why = match e.ctl.phase {
             Phase::Closing { why, .. } => why,
-            Phase::Open | Phase::Lingering { .. } | Phase::Doomed => return,
+            Phase::Open | Phase::Lingering { .. } | Phase::Doomed | Phase::Lent => return,
         };
         if e.ctl.flags.has(Flags::EOF) {
             self.doom(token, why);
@@ -288,8 +293,11 @@ impl<St> Core<St> {
     fn next_deadline(&self, c: &Ctl) -> Option<u64> {
         let env = &self.env;
         let limits = &env.limits;
+        if c.flags.has(Flags::UNCOMMITTED) {
+            return None;
+        }
         match c.phase {
-            Phase::Doomed => None,
+            Phase::Doomed | Phase::Lent => None,
             Phase::Closing { by, .. } => Some(env.abs(by)),
             Phase::Lingering { until, .. } => Some(env.abs(until)),
             Phase::Open => {
@@ -338,7 +346,7 @@ impl<S: Service> Shard<S> {
         };
         let c = &mut e.ctl;
         match c.phase {
-            Phase::Doomed => return,
+            Phase::Doomed | Phase::Lent => return,
             Phase::Closing { by, .. } => {
                 if env.abs(by) <= now {
                     // The flush took too long: the peer is not reading.
@@ -445,7 +453,10 @@ impl<S: Service> Shard<S> {
                 CloseReason::ReadOverflow => counters.read_overflows.inc(),
                 // Counted when caught (panics, TLS failures).
                 CloseReason::Panic | CloseReason::Tls => {}
-                CloseReason::PeerClosed | CloseReason::Drain | CloseReason::Service => {}
+                CloseReason::PeerClosed
+                | CloseReason::Drain
+                | CloseReason::Service
+                | CloseReason::HandedOver => {}
             }
             // Dropping `e` closes the descriptor, which also removes it from the epoll set.
         }

@@ -31,6 +31,7 @@
 //! Per event in the steady state the shard makes the same system calls as a minimal epoll loop
 //! (one `recv`, one `send`) and allocates nothing.
 
+pub(crate) mod handover;
 pub(crate) mod io;
 pub(crate) mod lifecycle;
 pub(crate) mod state;
@@ -117,6 +118,8 @@ pub(crate) struct Shard<S: Service> {
     max_connections: usize,
     /// `shard N`, for log lines.
     name: String,
+    /// Connections lent to or held from another process during a hand-over.
+    handover: handover::HandoverState<S::Command>,
 }
 
 /// What a shard is started with.
@@ -180,6 +183,7 @@ impl<S: Service> Shard<S> {
             listeners: setup.listeners,
             max_connections: setup.max_connections,
             name: format!("shard {}", setup.shard),
+            handover: handover::HandoverState::default(),
         })
     }
 
@@ -364,6 +368,7 @@ impl<S: Service> Shard<S> {
                         spec.side = TlsSide::Server(acceptor);
                     }
                 }
+                Control::Handover(step) => self.on_handover(step),
             }
             self.core.counters().controls.inc();
             // The sender may have stopped waiting; it has counted that already.
@@ -431,6 +436,17 @@ impl<S: Service> Shard<S> {
         offload
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let env = &self.core.env;
+        env.offloads.set(env.offloads.get().saturating_sub(1));
+        let Some(done) = self.keep_if_lent(done) else {
+            return;
+        };
+        self.deliver_result(done);
+    }
+
+    /// [`Shard::on_result`] once the result is known to be this process's to deliver.
+    pub(crate) fn deliver_result(&mut self, done: Done<S::Command>) {
+        let offload = self.core.stats.offload();
         let open = self
             .core
             .conns
@@ -473,11 +489,13 @@ impl<S: Service> Shard<S> {
         if self.drain_deadline.is_some() {
             return;
         }
+        self.settle_handover();
         self.core.env.draining = true;
         self.drain_deadline = Some(self.core.env.now + self.core.tuning.shutdown_timeout);
         // Reuseport mode: stop accepting; closing the sockets hands their queues to any other
         // process on the port (net.ipv4.tcp_migrate_req).
         self.listeners.clear();
+        self.handover.paused.clear();
         // Sockets still in the channel were accepted: serve what they sent, then close them.
         while let Some(nc) = self.inbox.conns.try_recv() {
             self.inbox.conns.release(1);
@@ -515,7 +533,7 @@ impl<S: Service> Shard<S> {
                             continue; // dropping `fd` closes it
                         }
                         let listener = self.listeners[i].index;
-                        self.adopt(NewConn { fd, listener });
+                        self.adopt(NewConn::accepted(fd, listener));
                         self.reap();
                     }
                     Step::Skipped => {}
@@ -525,8 +543,13 @@ impl<S: Service> Shard<S> {
         }
     }
 
-    /// Takes a connected socket into the slab and epoll, then tells the service.
-    fn adopt(&mut self, nc: NewConn) {
+    /// Takes a connected socket into the slab and epoll, then tells the service (a connection
+    /// from an old process: held, see [`handover`]).
+    fn adopt(&mut self, mut nc: NewConn) {
+        if let Some(record) = nc.import.take() {
+            self.import(nc, *record);
+            return;
+        }
         let core = &mut self.core;
         let edge = core.tuning.edge;
         let token = core.conns.insert(Entry {

@@ -12,6 +12,7 @@
 //! bounds live in the phase itself, apart from the service's timer, so a service that asks for
 //! a bounded close and sets a timer in the same callback keeps both.
 
+use std::cell::Cell;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,10 @@ pub(crate) enum Phase {
     Lingering { until: u32, why: CloseReason },
     /// In the shard's list of connections to close at the end of this event: no more I/O.
     Doomed,
+    /// Sent to a new process that has not committed the hand-over yet: out of epoll and the
+    /// wheel, no I/O and no callbacks. Back to `Open` if the hand-over fails; removed, without
+    /// closing the connection (the new process holds it), once it commits.
+    Lent,
 }
 
 /// Conditions that hold alongside the phase.
@@ -67,6 +72,10 @@ impl Flags {
     pub const EOF_PENDING: Flags = Flags(1 << 9);
     /// The service paused reading (`Conn::pause_reading`) until it resumes it.
     pub const HELD: Flags = Flags(1 << 10);
+    /// Received from an old process whose hand-over this process has not committed yet: not in
+    /// epoll or the wheel, and output is queued rather than sent (the old process may still
+    /// take the connection back).
+    pub const UNCOMMITTED: Flags = Flags(1 << 11);
 
     #[inline]
     pub fn has(self, f: Flags) -> bool {
@@ -138,9 +147,11 @@ impl Ctl {
     #[inline]
     pub fn reading(&self) -> bool {
         match self.phase {
-            Phase::Open => !self.flags.has(Flags::PAUSED.union(Flags::HELD)),
+            Phase::Open => !self
+                .flags
+                .has(Flags::PAUSED.union(Flags::HELD).union(Flags::UNCOMMITTED)),
             Phase::Lingering { .. } => true,
-            Phase::Closing { .. } | Phase::Doomed => false,
+            Phase::Closing { .. } | Phase::Doomed | Phase::Lent => false,
         }
     }
 
@@ -166,7 +177,7 @@ impl Ctl {
                     *current = by;
                 }
             }
-            Phase::Lingering { .. } | Phase::Doomed => {}
+            Phase::Lingering { .. } | Phase::Doomed | Phase::Lent => {}
         }
     }
 }
@@ -180,6 +191,10 @@ pub(crate) struct Env {
     pub tick: u64,
     pub limits: Limits,
     pub draining: bool,
+    /// Offloaded jobs of this shard's connections whose results have not come back yet:
+    /// counted up by `Peers::offload` (on this shard's thread, inside a callback), down when
+    /// the shard takes a result. A hand-over waits for it to reach zero before exporting.
+    pub offloads: Cell<usize>,
 }
 
 impl Env {
@@ -190,6 +205,7 @@ impl Env {
             tick: 0,
             limits,
             draining: false,
+            offloads: Cell::new(0),
         }
     }
 
@@ -209,17 +225,40 @@ impl Env {
         (self.tick + Env::ticks(d).min(MAX_AHEAD)) as u32
     }
 
+    /// Ticks from now to stamp `t` (negative: in the past), for stamps within ±248 days.
+    #[inline]
+    fn rel(&self, t: u32) -> i64 {
+        t.wrapping_sub(self.tick as u32) as i32 as i64
+    }
+
     /// The 64-bit tick of a stamp within ±248 days of now.
     #[inline]
     pub fn abs(&self, t: u32) -> u64 {
-        let d = t.wrapping_sub(self.tick as u32) as i32 as i64;
-        (self.tick as i64 + d).max(0) as u64
+        (self.tick as i64 + self.rel(t)).max(0) as u64
     }
 
-    /// The tick `d` after stamp `t`.
+    /// The tick `d` after stamp `t`. Exact for a stamp before this shard's first tick too (a
+    /// connection taken over from an older process, idle for longer than this one has run).
     #[inline]
     pub fn after(&self, t: u32, d: Duration) -> u64 {
-        self.abs(t) + Env::ticks(d)
+        (self.tick as i64 + self.rel(t) + Env::ticks(d) as i64).max(0) as u64
+    }
+
+    /// The stamp of the tick `d` ago (whole ticks, rounded down; clamped to ±248 days). It may
+    /// lie before this shard's first tick: [`Env::after`] reads it back exactly.
+    pub fn stamp_before(&self, d: Duration) -> u32 {
+        let ticks = ((d.as_nanos() / TICK.as_nanos()) as u64).min(MAX_AHEAD);
+        self.tick.wrapping_sub(ticks) as u32
+    }
+
+    /// How long ago stamp `t` was (zero for a stamp in the future).
+    pub fn since(&self, t: u32) -> Duration {
+        TICK * (-self.rel(t)).clamp(0, u32::MAX as i64) as u32
+    }
+
+    /// How long until stamp `t` (zero for a stamp in the past).
+    pub fn until(&self, t: u32) -> Duration {
+        TICK * self.rel(t).clamp(0, u32::MAX as i64) as u32
     }
 }
 
@@ -247,6 +286,25 @@ mod tests {
         // Far-future timers are clamped, never wrapped into the past.
         let far = env.stamp_after(Duration::from_secs(10 * 365 * 86400));
         assert!(env.abs(far) > env.tick + (200 * 86400 * 100));
+    }
+
+    #[test]
+    fn stamps_before_the_first_tick_read_back_exactly() {
+        // A shard 30 ticks old takes a connection idle for 200 s (20,000 ticks).
+        let env = env_at(30);
+        let last = env.stamp_before(Duration::from_secs(200));
+        assert_eq!(env.since(last), Duration::from_secs(200));
+        // Its 300 s idle deadline is 100 s from now, not 300 s after the shard started.
+        assert_eq!(env.after(last, Duration::from_secs(300)), 30 + 10_000);
+        assert_eq!(
+            env.abs(last),
+            0,
+            "abs still clamps: a tick is never negative"
+        );
+        let timer = env.stamp_after(Duration::from_millis(450));
+        assert_eq!(env.until(timer), Duration::from_millis(450));
+        assert_eq!(env.until(last), Duration::ZERO);
+        assert_eq!(env.since(timer), Duration::ZERO);
     }
 
     #[test]
