@@ -4,7 +4,7 @@
 # (100 connections, 64-byte messages) against limit-ws.c, and TCP echo at depth 16 against
 # limit-echo.c as a control (a load where shardnet's own code is a small part of the cost).
 #
-#   [NEW=target/release/shardnet] [OLD=/work/baseline/shardnet-6542fe4] [ROUNDS=5] \
+#   [NEW=target/release/shardnet] [OLD=path/to/an/earlier/shardnet] [ROUNDS=5] \
 #   [DURATION=4s] [WARMUP=1s] benches/ceiling.sh
 #
 # It builds no Rust: NEW (and OLD, when that file exists) are binaries built beforehand
@@ -31,7 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench-out
 NEW=${NEW:-target/release/shardnet}
-OLD=${OLD:-/work/baseline/shardnet-6542fe4}
+OLD=${OLD:-}
 
 if [ "${1:-}" = --serve-old ]; then
   port=$2 kind=$3
@@ -57,11 +57,11 @@ fail() { echo "ceiling.sh: $*" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || fail "the 40% cap is a cgroup CPU quota, which needs root"
 command -v wrk >/dev/null || fail "the HTTP load needs wrk (apt-get install wrk)"
 command -v python3 >/dev/null || fail "the summary needs python3"
-if [ -x "$OLD" ]; then
+if [ -n "$OLD" ] && [ -x "$OLD" ]; then
   have_old=1
 else
   have_old=0
-  echo "note: OLD=$OLD not found: no new/old ratios" >&2
+  echo "note: OLD=${OLD:-(not set)} is not an executable: no new/old ratios (build an earlier commit with cargo build --release and give its path)" >&2
 fi
 
 # The C references, compiled once into bench-out/.
