@@ -627,3 +627,80 @@ fn fanout_across_processes_through_a_broker() {
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("needs --broker"), "{text}");
 }
+
+/// Reads an HTTP head (up to the blank line) from `s`.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).expect("read the upgrade request"), 1);
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Answers a WebSocket upgrade request with 101.
+fn answer_upgrade(s: &mut std::net::TcpStream, head: &str) {
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .expect("a Sec-WebSocket-Key");
+    let accept = shardnet::service::ws::accept_key(key.trim().as_bytes());
+    write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+}
+
+/// The closed-loop load starts once every connection is ready, on all of them at once, not as
+/// each one opens: a connection whose upgrade is answered sends nothing while another one's
+/// upgrade is still pending (under pipelined TLS load, nginx otherwise starved the last
+/// connections' handshakes past their timeout).
+#[test]
+fn closed_loop_load_waits_until_every_connection_is_ready() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let bench = std::thread::spawn(move || {
+        bench(&["--target", &addr, "--mode", "ws", "-c", "2", "-s", "16"])
+    });
+    let mut open = |what: &str| {
+        let (mut s, _) = listener.accept().unwrap_or_else(|e| panic!("{what}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = read_head(&mut s);
+        (s, head)
+    };
+    let (mut first, head) = open("first connection");
+    answer_upgrade(&mut first, &head);
+    let (mut second, head) = open("second connection");
+    // The first connection is upgraded, the second is not: the first must stay quiet. (Before
+    // the fix its first message came at once; 500 ms is ample for it to arrive.)
+    first
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match first.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the first connection sent before the second was ready: {other:?}"),
+    }
+    answer_upgrade(&mut second, &head);
+    // Now both are ready: the load starts, on both.
+    for (name, s) in [("first", &mut first), ("second", &mut second)] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            n >= 2 && buf[0] == 0x82,
+            "{name}: not a binary frame: {:?}",
+            &buf[..n]
+        );
+    }
+    drop((first, second));
+    let (code, text) = bench.join().unwrap();
+    // The connections closed with requests unanswered: the bench says so and fails.
+    assert_ne!(code, 0, "{text}");
+}

@@ -5,6 +5,12 @@
 //! Each client shard keeps its own latency histogram and counters; the controller collects them
 //! with a command. Every response is verified: echo bytes are compared one by one with what was
 //! sent, HTTP statuses and body lengths checked, WebSocket frames decoded and compared.
+//!
+//! Closed-loop load (echo, http, ws without --rate) starts on [`ClientCmd::Go`], once every
+//! connection is ready, not as each connection opens: otherwise the first connections load the
+//! server while the last are still connecting (or in their TLS handshakes), and a server that
+//! serves busy connections before new ones (nginx under pipelined TLS load) starves those
+//! handshakes past their timeout.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,6 +172,9 @@ pub enum ClientCmd {
     Reset,
     /// Send a copy of the results.
     Collect(Sender<ShardResult>),
+    /// Every connection is ready: start the closed-loop load (each connection sends --depth
+    /// requests); connections that open later start at once.
+    Go,
 }
 
 /// Per-connection state.
@@ -207,6 +216,8 @@ pub struct Client {
     inflater: Inflater,
     inflated: Vec<u8>,
     scratch: Vec<u8>,
+    /// [`ClientCmd::Go`] came: closed-loop connections send as soon as they are ready.
+    going: bool,
 }
 
 /// The byte at stream position `pos` of the connection with `seed`: a cheap pattern that makes
@@ -247,6 +258,7 @@ impl Client {
             inflater: Inflater::default(),
             inflated: Vec::new(),
             scratch: Vec::new(),
+            going: false,
         }
     }
 
@@ -324,6 +336,14 @@ impl Client {
     }
 
     /// Writes one request; `at` is its (intended) send time.
+    /// A closed-loop connection's first --depth requests.
+    fn start_closed_loop(&mut self, conn: &mut Conn<'_, ClientConn>) {
+        let now = conn.now();
+        for _ in 0..self.plan.depth {
+            self.send(conn, now);
+        }
+    }
+
     fn send(&mut self, conn: &mut Conn<'_, ClientConn>, at: Instant) {
         let st = conn.state();
         st.inflight.push_back(at);
@@ -489,11 +509,8 @@ impl Client {
             } else {
                 self.result.ready += 1;
             }
-            if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 {
-                let now = conn.now();
-                for _ in 0..self.plan.depth {
-                    self.send(conn, now);
-                }
+            if self.plan.mode == Mode::Ws && self.plan.rate_per_conn == 0.0 && self.going {
+                self.start_closed_loop(conn);
             }
         }
         while pos < input.len() {
@@ -633,8 +650,8 @@ impl Service for Client {
         let closed_loop = self.plan.rate_per_conn == 0.0;
         match self.plan.mode {
             Mode::Echo | Mode::Http if closed_loop => {
-                for _ in 0..self.plan.depth {
-                    self.send(conn, now);
+                if self.going {
+                    self.start_closed_loop(conn);
                 }
                 self.result.ready += 1;
             }
@@ -742,6 +759,20 @@ impl Service for Client {
                 // Errors during warm-up still fail the run.
                 self.result.errors = errors.0;
                 self.result.first_error = errors.1;
+            }
+            ClientCmd::Go => {
+                self.going = true;
+                let closed_loop = self.plan.rate_per_conn == 0.0;
+                for i in 0..self.conns.len() {
+                    let token = self.conns[i];
+                    ctx.with_conn(token, |conn| match self.plan.mode {
+                        Mode::Echo | Mode::Http if closed_loop => self.start_closed_loop(conn),
+                        Mode::Ws if closed_loop && conn.state().upgraded => {
+                            self.start_closed_loop(conn)
+                        }
+                        _ => {}
+                    });
+                }
             }
             ClientCmd::Collect(tx) => {
                 let mut r = self.result.clone();

@@ -1,5 +1,5 @@
 //! One measured run against one server: connect every connection, wait until they are ready,
-//! warm up, reset the counters, measure for `--duration`, collect every client shard's results
+//! start the load on all of them at once ([`ClientCmd::Go`]), warm up, reset the counters, measure for `--duration`, collect every client shard's results
 //! and hand them to the [`Measurement`] builder. Connect mode (a thread per client, a new
 //! connection per request) has its own loop here; `--wrk` and `--processes` are delegated to
 //! their modules.
@@ -162,6 +162,8 @@ pub fn measure_on(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Every connection is up: the closed-loop load starts now, on all of them at once.
+    peers.broadcast(ClientCmd::Go);
 
     let publisher = (args.mode == Mode::Fanout).then(|| {
         fanout::Publisher::start(
