@@ -704,3 +704,64 @@ fn closed_loop_load_waits_until_every_connection_is_ready() {
     // The connections closed with requests unanswered: the bench says so and fails.
     assert_ne!(code, 0, "{text}");
 }
+
+/// The bench opens at most `CONNECTING_AHEAD` connections ahead of those ready: a burst of
+/// 15,000 TLS handshakes overflowed a busy server's accept queue, and the connections whose
+/// handshake was dropped there never became ready. A server that answers no upgrade sees no
+/// connection beyond that many until it answers one.
+#[test]
+fn connections_are_opened_at_most_a_window_ahead_of_those_ready() {
+    use shardnet::bench::run::CONNECTING_AHEAD;
+    let extra = 50;
+    let total = CONNECTING_AHEAD + extra;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = total.to_string();
+    let bench = std::thread::spawn(move || {
+        bench(&[
+            "--target",
+            &addr,
+            "--mode",
+            "idle",
+            "--idle-ws",
+            "-c",
+            &count,
+        ])
+    });
+    let accept = |listener: &TcpListener| {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut held: Vec<_> = (0..CONNECTING_AHEAD).map(|_| accept(&listener)).collect();
+    // None answered: no further connection comes (500 ms is ample for one that would).
+    listener.set_nonblocking(true).unwrap();
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < quiet_until {
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => panic!("a connection beyond the window before any was ready: {other:?}"),
+        }
+    }
+    listener.set_nonblocking(false).unwrap();
+    for s in &mut held {
+        let head = read_head(s);
+        answer_upgrade(s, &head);
+    }
+    // Now the rest come, and every connection is held.
+    for _ in 0..extra {
+        let mut s = accept(&listener);
+        let head = read_head(&mut s);
+        answer_upgrade(&mut s, &head);
+        held.push(s);
+    }
+    let (code, text) = bench.join().unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("{total} connections held")),
+        "{text}"
+    );
+}

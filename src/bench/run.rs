@@ -21,6 +21,9 @@ use super::report::{histogram, CpuMeter, IdleReport, Measurement, Tally};
 use super::{fanout, multi, procfs, wrk};
 use crate::server::{Limits, OffloadSpec, PoolSpec, ShardPool, TlsSpec, Tuning};
 
+/// Connections the bench opens ahead of those ready (connected, upgraded, TLS handshake done).
+pub const CONNECTING_AHEAD: usize = 1024;
+
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
 
@@ -109,7 +112,51 @@ pub fn measure_on(
     .context("cannot start the client shards")?;
 
     let rss_before = pid.and_then(procfs::rss_bytes);
+    // How many connections are ready (WebSocket upgrades done, TLS handshakes done); fails at
+    // the first error, and at a failed TLS handshake (which never reaches the client service:
+    // the engine counts it).
+    let ready_now = || -> anyhow::Result<usize> {
+        let results = collect(&peers);
+        if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
+            bail!("{label}: {e}");
+        }
+        let t = pool.stats().snapshot().total();
+        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
+            bail!(
+                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
+                t.tls_handshake_failures,
+                t.tls_handshake_timeouts,
+                tls_diagnosis(args, target)
+            );
+        }
+        Ok(results.iter().map(|r| r.ready as usize).sum())
+    };
+    // Waits (bounded: 60 s without reaching `n`) until `n` connections are ready.
+    let wait_ready = |n: usize| -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = ready_now()?;
+            if ready >= n {
+                return Ok(ready);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{label}: only {ready} of {} connections became ready within 60 s",
+                    args.connections
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut ready = 0;
     for i in 0..args.connections {
+        // At most CONNECTING_AHEAD connections still connecting: a burst of thousands of TLS
+        // handshakes or upgrades overflows the server's accept queue while its core is busy
+        // with the first ones, and a connection whose handshake ACK was dropped there waits
+        // for the kernel's retransmissions, long past any deadline.
+        if i - ready >= CONNECTING_AHEAD {
+            ready = wait_ready(i + 1 - CONNECTING_AHEAD)?;
+        }
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
         let target = targets[i % targets.len()];
         let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
@@ -124,43 +171,15 @@ pub fn measure_on(
             bail!("a client shard does not take connections");
         }
     }
-    // Wait (bounded) until every connection is ready (WebSocket upgrades done).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let results = collect(&peers);
-        let ready: u64 = results.iter().map(|r| r.ready).sum();
-        if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
-            bail!("{label}: {e}");
-        }
-        // A failed TLS handshake never reaches the client service: the engine counts it.
-        let t = pool.stats().snapshot().total();
-        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
-            bail!(
-                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
-                t.tls_handshake_failures,
-                t.tls_handshake_timeouts,
-                tls_diagnosis(args, target)
-            );
-        }
-        if ready as usize >= args.connections {
-            if args.child_report.is_some() {
-                // Tell the parent (--processes) that this child's connections are up, then wait
-                // for its go: every child warms up and measures over the same window.
-                use std::io::{BufRead, Write};
-                println!("ready");
-                let _ = std::io::stdout().flush();
-                let mut line = String::new();
-                let _ = std::io::stdin().lock().read_line(&mut line);
-            }
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{label}: only {ready} of {} connections became ready within 60 s",
-                args.connections
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    wait_ready(args.connections)?;
+    if args.child_report.is_some() {
+        // Tell the parent (--processes) that this child's connections are up, then wait for
+        // its go: every child warms up and measures over the same window.
+        use std::io::{BufRead, Write};
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
     }
     // Every connection is up: the closed-loop load starts now, on all of them at once.
     peers.broadcast(ClientCmd::Go);
