@@ -155,7 +155,7 @@ run() {
   case $rc in
     0) echo "$name: done" >&2 ;;
     124|137) note "$name: stopped after ${limit}s (see $out/$name.txt)" ;;
-    *) note "$name: exit $rc (see $out/$name.txt): $(grep -m1 -iE 'error|fail' "$out/$name.txt" || tail -1 "$out/$name.txt")" ;;
+    *) note "$name: exit $rc (see $out/$name.txt): $(grep -m1 -E 'failed|[Ee]rror:' "$out/$name.txt" || tail -1 "$out/$name.txt")" ;;
   esac
 }
 
@@ -495,10 +495,7 @@ for row, (title, variants, figures, comparisons) in ROWS.items():
         continue
     any_row = True
     print(f"\n== {row}: {title}")
-    cols = figures + ["errors"]
-    head = f"{'':16} {'runs':>4}  " + "  ".join(f"{c:>24}" for c in cols)
     comp_cols = [f"{f} {'/' if k == 'ratio' else '-'} {b}" for f, b, k in comparisons]
-    print(head + "   " + "   ".join(comp_cols))
     med, cells = {}, {}
     for v in present:
         ms = runs[(row, v)]
@@ -512,6 +509,7 @@ for row, (title, variants, figures, comparisons) in ROWS.items():
             md = med[v][f] = statistics.median(vals)
             spread = f" [{fmt(min(vals), kind)}-{fmt(max(vals), kind)}]" if len(vals) > 1 else ""
             cells[v].append(fmt(md, kind) + spread)
+    lines = []
     for v in present:
         ms = runs[(row, v)]
         errors = sum(m.get("errors", 0) for m in ms)
@@ -524,15 +522,21 @@ for row, (title, variants, figures, comparisons) in ROWS.items():
                 comps.append(f"{x / y:.3f}" if y else "n/a")
             else:
                 comps.append(fmt(x - y, M[f][1]))
-        print(f"{v:<16} {len(ms):>4}  " + "  ".join(f"{c:>24}" for c in cells[v] + [str(errors)]) + "   "
-              + "   ".join(f"{c:>{len(h)}}" for c, h in zip(comps, comp_cols)))
+        lines.append([v, str(len(ms))] + cells[v] + [str(errors)] + comps)
         summary.setdefault(row, {})[v] = {"runs": len(ms), "errors": errors, "medians": med[v],
                                           "comparisons": dict(zip(comp_cols, comps))}
         if errors:
             first = next((m.get("first_error") for m in ms if m.get("first_error")), None)
-            print(f"{'':16} first error: {first}")
+            lines.append(f"  {v}: first error: {first}")
         if (row, v) in missing:
-            print(f"{'':16} no result in {', '.join(missing[(row, v)])} (the run failed: see the .txt beside it)")
+            lines.append(f"  {v}: no result in {', '.join(missing[(row, v)])} (the run failed: see the .txt beside it)")
+    table = [["", "runs"] + figures + ["errors"] + comp_cols] + [l for l in lines if isinstance(l, list)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for l in [table[0]] + lines:
+        if isinstance(l, str):
+            print(l)
+        else:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
 if not any_row:
     print("no results (see the notes above and the .txt files in " + out + ")")
 notes = open(os.path.join(out, "notes.txt")).read().strip()

@@ -664,7 +664,7 @@ fn closed_loop_load_waits_until_every_connection_is_ready() {
     let bench = std::thread::spawn(move || {
         bench(&["--target", &addr, "--mode", "ws", "-c", "2", "-s", "16"])
     });
-    let mut open = |what: &str| {
+    let open = |what: &str| {
         let (mut s, _) = listener.accept().unwrap_or_else(|e| panic!("{what}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
