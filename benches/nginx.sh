@@ -5,7 +5,7 @@
 set -eu
 port=${1:?usage: benches/nginx.sh PORT}
 [ -x /usr/sbin/nginx ] || { echo "benches/nginx.sh: /usr/sbin/nginx not found (Debian/Ubuntu: apt-get install nginx-light)" >&2; exit 1; }
-dir=$(mktemp -d /tmp/shardnet-nginx.XXXXXX)
+dir=$(mktemp -d "${TMPDIR:-/tmp}/shardnet-nginx.XXXXXX")
 cat > "$dir/nginx.conf" <<CONF
 daemon off;
 master_process off;

@@ -844,3 +844,161 @@ fn fanout_across_processes_through_a_broker() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("0 lost"), "{text}");
 }
+
+/// Reads an HTTP head (up to the blank line) from `s`.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).expect("read the upgrade request"), 1);
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Answers a WebSocket upgrade request with 101.
+fn answer_upgrade(s: &mut std::net::TcpStream, head: &str) {
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .expect("a Sec-WebSocket-Key");
+    let accept = shardnet::service::ws::accept_key(key.trim().as_bytes());
+    write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+}
+
+/// The closed-loop load starts once every connection is ready, on all of them at once, not as
+/// each one opens: a connection whose upgrade is answered sends nothing while another one's
+/// upgrade is still pending (under pipelined TLS load, nginx otherwise starved the last
+/// connections' handshakes past their timeout).
+#[test]
+fn closed_loop_load_waits_until_every_connection_is_ready() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let bench = std::thread::spawn(move || {
+        bench(&["--target", &addr, "--mode", "ws", "-c", "2", "-s", "16"])
+    });
+    let open = |what: &str| {
+        let (mut s, _) = listener.accept().unwrap_or_else(|e| panic!("{what}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = read_head(&mut s);
+        (s, head)
+    };
+    let (mut first, head) = open("first connection");
+    answer_upgrade(&mut first, &head);
+    let (mut second, head) = open("second connection");
+    // The first connection is upgraded, the second is not: the first must stay quiet. (Before
+    // the fix its first message came at once; 500 ms is ample for it to arrive.)
+    first
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match first.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the first connection sent before the second was ready: {other:?}"),
+    }
+    answer_upgrade(&mut second, &head);
+    // Now both are ready: the load starts, on both.
+    for (name, s) in [("first", &mut first), ("second", &mut second)] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            n >= 2 && buf[0] == 0x82,
+            "{name}: not a binary frame: {:?}",
+            &buf[..n]
+        );
+    }
+    drop((first, second));
+    let (code, text) = bench.join().unwrap();
+    // The connections closed with requests unanswered: the bench says so and fails.
+    assert_ne!(code, 0, "{text}");
+}
+
+/// The bench opens at most `CONNECTING_AHEAD` connections ahead of those ready: a burst of
+/// 15,000 TLS handshakes overflowed a busy server's accept queue, and the connections whose
+/// handshake was dropped there never became ready. A server that answers no upgrade sees no
+/// connection beyond that many until it answers one.
+#[test]
+fn connections_are_opened_at_most_a_window_ahead_of_those_ready() {
+    use shardnet::bench::run::CONNECTING_AHEAD;
+    let extra = 50;
+    let total = CONNECTING_AHEAD + extra;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = total.to_string();
+    let bench = std::thread::spawn(move || {
+        bench(&[
+            "--target",
+            &addr,
+            "--mode",
+            "idle",
+            "--idle-ws",
+            "-c",
+            &count,
+        ])
+    });
+    let accept = |listener: &TcpListener| {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut held: Vec<_> = (0..CONNECTING_AHEAD).map(|_| accept(&listener)).collect();
+    // None answered: no further connection comes (500 ms is ample for one that would).
+    listener.set_nonblocking(true).unwrap();
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < quiet_until {
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => panic!("a connection beyond the window before any was ready: {other:?}"),
+        }
+    }
+    listener.set_nonblocking(false).unwrap();
+    for s in &mut held {
+        let head = read_head(s);
+        answer_upgrade(s, &head);
+    }
+    // Now the rest come, and every connection is held.
+    for _ in 0..extra {
+        let mut s = accept(&listener);
+        let head = read_head(&mut s);
+        answer_upgrade(&mut s, &head);
+        held.push(s);
+    }
+    // At the end of the hold the bench probes each connection with a ping: answer each.
+    for s in &mut held {
+        answer_ping(s);
+    }
+    let (code, text) = bench.join().unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("{total} connections held")),
+        "{text}"
+    );
+}
+
+/// Reads one masked ping frame (a short one: the bench's probe) and answers its pong.
+fn answer_ping(s: &mut std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).expect("the probe's frame header");
+    assert_eq!(head[0], 0x89, "a final FIN ping");
+    let len = usize::from(head[1] & 0x7f);
+    assert!(head[1] & 0x80 != 0 && len < 126, "a short masked ping");
+    let mut rest = vec![0u8; 4 + len];
+    s.read_exact(&mut rest).expect("the probe's mask and payload");
+    let (mask, payload) = rest.split_at(4);
+    let mut pong = vec![0x8a, len as u8];
+    pong.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&pong).expect("the pong");
+}

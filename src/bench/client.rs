@@ -13,6 +13,12 @@
 //! requests per second spread over all of them. Idle connections are checked at the end of a
 //! run with one probe each ([`ClientCmd::Verify`]): a byte that must be echoed, or on a
 //! WebSocket a ping that must be answered with its pong (every route answers pings).
+//!
+//! Closed-loop load (echo, http, ws without --rate) also starts on [`ClientCmd::Start`], once
+//! every connection is ready, not as each connection opens: otherwise the first connections
+//! load the server while the last are still connecting (or in their TLS handshakes), and a
+//! server that serves busy connections before new ones (nginx under pipelined TLS load) starves
+//! those handshakes past their timeout.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -173,9 +179,9 @@ impl ShardResult {
 /// Controller → client shard.
 #[derive(Clone)]
 pub enum ClientCmd {
-    /// Every connection is up: start the open loop's schedule (nothing is sent on a schedule
-    /// before, so opening connections is not slowed by, nor crowded with, a backlog of
-    /// requests).
+    /// Every connection is up: start the load, the open loop's schedule or each closed-loop
+    /// connection's first --depth requests (nothing is sent before, so opening connections is
+    /// not slowed by, nor crowded with, a backlog of requests).
     Start,
     /// Start counting (end of warm-up): clear everything measured so far.
     Reset,
@@ -235,6 +241,8 @@ pub struct Client {
     inflater: Inflater,
     inflated: Vec<u8>,
     scratch: Vec<u8>,
+    /// [`ClientCmd::Start`] came: closed-loop connections send as soon as they are ready.
+    going: bool,
 }
 
 /// The one byte of an idle connection's final probe.
@@ -281,6 +289,7 @@ impl Client {
             inflater: Inflater::default(),
             inflated: Vec::new(),
             scratch: Vec::new(),
+            going: false,
         }
     }
 
@@ -358,6 +367,14 @@ impl Client {
     }
 
     /// Writes one request; `at` is its (intended) send time.
+    /// A closed-loop connection's first --depth requests.
+    fn start_closed_loop(&mut self, conn: &mut Conn<'_, ClientConn>) {
+        let now = conn.now();
+        for _ in 0..self.plan.depth {
+            self.send(conn, now);
+        }
+    }
+
     fn send(&mut self, conn: &mut Conn<'_, ClientConn>, at: Instant) {
         let st = conn.state();
         st.inflight.push_back(at);
@@ -523,11 +540,8 @@ impl Client {
             } else {
                 self.result.ready += 1;
             }
-            if self.plan.mode == Mode::Ws && self.plan.rate_per_shard == 0.0 {
-                let now = conn.now();
-                for _ in 0..self.plan.depth {
-                    self.send(conn, now);
-                }
+            if self.plan.mode == Mode::Ws && self.plan.rate_per_shard == 0.0 && self.going {
+                self.start_closed_loop(conn);
             }
         }
         while pos < input.len() {
@@ -713,8 +727,8 @@ impl Service for Client {
         let closed_loop = self.plan.rate_per_shard == 0.0;
         match self.plan.mode {
             Mode::Echo | Mode::Http if closed_loop => {
-                for _ in 0..self.plan.depth {
-                    self.send(conn, now);
+                if self.going {
+                    self.start_closed_loop(conn);
                 }
                 self.result.ready += 1;
             }
@@ -825,6 +839,20 @@ impl Service for Client {
             ClientCmd::Start => {
                 if self.start.is_none() {
                     self.start = Some(ctx.now());
+                }
+                // Closed loop: every connection sends its --depth requests now; connections
+                // that open later start at once.
+                self.going = true;
+                let closed_loop = self.plan.rate_per_shard == 0.0;
+                for i in 0..self.conns.len() {
+                    let token = self.conns[i];
+                    ctx.with_conn(token, |conn| match self.plan.mode {
+                        Mode::Echo | Mode::Http if closed_loop => self.start_closed_loop(conn),
+                        Mode::Ws if closed_loop && conn.state().upgraded => {
+                            self.start_closed_loop(conn)
+                        }
+                        _ => {}
+                    });
                 }
             }
             ClientCmd::Stop => self.stopped = true,

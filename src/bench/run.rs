@@ -1,9 +1,10 @@
-//! One measured run against one server (or a group sharing a port): connect every connection,
-//! wait until they are ready, warm up, reset the counters, measure for `--duration`, collect
-//! every client shard's results and hand them to the [`Measurement`] builder. The servers'
-//! memory is read before the connections open and while they are held ([`super::memory`]);
-//! idle connections answer a final probe each; fan-out's window is the publishes after the
-//! warm-up's, by sequence number. Connect mode (a thread per client, a new
+//! One measured run against one server (or a group sharing a port): connect every connection
+//! (at most [`CONNECTING_AHEAD`] ahead of those ready), wait until they are ready, start the
+//! load on all of them at once ([`ClientCmd::Start`]), warm up, reset the counters, measure for
+//! `--duration`, collect every client shard's results and hand them to the [`Measurement`]
+//! builder. The servers' memory is read before the connections open and while they are held
+//! ([`super::memory`]); idle connections answer a final probe each; fan-out's window is the
+//! publishes after the warm-up's, by sequence number. Connect mode (a thread per client, a new
 //! connection per request) has its own loop here; `--wrk` and `--processes` are delegated to
 //! their modules.
 //!
@@ -24,6 +25,9 @@ use super::memory::Snapshot;
 use super::report::{histogram, CpuMeter, IdleReport, Measurement, MemoryReport, Tally};
 use super::{fanout, multi, wrk};
 use crate::server::{Limits, OffloadSpec, PoolSpec, ShardPool, TlsSpec, Tuning};
+
+/// Connections the bench opens ahead of those ready (connected, upgraded, TLS handshake done).
+pub const CONNECTING_AHEAD: usize = 1024;
 
 /// Set in --processes' children: no progress bar of their own.
 pub(super) static CHILD: AtomicBool = AtomicBool::new(false);
@@ -174,7 +178,51 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
 
     let memory_before = (!child).then(|| Snapshot::take(pids));
     let connect_start = Instant::now();
+    // How many connections are ready (WebSocket upgrades done, TLS handshakes done); fails at
+    // the first error, and at a failed TLS handshake (which never reaches the client service:
+    // the engine counts it).
+    let ready_now = || -> anyhow::Result<usize> {
+        let results = collect(&peers);
+        if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
+            bail!("{label}: {e}");
+        }
+        let t = pool.stats().snapshot().total();
+        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
+            bail!(
+                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
+                t.tls_handshake_failures,
+                t.tls_handshake_timeouts,
+                tls_diagnosis(args, target)
+            );
+        }
+        Ok(results.iter().map(|r| r.ready as usize).sum())
+    };
+    // Waits (bounded: 60 s without reaching `n`) until `n` connections are ready.
+    let wait_ready = |n: usize| -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = ready_now()?;
+            if ready >= n {
+                return Ok(ready);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{label}: only {ready} of {} connections became ready within 60 s",
+                    args.connections
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut ready = 0;
     for i in 0..args.connections {
+        // At most CONNECTING_AHEAD connections still connecting: a burst of thousands of TLS
+        // handshakes or upgrades overflows the server's accept queue while its core is busy
+        // with the first ones, and a connection whose handshake ACK was dropped there waits
+        // for the kernel's retransmissions, long past any deadline.
+        if i - ready >= CONNECTING_AHEAD {
+            ready = wait_ready(i + 1 - CONNECTING_AHEAD)?;
+        }
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
         let fd = crate::sys::socket::connect_from(target, src, Duration::from_secs(5))
             .with_context(|| {
@@ -189,35 +237,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
             bail!("a client shard does not take connections");
         }
     }
-    // Wait (bounded) until every connection is ready (WebSocket upgrades done).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let results = collect(&peers);
-        let ready: u64 = results.iter().map(|r| r.ready).sum();
-        if let Some(e) = results.iter().find_map(|r| r.first_error.clone()) {
-            bail!("{label}: {e}");
-        }
-        // A failed TLS handshake never reaches the client service: the engine counts it.
-        let t = pool.stats().snapshot().total();
-        if t.tls_handshake_failures + t.tls_handshake_timeouts > 0 {
-            bail!(
-                "{label}: {} TLS handshakes failed and {} timed out; one more, to see why: {}",
-                t.tls_handshake_failures,
-                t.tls_handshake_timeouts,
-                tls_diagnosis(args, target)
-            );
-        }
-        if ready as usize >= args.connections {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{label}: only {ready} of {} connections became ready within 60 s",
-                args.connections
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(args.connections)?;
     let connect_seconds = connect_start.elapsed().as_secs_f64();
     if child {
         child_handshake();
