@@ -996,7 +996,8 @@ fn answer_ping(s: &mut std::net::TcpStream) {
     let len = usize::from(head[1] & 0x7f);
     assert!(head[1] & 0x80 != 0 && len < 126, "a short masked ping");
     let mut rest = vec![0u8; 4 + len];
-    s.read_exact(&mut rest).expect("the probe's mask and payload");
+    s.read_exact(&mut rest)
+        .expect("the probe's mask and payload");
     let (mask, payload) = rest.split_at(4);
     let mut pong = vec![0x8a, len as u8];
     pong.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
