@@ -181,7 +181,7 @@ common=(--spawn --shards "$SHARDS" --server-cores "$SERVER_CORES" --client-cores
 
 idle() {
     local hold_s=${HOLD%s}
-    run idle $(($(connect_budget) + hold_s + 120)) "${common[@]}" \
+    run idle $(($(connect_budget) + hold_s + 300)) "${common[@]}" \
         --mode idle -c "$CONNECTIONS" --warmup 1s --duration "$HOLD"
 }
 

@@ -323,7 +323,8 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
     let mut verified = 0;
     let mut fanouts = Vec::new();
     // A child settles a fan-out backlog (at most 60 s) or probes its idle connections (40 s).
-    let deadline = Instant::now() + args.warmup + args.duration + Duration::from_secs(120);
+    // The children's own bounds after the window (idle: the final probe, up to 180 s) fit in it.
+    let deadline = Instant::now() + args.warmup + args.duration + Duration::from_secs(240);
     for (i, c) in children.iter_mut().enumerate() {
         let status = c.wait_until(deadline)?;
         let text = std::fs::read_to_string(&c.report).with_context(|| {
