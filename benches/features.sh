@@ -405,7 +405,7 @@ def cpu_us_per(m):
     pc = m.get("per_core_throughput")
     return 1e6 / pc if pc else None
 
-idle_bytes = lambda m: (m.get("idle") or {}).get("bytes_per_connection")
+idle_bytes = lambda m: (m.get("memory") or {}).get("user_bytes_per_connection")
 rps = lambda m: m.get("requests_per_second")
 pcore = lambda m: m.get("per_core_throughput")
 mbps = lambda m: m.get("megabytes_per_second")
@@ -436,7 +436,7 @@ ROWS = {
     "broker": (f"fan-out through a broker (issue 13): {subs} subscribers x {rate} publishes/s; in-process = 1 process, redis/nats = 2 processes on the server cores",
                ["in-process", "redis", "nats"], ["deliveries/s", "p50 ms", "p99 ms", "lost"],
                [("deliveries/s", "in-process", "ratio"), ("p99 ms", "in-process", "diff")]),
-    "deflate-idle": (f"idle WebSocket connections (issue 14): {conns} held, server RSS growth per connection",
+    "deflate-idle": (f"idle WebSocket connections (issue 14): {conns} held, server user memory (PSS) growth per connection",
                      ["plain", "shared", "dedicated"], ["B/conn"], [("B/conn", "plain", "diff"), ("B/conn", "plain", "ratio")]),
     "deflate-fanout": (f"fan-out of 1 KiB JSON (issue 14): {subs} subscribers x {rate} publishes/s, compressed (shared) vs plain",
                        ["plain", "deflate"], ["deliveries/s", "deliveries/CPU-s", "wire MB/s", "wire B/delivery", "p99 ms", "lost"],
@@ -444,7 +444,7 @@ ROWS = {
     "deflate-echo-q40": ("WebSocket echo of 1 KiB JSON (issue 14): 50 connections x 4 in flight, server at 40% of a core",
                          ["plain", "deflate"], ["msg/s", "msg/CPU-s", "p99 us", "wire MB/s"],
                          [("msg/s", "plain", "ratio"), ("msg/CPU-s", "plain", "ratio")]),
-    "tls-idle": (f"idle TLS 1.3 connections (issue 18): {conns} held, server RSS growth per connection",
+    "tls-idle": (f"idle TLS 1.3 connections (issue 18): {conns} held, server user memory (PSS) growth per connection",
                  ["shardnet-tls", "nginx-tls"], ["B/conn"], [("B/conn", "nginx-tls", "ratio")]),
     "tls-handshake": ("full TLS 1.3 handshakes (issue 18): connect mode, one GET per connection, no resumption",
                       ["shardnet-tls", "nginx-tls"], ["handshakes/s", "handshakes/CPU-s"], [("handshakes/CPU-s", "nginx-tls", "ratio")]),
