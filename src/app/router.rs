@@ -1090,18 +1090,7 @@ impl Service for Router {
     fn before_export(&mut self, ctx: &mut Ctx<'_, ConnState>) {
         // Publishes received but not yet written go into the subscribers' output, which moves
         // with them (later publishes are held by the gate: `pubsub::Gate`).
-        let kinds = &self.kinds;
-        let counters = self.shared.metrics.shard(self.shard);
-        let mut deflate = Deflate {
-            compression: &mut self.compression,
-            counters: self.shared.metrics.deflate(self.shard),
-        };
-        self.hub
-            .flush(ctx, &self.fanout, counters, &mut deflate, |state| {
-                state
-                    .ws_ref()
-                    .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
-            });
+        self.deliver_pending(ctx, true);
     }
 
     fn export(&mut self, conn: &mut Conn<'_, ConnState>) -> Option<Vec<u8>> {
@@ -1157,21 +1146,31 @@ impl Router {
     /// Delivers the waiting publishes if their round is due ([`pubsub::DELIVERY_INTERVAL`]);
     /// otherwise the shard wakes for it ([`Service::next_wake`]).
     fn deliver_if_due(&mut self, ctx: &mut Ctx<'_, ConnState>) {
-        if !self.hub.round_due(ctx.now()) {
-            return;
+        if self.hub.round_due(ctx.now()) {
+            self.deliver_pending(ctx, false);
         }
+    }
+
+    /// One delivery round of the waiting publishes, or (`all`) rounds until none waits.
+    fn deliver_pending(&mut self, ctx: &mut Ctx<'_, ConnState>, all: bool) {
         let kinds = &self.kinds;
         let counters = self.shared.metrics.shard(self.shard);
         let mut deflate = Deflate {
             compression: &mut self.compression,
             counters: self.shared.metrics.deflate(self.shard),
         };
-        self.hub
-            .deliver(ctx, &self.fanout, counters, &mut deflate, |state| {
-                state
-                    .ws_ref()
-                    .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
-            });
+        let policy = |state: &mut ConnState| {
+            state
+                .ws_ref()
+                .map(|s| (slow_consumer(kinds, s), Delivery::of(s.deflate)))
+        };
+        if all {
+            self.hub
+                .flush(ctx, &self.fanout, counters, &mut deflate, policy);
+        } else {
+            self.hub
+                .deliver(ctx, &self.fanout, counters, &mut deflate, policy);
+        }
     }
 }
 
