@@ -791,6 +791,10 @@ fn tls_modes_run_and_verify() {
 /// measurement proper is the lead's to schedule.
 #[test]
 fn fanout_across_processes_through_a_broker() {
+    // Every run here spawns pinned server processes.
+    if !require_tool("taskset", "apt-get install util-linux") {
+        return;
+    }
     for (broker, tool) in [("redis", "redis-server"), ("nats", "nats-server")] {
         if !require_tool(tool, &format!("apt-get install {tool}")) {
             continue;
