@@ -187,6 +187,26 @@ fn pem(key: &str, path: &Path, alg: KeyAlg) -> Result<DecodingKey, AuthError> {
     Ok(decoding)
 }
 
+/// Left-pads a P-256 JWK's `x` and `y` to their 32 bytes. RFC 7518 (6.2.1.2) wants the full
+/// size, but common writers (PyJWT 2.x among them) drop leading zero bytes, so about one key in
+/// a hundred would otherwise be refused as another curve. Longer coordinates are left for
+/// [`check_key`] to refuse.
+fn pad_ec_coordinates(jwk: &mut Value) {
+    for member in ["x", "y"] {
+        let Some(text) = jwk.get(member).and_then(Value::as_str) else {
+            continue;
+        };
+        let Ok(bytes) = URL_SAFE_NO_PAD.decode(text) else {
+            continue; // the JWK parser names the error
+        };
+        if bytes.len() < 32 {
+            let mut full = vec![0u8; 32 - bytes.len()];
+            full.extend_from_slice(&bytes);
+            jwk[member] = Value::String(URL_SAFE_NO_PAD.encode(full));
+        }
+    }
+}
+
 /// Checks that the backend can verify with `key` as `alg`, and the key's size.
 fn check_key(key: &DecodingKey, alg: Algorithm) -> Result<(), String> {
     // An uncompressed P-256 point is 0x04 then 32 bytes each of x and y; another length is
@@ -307,7 +327,11 @@ fn jwks(loaded: &mut Loaded, key: &str, path: &Path) -> Result<(), AuthError> {
                 continue;
             }
         };
-        let jwk: Jwk = serde_json::from_value(v.clone())
+        let mut v = v.clone();
+        if alg == Algorithm::ES256 {
+            pad_ec_coordinates(&mut v);
+        }
+        let jwk: Jwk = serde_json::from_value(v)
             .map_err(|e| fail(&format!("not a valid JWK ({})", json_error_kind(&e))))?;
         let decoding =
             DecodingKey::from_jwk(&jwk).map_err(|e| fail(&format!("not a usable key ({e})")))?;
@@ -560,6 +584,19 @@ pub(super) mod tests {
             reason.contains("kid \"ec-1\" is also the kid of hs256 secret"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn short_p256_coordinates_are_left_padded_and_full_ones_kept() {
+        let full = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let short = URL_SAFE_NO_PAD.encode([9u8; 31]);
+        let mut jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": short, "y": full});
+        pad_ec_coordinates(&mut jwk);
+        let x = URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap();
+        assert_eq!(x.len(), 32);
+        assert_eq!(x[0], 0);
+        assert!(x[1..].iter().all(|&b| b == 9));
+        assert_eq!(jwk["y"].as_str().unwrap(), full);
     }
 
     #[test]
