@@ -734,6 +734,7 @@ for_both!(
     interest outcomes outage never_started
     cluster_delivers_every_message_once_in_order processes_follow_interest
     processes_ride_out_an_outage processes_wait_for_a_broker_that_is_not_there
+    processes_answer_pipelined_publishes_in_order
 );
 
 /// `config check` prints the effective configuration with the password as `***`.
@@ -1048,6 +1049,84 @@ fn cluster_delivers_every_message_once_in_order(server: &mut dyn Server) {
         3 * (3 * expected_per_topic) as u64,
         "each process got each message once"
     );
+}
+
+/// Publishes pipelined on one keep-alive connection all go to the broker without waiting for
+/// each other's answers, are answered in order, and reach the subscriber in order; a request of
+/// another kind pipelined behind them is answered after them. With the broker gone, pipelined
+/// publishes get their refusals in order, and the connection stays usable.
+fn processes_answer_pipelined_publishes_in_order(server: &mut dyn Server) {
+    server.start();
+    let p = spawn_process(server);
+    let addr = p.addr("http");
+    let mut sub = Ws::connect(addr);
+    sub.subscribe("pipe");
+    let name = server.name_of("pipe");
+    wait_for(&format!("the process subscribed to {name}"), || {
+        server.subscribers_of(&name) == 1
+    });
+    let n = 300;
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let body = format!("{{\"n\":{i}}}");
+        burst.extend_from_slice(
+            format!(
+                "POST /publish/pipe HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    burst.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut http = common::connect(addr);
+    http.write_all(&burst).unwrap();
+    for i in 0..n {
+        let (status, head, body) = common::read_response(&mut http, false);
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "publish {i}: {head}{body}");
+        assert!(body.contains("\"topic\":\"pipe\""), "publish {i}: {body}");
+    }
+    let (status, _, body) = common::read_response(&mut http, false);
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"ok\n"[..]),
+        "the GET behind them"
+    );
+    for i in 0..n {
+        let m = sub.recv();
+        assert_eq!(m["data"]["n"], i, "message {i}: {m}");
+    }
+    assert_eq!(sub.recv_within(Duration::from_millis(100)), None);
+    // Broker gone: refused in order, then the GET behind them, on the same connection.
+    server.kill();
+    wait_for("the process saw the broker go", || {
+        http_get(addr, "/healthz").1.starts_with("degraded")
+    });
+    let mut burst = Vec::new();
+    for _ in 0..5 {
+        burst.extend_from_slice(
+            b"POST /publish/pipe HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        );
+    }
+    burst.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    http.write_all(&burst).unwrap();
+    for i in 0..5 {
+        let (status, head, body) = common::read_response(&mut http, false);
+        assert_eq!(
+            status,
+            503,
+            "refused publish {i}: {head}{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (status, _, body) = common::read_response(&mut http, false);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(b"degraded"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_no_secret_in(&[p]);
 }
 
 /// A process is subscribed to a topic on the broker while it has local subscribers of it,

@@ -1186,43 +1186,66 @@ impl Router {
         topic: &str,
         outcome: &Outcome,
     ) {
-        let pending = match conn.state() {
-            ConnState::Http(hc) => match hc.pending() {
-                Some(p) if ticket.is_none_or(|t| t.id == p.id) => {
-                    hc.take_pending();
-                    p
+        let kind = self.shared.config.broker.kind.as_str();
+        let lost: Outcome = Err(super::broker::Refusal::Timeout);
+        loop {
+            // Outcomes come back in the order the connection's publishes went out: one for a
+            // request further down the line means the ones before it were lost on the way (the
+            // shard's queue was full), and they are answered as timed out first.
+            let (pending, this) = match conn.state() {
+                ConnState::Http(hc) => match hc.pending() {
+                    Some(p) if ticket.is_none_or(|t| t.id == p.id) => {
+                        hc.take_pending();
+                        (p, true)
+                    }
+                    Some(p) if ticket.is_some_and(|t| hc.is_queued(t.id)) => {
+                        hc.take_pending();
+                        (p, false)
+                    }
+                    _ => return,
+                },
+                ConnState::Ws(_) => {
+                    if let (Some(t), Err(refusal)) = (ticket, outcome) {
+                        if t.id == 0 {
+                            pubsub::publish_refused(conn.out(), topic, refusal);
+                        }
+                    }
+                    return;
                 }
                 _ => return,
-            },
-            ConnState::Ws(_) => {
-                if let (Some(t), Err(refusal)) = (ticket, outcome) {
-                    if t.id == 0 {
-                        pubsub::publish_refused(conn.out(), topic, refusal);
-                    }
-                }
+            };
+            // Without a ticket (the timer), the topic is not at hand: the answer says the reason.
+            let (topic, outcome) = if this { (topic, outcome) } else { ("", &lost) };
+            let sent = routes::publish_answer(
+                pending.respond(conn.out(), &self.date),
+                topic,
+                outcome,
+                kind,
+            );
+            let counters = self.counters();
+            counters.http_requests.inc();
+            if sent.status() >= 400 {
+                counters.http_errors.inc();
+            }
+            if !pending.keep_alive() {
+                conn.close();
                 return;
             }
-            _ => return,
-        };
-        let kind = self.shared.config.broker.kind.as_str();
-        // Without a ticket (the timer), the topic is not at hand: the answer says the reason.
-        let sent = routes::publish_answer(
-            pending.respond(conn.out(), &self.date),
-            topic,
-            outcome,
-            kind,
-        );
-        let counters = self.counters();
-        counters.http_requests.inc();
-        if sent.status() >= 400 {
-            counters.http_errors.inc();
+            if this {
+                break;
+            }
         }
-        if pending.keep_alive() && !self.draining {
+        let waiting = matches!(conn.state(), ConnState::Http(hc) if hc.pending().is_some());
+        if waiting {
+            // The next one's outcome is on its way (it went out after this one).
+            conn.set_timer(self.shared.config.broker.publish_timeout + OUTCOME_GRACE);
+            conn.resume_later();
+        } else if self.draining {
+            conn.close();
+        } else {
             conn.clear_timer();
             // The requests that came behind it wait in the input: read them now.
             conn.resume_later();
-        } else {
-            conn.close();
         }
     }
 }

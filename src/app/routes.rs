@@ -90,6 +90,13 @@ pub struct Routes<'a> {
 impl Handler for Routes<'_> {
     fn request(&mut self, r: &Request<'_>, resp: Response<'_>) -> Sent {
         let path = r.path();
+        if r.behind().is_some() {
+            // Behind publishes waiting for the broker only another such publish goes now.
+            return match path.strip_prefix("/publish/") {
+                Some(topic) => self.publish(topic, r, resp),
+                None => resp.decline(),
+            };
+        }
         let get = matches!(r.method(), "GET" | "HEAD");
         if let Some(i) = self.listener.websocket.iter().position(|w| w.path == path) {
             return self.upgrade(i, r, resp);
@@ -223,7 +230,14 @@ impl Routes<'_> {
         )
     }
 
+    /// `POST /publish/{topic}`. Behind publishes still waiting for the broker
+    /// ([`Request::behind`]) it is either sent to the broker too or declined, to be answered in
+    /// order once they are.
     fn publish(&self, topic: &str, r: &Request<'_>, resp: Response<'_>) -> Sent {
+        let behind = r.behind();
+        if behind.is_some() && r.method() != "POST" {
+            return resp.decline();
+        }
         if r.method() != "POST" {
             return resp.send(
                 405,
@@ -236,6 +250,9 @@ impl Routes<'_> {
             .auth
             .authorize_publish(r.header("authorization"), topic)
         {
+            if behind.is_some() {
+                return resp.decline();
+            }
             return self.key_refused(refusal, Some(topic), resp);
         }
         let limits = &self.listener.publish;
@@ -252,8 +269,15 @@ impl Routes<'_> {
             .and_then(|()| pubsub::encode_body(topic, r.body(), limits.max_message));
         let local = match frame {
             Ok(frame) if self.fanout.broker().is_some() => {
-                let id = self.next_request.get().max(1);
-                self.next_request.set(id.wrapping_add(1).max(1));
+                if behind.is_some() && !self.fanout.broker().is_some_and(|b| b.accepts()) {
+                    // Its refusal is answered in order, after those before it.
+                    return resp.decline();
+                }
+                // Behind others it takes the id after theirs; the shard's counter moves past
+                // it, so an id is never given to two requests of one connection.
+                let id = behind.unwrap_or_else(|| self.next_request.get().max(1));
+                self.next_request
+                    .set(id.wrapping_add(1).max(self.next_request.get()).max(1));
                 return match self.fanout.publish_via_broker(
                     self.token,
                     id,
@@ -263,9 +287,13 @@ impl Routes<'_> {
                 ) {
                     // Answered when the broker's outcome comes back (`publish_answer`).
                     Ok(()) => resp.defer(id),
+                    // Refused between the check above and the queue (it filled meanwhile):
+                    // answered in order when offered again (and counted again then).
+                    Err(_) if behind.is_some() => resp.decline(),
                     Err(refusal) => publish_answer(resp, topic, &Err(refusal), ""),
                 };
             }
+            _ if behind.is_some() => return resp.decline(),
             Ok(frame) => self.fanout.publish(topic, frame, self.counters),
             Err(e) => Err(e),
         };

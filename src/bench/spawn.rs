@@ -557,8 +557,12 @@ fn start(
         _config: temp,
     };
     let stderr = server.child.stderr.take().expect("piped");
+    // Errors, the server's own announcements, and the broker's warnings (a lost broker
+    // connection explains a fan-out run's gaps).
     let tail = StderrTail::start(stderr, |l| {
-        l.contains("ERROR") || l.starts_with("shardnet:")
+        l.contains("ERROR")
+            || l.starts_with("shardnet:")
+            || (l.contains("WARN") && l.contains("broker:"))
     });
     let announced = match ready.wait(START_TIMEOUT, || server.exited()) {
         Ok(a) => a,

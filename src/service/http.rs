@@ -34,9 +34,14 @@
 //!   to start, keep or stop it, so a pipelining client whose reads end inside the next request is
 //!   timed per request, not from its first one.
 //! - A handler may answer later ([`Response::defer`]: `POST /publish` waits for the broker). The
-//!   connection then holds a [`Pending`] and reads nothing more (pipelined requests wait in the
-//!   input, bounded by the engine's `max_read_buffer`) until the caller answers it with
-//!   [`HttpConn::take_pending`] and [`Pending::respond`], so responses stay in request order.
+//!   connection then holds a [`Pending`]; responses stay in request order. Behind it, only
+//!   requests that are deferred too are taken ([`Request::behind`]: the handler defers them with
+//!   the id [`Request::behind`] gives, or declines with [`Response::decline`], and nothing is
+//!   written), up to [`MAX_DEFERRED`] in flight: a client pipelining publishes gets them to the
+//!   broker one after another without waiting a round trip for each. Any other request, or one
+//!   that is not complete in the strict form yet, waits in the input (bounded by the engine's
+//!   `max_read_buffer`) until the caller has answered every deferred one with
+//!   [`HttpConn::take_pending`] and [`Pending::respond`], in order.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +50,9 @@ use super::deflate::{self, Agreed};
 mod head;
 
 use head::Field;
+
+/// Requests one connection may have waiting for their answers ([`Response::defer`]) at once.
+pub const MAX_DEFERRED: u16 = 128;
 
 /// Headers parsed per request; more → 431.
 const MAX_HEADERS: usize = 32;
@@ -68,14 +76,17 @@ impl HttpSettings {
     }
 }
 
-/// Per-connection state: two flags, and the request waiting for its answer, if any.
+/// Per-connection state: two flags, and the requests waiting for their answers, if any.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HttpConn {
     /// `100 Continue` was sent for the request being received.
     continue_sent: bool,
     /// The header timer runs for the request being received.
     timer_armed: bool,
-    /// A request answered later ([`Response::defer`]); nothing is read while it waits.
+    /// Deferred requests behind `pending`: ids `pending.id + 1 ..= pending.id + queued`, all
+    /// answered like it (same version, keep-alive, not HEAD).
+    queued: u16,
+    /// The first request answered later ([`Response::defer`]).
     pending: Option<Pending>,
 }
 
@@ -97,18 +108,35 @@ impl HttpConn {
         HttpConn {
             continue_sent: bits & 1 != 0,
             timer_armed: bits & 2 != 0,
+            queued: 0,
             pending: None,
         }
     }
-    /// The request waiting for its answer.
+    /// The first request waiting for its answer (the one to answer next).
     pub fn pending(&self) -> Option<Pending> {
         self.pending
     }
 
-    /// Takes the waiting request to answer it ([`Pending::respond`]); the caller then offers
-    /// the input left behind it again.
+    /// Requests waiting for their answers, the first included.
+    pub fn deferred(&self) -> usize {
+        self.pending.map_or(0, |_| 1 + usize::from(self.queued))
+    }
+
+    /// Whether `id` is one of the requests waiting behind the first.
+    pub fn is_queued(&self, id: u64) -> bool {
+        self.pending
+            .is_some_and(|p| id > p.id && id - p.id <= u64::from(self.queued))
+    }
+
+    /// Takes the first waiting request to answer it ([`Pending::respond`]); the next one, if
+    /// any, becomes the first. The caller then offers the input left behind them again.
     pub fn take_pending(&mut self) -> Option<Pending> {
-        self.pending.take()
+        let p = self.pending.take()?;
+        if self.queued > 0 {
+            self.queued -= 1;
+            self.pending = Some(Pending { id: p.id + 1, ..p });
+        }
+        Some(p)
     }
 }
 
@@ -176,6 +204,16 @@ pub struct Outcome {
     /// The last request handled is answered later ([`Response::defer`]): nothing after it is
     /// read until [`HttpConn::take_pending`].
     pub deferred: bool,
+    /// Requests taken behind deferred ones and deferred too ([`Request::behind`]).
+    pub queued: u32,
+}
+
+/// What a request behind deferred ones must match: the id it is deferred with, and the version
+/// their answers are framed in.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    id: u64,
+    version: u8,
 }
 
 impl Outcome {
@@ -192,6 +230,7 @@ impl Outcome {
             status: 0,
             timer: HeaderTimer::Keep,
             deferred: false,
+            queued: 0,
         }
     }
 
@@ -278,6 +317,8 @@ pub trait Handler {
 
 /// One complete request, borrowed from the input.
 pub struct Request<'a> {
+    /// Behind a deferred request: the id this one must be deferred with.
+    behind: Option<u64>,
     method: &'a str,
     target: &'a str,
     path: &'a str,
@@ -291,6 +332,14 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// `Some(id)` when this request came behind requests that wait for their answers: the
+    /// handler must then either defer it with this `id` ([`Response::defer`]) or decline it
+    /// ([`Response::decline`]: it is handled again, in order, once those are answered). It is
+    /// only offered when its answer would be framed like theirs (same version, keep-alive).
+    pub fn behind(&self) -> Option<u64> {
+        self.behind
+    }
+
     pub fn method(&self) -> &'a str {
         self.method
     }
@@ -352,6 +401,8 @@ pub struct Sent {
     upgrade: Option<usize>,
     deferred: Option<Pending>,
     deflate: Option<Agreed>,
+    /// [`Response::decline`]: not answered now.
+    declined: bool,
 }
 
 impl Sent {
@@ -442,6 +493,7 @@ impl Response<'_> {
             upgrade: None,
             deferred: None,
             deflate: None,
+            declined: false,
         }
     }
 
@@ -458,6 +510,19 @@ impl Response<'_> {
                 version: self.version,
             }),
             deflate: None,
+            declined: false,
+        }
+    }
+
+    /// Not now: a request [`Request::behind`] deferred ones that is not deferred itself. Nothing
+    /// is written; the request stays in the input and is offered again once they are answered.
+    pub fn decline(self) -> Sent {
+        Sent {
+            status: 0,
+            upgrade: None,
+            deferred: None,
+            deflate: None,
+            declined: true,
         }
     }
 
@@ -479,6 +544,7 @@ impl Response<'_> {
             upgrade: None,
             deferred: None,
             deflate: None,
+            declined: false,
         }
     }
 
@@ -560,6 +626,7 @@ impl Response<'_> {
             upgrade: Some(route),
             deferred: None,
             deflate: answer.map(|a| a.agreed),
+            declined: false,
         }
     }
 }
@@ -757,11 +824,15 @@ impl Http {
         handler: &mut H,
     ) -> Outcome {
         let mut o = Outcome::new();
-        if conn.pending.is_some() {
-            // Behind a request still waiting for its answer: read nothing yet.
+        if let Some(first) = conn.pending {
+            self.handle_behind(conn, first, input, out, budget, date, handler, &mut o);
             return o;
         }
-        self.handle_requests(conn, input, out, budget, date, handler, &mut o);
+        self.handle_requests(conn, input, out, budget, date, handler, &mut o, None);
+        if let (true, false, Some(first)) = (o.deferred, o.close, conn.pending) {
+            // The requests pipelined behind it that are deferred too go now.
+            self.handle_behind(conn, first, input, out, budget, date, handler, &mut o);
+        }
         // The timer runs from a request's first byte: a request left partial after others
         // completed in this call began here, and gets a timer of its own.
         o.timer = if o.partial && !o.close {
@@ -780,6 +851,58 @@ impl Http {
         o
     }
 
+    /// Behind deferred requests (`first` and `conn.queued` more): takes the complete requests
+    /// the handler defers as well, one at a time, and stops, leaving everything as it was, at the
+    /// first other one (declined, answered at once, refused by the framing, partial, or framed
+    /// otherwise than `first`). The header timer is left alone: the deferral's timer runs.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_behind<H: Handler + ?Sized>(
+        &self,
+        conn: &mut HttpConn,
+        first: Pending,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        budget: usize,
+        date: &DateCache,
+        handler: &mut H,
+        o: &mut Outcome,
+    ) {
+        if !first.keep_alive || first.head {
+            return;
+        }
+        while conn.queued + 1 < MAX_DEFERRED && o.consumed < input.len() {
+            let (mark, saved) = (out.len(), *conn);
+            let mut one = Outcome::new();
+            one.consumed = o.consumed;
+            let behind = Behind {
+                id: first.id + u64::from(conn.queued) + 1,
+                version: first.version,
+            };
+            self.handle_requests(
+                conn,
+                input,
+                out,
+                budget,
+                date,
+                handler,
+                &mut one,
+                Some(behind),
+            );
+            if one.deferred && conn.queued > saved.queued && !one.close {
+                o.consumed = one.consumed;
+                o.queued += 1;
+                continue;
+            }
+            debug_assert!(
+                one.responses == 0 || one.close || one.partial || one.stopped,
+                "a request behind deferred ones was answered at once"
+            );
+            out.truncate(mark);
+            *conn = saved;
+            return;
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn handle_requests<H: Handler + ?Sized>(
         &self,
@@ -790,6 +913,7 @@ impl Http {
         date: &DateCache,
         handler: &mut H,
         o: &mut Outcome,
+        behind: Option<Behind>,
     ) {
         let max_target = self.settings.max_target();
         // The fast path's fields, once per call (a memset of 512 bytes, shared by every
@@ -808,6 +932,10 @@ impl Http {
             // the same answers.
             #[cfg(test)]
             let quick = quick.filter(|_| !tests::SLOW_ONLY.get());
+            if behind.is_some() && quick.is_none() {
+                // Partial, or not the strict form: it waits for the deferred answers.
+                return;
+            }
             let (method, target, split, version, fields, hlen, crlf) = match quick {
                 Some(h) => {
                     // An origin-form target splits at its first `?` (as `route_path` does).
@@ -965,8 +1093,15 @@ impl Http {
             }
             conn.continue_sent = false;
             let keep_alive = !conn_close && (version == 1 || conn_keep_alive);
+            if let Some(b) = behind {
+                // Its answer must be framed like the deferred ones' (`Pending` is shared).
+                if !keep_alive || version != b.version || method == "HEAD" {
+                    return;
+                }
+            }
             let (path, query) = split.unwrap_or_else(|| route_path(target));
             let request = Request {
+                behind: behind.map(|b| b.id),
                 method,
                 target,
                 path,
@@ -987,9 +1122,28 @@ impl Http {
                 version,
             };
             let sent = handler.request(&request, resp);
+            if sent.declined {
+                debug_assert!(behind.is_some(), "declined outside a pipeline of deferrals");
+                o.consumed -= hlen + body_len;
+                return;
+            }
             if let Some(p) = sent.deferred {
-                conn.pending = Some(p);
+                match (behind, conn.pending) {
+                    (Some(b), Some(_)) => {
+                        debug_assert_eq!(
+                            p.id, b.id,
+                            "a deferral behind others takes their next id"
+                        );
+                        conn.queued += 1;
+                    }
+                    _ => conn.pending = Some(p),
+                }
                 o.deferred = true;
+                return;
+            }
+            if behind.is_some() {
+                // Answered at once behind deferred requests: the caller takes it back.
+                o.count(sent.status);
                 return;
             }
             o.count(sent.status);
@@ -1170,6 +1324,12 @@ mod tests {
 
     impl Handler for Echo {
         fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
+            if let Some(id) = req.behind() {
+                return match req.path() {
+                    "/later" => resp.defer(id),
+                    _ => resp.decline(),
+                };
+            }
             match req.path() {
                 "/ok" => resp.send(200, "text/plain", req.body(), ""),
                 "/ws" => resp.upgrade(req, &[], SHARED, 0),
@@ -1208,6 +1368,91 @@ mod tests {
         assert!(o.responses >= 1, "no response to {input:?}");
         assert_eq!(out[9..12].parse::<u16>().unwrap(), o.status);
         o.status
+    }
+
+    /// Pipelined deferrals are taken one after another (ids in order), anything else waits
+    /// behind them, and answering them in order lets the rest through.
+    #[test]
+    fn deferred_requests_pipeline_behind_each_other() {
+        let h = http();
+        let date = DateCache::default();
+        let mut conn = HttpConn::default();
+        let mut out = Vec::new();
+        let later = b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+        let mut input = Vec::new();
+        for _ in 0..3 {
+            input.extend_from_slice(later);
+        }
+        let three = input.len();
+        input.extend_from_slice(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n");
+        let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+        assert_eq!(
+            (o.consumed, o.responses, o.deferred, o.queued),
+            (three, 0, true, 2)
+        );
+        assert!(out.is_empty(), "nothing is answered yet");
+        assert_eq!(conn.deferred(), 3);
+        assert!(conn.is_queued(8) && conn.is_queued(9) && !conn.is_queued(7));
+        // The GET waits behind them, however often it is offered.
+        let o = h.handle(
+            &mut conn,
+            &input[three..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses, o.queued), (0, 0, 0));
+        for id in 7..=9 {
+            let p = conn.take_pending().unwrap();
+            assert_eq!(p.id, id);
+            let _ = p.respond(&mut out, &date).send(200, "text/plain", b"", "");
+        }
+        assert_eq!(conn.deferred(), 0);
+        let o = h.handle(
+            &mut conn,
+            &input[three..],
+            &mut out,
+            usize::MAX,
+            &date,
+            &mut Echo,
+        );
+        assert_eq!((o.consumed, o.responses), (input.len() - three, 1));
+    }
+
+    /// Behind a deferral: a partial request, HEAD, another version, `Connection: close` and a
+    /// framing error all wait (nothing written, nothing consumed); the bound holds.
+    #[test]
+    fn only_complete_deferrals_framed_alike_pipeline() {
+        let h = http();
+        let date = DateCache::default();
+        let later = b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi".to_vec();
+        let waiting: [&[u8]; 5] = [
+            b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nh",
+            b"HEAD /later HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /later HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi",
+            b"POST /later HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+            b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\nhi",
+        ];
+        for next in waiting {
+            let mut conn = HttpConn::default();
+            let mut out = Vec::new();
+            let input = [&later[..], next].concat();
+            let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+            assert_eq!(
+                (o.consumed, o.queued, o.close),
+                (later.len(), 0, false),
+                "{next:?}"
+            );
+            assert!(out.is_empty(), "{next:?}");
+            assert_eq!(conn.deferred(), 1, "{next:?}");
+        }
+        let mut conn = HttpConn::default();
+        let mut out = Vec::new();
+        let input = later.repeat(usize::from(MAX_DEFERRED) + 5);
+        let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+        assert_eq!(conn.deferred(), usize::from(MAX_DEFERRED));
+        assert_eq!(o.consumed, later.len() * usize::from(MAX_DEFERRED));
     }
 
     #[test]
@@ -1574,6 +1819,12 @@ mod tests {
 
     impl Handler for Mirror {
         fn request(&mut self, req: &Request<'_>, resp: Response<'_>) -> Sent {
+            if let Some(id) = req.behind() {
+                return match req.path() {
+                    "/later" => resp.defer(id),
+                    _ => resp.decline(),
+                };
+            }
             match req.path() {
                 "/ws" => return resp.upgrade(req, &[], SHARED, 0),
                 "/fixed" => return resp.send_prepared(&self.ok),

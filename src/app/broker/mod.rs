@@ -327,6 +327,16 @@ impl BrokerHandle {
     /// receiving process only frames it). `Ok`: the outcome comes
     /// later through [`Sink::outcome`], exactly once. `Err`: refused at once (broker down, queue
     /// full, shutting down); no outcome follows.
+    /// Whether [`BrokerHandle::publish`] would take a publish now (not closed, the publisher
+    /// connected, room in the queue), without counting anything. A publish pipelined behind
+    /// others that would be refused waits instead, so that its refusal is answered in order.
+    pub fn accepts(&self) -> bool {
+        let s = &self.shared;
+        !s.closed.load(Ordering::Acquire)
+            && s.metrics.publisher_up()
+            && s.pending.load(Ordering::Acquire) < s.max_pending
+    }
+
     pub fn publish(&self, ticket: Ticket, topic: &str, data: Vec<u8>) -> Result<(), Refusal> {
         let s = &self.shared;
         let refuse = |r: Refusal| {
