@@ -18,7 +18,9 @@
 #            plain-HTTP shardnet, with plain nginx beside); WSS echo vs plain WebSocket echo
 #   auth     JWT verification (issue 19): connect rate with an ES256 and an HS256 token per
 #            connection vs auth off (server CPU per verified connection); idle memory of
-#            CONNECTIONS authenticated vs anonymous WebSocket connections
+#            CONNECTIONS authenticated vs anonymous WebSocket connections, with pings off (the
+#            bench's configuration: an authenticated connection's expiry is then its only
+#            timer) and with the default 30-s ping (every connection has a timer)
 #
 # Sizes (environment; the defaults are the issues' sizes): ROUNDS=3 WARMUP=1s DURATION=4s
 # CONNECTIONS=15000 (idle rows) SUBSCRIBERS=1000 RATE=1000 (broker and deflate fan-out, publishes/s)
@@ -95,7 +97,7 @@ estimate() {
       broker) t=$((t + 3 * ROUNDS * (run + 3))) ;;
       deflate) t=$((t + 3 * ROUNDS * (run + idle) + 2 * ROUNDS * (run + 2) + root * 2 * ROUNDS * run)) ;;
       tls) t=$((t + 2 * ROUNDS * (run + tls) + 2 * ROUNDS * run + root * 4 * ROUNDS * run + 2 * ROUNDS * run)) ;;
-      auth) t=$((t + 3 * ROUNDS * run + 2 * ROUNDS * (run + idle))) ;;
+      auth) t=$((t + 3 * ROUNDS * run + 4 * ROUNDS * (run + idle))) ;;
     esac
   done
   echo "$t"
@@ -334,6 +336,9 @@ hs256_secret_file = \"$dir/hs256.secret\"" 'auth = "required"' >"$dir/hs256.toml
 [[auth.public_key]]
 alg = \"ES256\"
 file = \"$dir/es256.pub\"" 'auth = "optional"' >"$dir/optional.toml"
+  # The same with the default ping interval on /ws: both kinds then have a timer-wheel entry.
+  sed '/^path = "\/ws"$/,/^ping_interval/s/^ping_interval = "0s"$/ping_interval = "30s"/' \
+    "$dir/optional.toml" >"$dir/optional-ping.toml"
   local -a kinds=(off hs256 es256) idle=(anonymous authenticated)
   for ((r = 1; r <= ROUNDS; r++)); do
     for k in $(rotate 3 $((r - 1))); do
@@ -353,6 +358,16 @@ file = \"$dir/es256.pub\"" 'auth = "optional"' >"$dir/optional.toml"
         anonymous) run auth-idle "anonymous.r$r" "shardnet=anonymous" --spawn --config "$dir/optional.toml" \
           --mode idle --idle-ws --path /ws -c "$CONNECTIONS" "${pin[@]}" ;;
         authenticated) run auth-idle "authenticated.r$r" "shardnet=authenticated" --spawn --config "$dir/optional.toml" \
+          --mode idle --idle-ws --path /ws --mint "ES256:$dir/es256.key" -c "$CONNECTIONS" "${pin[@]}" ;;
+      esac
+    done
+  done
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for k in $(rotate 2 $((r - 1))); do
+      case ${idle[$k]} in
+        anonymous) run auth-idle-ping "anonymous.r$r" "shardnet=anonymous" --spawn --config "$dir/optional-ping.toml" \
+          --mode idle --idle-ws --path /ws -c "$CONNECTIONS" "${pin[@]}" ;;
+        authenticated) run auth-idle-ping "authenticated.r$r" "shardnet=authenticated" --spawn --config "$dir/optional-ping.toml" \
           --mode idle --idle-ws --path /ws --mint "ES256:$dir/es256.key" -c "$CONNECTIONS" "${pin[@]}" ;;
       esac
     done
@@ -460,6 +475,8 @@ ROWS = {
                      [("conn/CPU-s", "off", "ratio"), ("CPU us/conn", "off", "diff")]),
     "auth-idle": (f"idle WebSocket connections on /ws, auth optional (issue 19): {conns} held, with an ES256 token (own subject each) vs none",
                   ["anonymous", "authenticated"], ["B/conn"], [("B/conn", "anonymous", "diff")]),
+    "auth-idle-ping": (f"the same with the default 30-s ping on /ws (issue 19): {conns} held, every connection with a timer",
+                       ["anonymous", "authenticated"], ["B/conn"], [("B/conn", "anonymous", "diff")]),
 }
 
 def fmt(v, kind):

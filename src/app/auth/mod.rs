@@ -579,10 +579,10 @@ mod tests {
 
     #[test]
     fn what_a_connection_keeps() {
-        // An authenticated connection costs what an anonymous one does: both keep a grant (8
-        // bytes) and a bucket (8); the permissions live once per distinct subject in the
-        // shard's table. This is the per-connection price of all of auth: 16 bytes, within
-        // the 32 allowed.
+        // An authenticated connection's state is as large as an anonymous one's: both keep a
+        // grant (8 bytes) and a bucket (8). What an authenticated one adds is its slot in the
+        // shard's permission table (28 bytes: its subject inline up to 24 bytes, and the index
+        // of its shared pattern lists), within the 32 allowed; `tests/auth_memory.rs` counts it.
         assert_eq!(std::mem::size_of::<ConnAuth>(), 16);
         assert!(ConnAuth::default().grant.is_anonymous());
     }

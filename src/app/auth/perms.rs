@@ -5,20 +5,23 @@
 //! the pattern's last character (a `*` elsewhere is refused), and `{sub}` is replaced by the
 //! subject literally, so a subject holding `*` matches only itself. Matching allocates nothing.
 //!
-//! Connections do not keep their token, nor their own copy of its permissions: a connection
+//! Connections do not keep their token, nor their own copy of its pattern lists: a connection
 //! holds a [`Grant`] (8 bytes: a [`PermId`] and the token's expiry), and the [`PermTable`] of
-//! its shard holds the permissions, shared. The table interns on two levels: pattern lists are
-//! shared by every user with the same claims (the `chat:*`, `user:{sub}` of a whole user base),
-//! and one entry per distinct subject holds its `sub` and a reference to them. A user's connections
-//! share one entry; entries are reference-counted and freed with their last connection.
+//! its shard holds the permissions. The table keeps what the permissions need and nothing more:
+//! one slot per authenticated connection with its subject (for `{sub}`, the refresh check, the
+//! close log and the hand-over) stored inline when it is 24 bytes or shorter, and the index of
+//! its pattern lists, which are interned and shared by every connection with the same claims
+//! (the `chat:*`, `user:{sub}` of a whole user base). A slot is 28 bytes; subjects are not
+//! deduplicated, since an index of them would cost more than the subject it saves for the
+//! usual one connection per user. Slots and rule sets are freed with their last user.
 //!
-//! Owned by one shard thread (it uses `Rc`); the verifier that produces [`Permissions`] is
-//! shared, the table is not.
+//! Owned by one shard thread; the verifier that produces [`Permissions`] is shared, the table
+//! is not.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
-use std::rc::Rc;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use compact_str::CompactString;
 
 /// The placeholder for the token's subject.
 pub const SUB: &str = "{sub}";
@@ -102,7 +105,7 @@ pub struct Permissions {
     pub publish: Vec<Box<str>>,
 }
 
-/// An entry of a [`PermTable`]; `0` is the anonymous entry.
+/// A slot of a [`PermTable`]; `0` is the anonymous one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PermId(u32);
 
@@ -149,110 +152,194 @@ impl Grant {
     }
 }
 
-/// Both pattern lists of a token, interned: every subject with the same claims shares one.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct Rules {
+/// Both pattern lists of a token, interned: every connection with the same claims shares one.
+#[derive(Debug, Default)]
+struct RuleSet {
     subscribe: Box<[Box<str>]>,
     publish: Box<[Box<str>]>,
-}
-
-/// One subject's permissions: its `sub` and its (shared) rules.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct Entry {
-    sub: Box<str>,
-    rules: Rc<Rules>,
-}
-
-#[derive(Debug)]
-struct Slot {
-    /// `None` for a free slot.
-    entry: Option<Rc<Entry>>,
-    /// Connections holding this entry (by convention 0 for the anonymous entry, which is never
-    /// freed).
+    /// Slots using it (0 for a free set).
     refs: u32,
+    /// Of the two lists, as [`RuleSets::hash`] computes it.
+    hash: u64,
 }
 
-/// One shard's interned permissions. Lookups by [`PermId`] are an index; interning (on connect
-/// and refresh) hashes the subject and the pattern lists.
+impl RuleSet {
+    fn is<S: AsRef<str>, T: AsRef<str>>(&self, subscribe: &[S], publish: &[T]) -> bool {
+        fn same<S: AsRef<str>>(a: &[Box<str>], b: &[S]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| **x == *y.as_ref())
+        }
+        same(&self.subscribe, subscribe) && same(&self.publish, publish)
+    }
+}
+
+/// The interned pattern-list pairs of a table: a slab of refcounted sets, and a hash index on
+/// their content that a lookup reads without building a set (connecting allocates nothing
+/// here for claims already interned).
+#[derive(Debug, Default)]
+struct RuleSets {
+    sets: Vec<RuleSet>,
+    free: Vec<u32>,
+    index: hashbrown::HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl RuleSets {
+    fn hash<S: AsRef<str>, T: AsRef<str>>(&self, subscribe: &[S], publish: &[T]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write_usize(subscribe.len());
+        for p in subscribe {
+            p.as_ref().hash(&mut h);
+        }
+        h.write_usize(publish.len());
+        for p in publish {
+            p.as_ref().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// A reference to the set of these lists, interned if no slot uses it yet.
+    fn acquire<S: AsRef<str>, T: AsRef<str>>(&mut self, subscribe: &[S], publish: &[T]) -> u32 {
+        let hash = self.hash(subscribe, publish);
+        let sets = &mut self.sets;
+        if let Some(&i) = self
+            .index
+            .find(hash, |&i| sets[i as usize].is(subscribe, publish))
+        {
+            sets[i as usize].refs += 1;
+            return i;
+        }
+        let set = RuleSet {
+            subscribe: subscribe.iter().map(|p| p.as_ref().into()).collect(),
+            publish: publish.iter().map(|p| p.as_ref().into()).collect(),
+            refs: 1,
+            hash,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                sets[i as usize] = set;
+                i
+            }
+            None => {
+                sets.push(set);
+                u32::try_from(sets.len() - 1).expect("fewer than 2^32 rule sets")
+            }
+        };
+        self.index
+            .insert_unique(hash, i, |&j| sets[j as usize].hash);
+        i
+    }
+
+    /// Gives back a reference; the set is freed with its last one.
+    fn release(&mut self, i: u32) {
+        let set = &mut self.sets[i as usize];
+        debug_assert!(set.refs > 0, "release of a free rule set");
+        set.refs = set.refs.saturating_sub(1);
+        if set.refs > 0 {
+            return;
+        }
+        let hash = set.hash;
+        if let Ok(e) = self.index.find_entry(hash, |&j| j == i) {
+            e.remove();
+        }
+        self.sets[i as usize] = RuleSet::default();
+        self.free.push(i);
+    }
+
+    fn get(&self, i: u32) -> &RuleSet {
+        &self.sets[i as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+}
+
+/// A slot's rule set when the slot is free.
+const FREE: u32 = u32::MAX;
+
+/// One shard's permissions: a slot per authenticated connection (plus the anonymous one, slot
+/// 0), each holding its subject and the index of its interned [`RuleSet`]. The two are kept in
+/// parallel vectors, 28 bytes a slot: the subject inline up to 24 bytes (a heap string beyond),
+/// and a `u32`. Free slots are reused first, so the vectors follow the peak of connections
+/// (their untouched capacity is not resident). Lookups by [`PermId`] are an index; acquiring
+/// hashes the pattern lists only.
 #[derive(Debug)]
 pub struct PermTable {
-    slots: Vec<Slot>,
+    subjects: Vec<CompactString>,
+    rules: Vec<u32>,
     free: Vec<u32>,
-    index: HashMap<Rc<Entry>, u32>,
-    rules: HashSet<Rc<Rules>>,
+    /// Slots held by connections (the anonymous one excluded).
+    held: usize,
+    sets: RuleSets,
 }
 
 impl PermTable {
     /// A table whose anonymous entry allows `anonymous_subscribe` (checked patterns).
     pub fn new(anonymous_subscribe: &[String]) -> PermTable {
-        let mut t = PermTable {
-            slots: Vec::new(),
+        let mut sets = RuleSets::default();
+        let anonymous = sets.acquire(anonymous_subscribe, &[] as &[&str]);
+        PermTable {
+            subjects: vec![CompactString::default()],
+            rules: vec![anonymous],
             free: Vec::new(),
-            index: HashMap::new(),
-            rules: HashSet::new(),
-        };
-        let entry = t.entry("", anonymous_subscribe, &[] as &[&str]);
-        t.slots.push(Slot {
-            entry: Some(entry),
-            refs: 0,
-        });
-        t
+            held: 0,
+            sets,
+        }
     }
 
     /// Replaces what anonymous connections may subscribe to (a reload of `[auth]`).
     pub fn set_anonymous(&mut self, anonymous_subscribe: &[String]) {
-        let entry = self.entry("", anonymous_subscribe, &[] as &[&str]);
-        if let Some(old) = self.slots[0].entry.replace(entry) {
-            self.drop_entry(old);
-        }
+        let new = self.sets.acquire(anonymous_subscribe, &[] as &[&str]);
+        let old = std::mem::replace(&mut self.rules[0], new);
+        self.sets.release(old);
     }
 
-    /// Takes a reference to the entry for `p`, creating it if no connection holds one yet.
+    /// A slot for one connection with permissions `p`: its subject, and a reference to the
+    /// interned rule set of its claims.
     pub fn acquire(&mut self, p: &Permissions) -> PermId {
-        let entry = self.entry(&p.sub, &p.subscribe, &p.publish);
-        if let Some(&i) = self.index.get(&entry) {
-            self.slots[i as usize].refs += 1;
-            self.drop_entry(entry);
-            return PermId(i);
-        }
-        let slot = Slot {
-            entry: Some(entry.clone()),
-            refs: 1,
-        };
+        let rules = self.sets.acquire(&p.subscribe, &p.publish);
+        let sub = CompactString::from(&*p.sub);
+        self.held += 1;
         let i = match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = slot;
+                self.subjects[i as usize] = sub;
+                self.rules[i as usize] = rules;
                 i
             }
             None => {
-                self.slots.push(slot);
-                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 entries")
+                self.subjects.push(sub);
+                self.rules.push(rules);
+                u32::try_from(self.rules.len() - 1).expect("fewer than 2^32 slots")
             }
         };
-        self.index.insert(entry, i);
         PermId(i)
     }
 
-    /// Gives back a reference taken with [`PermTable::acquire`] (the anonymous id is ignored).
+    /// Gives back a slot taken with [`PermTable::acquire`] (the anonymous id is ignored).
     pub fn release(&mut self, id: PermId) {
         if id == PermId::ANONYMOUS {
             return;
         }
-        let slot = &mut self.slots[id.0 as usize];
-        debug_assert!(slot.refs > 0, "release of a free permission entry");
-        slot.refs = slot.refs.saturating_sub(1);
-        if slot.refs > 0 {
+        let i = id.0 as usize;
+        let rules = std::mem::replace(&mut self.rules[i], FREE);
+        debug_assert!(rules != FREE, "release of a free permission slot");
+        if rules == FREE {
             return;
         }
-        if let Some(entry) = slot.entry.take() {
-            self.index.remove(&entry);
-            self.free.push(id.0);
-            self.drop_entry(entry);
-        }
+        self.sets.release(rules);
+        // Frees a subject that did not fit inline.
+        self.subjects[i] = CompactString::default();
+        self.free.push(id.0);
+        self.held -= 1;
     }
 
-    fn get(&self, id: PermId) -> Option<&Entry> {
-        self.slots.get(id.0 as usize)?.entry.as_deref()
+    /// The subject and rule set of a held slot (or the anonymous one).
+    fn get(&self, id: PermId) -> Option<(&str, &RuleSet)> {
+        let i = id.0 as usize;
+        match *self.rules.get(i)? {
+            FREE => None,
+            r => Some((&self.subjects[i], self.sets.get(r))),
+        }
     }
 
     /// The permissions behind `id` (`None` for the anonymous entry or a free one): what a
@@ -261,76 +348,42 @@ impl PermTable {
         if id == PermId::ANONYMOUS {
             return None;
         }
-        let e = self.get(id)?;
+        let (sub, rules) = self.get(id)?;
         Some(Permissions {
-            sub: e.sub.clone(),
-            subscribe: e.rules.subscribe.to_vec(),
-            publish: e.rules.publish.to_vec(),
+            sub: sub.into(),
+            subscribe: rules.subscribe.to_vec(),
+            publish: rules.publish.to_vec(),
         })
     }
 
     pub fn may_subscribe(&self, id: PermId, topic: &str) -> bool {
         self.get(id)
-            .is_some_and(|e| any_matches(&e.rules.subscribe, &e.sub, topic))
+            .is_some_and(|(sub, r)| any_matches(&r.subscribe, sub, topic))
     }
 
     pub fn may_publish(&self, id: PermId, topic: &str) -> bool {
         self.get(id)
-            .is_some_and(|e| any_matches(&e.rules.publish, &e.sub, topic))
+            .is_some_and(|(sub, r)| any_matches(&r.publish, sub, topic))
     }
 
     /// The subject (empty for anonymous connections): for debug logs and the refresh check.
     pub fn sub(&self, id: PermId) -> &str {
-        self.get(id).map_or("", |e| &e.sub)
+        self.get(id).map_or("", |(sub, _)| sub)
     }
 
-    /// Entries held by connections (the anonymous one excluded).
+    /// Slots held by connections (the anonymous one excluded).
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.held
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.held == 0
     }
 
-    /// Distinct pattern-list pairs interned (shared between entries).
+    /// Distinct pattern-list pairs interned (shared between slots, the anonymous one's
+    /// included).
     pub fn rule_sets(&self) -> usize {
-        self.rules.len()
-    }
-
-    fn entry<S: AsRef<str>, T: AsRef<str>>(
-        &mut self,
-        sub: &str,
-        subscribe: &[S],
-        publish: &[T],
-    ) -> Rc<Entry> {
-        let rules = Rules {
-            subscribe: subscribe.iter().map(|p| p.as_ref().into()).collect(),
-            publish: publish.iter().map(|p| p.as_ref().into()).collect(),
-        };
-        let rules = match self.rules.get(&rules) {
-            Some(r) => r.clone(),
-            None => {
-                let r = Rc::new(rules);
-                self.rules.insert(r.clone());
-                r
-            }
-        };
-        Rc::new(Entry {
-            sub: sub.into(),
-            rules,
-        })
-    }
-
-    /// Drops `entry`, and its rules from the interned set when nothing else uses them.
-    fn drop_entry(&mut self, entry: Rc<Entry>) {
-        let Ok(Entry { rules, .. }) = Rc::try_unwrap(entry) else {
-            return;
-        };
-        // The set's own reference plus this one: nothing else uses the rules.
-        if Rc::strong_count(&rules) == 2 {
-            self.rules.remove(&rules);
-        }
+        self.sets.len()
     }
 }
 
@@ -409,39 +462,50 @@ mod tests {
     }
 
     #[test]
-    fn the_table_shares_entries_and_lists_and_frees_them() {
+    fn the_table_shares_lists_and_frees_them() {
         let mut t = PermTable::new(&["public:*".to_string()]);
         assert!(t.may_subscribe(PermId::ANONYMOUS, "public:news"));
         assert!(!t.may_subscribe(PermId::ANONYMOUS, "chat:x"));
         assert!(!t.may_publish(PermId::ANONYMOUS, "public:news"));
+        assert_eq!(t.sub(PermId::ANONYMOUS), "");
         let alice = perms("alice", &["chat:*", "user:{sub}"], &[]);
         let bob = perms("bob", &["chat:*", "user:{sub}"], &[]);
         let a1 = t.acquire(&alice);
         let a2 = t.acquire(&alice);
         let b = t.acquire(&bob);
-        assert_eq!(a1, a2, "one entry per distinct subject and claims");
+        assert_ne!(a1, a2, "a slot per connection");
         assert_ne!(a1, b);
-        assert_eq!(t.len(), 2);
+        assert_ne!(a1, PermId::ANONYMOUS);
+        assert_eq!(t.len(), 3);
         // Alice's and Bob's rules are one; the anonymous entry has its own.
         assert_eq!(t.rule_sets(), 2);
         assert!(t.may_subscribe(a1, "user:alice") && !t.may_subscribe(a1, "user:bob"));
+        assert!(t.may_subscribe(a2, "user:alice") && !t.may_subscribe(a2, "user:bob"));
         assert!(t.may_subscribe(b, "user:bob") && t.may_subscribe(b, "chat:x"));
         assert!(!t.may_publish(a1, "chat:x"));
-        assert_eq!(t.sub(b), "bob");
+        assert_eq!((t.sub(a1), t.sub(b)), ("alice", "bob"));
         t.release(a1);
-        assert_eq!(t.len(), 2, "alice still has a connection");
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.rule_sets(),
+            2,
+            "alice's other connection and bob use them"
+        );
+        assert!(
+            t.may_subscribe(a2, "user:alice"),
+            "the other slot is untouched"
+        );
         t.release(a2);
-        assert_eq!(t.len(), 1);
         t.release(b);
         assert!(t.is_empty());
         assert_eq!(
             t.rule_sets(),
             1,
-            "the chat rules went with their last entry"
+            "the chat rules went with their last connection"
         );
         // A freed slot is reused.
         let c = t.acquire(&perms("carol", &[], &["chat:{sub}"]));
-        assert!(c == a1 || c == b);
+        assert!([a1, a2, b].contains(&c));
         assert!(t.may_publish(c, "chat:carol") && !t.may_publish(c, "chat:dave"));
         t.release(PermId::ANONYMOUS);
         assert!(t.may_subscribe(PermId::ANONYMOUS, "public:x"));
@@ -452,6 +516,106 @@ mod tests {
         assert_eq!(t.rule_sets(), 1);
         // A released id allows nothing (and names no one).
         assert!(!t.may_subscribe(d, "room:x") && t.sub(d).is_empty());
+        assert_eq!(t.permissions(d), None);
+    }
+
+    #[test]
+    fn slots_are_reused_and_the_vectors_stay_at_the_peak() {
+        let mut t = PermTable::new(&[]);
+        let p = |i: usize| perms(&format!("user-{i}"), &["chat:*"], &["chat:{sub}"]);
+        let ids: Vec<_> = (0..100).map(|i| t.acquire(&p(i))).collect();
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.rule_sets(), 2, "theirs and the anonymous one");
+        for id in &ids[..50] {
+            t.release(*id);
+        }
+        let again: Vec<_> = (100..150).map(|i| t.acquire(&p(i))).collect();
+        let mut reused = again.clone();
+        reused.sort_by_key(|id| id.0);
+        let mut freed = ids[..50].to_vec();
+        freed.sort_by_key(|id| id.0);
+        assert_eq!(reused, freed, "the freed slots, no new ones");
+        assert_eq!(t.subjects.len(), 101);
+        assert_eq!(t.rules.len(), 101);
+        for (k, id) in again.iter().enumerate() {
+            let sub = format!("user-{}", 100 + k);
+            assert_eq!(t.sub(*id), sub);
+            assert!(t.may_publish(*id, &format!("chat:{sub}")));
+            assert!(!t.may_publish(*id, "chat:user-0"));
+        }
+        for id in ids[50..].iter().chain(&again) {
+            t.release(*id);
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.rule_sets(), 1, "only the anonymous set");
+        // What a slot costs: the subject inline (up to 24 bytes) and its rule set's index.
+        assert_eq!(
+            std::mem::size_of::<CompactString>() + std::mem::size_of::<u32>(),
+            28
+        );
+        assert!(!CompactString::from("s".repeat(24)).is_heap_allocated());
+    }
+
+    #[test]
+    fn rule_sets_are_refcounted_and_freed_when_unused() {
+        let mut t = PermTable::new(&["news".to_string()]);
+        let lists: Vec<Vec<String>> = (0..20).map(|i| vec![format!("room:{i}:*")]).collect();
+        let of = |i: usize, sub: &str| {
+            let l: Vec<&str> = lists[i].iter().map(String::as_str).collect();
+            perms(sub, &l, &[])
+        };
+        let first: Vec<_> = (0..20).map(|i| t.acquire(&of(i, "a"))).collect();
+        let second: Vec<_> = (0..20).map(|i| t.acquire(&of(i, "b"))).collect();
+        assert_eq!(t.rule_sets(), 21);
+        for id in &first {
+            t.release(*id);
+        }
+        assert_eq!(t.rule_sets(), 21, "each set has a connection left");
+        for (i, id) in second.iter().enumerate() {
+            assert!(t.may_subscribe(*id, &format!("room:{i}:x")));
+            assert!(!t.may_subscribe(*id, &format!("room:{}:x", i + 1)));
+            t.release(*id);
+            assert_eq!(t.rule_sets(), 20 - i);
+        }
+        // Freed sets are reused, and what they now hold is the new lists.
+        let e = t.acquire(&perms("e", &["other:*"], &["other:*"]));
+        assert_eq!(t.rule_sets(), 2);
+        assert_eq!(t.sets.sets.len(), 21, "a freed set reused");
+        assert!(t.may_publish(e, "other:x") && !t.may_subscribe(e, "room:0:x"));
+        // Other lists are another set.
+        let f = t.acquire(&perms("f", &["other:*"], &[]));
+        assert_eq!(t.rule_sets(), 3);
+        assert!(!t.may_publish(f, "other:x"));
+        t.release(e);
+        t.release(f);
+        assert_eq!(t.rule_sets(), 1);
+        assert!(t.may_subscribe(PermId::ANONYMOUS, "news"));
+    }
+
+    #[test]
+    fn long_subjects_are_kept_whole() {
+        let mut t = PermTable::new(&[]);
+        // A UUID (36 bytes) and longer: past what a slot holds inline.
+        let uuid = "6f1d2c3e-0000-4000-8000-000000000001";
+        let long = "x".repeat(300);
+        let short = "s".repeat(24);
+        let mut ids = Vec::new();
+        for sub in [uuid, long.as_str(), short.as_str(), ""] {
+            let p = perms(sub, &["user:{sub}:*"], &["dm:{sub}"]);
+            let id = t.acquire(&p);
+            assert_eq!(t.sub(id), sub);
+            assert_eq!(t.permissions(id), Some(p));
+            assert!(t.may_subscribe(id, &format!("user:{sub}:inbox")));
+            assert!(t.may_publish(id, &format!("dm:{sub}")));
+            assert!(!t.may_publish(id, &format!("dm:{sub}x")));
+            ids.push(id);
+        }
+        t.release(ids[0]);
+        let again = t.acquire(&perms("bob", &["user:{sub}:*"], &[]));
+        assert_eq!(again, ids[0]);
+        assert_eq!(t.sub(again), "bob");
+        assert!(t.may_subscribe(again, "user:bob:x") && !t.may_subscribe(again, "user:6f1d:x"));
+        assert_eq!(t.sub(ids[1]), long, "the neighbours are untouched");
     }
 
     #[test]
@@ -463,12 +627,25 @@ mod tests {
         t.set_anonymous(&[]);
         assert!(!t.may_subscribe(PermId::ANONYMOUS, "public:x"));
         assert_eq!(t.rule_sets(), 1, "the replaced rules are not kept");
+        // Connections with the same lists as the anonymous ones share their set, and keep it
+        // when the anonymous patterns change.
+        t.set_anonymous(&["public:*".to_string()]);
+        let c = t.acquire(&perms("carol", &["public:*"], &[]));
+        assert_eq!(t.rule_sets(), 1);
+        t.set_anonymous(&["news".to_string()]);
+        assert_eq!(t.rule_sets(), 2);
+        assert!(t.may_subscribe(c, "public:x") && !t.may_subscribe(c, "news"));
+        assert!(t.may_subscribe(PermId::ANONYMOUS, "news"));
+        assert!(!t.may_subscribe(PermId::ANONYMOUS, "public:x"));
+        assert_eq!(t.permissions(PermId::ANONYMOUS), None);
+        t.release(c);
+        assert_eq!(t.rule_sets(), 1);
     }
 
     #[test]
     fn a_grant_is_8_bytes() {
-        // What a connection pays for its permissions, whatever its token held: the rest is
-        // shared in the shard's table.
+        // What a connection keeps in its own state for its permissions, whatever its token
+        // held: the rest is its 28-byte slot in the shard's table and the shared rule set.
         assert_eq!(std::mem::size_of::<Grant>(), 8);
         assert_eq!(Grant::expiry(1_700_000_000), 1_700_000_000);
         assert_eq!(Grant::expiry(u64::MAX), Grant::NEVER - 1);
