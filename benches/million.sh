@@ -9,8 +9,11 @@
 #   broadcast  CONNECTIONS WebSocket subscribers of one topic; PUBLISHES publishes, each posted to
 #              every server process (they share no pub/sub state) and reaching every subscriber:
 #              delivery latency p50/p99/max over the subscribers, and none lost.
+#   takeover   CONNECTIONS idle TCP connections held while every server process, one after
+#              another, hands its listeners and connections over to a new process (issue 16,
+#              `bench --takeover-all`); every connection is then checked still open.
 #
-# Usage: benches/million.sh [all|idle|busy|broadcast]...      (default: all)
+# Usage: benches/million.sh [all|idle|busy|broadcast|takeover]...      (default: all)
 #
 # Environment (defaults in brackets):
 #   CONNECTIONS [1000000]  connections per scenario; 20000 is a rehearsal of a minute or two
@@ -19,6 +22,8 @@
 #   BUSY_SECONDS [30s]     the busy scenario's measured window (after a 5 s warm-up)
 #   BASELINE [1000]        the busy scenario's comparison connection count
 #   PUBLISHES [10]         the broadcast scenario's publishes, at PUBLISH_RATE [0.25] per second
+#   TAKEOVER_HOLD [120s]   how long the takeover scenario holds them (the hand-overs start
+#                          half-way)
 #   SHARDS [1]             shards per server process
 #   SERVER_CORES [0] CLIENT_CORES [1]   taskset cores of the server and client processes (the
 #                          server processes take theirs in turn)
@@ -44,6 +49,7 @@ BUSY_SECONDS=${BUSY_SECONDS:-30s}
 BASELINE=${BASELINE:-1000}
 PUBLISHES=${PUBLISHES:-10}
 PUBLISH_RATE=${PUBLISH_RATE:-0.25}
+TAKEOVER_HOLD=${TAKEOVER_HOLD:-120s}
 SHARDS=${SHARDS:-1}
 SERVER_CORES=${SERVER_CORES:-0}
 CLIENT_CORES=${CLIENT_CORES:-1}
@@ -92,6 +98,9 @@ stop_running() {
     done
     for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
     RUNNING=""
+    # Processes that took over (takeover scenario) are no one's descendants here: the bench
+    # stops them by pid, and these are what an interrupted run leaves.
+    pkill -KILL -f -- "--takeover ${TMPDIR:-/tmp}/shardnet-bench-" 2>/dev/null || true
 }
 
 restore_sysctls() {
@@ -204,6 +213,12 @@ broadcast() {
         --mode fanout -c "$CONNECTIONS" --rate "$PUBLISH_RATE" --publishes "$PUBLISHES" --warmup 0s
 }
 
+takeover() {
+    local hold_s=${TAKEOVER_HOLD%s}
+    run takeover $(($(connect_budget) + hold_s + 300)) "${common[@]}" \
+        --mode idle -c "$CONNECTIONS" --warmup 1s --duration "$TAKEOVER_HOLD" --takeover-all
+}
+
 summary() {
     python3 - "$OUT" "$@" <<'EOF'
 import json, os, sys
@@ -229,6 +244,10 @@ for n in names:
     if r.get("idle"):
         print(f"    {r['idle']['verified']} of {r['connections']} answered the final probe "
               f"after {r['idle']['held_seconds']:.0f} s")
+    txt = os.path.join(out, n + ".txt")
+    for line in open(txt) if os.path.exists(txt) else []:
+        if "takeover-all:" in line:
+            print("    " + line.strip())
     if r["mode"] != "idle":
         print(f"    {r['requests_per_second']:.0f}/s, latency p50 {l['p50']} us, p99 {l['p99']} us, "
               f"p99.9 {l['p999']} us, max {l['max']} us")
@@ -255,7 +274,8 @@ for s in "${scenarios[@]}"; do
     idle) idle; ran+=(idle) ;;
     busy) busy; ran+=(busy busy-baseline) ;;
     broadcast) broadcast; ran+=(broadcast) ;;
-    *) log "unknown scenario '$s' (all, idle, busy, broadcast)"; exit 2 ;;
+    takeover) takeover; ran+=(takeover) ;;
+    *) log "unknown scenario '$s' (all, idle, busy, broadcast, takeover)"; exit 2 ;;
     esac
 done
 summary "${ran[@]}"

@@ -515,14 +515,18 @@ fn corrupted_echo_fails_loudly() {
 }
 
 /// Runs the bench through `sh -c` (for a `ulimit` prefix); returns its exit code, output and pid.
+/// The duration is 500 ms unless `args` give one.
 fn bench_sh(prefix: &str, args: &[&str]) -> (i32, String, u32) {
+    let duration = match args.contains(&"--duration") {
+        true => &[][..],
+        false => &["--duration", "500ms"][..],
+    };
     let child = Command::new("sh")
         .arg("-c")
         .arg(format!("{prefix} exec \"$0\" bench \"$@\""))
         .arg(bin())
+        .args(duration)
         .args([
-            "--duration",
-            "500ms",
             "--warmup",
             "200ms",
             "--server-cores",
@@ -597,6 +601,41 @@ fn server_and_client_processes_at_small_scale() {
         processes_with(&format!("shardnet-bench-{pid}-")),
         Vec::<u32>::new(),
         "{text}"
+    );
+
+    // Every server process handed over to a new one while the connections are held (issue
+    // 16's takeover of the million's processes, small): none lost, none left running.
+    let (code, text, pid) = bench_sh(
+        "",
+        &[
+            "--spawn",
+            "--server-processes",
+            "3",
+            "--processes",
+            "2",
+            "--mode",
+            "idle",
+            "-c",
+            "600",
+            "--takeover-all",
+            "--duration",
+            "3s",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("takeover-all: 3 of 3 server processes handed over")
+            && text.contains("(600 connections moved, 0 kept"),
+        "{text}"
+    );
+    assert!(
+        text.contains("600 of them answered a final probe"),
+        "{text}"
+    );
+    assert_eq!(
+        processes_with(&format!("shardnet-bench-{pid}-")),
+        Vec::<u32>::new(),
+        "the processes that took over are stopped\n{text}"
     );
 
     // Given explicitly, with source addresses: an open loop over random connections.

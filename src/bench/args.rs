@@ -172,6 +172,12 @@ pub struct BenchArgs {
     /// Shards of the process that takes over (default: --shards).
     #[arg(long)]
     pub takeover_shards: Option<usize>,
+    /// Idle mode with --spawn and --processes: once the connections are held, every server
+    /// process is handed over to a new one (the request `shardnet upgrade` makes, over a
+    /// control socket each process gets), one after another; the final probe then checks that
+    /// every connection is still open. The new processes are stopped by pid at the end.
+    #[arg(long, requires = "spawn", conflicts_with = "takeover")]
+    pub takeover_all: bool,
     /// Busy connections measuring echo round trips throughout a --takeover run.
     #[arg(long, default_value_t = 4)]
     pub probes: usize,

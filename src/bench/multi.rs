@@ -267,6 +267,8 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
     }
     let memory_held;
     let mut published = None;
+    // --takeover-all: the processes that took over, stopped by pid once the children are done.
+    let mut adopted = None;
     let cpu;
     if args.mode == Mode::Fanout {
         // Every subscriber is in: what they cost is read before the publishes.
@@ -310,11 +312,24 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
         let meter = CpuMeter::start(pids);
         std::thread::sleep(args.duration / 2);
         memory_held = Snapshot::take(pids);
-        std::thread::sleep(
-            args.duration
-                .saturating_sub(args.duration / 2 + Duration::from_millis(100)),
-        );
-        cpu = meter.stop();
+        let left = args
+            .duration
+            .saturating_sub(args.duration / 2 + Duration::from_millis(100));
+        if args.takeover_all {
+            // The processes measured are about to be replaced: their CPU is read now.
+            cpu = meter.stop();
+            let t = Instant::now();
+            adopted = Some(super::takeover::hand_over_all(servers.processes(), label)?);
+            if t.elapsed() > left {
+                eprintln!(
+                    "{label}: the hand-overs took longer than the rest of --duration: the \
+                     final probe may have started before they ended (give a longer --duration)"
+                );
+            }
+        } else {
+            std::thread::sleep(left);
+            cpu = meter.stop();
+        }
     }
 
     let mut hist = histogram();
@@ -346,6 +361,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
             tally.fail(1, || format!("client process {} failed", i + 1));
         }
     }
+    drop(adopted);
     let fanout = published.map(|(errors, window, done)| {
         seconds = window;
         let mut f = FanoutReport::merge(&fanouts, errors);

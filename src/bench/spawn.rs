@@ -301,6 +301,27 @@ fn config_with_broker(args: &BenchArgs, shards: usize, broker_url: Option<&str>)
     }
 }
 
+/// The control socket of spawned process `index` under --takeover-all.
+pub fn control_path(index: usize) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "shardnet-bench-{}-{index}.sock",
+        std::process::id()
+    ))
+}
+
+/// `text` with process `index`'s control socket in its `[server]` section, under
+/// --takeover-all (unchanged otherwise).
+fn with_control(args: &BenchArgs, text: &str, index: usize) -> String {
+    if !args.takeover_all {
+        return text.to_string();
+    }
+    let line = format!(
+        "[server]\ncontrol_socket = \"{}\"\n",
+        control_path(index).display()
+    );
+    text.replacen("[server]\n", &line, 1)
+}
+
 /// The configuration of each process of a [`ServerGroup`]: the echo and http listeners on the
 /// given ports (0 for the first process, which picks them) with `reuse_port`, and an `admin`
 /// HTTP listener of the process's own on a free port.
@@ -443,14 +464,30 @@ pub fn shardnet_group(
         "shardnet-bench-{}-{shards}-group.toml",
         std::process::id()
     ));
-    std::fs::write(&path, group_config(args, shards, echo, http, broker_url))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let text = group_config(args, shards, echo, http, broker_url);
+    std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     let mut group = ServerGroup {
         procs: vec![first],
         _config: Some(TempPath(path.clone())),
     };
     for i in 1..k {
-        let p = start(args, shards, false, &path, None, Some(i))
+        // With --takeover-all each process has a control socket, so a configuration of its own.
+        let own = args.takeover_all.then(|| {
+            let p = std::env::temp_dir().join(format!(
+                "shardnet-bench-{}-{shards}-group-{i}.toml",
+                std::process::id()
+            ));
+            (p.clone(), TempPath(p))
+        });
+        if let Some((p, _)) = &own {
+            std::fs::write(p, with_control(args, &text, i))
+                .with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        let (config, temp) = match own {
+            Some((p, t)) => (p, Some(t)),
+            None => (path.clone(), None),
+        };
+        let p = start(args, shards, false, &config, temp, Some(i))
             .with_context(|| format!("server process {} of {k}", i + 1))?;
         group.procs.push(p);
     }
@@ -483,7 +520,8 @@ fn shardnet_at(
                 std::process::id(),
                 index.unwrap_or(0)
             ));
-            std::fs::write(&p, config_with_broker(args, shards, broker_url))
+            let text = config_with_broker(args, shards, broker_url);
+            std::fs::write(&p, with_control(args, &text, index.unwrap_or(0)))
                 .with_context(|| format!("cannot write {}", p.display()))?;
             (p.clone(), Some(TempPath(p)))
         }

@@ -287,3 +287,85 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
     }
     Ok(if lost == 0 && probe_errors == 0 { 0 } else { 1 })
 }
+
+/// Processes that took over in a --takeover-all run: not this bench's children (their parents,
+/// the old processes, have exited), so they are stopped by pid on drop, and their control
+/// sockets removed.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pids: Vec<u32>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            let _ = crate::sys::process::signal(pid, libc::SIGKILL);
+        }
+        for p in &self.sockets {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `--takeover-all`: hands each of the `k` spawned server processes over to a new process, one
+/// after another (over the control socket each was given, as `shardnet upgrade` does), and says
+/// how long each took. A hand-over that fails ends the run.
+pub fn hand_over_all(k: usize, label: &str) -> anyhow::Result<Adopted> {
+    let mut adopted = Adopted::default();
+    let mut took = Vec::with_capacity(k);
+    let (mut moved, mut kept) = (0u64, 0u64);
+    let started = Instant::now();
+    for i in 0..k {
+        let t = Instant::now();
+        let socket = spawn::control_path(i);
+        adopted.sockets.push(socket.clone());
+        let message = handover::control_request(&socket, None, Duration::from_secs(120))
+            .with_context(|| {
+                format!("{label}: the hand-over of server process {} of {k}", i + 1)
+            })?;
+        took.push(t.elapsed());
+        let (pid, m, kp) = parse_handed_over(&message)
+            .with_context(|| format!("{label}: unexpected hand-over answer: {message}"))?;
+        adopted.pids.push(pid);
+        moved += m;
+        kept += kp;
+    }
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    eprintln!(
+        "{label}: takeover-all: {k} of {k} server processes handed over one after another in \
+         {:.0} ms ({moved} connections moved, {kept} kept; each from the request to its answer: \
+         median {:.0} ms, max {:.0} ms)",
+        ms(started.elapsed()),
+        ms(took[took.len() / 2]),
+        ms(took[took.len() - 1]),
+    );
+    Ok(adopted)
+}
+
+/// `handed over to pid P: N connections moved, K kept ...` → (P, N, K).
+fn parse_handed_over(message: &str) -> Option<(u32, u64, u64)> {
+    let rest = message.strip_prefix("handed over to pid ")?;
+    let (pid, rest) = rest.split_once(':')?;
+    let mut words = rest.split_whitespace();
+    let moved = words.next()?.parse().ok()?;
+    let kept = words
+        .skip_while(|w| !w.starts_with("moved"))
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((pid.trim().parse().ok()?, moved, kept))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handed_over_answers_parse() {
+        assert_eq!(
+            super::parse_handed_over("handed over to pid 42: 1500 connections moved, 3 kept (x)"),
+            Some((42, 1500, 3))
+        );
+        assert_eq!(super::parse_handed_over("refused"), None);
+    }
+}
