@@ -141,6 +141,18 @@ impl<C> QueueTx<C> {
         self.cap
     }
 
+    /// Queues `msg` even past the bound (its place still counts, so the bound's other users
+    /// see a full channel); `Err` only if the shard is gone. For a sender whose messages the
+    /// shard must take however many there are (a hand-over's connections, bounded by what the
+    /// old process sends), where waiting for places would only add sleeps.
+    pub fn send_over(&self, msg: C) -> Result<(), C> {
+        self.len.fetch_add(1, Relaxed);
+        self.tx.send(msg).map_err(|e| {
+            self.len.fetch_sub(1, Relaxed);
+            e.into_inner()
+        })
+    }
+
     /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
     pub fn try_send(&self, msg: C) -> Result<(), C> {
         // Reserve a place first: the bound holds however many threads send at once.
