@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 
-use super::args::{parse_cores, BenchArgs};
+use super::args::BenchArgs;
 use super::spawn;
 use crate::server::handover;
 
@@ -186,20 +186,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         idle.push(s);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    // On the client cores, like any load generator: a probe that shared the server's core would
-    // time its own wait for that core too.
-    let client_cores = parse_cores(&args.client_cores)?;
     let probes: Vec<_> = (0..args.probes)
-        .map(|i| {
+        .map(|_| {
             let stop = stop.clone();
             let size = args.size;
-            let core = (!client_cores.is_empty()).then(|| client_cores[i % client_cores.len()]);
-            std::thread::spawn(move || {
-                if let Some(c) = core {
-                    crate::sys::affinity::pin_current(c);
-                }
-                probe(echo, size, &stop)
-            })
+            std::thread::spawn(move || probe(echo, size, &stop))
         })
         .collect();
     std::thread::sleep(args.warmup);
