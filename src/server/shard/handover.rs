@@ -3,11 +3,15 @@
 //! Owned by the shard thread; each step arrives as a control message and is acknowledged once
 //! done. In the old process: pause and resume its own listeners (reuseport), export (every open
 //! connection the service can describe goes out in batches of up to `MAX_FDS` descriptors and
-//! becomes `Lent`: out of epoll and the wheel, untouched), then either restore (the hand-over
-//! failed: back to `Open`, registered again) or release (it committed: forgotten without being
-//! closed). In the new process: receive (each connection arrives `UNCOMMITTED`: in the slab with its
-//! buffers, deadlines and service state, but not in epoll or the wheel, its output queued),
-//! prepare (take what is still in the channel), then activate (register and serve) or abandon.
+//! becomes `Lent`: out of the wheel, untouched; edge-triggered it stays registered in epoll and
+//! its events are ignored, level-triggered it leaves epoll), then either restore (the hand-over
+//! failed: back to `Open`, its registration rearmed or made again) or release (it committed:
+//! forgotten without being closed; a nice-19 thread removes the registrations and closes this
+//! process's descriptors, and the shard joins it before it ends). In the new process: receive
+//! (each connection arrives `UNCOMMITTED`: in the slab with its buffers, deadlines and service
+//! state, but not in epoll or the wheel, its output queued), prepare (take what is still in the
+//! channel), then activate (register and serve, the most recently active first, `ACTIVATE_BATCH`
+//! per loop turn; acknowledged after the last) or abandon.
 //!
 //! A connection is never served by both processes: the old one stops at export and starts again
 //! only on restore; the new one starts only on activate, which its taking thread sends after the
