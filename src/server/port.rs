@@ -264,4 +264,21 @@ mod tests {
         assert_eq!(tx.try_send(7), Err(7), "a gone shard refuses");
         assert_eq!(tx.len.load(Relaxed), 0);
     }
+
+    #[test]
+    fn send_over_passes_the_bound_and_its_places_count() {
+        let (tx, rx) = queue::<u32>(2);
+        for i in 0..5 {
+            assert!(tx.send_over(i).is_ok());
+        }
+        assert_eq!(tx.try_send(9), Err(9), "the others see a full channel");
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        rx.release(5);
+        assert!(tx.try_send(9).is_ok());
+        rx.release(1);
+        drop(rx);
+        assert_eq!(tx.send_over(7), Err(7), "a gone shard refuses");
+        assert_eq!(tx.len.load(Relaxed), 0);
+    }
 }
