@@ -141,6 +141,18 @@ impl<C> QueueTx<C> {
         self.cap
     }
 
+    /// Queues `msg` even past the bound (its place still counts, so the bound's other users
+    /// see a full channel); `Err` only if the shard is gone. For a sender whose messages the
+    /// shard must take however many there are (a hand-over's connections, bounded by what the
+    /// old process sends), where waiting for places would only add sleeps.
+    pub fn send_over(&self, msg: C) -> Result<(), C> {
+        self.len.fetch_add(1, Relaxed);
+        self.tx.send(msg).map_err(|e| {
+            self.len.fetch_sub(1, Relaxed);
+            e.into_inner()
+        })
+    }
+
     /// Queues `msg` unless the channel holds `cap` messages already or the shard is gone.
     pub fn try_send(&self, msg: C) -> Result<(), C> {
         // Reserve a place first: the bound holds however many threads send at once.
@@ -250,6 +262,23 @@ mod tests {
         rx.release(3);
         drop(rx);
         assert_eq!(tx.try_send(7), Err(7), "a gone shard refuses");
+        assert_eq!(tx.len.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn send_over_passes_the_bound_and_its_places_count() {
+        let (tx, rx) = queue::<u32>(2);
+        for i in 0..5 {
+            assert!(tx.send_over(i).is_ok());
+        }
+        assert_eq!(tx.try_send(9), Err(9), "the others see a full channel");
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        rx.release(5);
+        assert!(tx.try_send(9).is_ok());
+        rx.release(1);
+        drop(rx);
+        assert_eq!(tx.send_over(7), Err(7), "a gone shard refuses");
         assert_eq!(tx.len.load(Relaxed), 0);
     }
 }

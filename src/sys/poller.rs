@@ -97,6 +97,20 @@ pub struct Poller {
     epoll: Epoll,
 }
 
+/// A second handle on a [`Poller`]'s epoll instance, for another thread to remove
+/// registrations with (a hand-over's clean-up, after the commit). The instance lives until both
+/// are dropped.
+pub struct Detacher {
+    epoll: Epoll,
+}
+
+impl Detacher {
+    /// Removes a registration (see [`Poller::delete`]).
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.epoll.delete(fd).map_err(io_err)
+    }
+}
+
 impl Poller {
     pub fn new() -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err)?;
@@ -112,6 +126,13 @@ impl Poller {
     pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
         let mut ev = EpollEvent::new(interest.flags(), token);
         self.epoll.modify(fd, &mut ev).map_err(io_err)
+    }
+
+    /// A second handle on this instance, for another thread.
+    pub fn detacher(&self) -> io::Result<Detacher> {
+        Ok(Detacher {
+            epoll: Epoll(self.epoll.0.try_clone()?),
+        })
     }
 
     /// Removes a registration. Needed before closing a descriptor whose file another process

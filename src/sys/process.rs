@@ -109,6 +109,15 @@ pub fn monotonic_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// Gives the calling thread the lowest scheduling priority (nice 19), for work that should run
+/// only when nothing else on its cores wants to: the old process's clean-up after a hand-over.
+/// Raising a thread's nice value needs no privilege; the thread cannot lower it again.
+pub fn lowest_priority_for_this_thread() {
+    // SAFETY: setpriority reads only its arguments; on Linux, PRIO_PROCESS with 0 means the
+    // calling thread.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@
 //!  starts its shards, accepts at once
 //!  Accepting ──────────────────────────────────►  stops accepting (sockets kept open)
 //!                          ◄───────────────────  Batch + descriptors, from every shard
-//!  holds each connection                          (each connection lent: out of epoll)
+//!  holds each connection                          (each connection lent: not served)
 //!                          ◄───────────────────  End {sent, kept}
 //!  every shard has its share
 //!  Commit ─────────────────────────────────────►  releases the lent connections,
@@ -35,8 +35,13 @@
 //! The commit is one for the whole hand-over, not one per batch, so that the new process dying
 //! at any point before it (after the listeners, midway through the connections, before
 //! acknowledging the end) loses no connection. The price is the pause: a moved connection waits
-//! from its export to the commit. Each shard exports the connections idle longest first, so the
-//! active ones wait the shortest. The new process accepts from the moment it has the sockets;
+//! from its export to the commit and its activation. Each shard exports the connections idle
+//! longest first, and the new process activates the most recently exported first, a few hundred
+//! per loop turn, so the active ones wait the shortest: from the last batch to the commit, not
+//! for the whole hand-over. Lending costs the old process no system call (edge-triggered, a lent
+//! connection stays registered and its events are ignored); after the commit a thread of the
+//! lowest priority removes those registrations, so that on a shared core the new process's
+//! activation goes first. The new process accepts from the moment it has the sockets;
 //! what it accepted is its own from the start (it dies with it, like any connection of a
 //! process that crashes).
 //!

@@ -3,20 +3,26 @@
 //! Owned by the shard thread; each step arrives as a control message and is acknowledged once
 //! done. In the old process: pause and resume its own listeners (reuseport), export (every open
 //! connection the service can describe goes out in batches of up to `MAX_FDS` descriptors and
-//! becomes `Lent`: out of epoll and the wheel, untouched), then either restore (the hand-over
-//! failed: back to `Open`, registered again) or release (it committed: forgotten without being
-//! closed). In the new process: receive (each connection arrives `UNCOMMITTED`: in the slab with its
-//! buffers, deadlines and service state, but not in epoll or the wheel, its output queued),
-//! prepare (take what is still in the channel), then activate (register and serve) or abandon.
+//! becomes `Lent`: out of the wheel, untouched; edge-triggered it stays registered in epoll and
+//! its events are ignored, level-triggered it leaves epoll), then either restore (the hand-over
+//! failed: back to `Open`, its registration rearmed or made again) or release (it committed:
+//! forgotten without being closed; a nice-19 thread removes the registrations and closes this
+//! process's descriptors, and the shard joins it before it ends). In the new process: receive
+//! (each connection arrives `UNCOMMITTED`: in the slab with its buffers, deadlines and service
+//! state, but not in epoll or the wheel, its output queued), prepare (take what is still in the
+//! channel), then activate (register and serve, the most recently active first, `ACTIVATE_BATCH`
+//! per loop turn; acknowledged after the last) or abandon.
 //!
 //! A connection is never served by both processes: the old one stops at export and starts again
 //! only on restore; the new one starts only on activate, which its taking thread sends after the
 //! commit reached the old process (see the ownership rule in `handover/mod.rs`).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
+
+use crossbeam_channel::Sender;
 
 use super::state::{Ctl, Flags, Phase};
 use super::{lifecycle, Entry, Shard};
@@ -32,11 +38,16 @@ use crate::sys::poller::Interest;
 
 /// A batch is sent once its frame reaches this size, even below `MAX_FDS` connections.
 const BATCH_BYTES: usize = 4 << 20;
+/// Committed connections registered per loop turn (about half a millisecond of `epoll_ctl`).
+const ACTIVATE_BATCH: usize = 256;
 
 /// What a shard keeps during a hand-over.
 pub(crate) struct HandoverState<C> {
     /// Old process: connections sent and not yet released or restored.
     pub(super) lent: Vec<Token>,
+    /// Old process, committed: the thread that removes the released connections'
+    /// registrations.
+    pub(super) cleanup: Option<std::thread::JoinHandle<()>>,
     /// Old process: results of offloaded jobs that came back for lent connections, delivered
     /// if they are restored, dropped and counted if they are released.
     pub(super) results: Vec<Done<C>>,
@@ -46,16 +57,27 @@ pub(crate) struct HandoverState<C> {
     pub(super) job: Option<Arc<ImportJob>>,
     /// Old process: this shard's own listeners while accepting is paused (reuseport).
     pub(super) paused: Vec<Listener>,
+    /// New process, committed: connections still to register, the most recently active last
+    /// (activated first), a few per loop turn.
+    pub(super) activating: Vec<Token>,
+    /// New process: where to acknowledge `Activate` once every connection is served.
+    pub(super) activate_ack: Option<Sender<usize>>,
+    /// New process: connections activated so far in this hand-over.
+    activated: u64,
 }
 
 impl<C> Default for HandoverState<C> {
     fn default() -> Self {
         HandoverState {
             lent: Vec::new(),
+            cleanup: None,
             results: Vec::new(),
             held: Vec::new(),
             job: None,
             paused: Vec::new(),
+            activating: Vec::new(),
+            activate_ack: None,
+            activated: 0,
         }
     }
 }
@@ -65,8 +87,13 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl<S: Service> Shard<S> {
-    /// One hand-over step (a control message).
-    pub(crate) fn on_handover(&mut self, step: Handover) {
+    /// One hand-over step (a control message); returns `ack` if the step is done now, or keeps
+    /// it to acknowledge later (`Activate`, which takes several loop turns).
+    pub(crate) fn on_handover(
+        &mut self,
+        step: Handover,
+        ack: Sender<usize>,
+    ) -> Option<Sender<usize>> {
         match step {
             Handover::PauseAccept => self.pause_accept(),
             Handover::ResumeAccept => self.resume_accept(),
@@ -75,9 +102,13 @@ impl<S: Service> Shard<S> {
             Handover::Release => self.release(),
             Handover::Receive(job) => self.handover.job = Some(job),
             Handover::Prepare => self.take_queued(),
-            Handover::Activate => self.activate(),
+            Handover::Activate => {
+                self.activate(ack);
+                return None;
+            }
             Handover::Abandon => self.abandon(),
         }
+        Some(ack)
     }
 
     fn pause_accept(&mut self) {
@@ -262,12 +293,18 @@ impl<S: Service> Shard<S> {
             core.scratch.clear();
         }
         let c = &mut e.ctl;
-        if core.poller.delete(c.fd.as_fd()).is_err() {
-            // Still registered: it cannot be lent safely; serve it here.
-            core.after_callback(token);
-            return false;
+        // Edge-triggered, a lent connection stays registered: its events are ignored (a `Lent`
+        // connection neither reads nor writes), so lending costs no system call, and epoll is
+        // rearmed on restore or the registration removed on release, after the commit.
+        // Level-triggered, it would report the same readiness on every wait: out of epoll.
+        if !core.tuning.edge {
+            if core.poller.delete(c.fd.as_fd()).is_err() {
+                // Still registered: it cannot be lent safely; serve it here.
+                core.after_callback(token);
+                return false;
+            }
+            c.flags.clear(Flags::REG_READ.union(Flags::REG_WRITE));
         }
-        c.flags.clear(Flags::REG_READ.union(Flags::REG_WRITE));
         let mut flags = 0;
         if c.flags.has(Flags::SPOKE) {
             flags |= wire::FLAG_SPOKE;
@@ -338,7 +375,10 @@ impl<S: Service> Shard<S> {
                 continue;
             }
             e.ctl.phase = Phase::Open;
-            if self.register(token) {
+            // Still registered if edge-triggered (see `export_one`): rearmed, so readiness that
+            // came while it was lent is reported again.
+            let still = self.core.tuning.edge;
+            if self.register(token, still) {
                 self.core.rearm(token, false);
                 // Input that arrived meanwhile, or a resume the service asked for.
                 self.core.ready.push(token);
@@ -350,12 +390,26 @@ impl<S: Service> Shard<S> {
         self.reap();
     }
 
-    /// The new process committed: forget the lent connections without closing them.
+    /// The new process committed: forget the lent connections without closing them. Edge-
+    /// triggered, they are still registered here (see `export_one`), and the registrations must
+    /// be removed before this process's descriptors close (the new process holds the files, so
+    /// closing would not end them): that work, two system calls per connection, goes to a
+    /// clean-up thread at the lowest priority, so that on a core shared with the new process it
+    /// does not slow that one's activation of the same connections. Until it is done their
+    /// events come here with tokens of freed slots, which the loop ignores (stale).
     fn release(&mut self) {
         let lent = std::mem::take(&mut self.handover.lent);
         let n = lent.len() as u64;
+        let mut fds = Vec::with_capacity(if self.core.tuning.edge { lent.len() } else { 0 });
         for token in lent {
-            self.forget(token);
+            if let Some(fd) = self.forget(token) {
+                if self.core.tuning.edge {
+                    fds.push(fd);
+                }
+            }
+        }
+        if !fds.is_empty() {
+            self.detach_later(fds);
         }
         // Results that came back after their connection moved: nobody here to give them to.
         let offload = self.core.stats.offload();
@@ -366,6 +420,42 @@ impl<S: Service> Shard<S> {
             }
         }
         self.core.counters().handed_over.add(n);
+    }
+
+    /// Removes the registrations of `fds` and closes them on a thread of the lowest priority
+    /// (here, at once, if there is no such thread). The shard joins it before it ends.
+    fn detach_later(&mut self, fds: Vec<OwnedFd>) {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<OwnedFd>>(1);
+        let spawned = self.core.poller.detacher().and_then(|detacher| {
+            std::thread::Builder::new()
+                .name("release".into())
+                .spawn(move || {
+                    crate::sys::process::lowest_priority_for_this_thread();
+                    for fd in rx.recv().unwrap_or_default() {
+                        let _ = detacher.delete(fd.as_fd());
+                    }
+                })
+        });
+        match spawned {
+            Ok(handle) => {
+                let _ = tx.send(fds);
+                self.join_cleanup();
+                self.handover.cleanup = Some(handle);
+            }
+            Err(e) => {
+                log::warn!("{}: no clean-up thread ({e}): removing here", self.name);
+                for fd in fds {
+                    let _ = self.core.poller.delete(fd.as_fd());
+                }
+            }
+        }
+    }
+
+    /// Waits for the clean-up thread of a committed hand-over, if one runs.
+    pub(crate) fn join_cleanup(&mut self) {
+        if let Some(h) = self.handover.cleanup.take() {
+            let _ = h.join();
+        }
     }
 
     /// New process: takes a connection with its state and holds it.
@@ -443,37 +533,67 @@ impl<S: Service> Shard<S> {
         }
     }
 
-    /// The hand-over committed: serve every held connection.
-    fn activate(&mut self) {
+    /// The hand-over committed: serve every held connection. The most recently active go
+    /// first (they were exported last), [`ACTIVATE_BATCH`] per loop turn, so the ones a client
+    /// is waiting on are served while the idle rest are still being registered; `ack` goes once
+    /// the last one is ([`Shard::activate_some`], called every turn meanwhile).
+    fn activate(&mut self, ack: Sender<usize>) {
         self.take_queued();
         let held = std::mem::take(&mut self.handover.held);
-        let mut n = 0;
-        for token in held {
-            let Some(e) = self.core.conns.get_mut(token) else {
-                continue;
+        self.handover.activating.extend(held);
+        self.handover.activate_ack = Some(ack);
+        self.activate_some();
+    }
+
+    /// Whether committed connections are still waiting to be registered (the loop does not
+    /// sleep meanwhile).
+    pub(crate) fn activating(&self) -> bool {
+        self.handover.activate_ack.is_some()
+    }
+
+    /// Registers the next [`ACTIVATE_BATCH`] committed connections; acknowledges `Activate`
+    /// after the last.
+    pub(crate) fn activate_some(&mut self) {
+        for _ in 0..ACTIVATE_BATCH {
+            let Some(token) = self.handover.activating.pop() else {
+                break;
             };
-            if !e.ctl.flags.has(Flags::UNCOMMITTED) {
-                continue;
-            }
-            e.ctl.flags.clear(Flags::UNCOMMITTED);
-            n += 1;
-            if e.ctl.flags.has(Flags::CLOSE_REQ) {
-                // The service asked to close while importing.
-                e.ctl.flags.clear(Flags::CLOSE_REQ);
-                self.core.continue_close(token);
-                continue;
-            }
-            let resume = e.ctl.flags.has(Flags::RESUME);
-            if self.register(token) {
-                self.core.rearm(token, false);
-                if resume {
-                    self.core.ready.push(token);
-                }
+            self.activate_one(token);
+        }
+        self.reap();
+        if !self.handover.activating.is_empty() {
+            return;
+        }
+        if let Some(ack) = self.handover.activate_ack.take() {
+            self.handover.job = None;
+            let n = std::mem::take(&mut self.handover.activated);
+            self.core.counters().received.add(n);
+            let _ = ack.send(self.core.env.shard);
+        }
+    }
+
+    fn activate_one(&mut self, token: Token) {
+        let Some(e) = self.core.conns.get_mut(token) else {
+            return;
+        };
+        if !e.ctl.flags.has(Flags::UNCOMMITTED) {
+            return;
+        }
+        e.ctl.flags.clear(Flags::UNCOMMITTED);
+        self.handover.activated += 1;
+        if e.ctl.flags.has(Flags::CLOSE_REQ) {
+            // The service asked to close while importing.
+            e.ctl.flags.clear(Flags::CLOSE_REQ);
+            self.core.continue_close(token);
+            return;
+        }
+        let resume = e.ctl.flags.has(Flags::RESUME);
+        if self.register(token, false) {
+            self.core.rearm(token, false);
+            if resume {
+                self.core.ready.push(token);
             }
         }
-        self.handover.job = None;
-        self.core.counters().received.add(n);
-        self.reap();
     }
 
     /// The hand-over failed: the held connections are the old process's again.
@@ -485,9 +605,10 @@ impl<S: Service> Shard<S> {
         self.handover.job = None;
     }
 
-    /// Registers a connection in epoll as its state asks (a restored or activated one). False
-    /// if that failed: it is doomed.
-    fn register(&mut self, token: Token) -> bool {
+    /// Registers a connection in epoll as its state asks (a restored or activated one), or with
+    /// `modify` updates a registration that is there already (which reports its readiness
+    /// afresh). False if that failed: it is doomed.
+    fn register(&mut self, token: Token, modify: bool) -> bool {
         let edge = self.core.tuning.edge;
         let Some(e) = self.core.conns.get_mut(token) else {
             return false;
@@ -505,7 +626,12 @@ impl<S: Service> Shard<S> {
         if interest.write {
             c.flags.set(Flags::REG_WRITE);
         }
-        match self.core.poller.add(c.fd.as_fd(), token.0, interest) {
+        let done = if modify {
+            self.core.poller.modify(c.fd.as_fd(), token.0, interest)
+        } else {
+            self.core.poller.add(c.fd.as_fd(), token.0, interest)
+        };
+        match done {
             Ok(()) => true,
             Err(err) => {
                 log::warn!("{}: cannot register a connection again: {err}", self.name);
@@ -518,11 +644,10 @@ impl<S: Service> Shard<S> {
     /// Removes a connection that now belongs to the other process: the service hears
     /// [`CloseReason::HandedOver`], the gauges lose it, and dropping this process's descriptor
     /// leaves the connection open (the other process holds it; it was out of this epoll).
-    fn forget(&mut self, token: Token) {
+    /// Returns its descriptor (dropping it closes this process's).
+    fn forget(&mut self, token: Token) -> Option<OwnedFd> {
         let core = &mut self.core;
-        let Some(mut e) = core.conns.remove(token) else {
-            return;
-        };
+        let mut e = core.conns.remove(token)?;
         core.wheel.cancel(token.index());
         let service = &mut self.service;
         let state = &mut e.state;
@@ -546,12 +671,17 @@ impl<S: Service> Shard<S> {
             core.pool.release_output(b);
         }
         counters.open.sub(1);
+        Some(e.ctl.fd)
     }
 
     /// A drain began with a hand-over unfinished (the server ends a session before draining,
     /// so only a shard that missed it gets here): lent connections are served again, so they
     /// drain with the rest; held ones go back to the old process.
     pub(crate) fn settle_handover(&mut self) {
+        // Committed ones are this process's: served (and drained) like the rest.
+        while self.activating() {
+            self.activate_some();
+        }
         if !self.handover.lent.is_empty() {
             log::warn!(
                 "{}: draining with lent connections: taking them back",

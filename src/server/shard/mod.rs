@@ -263,6 +263,9 @@ impl<S: Service> Shard<S> {
             }
             self.accept_ready();
             self.on_inbox();
+            if self.activating() {
+                self.activate_some();
+            }
 
             if let Some(deadline) = self.drain_deadline {
                 if self.core.conns.is_empty() {
@@ -282,11 +285,17 @@ impl<S: Service> Shard<S> {
                 }
             }
         }
+        // A hand-over's clean-up finishes before the shard counts as ended, so the process does
+        // not exit with it half done (the rest would then be done at the exit's priority).
+        self.join_cleanup();
     }
 
     /// How long the next `epoll_wait` may sleep.
     fn timeout(&self) -> Option<Duration> {
-        if !self.core.ready.is_empty() || self.listeners.iter().any(Listener::is_ready) {
+        if !self.core.ready.is_empty()
+            || self.listeners.iter().any(Listener::is_ready)
+            || self.activating()
+        {
             return Some(Duration::ZERO);
         }
         let mut wake = self.core.wheel.next_wake();
@@ -368,7 +377,13 @@ impl<S: Service> Shard<S> {
                         spec.side = TlsSide::Server(acceptor);
                     }
                 }
-                Control::Handover(step) => self.on_handover(step),
+                Control::Handover(step) => {
+                    self.core.counters().controls.inc();
+                    if let Some(ack) = self.on_handover(step, msg.ack) {
+                        let _ = ack.send(self.core.env.shard);
+                    }
+                    continue;
+                }
             }
             self.core.counters().controls.inc();
             // The sender may have stopped waiting; it has counted that already.
