@@ -3,6 +3,8 @@
 #
 #   idle       CONNECTIONS TCP connections opened, held HOLD, every one checked still open at the
 #              end (each echoes a probe byte): connect rate, user and kernel bytes per connection.
+#   idle-ws    the same with WebSocket connections (upgraded on /ws, not subscribed): user bytes
+#              per idle WebSocket.
 #   busy       the same number held while an open loop of RATE requests/s goes to connections
 #              chosen at random; latency from each request's intended send time, compared with the
 #              same load on BASELINE connections over the same processes.
@@ -13,7 +15,7 @@
 #              another, hands its listeners and connections over to a new process (issue 16,
 #              `bench --takeover-all`); every connection is then checked still open.
 #
-# Usage: benches/million.sh [all|idle|busy|broadcast|takeover]...      (default: all)
+# Usage: benches/million.sh [all|idle|idle-ws|busy|broadcast|takeover]...      (default: all)
 #
 # Environment (defaults in brackets):
 #   CONNECTIONS [1000000]  connections per scenario; 20000 is a rehearsal of a minute or two
@@ -194,6 +196,12 @@ idle() {
         --mode idle -c "$CONNECTIONS" --warmup 1s --duration "$HOLD"
 }
 
+idle_ws() {
+    local hold_s=${HOLD%s}
+    run idle-ws $(($(connect_budget) + hold_s + 300)) "${common[@]}" \
+        --mode idle --idle-ws -c "$CONNECTIONS" --warmup 1s --duration "$HOLD"
+}
+
 busy() {
     local window_s=${BUSY_SECONDS%s}
     run busy $(($(connect_budget) + window_s + 120)) "${common[@]}" \
@@ -272,10 +280,11 @@ for s in "${scenarios[@]}"; do
     case $s in
     all) idle; busy; broadcast; ran+=(idle busy busy-baseline broadcast) ;;
     idle) idle; ran+=(idle) ;;
+    idle-ws) idle_ws; ran+=(idle-ws) ;;
     busy) busy; ran+=(busy busy-baseline) ;;
     broadcast) broadcast; ran+=(broadcast) ;;
     takeover) takeover; ran+=(takeover) ;;
-    *) log "unknown scenario '$s' (all, idle, busy, broadcast, takeover)"; exit 2 ;;
+    *) log "unknown scenario '$s' (all, idle, idle-ws, busy, broadcast, takeover)"; exit 2 ;;
     esac
 done
 summary "${ran[@]}"
