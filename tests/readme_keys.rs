@@ -17,6 +17,8 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("tcp_wmem", "kernel sysctl"),
     ("ip_local_port_range", "kernel sysctl"),
     ("nf_conntrack_max", "kernel sysctl"),
+    ("tcp_child_ehash_entries", "kernel sysctl"),
+    ("epoll_ctl", "system call"),
     ("prometheus_client", "Python library"),
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
