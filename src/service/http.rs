@@ -1348,6 +1348,18 @@ mod tests {
         })
     }
 
+    /// `input` offered to `conn` with no output budget, to the `Echo` routes.
+    fn offer(conn: &mut HttpConn, input: &[u8], out: &mut Vec<u8>) -> Outcome {
+        http().handle(
+            conn,
+            input,
+            out,
+            usize::MAX,
+            &DateCache::default(),
+            &mut Echo,
+        )
+    }
+
     fn run(input: &[u8]) -> (Outcome, String) {
         let mut conn = HttpConn::default();
         let mut out = Vec::new();
@@ -1374,7 +1386,6 @@ mod tests {
     /// behind them, and answering them in order lets the rest through.
     #[test]
     fn deferred_requests_pipeline_behind_each_other() {
-        let h = http();
         let date = DateCache::default();
         let mut conn = HttpConn::default();
         let mut out = Vec::new();
@@ -1385,7 +1396,7 @@ mod tests {
         }
         let three = input.len();
         input.extend_from_slice(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n");
-        let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+        let o = offer(&mut conn, &input, &mut out);
         assert_eq!(
             (o.consumed, o.responses, o.deferred, o.queued),
             (three, 0, true, 2)
@@ -1394,14 +1405,7 @@ mod tests {
         assert_eq!(conn.deferred(), 3);
         assert!(conn.is_queued(8) && conn.is_queued(9) && !conn.is_queued(7));
         // The GET waits behind them, however often it is offered.
-        let o = h.handle(
-            &mut conn,
-            &input[three..],
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, &input[three..], &mut out);
         assert_eq!((o.consumed, o.responses, o.queued), (0, 0, 0));
         for id in 7..=9 {
             let p = conn.take_pending().unwrap();
@@ -1409,14 +1413,7 @@ mod tests {
             let _ = p.respond(&mut out, &date).send(200, "text/plain", b"", "");
         }
         assert_eq!(conn.deferred(), 0);
-        let o = h.handle(
-            &mut conn,
-            &input[three..],
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, &input[three..], &mut out);
         assert_eq!((o.consumed, o.responses), (input.len() - three, 1));
     }
 
@@ -1424,8 +1421,6 @@ mod tests {
     /// framing error all wait (nothing written, nothing consumed); the bound holds.
     #[test]
     fn only_complete_deferrals_framed_alike_pipeline() {
-        let h = http();
-        let date = DateCache::default();
         let later = b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi".to_vec();
         let waiting: [&[u8]; 5] = [
             b"POST /later HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nh",
@@ -1438,7 +1433,7 @@ mod tests {
             let mut conn = HttpConn::default();
             let mut out = Vec::new();
             let input = [&later[..], next].concat();
-            let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+            let o = offer(&mut conn, &input, &mut out);
             assert_eq!(
                 (o.consumed, o.queued, o.close),
                 (later.len(), 0, false),
@@ -1450,46 +1445,31 @@ mod tests {
         let mut conn = HttpConn::default();
         let mut out = Vec::new();
         let input = later.repeat(usize::from(MAX_DEFERRED) + 5);
-        let o = h.handle(&mut conn, &input, &mut out, usize::MAX, &date, &mut Echo);
+        let o = offer(&mut conn, &input, &mut out);
         assert_eq!(conn.deferred(), usize::from(MAX_DEFERRED));
         assert_eq!(o.consumed, later.len() * usize::from(MAX_DEFERRED));
     }
 
     #[test]
     fn a_deferred_answer_holds_back_the_pipeline() {
-        let h = http();
         let date = DateCache::default();
         let mut conn = HttpConn::default();
         let mut out = Vec::new();
         let input = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPOST /later HTTP/1.1\r\nHost: a\r\n\
                       Content-Length: 2\r\n\r\nhiGET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
-        let o = h.handle(&mut conn, input, &mut out, usize::MAX, &date, &mut Echo);
+        let o = offer(&mut conn, input, &mut out);
         let first = input.windows(4).position(|w| w == b"hiGE").unwrap() + 2;
         assert_eq!((o.consumed, o.responses, o.deferred), (first, 1, true));
         assert_eq!(conn.pending().map(|p| p.id), Some(7));
         // While it waits, nothing more is read.
-        let o = h.handle(
-            &mut conn,
-            &input[first..],
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, &input[first..], &mut out);
         assert_eq!((o.consumed, o.responses), (0, 0));
         let p = conn.take_pending().unwrap();
         assert!(p.keep_alive());
         let _ = p
             .respond(&mut out, &date)
             .send(503, "text/plain", b"later\n", "");
-        let o = h.handle(
-            &mut conn,
-            &input[first..],
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, &input[first..], &mut out);
         assert_eq!((o.consumed, o.responses), (input.len() - first, 1));
         let text = String::from_utf8(out).unwrap();
         let statuses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
@@ -1639,8 +1619,6 @@ mod tests {
 
     #[test]
     fn header_timer_restarts_for_each_request() {
-        let h = http();
-        let date = DateCache::default();
         let mut conn = HttpConn::default();
         let req = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
         let mut held: Vec<u8> = Vec::new();
@@ -1659,7 +1637,7 @@ mod tests {
             for piece in [a, b] {
                 held.extend_from_slice(piece);
                 let mut out = Vec::new();
-                let o = h.handle(&mut conn, &held, &mut out, usize::MAX, &date, &mut Echo);
+                let o = offer(&mut conn, &held, &mut out);
                 held.drain(..o.consumed);
                 timers.push(o.timer);
             }
@@ -1679,7 +1657,7 @@ mod tests {
             pos = end;
             step = req.len();
             let mut out = Vec::new();
-            let o = h.handle(&mut conn, &held, &mut out, usize::MAX, &date, &mut Echo);
+            let o = offer(&mut conn, &held, &mut out);
             held.drain(..o.consumed);
             timers.push(o.timer);
         }
@@ -1688,23 +1666,9 @@ mod tests {
         // More bytes of the same request keep the timer running from its first byte.
         let mut conn = HttpConn::default();
         let mut out = Vec::new();
-        let o = h.handle(
-            &mut conn,
-            b"GET /ok",
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, b"GET /ok", &mut out);
         assert_eq!(o.timer, Start);
-        let o = h.handle(
-            &mut conn,
-            b"GET /ok HTTP/1.1\r\n",
-            &mut out,
-            usize::MAX,
-            &date,
-            &mut Echo,
-        );
+        let o = offer(&mut conn, b"GET /ok HTTP/1.1\r\n", &mut out);
         assert_eq!(o.timer, Keep);
     }
 
