@@ -319,7 +319,8 @@ fn rand_suffix() -> u64 {
 }
 
 /// A Python interpreter with `packages` importable: the system one if it has them, else a venv
-/// under target/ created (once) with pip. `None` (after `require`'s skip line) when neither
+/// in the build's target directory (wherever `CARGO_TARGET_DIR` puts it) created (once) with
+/// pip. `None` (after `require`'s skip line) when neither
 /// works: no venv module (Debian: python3-venv) or no PyPI; under CI that is a failure.
 pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
     use std::process::Command;
@@ -339,7 +340,9 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
     if has(&system) {
         return Some(system);
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv");
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(tmp).expect("the target directory's tmp");
+    let dir = tmp.join("pyenv");
     let py = dir.join("bin/python");
     // Serialise venv creation between test binaries running at once.
     let lock = dir.with_extension("lock");
@@ -354,6 +357,9 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
             .open(&lock)
         {
             Ok(_) => break,
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                panic!("cannot create {}: {e}", lock.display())
+            }
             Err(_) => {
                 assert!(
                     Instant::now() < deadline,
