@@ -49,7 +49,14 @@
 //!   message or five, so at 1,000 publishes/s to 1,000 subscribers this halves the writes for
 //!   at most 2 ms of added latency, instead of running the shard at its limit, where latency is
 //!   whatever queue builds up.
+//! - With a broker, a round that is due waits up to [`ECHO_WAIT`] for this shard's own
+//!   publishes of locally subscribed topics to come back from the broker ([`Echoes`]), so they
+//!   go out in this round rather than one round later. Without it a saturated shard delivers
+//!   its own publishes a whole round (the time to write every subscriber once) later than it
+//!   would without a broker: the message leaves while the round is being written and comes
+//!   back during it.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -76,6 +83,15 @@ pub const DELIVERY_BUDGET: usize = 8192;
 pub const PENDING_MAX: usize = 65536;
 /// The shortest time between the starts of two delivery rounds (see the module's invariants).
 pub const DELIVERY_INTERVAL: Duration = Duration::from_millis(2);
+/// The longest a due delivery round waits for the broker to bring back this shard's own
+/// publishes (see the module's invariants).
+pub const ECHO_WAIT: Duration = Duration::from_millis(2);
+/// A publish not back from the broker after this long is taken for one that never comes here
+/// (its message went to a topic this shard has no subscriber of by then, or was lost).
+const ECHO_LOST: Duration = Duration::from_millis(50);
+/// Publishes a shard remembers as on their way through the broker at most; past it a publish
+/// is not waited for.
+const ECHOES_MAX: usize = 4096;
 
 /// A message between shards' routers.
 #[derive(Clone)]
@@ -485,6 +501,84 @@ pub struct Fanout {
     shard: usize,
     registry: Arc<Registry>,
     broker: Option<BrokerHandle>,
+    /// This shard's publishes on their way through the broker.
+    pub echoes: RefCell<Echoes>,
+}
+
+/// This shard's publishes that the broker took and has not brought back yet, per topic, oldest
+/// first, each with its number in sending order and the time it was sent. A message from the
+/// broker of topic T counts as the oldest one of T coming back: it may be another process's,
+/// which only ends a wait early.
+#[derive(Default)]
+pub struct Echoes {
+    topics: HashMap<Box<str>, VecDeque<(u64, Instant)>>,
+    len: usize,
+    /// The number the next publish sent gets.
+    next: u64,
+}
+
+impl Echoes {
+    /// A publish of `topic` went to the broker at `at`.
+    pub fn sent(&mut self, topic: &str, at: Instant) {
+        if self.len >= ECHOES_MAX {
+            return;
+        }
+        self.len += 1;
+        let sent = (self.next, at);
+        self.next += 1;
+        match self.topics.get_mut(topic) {
+            Some(times) => times.push_back(sent),
+            None => {
+                self.topics.insert(topic.into(), VecDeque::from([sent]));
+            }
+        }
+    }
+
+    /// A message of `topic` came from the broker.
+    pub fn came_back(&mut self, topic: &str) {
+        if self.len == 0 {
+            return;
+        }
+        if let Some(times) = self.topics.get_mut(topic) {
+            times.pop_front();
+            self.len -= 1;
+            if times.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+    }
+
+    /// The number the next publish sent gets: those sent so far are below it.
+    fn cut(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether a publish sent before `cut` ([`Echoes::cut`]) of a topic that is `wanted` here
+    /// has not come back. Forgets the publishes of topics that are not wanted (their messages
+    /// are not sent to this shard) and those older than [`ECHO_LOST`] at `now`.
+    fn awaited(&mut self, cut: u64, now: Instant, wanted: impl Fn(&str) -> bool) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let mut awaited = false;
+        let len = &mut self.len;
+        self.topics.retain(|topic, times| {
+            if !wanted(topic) {
+                *len -= times.len();
+                return false;
+            }
+            while times
+                .front()
+                .is_some_and(|&(_, t)| now.saturating_duration_since(t) > ECHO_LOST)
+            {
+                times.pop_front();
+                *len -= 1;
+            }
+            awaited |= times.front().is_some_and(|&(n, _)| n < cut);
+            !times.is_empty()
+        });
+        awaited
+    }
 }
 
 impl Fanout {
@@ -499,6 +593,7 @@ impl Fanout {
             shard,
             registry,
             broker,
+            echoes: RefCell::default(),
         }
     }
 
@@ -530,6 +625,7 @@ impl Fanout {
             id,
         };
         broker.publish(ticket, topic, payload)?;
+        self.echoes.borrow_mut().sent(topic, Instant::now());
         counters.ws_published.inc();
         Ok(())
     }
@@ -624,6 +720,9 @@ pub struct Hub {
     /// left (those go out at the next wake, not after the interval).
     round_started: Option<Instant>,
     unfinished: bool,
+    /// Since when a due round waits for this shard's publishes to come back from the broker,
+    /// and for which of them (those numbered below: [`Echoes::cut`]).
+    echo_wait: Option<(Instant, u64)>,
 }
 
 impl Hub {
@@ -768,18 +867,43 @@ impl Hub {
         !self.pending.is_empty()
     }
 
-    /// When the pending publishes' round may start, if they wait for [`DELIVERY_INTERVAL`];
-    /// `None` when nothing waits on it (nothing pending, no round yet, or a round to finish).
+    /// When the pending publishes' round may start, if they wait for [`DELIVERY_INTERVAL`] or
+    /// for [`ECHO_WAIT`]; `None` when nothing waits on it (nothing pending, no round yet, or a
+    /// round to finish). A wait for echoes ends earlier when they come (a command wakes the
+    /// shard).
     pub fn next_round(&self) -> Option<Instant> {
         if self.pending.is_empty() || self.unfinished {
             return None;
         }
-        self.round_started.map(|t| t + DELIVERY_INTERVAL)
+        let interval = self.round_started.map(|t| t + DELIVERY_INTERVAL);
+        let echoes = self.echo_wait.map(|(t, _)| t + ECHO_WAIT);
+        interval.max(echoes)
     }
 
-    /// Whether a delivery round is due at `now`.
-    pub fn round_due(&self, now: Instant) -> bool {
-        self.has_pending() && self.next_round().is_none_or(|t| t <= now)
+    /// Whether a delivery round is due at `now`: publishes wait, the interval since the last
+    /// round has passed, and none of this shard's own publishes made before the round became
+    /// due is still on its way back from the broker (waited for up to [`ECHO_WAIT`]). The
+    /// publishes counted are those sent before the wait began, not by time: `now` is the
+    /// shard's clock of this loop turn, older than the publishes the turn read.
+    pub fn round_due(&mut self, now: Instant, echoes: &mut Echoes) -> bool {
+        if !self.has_pending() {
+            return false;
+        }
+        if self.unfinished {
+            return true;
+        }
+        if self
+            .round_started
+            .is_some_and(|t| now < t + DELIVERY_INTERVAL)
+        {
+            return false;
+        }
+        let (since, cut) = *self.echo_wait.get_or_insert((now, echoes.cut()));
+        if now < since + ECHO_WAIT && echoes.awaited(cut, now, |t| self.topics.contains_key(t)) {
+            return false;
+        }
+        self.echo_wait = None;
+        true
     }
 
     /// Delivers waiting batches, in order, until the wake's budget is spent; asks for another
@@ -797,6 +921,7 @@ impl Hub {
     ) {
         if !self.unfinished {
             self.round_started = Some(ctx.now());
+            self.echo_wait = None;
         }
         let mut work = 0;
         while work < DELIVERY_BUDGET {
@@ -1288,22 +1413,66 @@ mod tests {
     fn delivery_rounds_start_at_most_once_per_interval() {
         let mut hub = Hub::default();
         let reg = Registry::default();
+        let mut none = Echoes::default();
         hub.subscribe(Token(1), "t", &LIMITS, &reg).unwrap();
         let t0 = Instant::now();
-        assert!(!hub.round_due(t0), "nothing pending");
+        assert!(!hub.round_due(t0, &mut none), "nothing pending");
         assert!(hub.queue(Arc::from("t"), Arc::from(&b"x"[..])));
         // No round yet: at once.
         assert_eq!(hub.next_round(), None);
-        assert!(hub.round_due(t0));
+        assert!(hub.round_due(t0, &mut none));
         // A round just started: the next publish waits for the interval.
         hub.round_started = Some(t0);
         assert_eq!(hub.next_round(), Some(t0 + DELIVERY_INTERVAL));
-        assert!(!hub.round_due(t0 + DELIVERY_INTERVAL / 2));
-        assert!(hub.round_due(t0 + DELIVERY_INTERVAL));
+        assert!(!hub.round_due(t0 + DELIVERY_INTERVAL / 2, &mut none));
+        assert!(hub.round_due(t0 + DELIVERY_INTERVAL, &mut none));
         // A round that ran out of budget goes on at the next wake.
         hub.unfinished = true;
         assert_eq!(hub.next_round(), None);
-        assert!(hub.round_due(t0));
+        assert!(hub.round_due(t0, &mut none));
+    }
+
+    #[test]
+    fn a_due_round_waits_briefly_for_its_own_publishes_to_come_back_from_the_broker() {
+        let mut hub = Hub::default();
+        let reg = Registry::default();
+        hub.subscribe(Token(1), "t", &LIMITS, &reg).unwrap();
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut echoes = Echoes::default();
+        // Pending from elsewhere; this shard sent two publishes of "t" and one of a topic
+        // nobody here takes (which is never waited for, and forgotten).
+        assert!(hub.queue(Arc::from("t"), Arc::from(&b"x"[..])));
+        echoes.sent("t", t0);
+        echoes.sent("t", t0 + ms(1));
+        echoes.sent("elsewhere", t0);
+        assert!(!hub.round_due(t0 + ms(1), &mut echoes), "waits for both");
+        assert_eq!(echoes.len, 2, "the unwanted topic is forgotten");
+        assert_eq!(hub.next_round(), Some(t0 + ms(1) + ECHO_WAIT));
+        echoes.came_back("t");
+        assert!(!hub.round_due(t0 + ms(1), &mut echoes), "one still away");
+        // Publishes sent once the wait began do not extend it, even with an earlier time (the
+        // shard's clock is the loop turn's).
+        echoes.came_back("t");
+        echoes.sent("t", t0);
+        assert!(hub.round_due(t0 + ms(2), &mut echoes), "both back");
+        // The wait ends after ECHO_WAIT whether or not they came back.
+        hub.round_started = None;
+        let since = t0 + ms(3);
+        assert!(!hub.round_due(since, &mut echoes));
+        assert!(!hub.round_due(since + ECHO_WAIT / 2, &mut echoes));
+        assert!(
+            hub.round_due(since + ECHO_WAIT, &mut echoes),
+            "waited long enough"
+        );
+        // One that never came back is forgotten after ECHO_LOST.
+        assert!(!echoes.awaited(u64::MAX, t0 + ms(3) + ECHO_LOST, |_| true));
+        assert_eq!(echoes.len, 0);
+        // Nothing is remembered past the bound.
+        for _ in 0..ECHOES_MAX + 10 {
+            echoes.sent("t", t0);
+        }
+        assert_eq!(echoes.len, ECHOES_MAX);
     }
 
     #[test]

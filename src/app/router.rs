@@ -1079,6 +1079,9 @@ impl Service for Router {
         // Queued per topic and delivered in on_commands_done: a subscriber then gets all of a
         // topic's messages of this wake in one write (one syscall, not one per message).
         let counters = self.shared.metrics.shard(self.shard);
+        if let Cmd::Publish { topic, .. } = &cmd {
+            self.fanout.echoes.get_mut().came_back(topic);
+        }
         self.hub.on_command(cmd, counters);
     }
 
@@ -1146,7 +1149,7 @@ impl Router {
     /// Delivers the waiting publishes if their round is due ([`pubsub::DELIVERY_INTERVAL`]);
     /// otherwise the shard wakes for it ([`Service::next_wake`]).
     fn deliver_if_due(&mut self, ctx: &mut Ctx<'_, ConnState>) {
-        if self.hub.round_due(ctx.now()) {
+        if self.hub.round_due(ctx.now(), self.fanout.echoes.get_mut()) {
             self.deliver_pending(ctx, false);
         }
     }

@@ -75,7 +75,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         return compare::compare(&args);
     }
     let args = scale::fill_in(&args)?;
-    let (servers, _group, _broker) = if args.spawn {
+    let (servers, group, broker) = if args.spawn {
         let broker = args.broker.map(spawn::broker).transpose()?;
         let k = args.server_processes.unwrap_or(1);
         let url = broker.as_ref().map(spawn::SpawnedBroker::url);
@@ -112,7 +112,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         };
         (Servers::one(t, args.server_pid), None, None)
     };
-    let m = measure(&args, &servers, "shardnet")?;
+    let m = measure(&args, &servers, "shardnet");
+    // The servers stop before their broker, which would otherwise have them warn that it went.
+    drop(group);
+    drop(broker);
+    let m = m?;
     print_table(std::slice::from_ref(&m));
     report::write_json(&args, vec![m.clone()], None, None)?;
     Ok(if m.errors > 0 { 1 } else { 0 })
