@@ -8,6 +8,11 @@
 #   busy       the same number held while an open loop of RATE requests/s goes to connections
 #              chosen at random; latency from each request's intended send time, compared with the
 #              same load on BASELINE connections over the same processes.
+#   busy-reference  the busy scenario (and its baseline) against copies of the C reference echo
+#              server (benches/reference/limit-echo-reuseport.c: ../shared/reference's
+#              limit-echo with SO_REUSEPORT), as many as the busy run's server processes, on the
+#              same cores: what a million sockets cost a server with no state of its own (needs
+#              cc).
 #   broadcast  CONNECTIONS WebSocket subscribers of one topic; PUBLISHES publishes, each posted to
 #              every server process (they share no pub/sub state) and reaching every subscriber:
 #              delivery latency p50/p99/max over the subscribers, and none lost.
@@ -15,7 +20,8 @@
 #              another, hands its listeners and connections over to a new process (issue 16,
 #              `bench --takeover-all`); every connection is then checked still open.
 #
-# Usage: benches/million.sh [all|idle|idle-ws|busy|broadcast|takeover]...      (default: all)
+# Usage: benches/million.sh [all|idle|idle-ws|busy|busy-reference|broadcast|takeover]...
+#        (default: all = idle busy broadcast)
 #
 # Environment (defaults in brackets):
 #   CONNECTIONS [1000000]  connections per scenario; 20000 is a rehearsal of a minute or two
@@ -74,6 +80,7 @@ TUNED=(
 )
 SAVED=()
 RUNNING=""
+REFPIDS=()
 
 log() { echo "million.sh: $*" >&2; }
 
@@ -113,9 +120,17 @@ restore_sysctls() {
     SAVED=()
 }
 
+stop_reference() {
+    [ ${#REFPIDS[@]} -gt 0 ] || return 0
+    kill -TERM "${REFPIDS[@]}" 2>/dev/null || true
+    wait "${REFPIDS[@]}" 2>/dev/null || true
+    REFPIDS=()
+}
+
 cleanup() {
     local rc=$?
     stop_running
+    stop_reference
     restore_sysctls
     exit $rc
 }
@@ -209,8 +224,50 @@ busy() {
     # The same load, the same processes, BASELINE connections.
     local k n
     read -r k n < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["runs"][0]; print(r["server_processes"], r["client_processes"])' "$OUT/busy.json")
+    settle
     run busy-baseline $((window_s + 180)) "${common[@]}" --server-processes "$k" --processes "$n" \
         --mode echo -c "$BASELINE" --rate "$RATE" --warmup 5s --duration "$BUSY_SECONDS"
+}
+
+# Waits (at most a minute) until the kernel has let go of the last scenario's sockets, so that
+# a baseline does not run during a million connections' teardown.
+settle() {
+    local i inuse
+    for i in $(seq 1 60); do
+        inuse=$(awk '/^TCP:/ {print $3}' /proc/net/sockstat)
+        [ "$inuse" -lt $((2 * BASELINE + 1000)) ] && return 0
+        sleep 1
+    done
+    log "settle: $inuse TCP sockets still in use after 60 s"
+}
+
+busy_reference() {
+    local window_s=${BUSY_SECONDS%s} exe=$OUT/limit-echo-reuseport k port n i
+    command -v cc >/dev/null || { log "busy-reference needs a C compiler (apt-get install gcc)"; exit 1; }
+    cc -O2 -o "$exe" benches/reference/limit-echo-reuseport.c
+    # As many copies as the busy run's server processes (or as it would start: 90% of the limit).
+    if [ -f "$OUT/busy.json" ]; then
+        k=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][0]["server_processes"])' "$OUT/busy.json")
+    else
+        k=$(python3 -c 'import resource,sys; h=resource.getrlimit(resource.RLIMIT_NOFILE)[1]; print(-(-int(sys.argv[1]) // int((h - 26) * 0.9)))' "$CONNECTIONS")
+    fi
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    for ((i = 0; i < k; i++)); do
+        taskset -c "$SERVER_CORES" "$exe" --port "$port" &
+        REFPIDS+=($!)
+    done
+    sleep 1
+    log "busy-reference: $k copies of limit-echo-reuseport on 127.0.0.1:$port, cores $SERVER_CORES"
+    settle
+    run busy-reference $(($(connect_budget) + window_s + 120)) --target "127.0.0.1:$port" \
+        --client-cores "$CLIENT_CORES" --mode echo -c "$CONNECTIONS" --rate "$RATE" --warmup 5s \
+        --duration "$BUSY_SECONDS"
+    n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][0]["client_processes"])' "$OUT/busy-reference.json")
+    settle
+    run busy-reference-baseline $((window_s + 180)) --target "127.0.0.1:$port" \
+        --client-cores "$CLIENT_CORES" --processes "$n" --mode echo -c "$BASELINE" --rate "$RATE" \
+        --warmup 5s --duration "$BUSY_SECONDS"
+    stop_reference
 }
 
 broadcast() {
@@ -243,7 +300,8 @@ for n in names:
     m = r.get("memory") or {}
     k = m.get("kernel") or {}
     l = r["latency_us"]
-    print(f"{n}: {r['connections']} connections over {r['server_processes']} server and "
+    servers = "copies of the C reference" if n.startswith("busy-reference") else f"{r['server_processes']} server"
+    print(f"{n}: {r['connections']} connections over {servers} and "
           f"{r['client_processes']} client processes, opened at {f(r.get('connects_per_second'))}/s, "
           f"{r['errors']} errors")
     print(f"    user {f(m.get('user_bytes_per_connection'))} B/conn (server PSS), kernel Slab "
@@ -264,10 +322,11 @@ for n in names:
         print(f"    {fo['subscribers']} subscribers x {fo['published']} publishes: "
               f"{fo['delivered']} delivered, {fo['lost']} lost; server CPU "
               f"{f(fo.get('server_cpu_seconds_per_million_deliveries'), '{:.2f}')} s per million deliveries")
-busy, base = load("busy"), load("busy-baseline")
-if busy and base and busy["latency_us"]["p99"] and base["latency_us"]["p99"]:
-    print(f"busy p99 at {busy['connections']} / at {base['connections']}: "
-          f"{busy['latency_us']['p99'] / base['latency_us']['p99']:.2f}x (target <= 1.5x)")
+for name in ("busy", "busy-reference"):
+    busy, base = load(name), load(name + "-baseline")
+    if busy and base and busy["latency_us"]["p99"] and base["latency_us"]["p99"]:
+        print(f"{name} p99 at {busy['connections']} / at {base['connections']}: "
+              f"{busy['latency_us']['p99'] / base['latency_us']['p99']:.2f}x (target <= 1.5x)")
 EOF
 }
 
@@ -282,9 +341,10 @@ for s in "${scenarios[@]}"; do
     idle) idle; ran+=(idle) ;;
     idle-ws) idle_ws; ran+=(idle-ws) ;;
     busy) busy; ran+=(busy busy-baseline) ;;
+    busy-reference) busy_reference; ran+=(busy-reference busy-reference-baseline) ;;
     broadcast) broadcast; ran+=(broadcast) ;;
     takeover) takeover; ran+=(takeover) ;;
-    *) log "unknown scenario '$s' (all, idle, idle-ws, busy, broadcast, takeover)"; exit 2 ;;
+    *) log "unknown scenario '$s' (all, idle, idle-ws, busy, busy-reference, broadcast, takeover)"; exit 2 ;;
     esac
 done
 summary "${ran[@]}"
