@@ -518,10 +518,14 @@ pub struct Echoes {
 }
 
 impl Echoes {
-    /// A publish of `topic` went to the broker at `at`.
+    /// A publish of `topic` went to the broker at `at`. At the bound, those older than
+    /// [`ECHO_LOST`] are forgotten first (a shard with no round due never asks for the others).
     pub fn sent(&mut self, topic: &str, at: Instant) {
         if self.len >= ECHOES_MAX {
-            return;
+            self.awaited(0, at, |_| true);
+            if self.len >= ECHOES_MAX {
+                return;
+            }
         }
         self.len += 1;
         let sent = (self.next, at);
@@ -1468,11 +1472,13 @@ mod tests {
         // One that never came back is forgotten after ECHO_LOST.
         assert!(!echoes.awaited(u64::MAX, t0 + ms(3) + ECHO_LOST, |_| true));
         assert_eq!(echoes.len, 0);
-        // Nothing is remembered past the bound.
+        // Nothing is remembered past the bound; at it, the lost ones make room.
         for _ in 0..ECHOES_MAX + 10 {
             echoes.sent("t", t0);
         }
         assert_eq!(echoes.len, ECHOES_MAX);
+        echoes.sent("u", t0 + ECHO_LOST + ms(1));
+        assert_eq!(echoes.len, 1, "the old ones forgotten, the new one kept");
     }
 
     #[test]
