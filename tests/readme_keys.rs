@@ -19,6 +19,8 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("nf_conntrack_max", "kernel sysctl"),
     ("tcp_child_ehash_entries", "kernel sysctl"),
     ("epoll_ctl", "system call"),
+    ("sched_setattr", "system call"),
+    ("sched_runtime", "a field of the kernel's struct sched_attr"),
     ("prometheus_client", "Python library"),
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),
