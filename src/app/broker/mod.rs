@@ -323,10 +323,6 @@ pub struct BrokerHandle {
 }
 
 impl BrokerHandle {
-    /// Queues `data` for `topic` (the product hands the encoded message a subscriber gets, so a
-    /// receiving process only frames it). `Ok`: the outcome comes
-    /// later through [`Sink::outcome`], exactly once. `Err`: refused at once (broker down, queue
-    /// full, shutting down); no outcome follows.
     /// Whether [`BrokerHandle::publish`] would take a publish now (not closed, the publisher
     /// connected, room in the queue), without counting anything. A publish pipelined behind
     /// others that would be refused waits instead, so that its refusal is answered in order.
@@ -337,6 +333,10 @@ impl BrokerHandle {
             && s.pending.load(Ordering::Acquire) < s.max_pending
     }
 
+    /// Queues `data` for `topic` (the product hands the encoded message a subscriber gets, so a
+    /// receiving process only frames it). `Ok`: the outcome comes
+    /// later through [`Sink::outcome`], exactly once. `Err`: refused at once (broker down, queue
+    /// full, shutting down); no outcome follows.
     pub fn publish(&self, ticket: Ticket, topic: &str, data: Vec<u8>) -> Result<(), Refusal> {
         let s = &self.shared;
         let refuse = |r: Refusal| {
