@@ -32,17 +32,25 @@
 //!   `max_write_buffer`, checked per message before it is queued: a subscriber never holds more
 //!   than `max_write_buffer` plus one message. A message that does not fit is dropped (counted)
 //!   or, under `slow_consumer = "disconnect"`, ends the connection with 1008.
-//! - Publishes are grouped per topic as they arrive (one hash lookup each), so a subscriber gets
-//!   all of a topic's messages of one wake in one write; messages of one topic keep their order.
-//! - Delivery stops once a wake's work passes [`DELIVERY_BUDGET`] (subscribers written plus
-//!   messages handled) and continues on the next wake, which the hub requests by sending itself
-//!   a command: other connections on the shard are served between batches. Publishes waiting
-//!   for delivery are bounded by [`PENDING_MAX`]; beyond it they are lost, and counted.
+//! - Publishes are appended to their topic's log as they arrive (one hash lookup each). A
+//!   delivery pass over a topic visits its subscribers in a fixed order and writes each, in one
+//!   write, every message of the log it has not had; messages of one topic keep their order and
+//!   reach each subscriber once. A message that arrives while a pass is in progress reaches the
+//!   subscribers the pass has not visited yet in that pass, and the ones it has in the next
+//!   pass, so a message waits at most about one pass, not the rest of the pass in progress and
+//!   then its place in the next. A subscriber gets the messages that arrive after it
+//!   subscribed; one that leaves during a pass does not make the pass skip another ([`Topic`]).
+//! - Delivery stops once a wake's work passes [`DELIVERY_BUDGET`] (subscribers visited plus
+//!   messages handled), also in the middle of a topic's pass, and continues on the next wake,
+//!   which the hub requests by sending itself a command: other connections on the shard are
+//!   served, and new publishes read, between the pieces. Messages held for delivery are bounded
+//!   by [`PENDING_MAX`] (a topic keeps a message until every subscriber has had it); beyond it
+//!   publishes are lost, and counted.
 //! - Across a hand-over to a new process every publish reaches every subscriber once: the
 //!   [`Gate`] holds the publishes made while connections move (in the process they were made
 //!   in) and releases them at the commit, where the subscribers then are; see [`Gate`]. Not with
 //!   a broker: a gap notice then, and rarely a repeat ([`PubsubHandover`]).
-//! - A delivery round (every pending batch written to its subscribers) starts at most once per
+//! - A delivery round (one pass over each topic with messages to deliver) starts at most once per
 //!   [`DELIVERY_INTERVAL`]: a publish after a quiet spell goes out at once, publishes that come
 //!   faster wait for the next round and share its writes. Each write to a socket costs the
 //!   same kernel work (on loopback the receiver's TCP processing too) whether it carries one
@@ -51,16 +59,17 @@
 //!   whatever queue builds up.
 //! - With a broker, a round that is due waits up to [`ECHO_WAIT`] for this shard's own
 //!   publishes of locally subscribed topics to come back from the broker ([`Echoes`]), so they
-//!   go out in this round rather than one round later. Without it a saturated shard delivers
-//!   its own publishes a whole round (the time to write every subscriber once) later than it
-//!   would without a broker: the message leaves while the round is being written and comes
-//!   back during it.
+//!   go out to every subscriber in this round. Without it a saturated shard's own publishes
+//!   leave while a round is being written and come back during it, and the subscribers the
+//!   round has already visited get them a whole pass (the time to write every subscriber
+//!   once) later than they would without a broker.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use indexmap::IndexMap;
 use parking_lot::Mutex;
 
 use super::broker::{
@@ -76,9 +85,11 @@ use crate::service::{Ctx, Token};
 
 /// How long a slow subscriber closed with 1008 has to read its backlog and the close frame.
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Work one wake may spend delivering: subscribers written to plus messages handled. At least
-/// one topic's batch is delivered per wake, whatever its size.
-pub const DELIVERY_BUDGET: usize = 8192;
+/// Work one wake may spend delivering: subscribers visited plus messages handled (at least one
+/// subscriber per wake). Small enough that a shard reads its commands about every millisecond
+/// in a long pass (1,024 is about 100 subscribers owed ten messages each), so messages that
+/// arrive during it reach the subscribers it has not visited yet.
+pub const DELIVERY_BUDGET: usize = 1024;
 /// Publishes a shard holds for delivery at most (beyond it they are counted as lost).
 pub const PENDING_MAX: usize = 65536;
 /// The shortest time between the starts of two delivery rounds (see the module's invariants).
@@ -662,14 +673,13 @@ impl Fanout {
     }
 }
 
-/// A batch's messages as frames compressed for one window size, built for the first subscriber
-/// that takes them and written as they are to every other (the buffers are kept for the next
-/// batch).
+/// The messages of the pass in progress, compressed once per window size for all the
+/// subscribers that share it: built as far as the first subscriber needing them, extended when
+/// messages arrive during the pass, reset when a pass starts (the buffers are kept).
 #[derive(Default)]
-struct Packed {
-    built: bool,
+pub struct Packed {
     data: Vec<u8>,
-    /// Where each message's frame ends in `data`.
+    /// Where the frame of the log's `i`th message ends in `data`.
     ends: Vec<usize>,
 }
 
@@ -678,11 +688,26 @@ impl Packed {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.data[start..self.ends[i]]
     }
+
+    fn reset(&mut self) {
+        if self.ends.is_empty() {
+            return;
+        }
+        self.data.clear();
+        self.ends.clear();
+        // A burst's large buffer goes back to the allocator.
+        if self.data.capacity() > PACKED_KEEP {
+            *self = Packed::default();
+        }
+    }
 }
 
 const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
 
-/// Capacity a compressed batch's buffer keeps between batches.
+/// One [`Packed`] per window size.
+pub type Packs = [Packed; WINDOW_SIZES];
+
+/// Capacity a pass's compressed buffer keeps for the next pass.
 const PACKED_KEEP: usize = 1 << 20;
 
 /// What delivery needs of the shard's permessage-deflate state.
@@ -691,10 +716,118 @@ pub struct Deflate<'a> {
     pub counters: &'a DeflateCounters,
 }
 
-/// A topic's publishes waiting for delivery, in arrival order.
-struct Batch {
-    topic: Arc<str>,
-    frames: Vec<Arc<[u8]>>,
+/// One topic's subscribers on this shard and the messages not yet written to all of them.
+///
+/// Messages are numbered in arrival order; each subscriber remembers the first number it has
+/// not been written. A pass visits the subscribers in `subs` order and writes each what it has
+/// not had, in one write; a message that arrives during a pass reaches the subscribers the pass
+/// has not visited yet in this pass, and the others in the next one. Removing a subscriber keeps
+/// the visited ones before `cursor` (see [`Topic::remove`]), so a pass never skips one.
+#[derive(Default)]
+struct Topic {
+    /// Subscriber → number of the first message it has not been written.
+    subs: IndexMap<Token, u64>,
+    /// Messages some subscriber has still to get; `log[0]` is number `base`.
+    log: Vec<Arc<[u8]>>,
+    base: u64,
+    /// A pass is in progress; the subscribers before `cursor` have been visited in it.
+    in_pass: bool,
+    cursor: usize,
+    /// The log's end when the pass in progress (or the last one) started.
+    pass_from: u64,
+    /// In [`Hub::current`] or [`Hub::next`].
+    queued: bool,
+}
+
+impl Topic {
+    fn end(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    /// A new subscriber gets the messages that arrive from now on; false if it was one already.
+    fn add(&mut self, token: Token) -> bool {
+        let end = self.end();
+        match self.subs.entry(token) {
+            indexmap::map::Entry::Occupied(_) => false,
+            indexmap::map::Entry::Vacant(v) => {
+                v.insert(end);
+                true
+            }
+        }
+    }
+
+    /// Removes a subscriber. One visited in the pass in progress changes places with the last
+    /// visited one first, which then makes room for the last of all: the visited stay before
+    /// the cursor, the others after it.
+    fn remove(&mut self, token: Token) {
+        let Some(i) = self.subs.get_index_of(&token) else {
+            return;
+        };
+        if self.in_pass && i < self.cursor {
+            self.cursor -= 1;
+            self.subs.swap_indices(i, self.cursor);
+            self.subs.swap_remove_index(self.cursor);
+        } else {
+            self.subs.swap_remove_index(i);
+        }
+    }
+
+    /// Starts a pass; returns how many messages left the log. Every subscriber has been
+    /// written everything before the last pass's start (those visited then got everything
+    /// up to their visit, and the ones added since start at their subscribe), so those go.
+    fn start_pass(&mut self) -> usize {
+        let done = (self.pass_from - self.base) as usize;
+        self.log.drain(..done);
+        self.base = self.pass_from;
+        self.pass_from = self.end();
+        self.in_pass = true;
+        self.cursor = 0;
+        done
+    }
+
+    /// Visits subscribers of the pass in progress until `budget` work is done (one per
+    /// subscriber visited plus what `write` reports: it writes `log[from..]` to one subscriber
+    /// and returns the messages it handled); true when the pass is over.
+    fn advance(
+        &mut self,
+        budget: usize,
+        work: &mut usize,
+        mut write: impl FnMut(Token, &[Arc<[u8]>], usize) -> usize,
+    ) -> bool {
+        let end = self.end();
+        while self.cursor < self.subs.len() && *work < budget {
+            let (&token, upto) = self.subs.get_index_mut(self.cursor).expect("in range");
+            self.cursor += 1;
+            *work += 1;
+            if *upto < end {
+                debug_assert!(*upto >= self.base, "a subscriber's messages left the log");
+                let from = upto.saturating_sub(self.base) as usize;
+                *upto = end;
+                *work += write(token, &self.log, from);
+            }
+        }
+        if self.cursor < self.subs.len() {
+            return false;
+        }
+        self.in_pass = false;
+        self.cursor = 0;
+        true
+    }
+
+    /// After a pass: whether subscribers it visited early have messages to come (they arrived
+    /// during it), so the topic needs another pass.
+    fn behind(&self) -> bool {
+        self.end() > self.pass_from
+    }
+
+    /// Everyone has everything: the log empties. Returns how many messages left it.
+    fn caught_up(&mut self) -> usize {
+        let n = self.log.len();
+        self.base += n as u64;
+        self.log.clear();
+        self.pass_from = self.base;
+        n
+    }
 }
 
 /// One shard's topics, subscribers and undelivered publishes.
@@ -702,25 +835,23 @@ struct Batch {
 pub struct Hub {
     /// With a broker: where the first and last local subscriber of a topic are reported.
     interest: Option<ShardInterest>,
-    /// Local subscribers per topic.
-    topics: HashMap<Arc<str>, HashSet<Token>>,
+    /// Local subscribers and undelivered messages per topic.
+    topics: HashMap<Arc<str>, Topic>,
     /// Each subscriber's topics (for its limit and for cleanup on close).
     subscriptions: HashMap<Token, Vec<Arc<str>>>,
-    /// Batches in the order their topics first arrived.
-    pending: VecDeque<Batch>,
-    /// Topic → position of its batch, as a count of batches ever queued (`popped` of them have
-    /// left the front), so that popping does not renumber the rest.
-    index: HashMap<Arc<str>, u64>,
-    popped: u64,
-    /// Messages in `pending`.
+    /// The topics the round in progress (or the next) passes over, in the order their messages
+    /// arrived; the front one's pass may be in progress. A name whose topic is gone is skipped.
+    current: VecDeque<Arc<str>>,
+    /// Topics whose subscribers visited early in their last pass have messages to come; the
+    /// next round passes over them first.
+    next: VecDeque<Arc<str>>,
+    /// Messages in the topics' logs.
     messages: usize,
-    /// Emptied batch vectors kept for the next wake.
-    spare: Vec<Vec<Arc<[u8]>>>,
-    /// The batch being delivered, compressed once per window size its subscribers agreed to.
-    packed: [Packed; WINDOW_SIZES],
+    /// The messages of the pass in progress, compressed once per window size.
+    packed: Packs,
     /// A `Continue` is on its way to this shard.
     continuing: bool,
-    /// When the last delivery round started, and whether it ran out of budget with batches
+    /// When the last delivery round started, and whether it ran out of budget with topics
     /// left (those go out at the next wake, not after the interval).
     round_started: Option<Instant>,
     unfinished: bool,
@@ -748,7 +879,7 @@ impl Hub {
     }
 
     /// Subscribes `token` to `topic`; true if it was not subscribed yet. Refused, and nothing
-    /// changed, at the limits.
+    /// changed, at the limits. A subscriber gets the messages that arrive after it subscribed.
     pub fn subscribe(
         &mut self,
         token: Token,
@@ -774,9 +905,9 @@ impl Hub {
             .entry(token)
             .or_default()
             .push(key.clone());
-        let set = self.topics.entry(key).or_default();
-        set.insert(token);
-        if set.len() == 1 {
+        let t = self.topics.entry(key).or_default();
+        t.add(token);
+        if t.subs.len() == 1 {
             if let Some(i) = &mut self.interest {
                 i.set(topic, true);
             }
@@ -816,9 +947,10 @@ impl Hub {
     }
 
     fn forget(&mut self, token: Token, topic: &str, registry: &Registry) {
-        if let Some(set) = self.topics.get_mut(topic) {
-            set.remove(&token);
-            if set.is_empty() {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.remove(token);
+            if t.subs.is_empty() {
+                self.messages -= t.log.len();
                 self.topics.remove(topic);
                 if let Some(i) = &mut self.interest {
                     i.set(topic, false);
@@ -842,33 +974,26 @@ impl Hub {
         }
     }
 
-    /// Adds a publish to its topic's batch; false if the pending bound is reached.
+    /// Adds a publish to its topic's log; false if the pending bound is reached.
     fn queue(&mut self, topic: Arc<str>, frame: Arc<[u8]>) -> bool {
-        if !self.topics.contains_key(&topic) {
+        let Some(t) = self.topics.get_mut(&topic) else {
             return true; // no subscriber here: nothing to deliver
-        }
+        };
         if self.messages >= PENDING_MAX {
             return false;
         }
         self.messages += 1;
-        match self.index.get(&topic) {
-            Some(&seq) => self.pending[(seq - self.popped) as usize]
-                .frames
-                .push(frame),
-            None => {
-                let mut frames = self.spare.pop().unwrap_or_default();
-                frames.push(frame);
-                self.index
-                    .insert(topic.clone(), self.popped + self.pending.len() as u64);
-                self.pending.push_back(Batch { topic, frames });
-            }
+        t.log.push(frame);
+        if !t.queued {
+            t.queued = true;
+            self.current.push_back(topic);
         }
         true
     }
 
     /// Whether publishes wait for delivery.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.current.is_empty() || !self.next.is_empty()
     }
 
     /// When the pending publishes' round may start, if they wait for [`DELIVERY_INTERVAL`] or
@@ -876,7 +1001,7 @@ impl Hub {
     /// round to finish). A wait for echoes ends earlier when they come (a command wakes the
     /// shard).
     pub fn next_round(&self) -> Option<Instant> {
-        if self.pending.is_empty() || self.unfinished {
+        if !self.has_pending() || self.unfinished {
             return None;
         }
         let interval = self.round_started.map(|t| t + DELIVERY_INTERVAL);
@@ -910,11 +1035,64 @@ impl Hub {
         true
     }
 
-    /// Delivers waiting batches, in order, until the wake's budget is spent; asks for another
-    /// wake through `fanout` if some are left. `policy` gives a connection's slow-consumer
-    /// policy and how its messages are written (compressed or not), or `None` if it is not a
-    /// pub/sub connection. A batch is compressed at most once per window size, for all the
-    /// subscribers that share it; a `dedicated` subscriber's compressor compresses for it alone.
+    /// Runs the round (starting one at `now` if none is in progress) until `budget` work is
+    /// done: one pass over each topic in `current`, in order. `write` writes a subscriber its
+    /// messages (`log[from..]`, with the pass's compressed frames) and returns how many it
+    /// handled. True if the round is over.
+    fn run_round(
+        &mut self,
+        now: Instant,
+        budget: usize,
+        mut write: impl FnMut(&mut Packs, Token, &[Arc<[u8]>], usize) -> usize,
+    ) -> bool {
+        if !self.unfinished {
+            self.round_started = Some(now);
+            self.echo_wait = None;
+            // The topics the last round left behind first, then those that came since.
+            if !self.next.is_empty() {
+                let mut round = std::mem::take(&mut self.next);
+                round.append(&mut self.current);
+                self.current = round;
+            }
+        }
+        let mut work = 0;
+        while work < budget {
+            let Some(name) = self.current.front() else {
+                break;
+            };
+            let Some(topic) = self.topics.get_mut(name) else {
+                self.current.pop_front(); // every subscriber left
+                continue;
+            };
+            if !topic.in_pass {
+                self.messages -= topic.start_pass();
+                self.packed.iter_mut().for_each(Packed::reset);
+            }
+            let packed = &mut self.packed;
+            let over = topic.advance(budget, &mut work, |token, log, from| {
+                write(packed, token, log, from)
+            });
+            if !over {
+                break;
+            }
+            let name = self.current.pop_front().expect("the front");
+            if topic.behind() {
+                self.next.push_back(name);
+            } else {
+                self.messages -= topic.caught_up();
+                topic.queued = false;
+            }
+        }
+        self.unfinished = !self.current.is_empty();
+        !self.unfinished
+    }
+
+    /// Delivers waiting messages, topic by topic, until the wake's budget is spent; asks for
+    /// another wake through `fanout` if the round is not over. `policy` gives a connection's
+    /// slow-consumer policy and how its messages are written (compressed or not), or `None` if
+    /// it is not a pub/sub connection. A pass's messages are compressed at most once per window
+    /// size, for all the subscribers that share it; a `dedicated` subscriber's compressor
+    /// compresses for it alone.
     pub fn deliver<S>(
         &mut self,
         ctx: &mut Ctx<'_, S>,
@@ -923,47 +1101,17 @@ impl Hub {
         deflate: &mut Deflate<'_>,
         policy: impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
     ) {
-        if !self.unfinished {
-            self.round_started = Some(ctx.now());
-            self.echo_wait = None;
-        }
-        let mut work = 0;
-        while work < DELIVERY_BUDGET {
-            let Some(mut batch) = self.pending.pop_front() else {
-                break;
+        let now = ctx.now();
+        let over = self.run_round(now, DELIVERY_BUDGET, |packed, token, log, from| {
+            let to = Subscriber {
+                token,
+                log,
+                from,
+                packed,
             };
-            self.popped += 1;
-            self.index.remove(&batch.topic);
-            self.messages -= batch.frames.len();
-            work += batch.frames.len();
-            for p in self.packed.iter_mut().filter(|p| p.built) {
-                p.built = false;
-                p.data.clear();
-                p.ends.clear();
-                // A burst's large buffer goes back to the allocator.
-                if p.data.capacity() > PACKED_KEEP {
-                    *p = Packed::default();
-                }
-            }
-            if let Some(set) = self.topics.get(&batch.topic) {
-                work += set.len();
-                for &token in set {
-                    let to = Subscriber {
-                        token,
-                        frames: &batch.frames,
-                        packed: &mut self.packed,
-                    };
-                    deliver_to(ctx, to, counters, deflate, &policy);
-                }
-            }
-            batch.frames.clear();
-            // Keep a few modest vectors; a burst's large one goes back to the allocator.
-            if batch.frames.capacity() <= 4096 && self.spare.len() < 64 {
-                self.spare.push(batch.frames);
-            }
-        }
-        self.unfinished = !self.pending.is_empty();
-        if self.unfinished && !self.continuing {
+            deliver_to(ctx, to, counters, deflate, &policy)
+        });
+        if !over && !self.continuing {
             self.continuing = fanout.wake_self();
         }
     }
@@ -984,50 +1132,59 @@ impl Hub {
     }
 }
 
-/// One subscriber of the batch being delivered.
+/// One subscriber of the pass in progress and the messages it is owed: `log[from..]`.
 struct Subscriber<'a> {
     token: Token,
-    frames: &'a [Arc<[u8]>],
-    packed: &'a mut [Packed; WINDOW_SIZES],
+    log: &'a [Arc<[u8]>],
+    from: usize,
+    packed: &'a mut Packs,
 }
 
-/// Writes the messages of one batch that fit under the subscriber's bound. A message is staged
-/// only while the subscriber's queued output (staged bytes included) is under
-/// `max_write_buffer`; what was staged is then written, and if the socket took it the next
-/// messages get their turn, so only a subscriber that is really not reading loses messages.
-/// A `dedicated` subscriber's compressor sees only the messages written to it; for `shared`
-/// subscribers the batch is compressed whole, once, for all of them.
+/// Writes a subscriber the messages it is owed that fit under its bound; returns how many
+/// messages it handled. A message is staged only while the subscriber's queued output (staged
+/// bytes included) is under `max_write_buffer`; what was staged is then written, and if the
+/// socket took it the next messages get their turn, so only a subscriber that is really not
+/// reading loses messages. A `dedicated` subscriber's compressor sees only the messages
+/// written to it; for `shared` subscribers the pass's messages are compressed once, for all.
 fn deliver_to<S>(
     ctx: &mut Ctx<'_, S>,
     to: Subscriber<'_>,
     counters: &ServiceCounters,
     deflate: &mut Deflate<'_>,
     policy: &impl Fn(&mut S) -> Option<(SlowConsumer, Delivery)>,
-) {
+) -> usize {
     let Subscriber {
         token,
-        frames,
+        log,
+        from,
         packed,
     } = to;
-    let mut next = 0;
-    while next < frames.len() {
+    let frames = log.len() - from;
+    let mut next = from;
+    while next < log.len() {
         let round = ctx.with_conn(token, |conn| {
             let (policy, delivery) = policy(conn.state())?;
             if let Delivery::Shared(bits) = delivery {
                 let p = &mut packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
-                if !p.built {
+                if p.ends.len() < log.len() {
                     let Deflate {
                         compression,
                         counters,
                     } = deflate;
-                    compression.pack_fanout(bits, frames, &mut p.data, &mut p.ends, counters);
-                    p.built = true;
+                    let built = p.ends.len();
+                    compression.pack_fanout(
+                        bits,
+                        &log[built..],
+                        &mut p.data,
+                        &mut p.ends,
+                        counters,
+                    );
                 }
             }
             let mut i = next;
-            while i < frames.len() && !conn.over_limit() {
+            while i < log.len() && !conn.over_limit() {
                 match delivery {
-                    Delivery::Plain => conn.write(&frames[i]),
+                    Delivery::Plain => conn.write(&log[i]),
                     Delivery::Shared(bits) => {
                         let p = &packed[usize::from(bits.saturating_sub(MIN_WINDOW_BITS))];
                         conn.write(p.frame(i));
@@ -1035,7 +1192,7 @@ fn deliver_to<S>(
                     Delivery::Dedicated => deflate.compression.write_dedicated_frame(
                         token,
                         conn.out(),
-                        &frames[i],
+                        &log[i],
                         deflate.counters,
                     ),
                 }
@@ -1050,19 +1207,20 @@ fn deliver_to<S>(
             Some((policy, i))
         });
         let Some(Some((policy, i))) = round else {
-            return; // closed, or not a pub/sub connection
+            return frames; // closed, or not a pub/sub connection
         };
         counters.ws_messages_out.add((i - next) as u64);
         if i == next {
             // At the bound with nothing written since: the rest does not fit.
             match policy {
-                SlowConsumer::Drop => counters.ws_dropped.add((frames.len() - i) as u64),
+                SlowConsumer::Drop => counters.ws_dropped.add((log.len() - i) as u64),
                 SlowConsumer::Disconnect => counters.ws_slow_closed.inc(),
             }
-            return;
+            return frames;
         }
         next = i;
     }
+    frames
 }
 
 /// A client's request on a pub/sub route.
@@ -1396,21 +1554,156 @@ mod tests {
             }
         }
         assert!(hub.queue(Arc::from("nobody"), frame.clone()));
-        assert_eq!(hub.pending.len(), 1000, "one batch per topic");
-        assert!(hub.pending.iter().all(|b| b.frames.len() == 3));
-        assert_eq!(&*hub.pending[7].topic, "t7", "first-arrival order");
+        assert_eq!(hub.current.len(), 1000, "each topic queued once");
+        assert!(hub.topics.values().all(|t| t.log.len() == 3));
+        assert_eq!(&*hub.current[7], "t7", "first-arrival order");
         assert_eq!(hub.messages, 3000);
-        // Popping the front keeps the index of the rest valid.
-        let b = hub.pending.pop_front().unwrap();
-        hub.popped += 1;
-        hub.index.remove(&b.topic);
-        hub.messages -= b.frames.len();
-        assert!(hub.queue(Arc::from("t5"), frame.clone()));
-        assert_eq!(hub.pending[4].frames.len(), 4);
-        assert!(hub.queue(Arc::from("t0"), frame.clone()));
-        assert_eq!(&*hub.pending.back().unwrap().topic, "t0");
         hub.messages = PENDING_MAX;
         assert!(!hub.queue(Arc::from("t1"), frame), "bounded");
+    }
+
+    fn message(n: u64) -> Arc<[u8]> {
+        Arc::from(&n.to_le_bytes()[..])
+    }
+
+    /// A writer for [`Hub::run_round`] that records what each subscriber was written, one
+    /// `Vec` per write.
+    fn record(
+        writes: &mut HashMap<Token, Vec<Vec<u64>>>,
+    ) -> impl FnMut(&mut Packs, Token, &[Arc<[u8]>], usize) -> usize + '_ {
+        |_, token, log, from| {
+            let got = log[from..]
+                .iter()
+                .map(|m| u64::from_le_bytes(m[..].try_into().unwrap()))
+                .collect();
+            writes.entry(token).or_default().push(got);
+            log.len() - from
+        }
+    }
+
+    #[test]
+    fn a_message_arriving_during_a_pass_reaches_the_subscribers_it_has_not_visited_yet() {
+        let mut hub = Hub::default();
+        let reg = Registry::default();
+        for i in 0..10 {
+            hub.subscribe(Token(i), "t", &LIMITS, &reg).unwrap();
+        }
+        let now = Instant::now();
+        let mut writes = HashMap::new();
+        assert!(hub.queue(Arc::from("t"), message(0)));
+        // 2 work per subscriber (the visit and one message): the budget stops after two.
+        assert!(!hub.run_round(now, 4, record(&mut writes)), "in progress");
+        assert_eq!(writes.len(), 2);
+        assert!(hub.queue(Arc::from("t"), message(1)));
+        assert!(hub.queue(Arc::from("t"), message(2)));
+        while !hub.run_round(now, 4, record(&mut writes)) {}
+        let (early, late): (Vec<_>, Vec<_>) = (0..10)
+            .map(Token)
+            .partition(|t| writes[t].len() == 1 && writes[t][0] == [0]);
+        assert_eq!(early.len(), 2, "{writes:?}");
+        for t in &late {
+            assert_eq!(writes[t], [vec![0, 1, 2]], "one write with all three");
+        }
+        // The two visited first get the rest in the next round, and only they.
+        assert!(hub.has_pending());
+        assert_eq!(hub.messages, 3);
+        writes.clear();
+        while !hub.run_round(now, 4, record(&mut writes)) {}
+        assert_eq!(writes.len(), 2);
+        for t in &early {
+            assert_eq!(writes[t], [vec![1, 2]]);
+        }
+        assert!(!hub.has_pending());
+        assert_eq!(hub.messages, 0, "the log empties once everyone has it");
+        assert!(hub.topics["t"].log.is_empty());
+    }
+
+    #[test]
+    fn every_subscriber_gets_every_message_once_in_order_whatever_joins_and_leaves_mid_pass() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let limits = TopicLimits {
+            max_topics: 4,
+            max_topic_length: 8,
+            max_message: 64,
+        };
+        let names = ["a", "b", "c"];
+        for trial in 0..50 {
+            let mut hub = Hub::default();
+            let reg = Registry::default();
+            let now = Instant::now();
+            // Per (subscriber, topic): the messages it is owed since it subscribed, and those
+            // it was written; each message's topic.
+            let mut owed: HashMap<(u64, &str), Vec<u64>> = HashMap::new();
+            let mut got: HashMap<(u64, &str), Vec<u64>> = HashMap::new();
+            let mut topic_of: Vec<&str> = Vec::new();
+            let run = |hub: &mut Hub,
+                       budget,
+                       got: &mut HashMap<(u64, &str), Vec<u64>>,
+                       topic_of: &[&'static str]| {
+                let mut writes = HashMap::new();
+                let over = hub.run_round(now, budget, record(&mut writes));
+                for (token, ws) in writes {
+                    for m in ws.into_iter().flatten() {
+                        let key = (token.0, topic_of[m as usize]);
+                        got.get_mut(&key).expect("written to a subscriber").push(m);
+                    }
+                }
+                over
+            };
+            for _ in 0..600 {
+                let topic = names[next(3) as usize];
+                let sub = next(20);
+                match next(10) {
+                    0..=2 => {
+                        if hub.subscribe(Token(sub), topic, &limits, &reg) == Ok(true) {
+                            owed.insert((sub, topic), Vec::new());
+                            got.insert((sub, topic), Vec::new());
+                        }
+                    }
+                    3 => {
+                        if hub.unsubscribe(Token(sub), topic, &reg) {
+                            assert!(owed[&(sub, topic)].starts_with(&got[&(sub, topic)]));
+                            owed.remove(&(sub, topic));
+                            got.remove(&(sub, topic));
+                        }
+                    }
+                    4..=6 => {
+                        let m = topic_of.len() as u64;
+                        topic_of.push(topic);
+                        assert!(hub.queue(Arc::from(topic), message(m)));
+                        for (k, v) in owed.iter_mut() {
+                            if k.1 == topic {
+                                v.push(m);
+                            }
+                        }
+                    }
+                    _ => {
+                        run(&mut hub, 1 + next(12) as usize, &mut got, &topic_of);
+                    }
+                }
+                for (k, g) in &got {
+                    assert!(
+                        owed[k].starts_with(g),
+                        "trial {trial} {k:?}: {g:?} of {:?}",
+                        owed[k]
+                    );
+                }
+            }
+            let mut rounds = 0;
+            while hub.has_pending() {
+                run(&mut hub, 1 + next(12) as usize, &mut got, &topic_of);
+                rounds += 1;
+                assert!(rounds < 10_000, "delivery ends");
+            }
+            assert_eq!(got, owed, "trial {trial}");
+            assert_eq!(hub.messages, 0);
+        }
     }
 
     #[test]
