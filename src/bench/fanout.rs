@@ -106,10 +106,22 @@ pub fn tail_missing(results: &[ShardResult], first: u64, last: u64) -> u64 {
         .sum()
 }
 
+/// How long nothing may arrive before what is missing counts as lost ([`settle`]), in a client
+/// process that has all the subscribers of the run.
+const QUIET: Duration = Duration::from_secs(5);
+/// The longest the backlog is waited for. A client process of several ([`settle`]'s `quiet`)
+/// waits this long for its share whatever arrives meanwhile: it sees only its share, and a
+/// server's delivery pass visits subscribers in the order they subscribed, so the subscribers of
+/// a client shard that subscribed first get a message that came during a pass only in the next
+/// one; at a million subscribers over 56 server processes on two cores a pass takes tens of
+/// seconds of wall time, and such a share gets nothing meanwhile while the others do.
+const SETTLE_MAX: Duration = Duration::from_secs(120);
+
 /// After the last publish (`last`), waits for the backlog to arrive: until every subscriber has
-/// it, or nothing arrived for 5 s (what is missing then is lost), at most 60 s. The quiet period
-/// covers TCP retransmission backoff: an overloaded receiver's kernel drops segments when its
-/// socket memory runs out (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
+/// it, or (in the process that has all the subscribers) nothing arrived for [`QUIET`], at most
+/// [`SETTLE_MAX`]; what is missing then is lost. The quiet period also covers TCP retransmission backoff: an
+/// overloaded receiver's kernel drops segments when its socket memory runs out
+/// (TcpExtTCPRcvQDrop) and the sender retries after 0.2, 0.4, 0.8, ... s.
 /// `collect` asks every client shard for its results; `shards` is how many must answer. The
 /// measured window is the publishes after `first`; the line printed counts those only, like the
 /// report. `quiet` (a client process of several): only what is missing is printed, the parent
@@ -123,7 +135,8 @@ pub fn settle(
     quiet: bool,
 ) -> Duration {
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(60);
+    let deadline = start + SETTLE_MAX;
+    let quiet_for = if quiet { SETTLE_MAX } else { QUIET };
     let (mut before, mut still_since) = (u64::MAX, Instant::now());
     let (missing, r) = loop {
         let r = collect();
@@ -135,12 +148,15 @@ pub fn settle(
             if missing != before {
                 (before, still_since) = (missing, Instant::now());
             }
-            if missing == 0 || still_since.elapsed() > Duration::from_secs(5) {
+            if missing == 0 || still_since.elapsed() > quiet_for {
                 break (missing, r);
             }
         }
         if Instant::now() > deadline {
-            eprintln!("{label}: the backlog did not settle within 60 s");
+            eprintln!(
+                "{label}: the backlog did not settle within {} s",
+                SETTLE_MAX.as_secs()
+            );
             return start.elapsed();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -182,7 +198,7 @@ pub fn backlog_line(label: &str, took: Duration, missing: u64, expected: u64) {
         if missing == 0 {
             ""
         } else {
-            " (nothing arrived for 5 s)"
+            " (nothing more arrived in time)"
         }
     );
 }

@@ -337,7 +337,7 @@ pub fn measure(args: &BenchArgs, servers: &Servers, label: &str) -> anyhow::Resu
     let mut seconds = 0f64;
     let mut verified = 0;
     let mut fanouts = Vec::new();
-    // A child settles a fan-out backlog (at most 60 s) or probes its idle connections (40 s).
+    // A child settles a fan-out backlog (at most 120 s) or probes its idle connections (40 s).
     // The children's own bounds after the window (idle: the final probe, up to 180 s) fit in it.
     let deadline = Instant::now() + args.warmup + args.duration + Duration::from_secs(240);
     for (i, c) in children.iter_mut().enumerate() {
