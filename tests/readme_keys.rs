@@ -21,6 +21,8 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("epoll_ctl", "system call"),
     ("sched_setattr", "system call"),
     ("sched_runtime", "a field of the kernel's struct sched_attr"),
+    ("process_backlog", "a kernel function (perf)"),
+    ("sock_def_readable", "a kernel function (perf)"),
     ("prometheus_client", "Python library"),
     ("may_minihttp", "Rust crate"),
     ("send_timeout", "nginx directive"),

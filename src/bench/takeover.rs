@@ -302,6 +302,14 @@ impl Drop for Adopted {
         for &pid in &self.pids {
             let _ = crate::sys::process::signal(pid, libc::SIGKILL);
         }
+        // SIGKILL is only a request: wait (at most 2 s) until each has died, so that no server
+        // is left when the bench exits (a dead one's cmdline is empty until it is reaped).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let alive =
+            |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
+        while self.pids.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }
