@@ -39,7 +39,7 @@
 //!   subscribers the pass has not visited yet in that pass, and the ones it has in the next
 //!   pass, so a message waits at most about one pass, not the rest of the pass in progress and
 //!   then its place in the next. A subscriber gets the messages that arrive after it
-//!   subscribed; one that leaves during a pass does not make the pass skip another ([`Topic`]).
+//!   subscribed; one that leaves during a pass does not make the pass skip another (see `Topic`).
 //! - Delivery stops once a wake's work passes [`DELIVERY_BUDGET`] (subscribers visited plus
 //!   messages handled), also in the middle of a topic's pass, and continues on the next wake,
 //!   which the hub requests by sending itself a command: other connections on the shard are
@@ -677,7 +677,7 @@ impl Fanout {
 /// subscribers that share it: built as far as the first subscriber needing them, extended when
 /// messages arrive during the pass, reset when a pass starts (the buffers are kept).
 #[derive(Default)]
-pub struct Packed {
+struct Packed {
     data: Vec<u8>,
     /// Where the frame of the log's `i`th message ends in `data`.
     ends: Vec<usize>,
@@ -705,7 +705,7 @@ impl Packed {
 const WINDOW_SIZES: usize = (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize;
 
 /// One [`Packed`] per window size.
-pub type Packs = [Packed; WINDOW_SIZES];
+type Packs = [Packed; WINDOW_SIZES];
 
 /// Capacity a pass's compressed buffer keeps for the next pass.
 const PACKED_KEEP: usize = 1 << 20;
