@@ -472,6 +472,19 @@ impl ShardInterest {
     }
 }
 
+/// The time slice a broker thread asks for (see [`relay_thread_started`]).
+const RELAY_SLICE: Duration = Duration::from_micros(100);
+
+/// Called first on every broker thread: they wake for a message, hand it on and sleep, so they
+/// ask for a short slice ([`crate::sys::affinity::request_short_slice`]). Where a process's
+/// threads share a core with a busy shard (its own or another process's), a message would
+/// otherwise wait for the shard's slice to end at each of its hops through a broker thread.
+fn relay_thread_started() {
+    if !crate::sys::affinity::request_short_slice(RELAY_SLICE) {
+        log::debug!("broker: the kernel refused a short time slice for this thread");
+    }
+}
+
 /// Room in the interest channel: notices are small, and a full channel only delays them.
 const NOTICE_CHANNEL: usize = 4096;
 

@@ -50,6 +50,7 @@ pub(super) fn spawn(cx: Context) -> std::io::Result<Vec<JoinHandle<()>>> {
     let t = std::thread::Builder::new()
         .name("broker".into())
         .spawn(move || {
+            super::relay_thread_started();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -71,10 +71,16 @@ pub(super) fn spawn(cx: Context) -> std::io::Result<Vec<JoinHandle<()>>> {
     };
     let p = std::thread::Builder::new()
         .name("broker-pub".into())
-        .spawn(move || publisher.run())?;
+        .spawn(move || {
+            super::relay_thread_started();
+            publisher.run()
+        })?;
     let s = std::thread::Builder::new()
         .name("broker".into())
-        .spawn(move || subscriber.run())?;
+        .spawn(move || {
+            super::relay_thread_started();
+            subscriber.run()
+        })?;
     Ok(vec![s, p])
 }
 
