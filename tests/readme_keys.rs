@@ -22,6 +22,11 @@ const NOT_CONFIG_KEYS: &[(&str, &str)] = &[
     ("sched_setattr", "system call"),
     ("sched_runtime", "a field of the kernel's struct sched_attr"),
     ("process_backlog", "a kernel function (perf)"),
+    ("json_u64", "a function of the bench client (perf)"),
+    (
+        "rps_cpus",
+        "a file of /sys/class/net (receive packet steering)",
+    ),
     ("sock_def_readable", "a kernel function (perf)"),
     ("prometheus_client", "Python library"),
     ("may_minihttp", "Rust crate"),

@@ -72,15 +72,22 @@ mod tests {
 
     #[test]
     fn a_thread_gets_the_short_slice_it_asks_for_and_keeps_its_nice_value() {
-        let (slice, nice) = std::thread::spawn(|| {
-            assert!(request_short_slice(std::time::Duration::from_micros(100)));
+        let (granted, slice, nice) = std::thread::spawn(|| {
+            let granted = request_short_slice(std::time::Duration::from_micros(100));
             let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap_or_default();
-            // SAFETY: as in request_short_slice.
+            // SAFETY: getpriority only reads this thread's nice value.
             let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            (field(&sched, "se.slice"), nice)
+            (granted, field(&sched, "se.slice"), nice)
         })
         .join()
         .unwrap();
+        if !granted {
+            // A seccomp filter (some container runtimes) may refuse sched_setattr.
+            let msg = "sched_setattr was refused here: broker threads keep the default slice";
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            return;
+        }
         // SAFETY: as above, for this thread.
         assert_eq!(nice, unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
         match slice {
