@@ -344,11 +344,16 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
     std::fs::create_dir_all(tmp).expect("the target directory's tmp");
     let dir = tmp.join("pyenv");
     let py = dir.join("bin/python");
-    // Serialise venv creation between test binaries running at once.
+    // Serialise venv creation between test binaries running at once. A test that finds the
+    // packages importable while another one's pip is still writing them (`import jwt` works
+    // before cryptography is whole) would fail, so outside the lock only a marker written after
+    // a complete install (one per set of modules) counts.
     let lock = dir.with_extension("lock");
+    let names: Vec<&str> = packages.iter().map(|(m, _)| *m).collect();
+    let ready = tmp.join(format!("pyenv.ready-{}", names.join("+")));
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if has(&py) {
+        if ready.exists() && has(&py) {
             return Some(py);
         }
         match std::fs::OpenOptions::new()
@@ -368,6 +373,12 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+    // Holding the lock: nobody is installing now.
+    if has(&py) {
+        let _ = std::fs::write(&ready, b"");
+        let _ = std::fs::remove_file(&lock);
+        return Some(py);
     }
     let result = (|| {
         if !py.exists() {
@@ -392,6 +403,9 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
                 "pip install failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             ));
+        }
+        if has(&py) {
+            let _ = std::fs::write(&ready, b"");
         }
         Ok(())
     })();
