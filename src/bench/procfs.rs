@@ -1,8 +1,6 @@
 //! What the bench reads about a server process from /proc: CPU time per thread, RSS, and the
 //! facts recorded with a report (kernel, CPU model).
 
-use std::path::Path;
-
 /// CPU seconds (user + system) of one thread.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ThreadCpu {
@@ -86,9 +84,16 @@ pub fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Whether `pid` is alive.
+/// Whether `pid` is alive: it exists and is not a zombie (a killed process stays in /proc
+/// until its parent reaps it, but it holds no socket and runs nothing).
 pub fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the name, which may itself hold ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().bytes().next());
+        !matches!(state, None | Some(b'Z' | b'X'))
+    })
 }
 
 #[cfg(test)]
@@ -109,5 +114,26 @@ mod tests {
         assert!(!threads(me).is_empty());
         assert!(rss_bytes(me).unwrap() > 0);
         assert!(alive(me));
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: it stays in /proc as a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert!(!alive(pid));
+        child.wait().unwrap();
+        assert!(!alive(pid));
     }
 }

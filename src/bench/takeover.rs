@@ -142,7 +142,7 @@ struct Stop(u32);
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        let alive = || Path::new(&format!("/proc/{}", self.0)).exists();
+        let alive = || super::procfs::alive(self.0);
         for sig in [libc::SIGTERM, libc::SIGKILL] {
             if !alive() || crate::sys::process::signal(self.0, sig).is_err() {
                 return;
@@ -303,12 +303,10 @@ impl Drop for Adopted {
             let _ = crate::sys::process::signal(pid, libc::SIGKILL);
         }
         // SIGKILL is only a request: wait (at most 2 s) until each has died, so that no server
-        // is left when the bench exits (a dead one's cmdline is empty until it is reaped).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let alive =
-            |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
-        while self.pids.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        // is left when the bench exits.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.pids.iter().any(|&p| super::procfs::alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
