@@ -374,13 +374,11 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
             }
         }
     }
-    // Holding the lock: nobody is installing now.
-    if has(&py) {
-        let _ = std::fs::write(&ready, b"");
-        let _ = std::fs::remove_file(&lock);
-        return Some(py);
-    }
+    // Holding the lock: nobody is installing now, so what imports is whole.
     let result = (|| {
+        if has(&py) {
+            return Ok(());
+        }
         if !py.exists() {
             let ok = Command::new("python3")
                 .args(["-m", "venv"])
@@ -404,16 +402,17 @@ pub fn python_with(packages: &[(&str, &str)]) -> Option<std::path::PathBuf> {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        if has(&py) {
-            let _ = std::fs::write(&ready, b"");
-        }
         Ok(())
     })();
+    let complete = result.is_ok() && has(&py);
+    if complete {
+        let _ = std::fs::write(&ready, b"");
+    }
     let _ = std::fs::remove_file(&lock);
     let pkgs: Vec<&str> = packages.iter().map(|(_, p)| *p).collect();
     let why = match result {
         Err(e) => e,
-        Ok(()) if has(&py) => return Some(py),
+        Ok(()) if complete => return Some(py),
         Ok(()) => "packages still missing after pip install".to_string(),
     };
     require(
