@@ -40,9 +40,10 @@ struct SchedAttr {
 /// the calling thread, keeping its policy (SCHED_OTHER) and nice value. Since Linux 6.12
 /// (EEVDF's `sched_attr.sched_runtime` for fair tasks, no privilege needed) a thread with a
 /// shorter slice than the one running preempts it when it wakes, instead of waiting for that
-/// thread's slice (1.4 ms on the 2-core machine here) to end: for threads that relay a message and sleep again
-/// (the broker's), sharing a core with a busy shard. Its CPU share is unchanged. Older kernels
-/// take the call and ignore the slice. Returns false if the kernel refused it.
+/// thread's slice (1.4 ms on the 2-core machine here) to end. For threads that relay a message
+/// and sleep again (the broker's) on a core shared with a busy shard. Its CPU share is
+/// unchanged. Older kernels take the call and ignore the slice. Returns false if the kernel
+/// refused it.
 pub fn request_short_slice(slice: std::time::Duration) -> bool {
     // SAFETY: getpriority only reads the calling thread's nice value (`who` 0 = this thread
     // for PRIO_PROCESS on Linux); it cannot fail for the caller itself.
@@ -88,7 +89,8 @@ mod tests {
         // SAFETY: as above, for this thread.
         assert_eq!(nice, unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
         match slice {
-            // Kernels that keep a slice per task (EEVDF, 6.6 and later) show it.
+            // EEVDF kernels (6.6 and later) show a slice per task; 6.12 and later keep the one
+            // asked for.
             Some(ns) if kernel_at_least(6, 12) => assert_eq!(ns, 100_000),
             _ => eprintln!("note: this kernel does not show or keep a per-thread slice"),
         }
